@@ -1,0 +1,74 @@
+//! The Read API (both regions): `GET`/`HEAD` of a document and keyset-paginated listing,
+//! read through the version-guarded Redis cache and falling back to PostgreSQL.
+//!
+//! `router(state)` is the whole service; `main.rs` hands it to Lambda or to an HTTP server.
+
+mod routes;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tandem_shared::auth::{AuthSettings, Authenticator};
+use tandem_shared::cache::{Cache, CacheSettings};
+use tandem_shared::config::{ConfigError, ServiceSettings};
+use tandem_shared::db::DatabaseSettings;
+use tandem_shared::metrics::Metrics;
+use tandem_shared::store::Store;
+
+pub use routes::router;
+
+/// Everything the Read API is configured with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub service: ServiceSettings,
+    pub database: DatabaseSettings,
+    pub cache: CacheSettings,
+    pub auth: AuthSettings,
+    /// Apply pending migrations at start-up (`TANDEM_MIGRATE_ON_START`, default true).
+    pub migrate_on_start: bool,
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            service: ServiceSettings::from_env()?,
+            database: DatabaseSettings::from_env()?,
+            cache: CacheSettings::from_env()?,
+            auth: AuthSettings::from_env()?,
+            migrate_on_start: tandem_shared::config::flag("TANDEM_MIGRATE_ON_START", true)?,
+        })
+    }
+}
+
+/// Shared state, built once at start-up (outside any Lambda invocation).
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub cache: Cache,
+    pub auth: Authenticator,
+    pub metrics: Arc<Metrics>,
+    pub region: String,
+}
+
+impl AppState {
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        let auth = Authenticator::new(&settings.auth)?;
+        anyhow::ensure!(
+            !settings.auth.read_requires_auth || auth.is_configured(),
+            "TANDEM_READ_REQUIRES_AUTH=true needs TANDEM_JWKS_URL or TANDEM_JWT_HS256_SECRET"
+        );
+        let pool = tandem_shared::db::connect_pool(&settings.database).await?;
+        if settings.migrate_on_start {
+            tandem_shared::migrations::run(&pool)
+                .await
+                .context("Failed to migrate the database at start-up")?;
+        }
+        Ok(Self {
+            store: Store::new(pool),
+            cache: Cache::new(settings.cache.clone())?,
+            auth,
+            metrics: Arc::new(Metrics::new("read")),
+            region: settings.service.region.clone(),
+        })
+    }
+}

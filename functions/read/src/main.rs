@@ -1,0 +1,17 @@
+//! Entry point of the Read API: `tandem-read` serves (Lambda or HTTP);
+//! `tandem-read migrate` applies database migrations and exits.
+
+use anyhow::Context;
+use tandem_read::{AppState, Settings};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tandem_shared::telemetry::init();
+    let settings = Settings::from_env().context("Invalid configuration")?;
+    if std::env::args().nth(1).as_deref() == Some("migrate") {
+        let pool = tandem_shared::db::connect_pool(&settings.database).await?;
+        return tandem_shared::migrations::run(&pool).await;
+    }
+    let state = AppState::build(&settings).await?;
+    tandem_shared::serve::run(tandem_read::router(state), &settings.service).await
+}

@@ -1,0 +1,184 @@
+//! Handlers: extract and validate, look up (cache, then PostgreSQL), map to a response.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures_util::FutureExt;
+use tandem_shared::auth::READ_SCOPE;
+use tandem_shared::cache::Entry;
+use tandem_shared::document::{Collection, DocumentId, DocumentKey, EntityTagCondition, etag};
+use tandem_shared::http::{Readiness, ReadyCheck, ScrapeHook, finish, ops_router};
+use tandem_shared::problem::ApiError;
+use tandem_shared::store::Stored;
+
+use crate::AppState;
+
+const DEFAULT_LIMIT: u32 = 100;
+const MAX_LIMIT: u32 = 1000;
+
+/// The complete Read API.
+pub fn router(state: AppState) -> Router {
+    let metrics = state.metrics.clone();
+    let region = state.region.clone();
+    let ready: ReadyCheck = {
+        let state = state.clone();
+        Arc::new(move || {
+            let state = state.clone();
+            async move {
+                let mut checks = std::collections::BTreeMap::new();
+                let db = state.store.ping().await;
+                checks.insert("postgres", db.as_ref().map_or_else(|e| e.to_string(), |()| "ok".to_owned()));
+                let redis = state.cache.ping().await;
+                checks.insert("redis", redis.map_or_else(|e| format!("degraded: {e}"), |()| "ok".to_owned()));
+                Readiness { ready: db.is_ok(), checks }
+            }
+            .boxed()
+        })
+    };
+    let on_scrape: ScrapeHook = {
+        let pool = state.store.pool().clone();
+        Arc::new(move |metrics| metrics.set_pool_usage(tandem_shared::db::pool_usage(&pool)))
+    };
+    let api = Router::new()
+        .route("/v1/{collection}", get(list_documents))
+        .route("/v1/{collection}/{id}", get(get_document))
+        .with_state(state);
+    finish(api.merge(ops_router(metrics.clone(), ready, on_scrape)), metrics, &region)
+}
+
+async fn get_document(
+    State(app): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers).await?;
+    let Path((collection, id)) = path.map_err(bad_path)?;
+    let key = DocumentKey::new(Collection::parse(&collection)?, DocumentId::parse(&id)?);
+    let Some(Entry::Live { version, body }) = lookup(&app, &key).await? else {
+        return Err(ApiError::NotFound);
+    };
+    let tag = HeaderValue::from_str(&etag(version)).map_err(|e| ApiError::Internal(e.into()))?;
+    let not_modified = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| EntityTagCondition::parse(v).matches(Some(version)));
+    let mut response = if not_modified {
+        tandem_shared::http::empty(StatusCode::NOT_MODIFIED)
+    } else {
+        let mut response = body.into_response();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+    };
+    response.headers_mut().insert(header::ETAG, tag);
+    Ok(response)
+}
+
+/// Cache first; on a miss, PostgreSQL, then a version-guarded fill. With Redis unavailable the
+/// read goes straight to PostgreSQL (counted as `bypass`).
+async fn lookup(app: &AppState, key: &DocumentKey) -> Result<Option<Entry>, ApiError> {
+    let cache_usable = match app.cache.get(key).await {
+        Ok(Some(entry)) => {
+            app.metrics.cache("hit");
+            return Ok(Some(entry));
+        }
+        Ok(None) => {
+            app.metrics.cache("miss");
+            true
+        }
+        Err(e) => {
+            app.metrics.cache("bypass");
+            tracing::debug!(error = %e, "cache bypassed");
+            false
+        }
+    };
+    let entry = match app.store.get(key).await? {
+        None => return Ok(None),
+        Some(Stored::Live(document)) => Entry::Live {
+            version: document.version,
+            body: document.to_body(),
+        },
+        Some(Stored::Deleted { version }) => Entry::Deleted { version },
+    };
+    if cache_usable {
+        if let Err(e) = app.cache.put(key, &entry).await {
+            tracing::debug!(error = %e, "cache fill failed");
+        }
+    }
+    Ok(Some(entry))
+}
+
+async fn list_documents(
+    State(app): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers).await?;
+    let Path(collection) = path.map_err(bad_path)?;
+    let collection = Collection::parse(&collection)?;
+    let (limit, after) = page_parameters(query.as_deref())?;
+    let mut documents = app.store.list(&collection, after.as_ref(), limit + 1).await?;
+    let next = if documents.len() > limit as usize {
+        documents.truncate(limit as usize);
+        documents.last().map(|d| URL_SAFE_NO_PAD.encode(d.id.as_str()))
+    } else {
+        None
+    };
+    let body = serde_json::json!({ "items": documents, "next": next });
+    Ok(axum::Json(body).into_response())
+}
+
+fn page_parameters(query: Option<&str>) -> Result<(u32, Option<DocumentId>), ApiError> {
+    let bad = |detail: String| ApiError::BadRequest {
+        title: "Invalid query parameter",
+        detail,
+    };
+    let mut limit = DEFAULT_LIMIT;
+    let mut after = None;
+    for (name, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match name.as_ref() {
+            "limit" => {
+                limit = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|l| (1..=MAX_LIMIT).contains(l))
+                    .ok_or_else(|| bad(format!("limit must be an integer from 1 to {MAX_LIMIT}")))?;
+            }
+            "after" => {
+                let id = URL_SAFE_NO_PAD
+                    .decode(value.as_bytes())
+                    .ok()
+                    .and_then(|raw| String::from_utf8(raw).ok())
+                    .and_then(|id| DocumentId::parse(&id).ok())
+                    .ok_or_else(|| bad("after must be a cursor returned as next by a previous page".to_owned()))?;
+                after = Some(id);
+            }
+            other => return Err(bad(format!("unknown query parameter {other:?}; expected limit or after"))),
+        }
+    }
+    Ok((limit, after))
+}
+
+async fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    if app.auth.read_requires_auth {
+        let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        app.auth.authorize(authorization, READ_SCOPE).await?;
+    }
+    Ok(())
+}
+
+fn bad_path(rejection: PathRejection) -> ApiError {
+    ApiError::BadRequest {
+        title: "Invalid path",
+        detail: rejection.body_text(),
+    }
+}

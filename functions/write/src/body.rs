@@ -1,0 +1,44 @@
+//! Request bodies: content-type check, size limit and JSON-object parsing, each failure mapped
+//! to its own problem.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, header};
+use bytes::Bytes;
+use serde_json::{Map, Value};
+use tandem_shared::problem::ApiError;
+
+/// The largest accepted body: 256 KiB.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+pub const JSON: &str = "application/json";
+pub const MERGE_PATCH_JSON: &str = "application/merge-patch+json";
+
+/// Checks the media type (parameters such as `charset` are ignored).
+pub fn require_content_type(headers: &HeaderMap, expected: &'static str) -> Result<(), ApiError> {
+    let actual = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    if actual.as_deref() == Some(expected) {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType { expected })
+    }
+}
+
+/// Reads the body, refusing more than [`MAX_BODY_BYTES`].
+pub async fn read_limited(body: Body) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge { limit: MAX_BODY_BYTES })
+}
+
+/// Parses a JSON object.
+pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::NotAnObject),
+        Err(e) => Err(ApiError::MalformedJson(e.to_string())),
+    }
+}

@@ -1,0 +1,93 @@
+//! The Write API (Region 1 only): `PUT`, `POST`, `PATCH` and `DELETE` on `/v1`, each committing
+//! the document and its outbox event in one transaction, then refreshing the Region 1 cache.
+//!
+//! `router(state)` is the whole service; `main.rs` hands it to Lambda or to an HTTP server.
+
+mod body;
+mod routes;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tandem_shared::auth::{AuthSettings, Authenticator};
+use tandem_shared::cache::{Cache, CacheSettings};
+use tandem_shared::config::{ConfigError, ServiceSettings};
+use tandem_shared::db::DatabaseSettings;
+use tandem_shared::metrics::Metrics;
+use tandem_shared::store::Store;
+
+pub use routes::router;
+
+/// Everything the Write API is configured with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub service: ServiceSettings,
+    pub database: DatabaseSettings,
+    pub cache: CacheSettings,
+    pub auth: AuthSettings,
+    /// Apply pending migrations at start-up (`TANDEM_MIGRATE_ON_START`, default true).
+    pub migrate_on_start: bool,
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            service: ServiceSettings::from_env()?,
+            database: DatabaseSettings::from_env()?,
+            cache: CacheSettings::from_env()?,
+            auth: AuthSettings::from_env()?,
+            migrate_on_start: tandem_shared::config::flag("TANDEM_MIGRATE_ON_START", true)?,
+        })
+    }
+}
+
+/// Shared state, built once at start-up (outside any Lambda invocation).
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub cache: Cache,
+    pub auth: Authenticator,
+    pub metrics: Arc<Metrics>,
+    pub region: String,
+}
+
+impl AppState {
+    /// Connects (lazily), optionally migrates, and refuses to start without a way to
+    /// authenticate writers.
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        let auth = Authenticator::new(&settings.auth)?;
+        anyhow::ensure!(
+            auth.is_configured(),
+            "writes need authentication: set TANDEM_JWKS_URL (production) or TANDEM_JWT_HS256_SECRET (local)"
+        );
+        let pool = tandem_shared::db::connect_pool(&settings.database).await?;
+        if settings.migrate_on_start {
+            tandem_shared::migrations::run(&pool)
+                .await
+                .context("Failed to migrate the database at start-up")?;
+        }
+        Ok(Self {
+            store: Store::new(pool),
+            cache: Cache::new(settings.cache.clone())?,
+            auth,
+            metrics: Arc::new(Metrics::new("write")),
+            region: settings.service.region.clone(),
+        })
+    }
+
+    /// Removes expired idempotency keys every ten minutes, for the life of the process.
+    pub fn spawn_housekeeping(&self) {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(600));
+            loop {
+                every.tick().await;
+                match store.prune_idempotency_keys().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(pruned = n, "expired idempotency keys removed"),
+                    Err(e) => tracing::warn!(error = %e, "failed to prune idempotency keys"),
+                }
+            }
+        });
+    }
+}

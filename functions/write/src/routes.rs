@@ -1,0 +1,310 @@
+//! Handlers: extract and validate, call the store, map the outcome to a response.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{post, put};
+use futures_util::FutureExt;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use tandem_shared::auth::{Principal, WRITE_SCOPE};
+use tandem_shared::cache::Entry;
+use tandem_shared::consistency::ConsistencyToken;
+use tandem_shared::document::{Collection, DocumentId, DocumentKey, EntityTagCondition, Preconditions, etag};
+use tandem_shared::http::{
+    CONSISTENCY_TOKEN_HEADER, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, Readiness, ReadyCheck,
+    ScrapeHook, finish, ops_router,
+};
+use tandem_shared::problem::ApiError;
+use tandem_shared::store::{Idempotency, WriteCommand, WriteOutcome, WriteRequest, WriteResult};
+use tandem_shared::traceparent::TraceParent;
+use tracing::Instrument;
+
+use crate::AppState;
+use crate::body::{JSON, MERGE_PATCH_JSON, parse_object, read_limited, require_content_type};
+
+/// The complete Write API.
+pub fn router(state: AppState) -> Router {
+    let metrics = state.metrics.clone();
+    let region = state.region.clone();
+    let ready: ReadyCheck = {
+        let state = state.clone();
+        Arc::new(move || {
+            let state = state.clone();
+            async move {
+                let mut checks = std::collections::BTreeMap::new();
+                let db = state.store.ping().await;
+                checks.insert("postgres", db.as_ref().map_or_else(|e| e.to_string(), |()| "ok".to_owned()));
+                // Redis is an optimisation: reported, never required.
+                let redis = state.cache.ping().await;
+                checks.insert("redis", redis.map_or_else(|e| format!("degraded: {e}"), |()| "ok".to_owned()));
+                Readiness { ready: db.is_ok(), checks }
+            }
+            .boxed()
+        })
+    };
+    let on_scrape: ScrapeHook = {
+        let pool = state.store.pool().clone();
+        Arc::new(move |metrics| metrics.set_pool_usage(tandem_shared::db::pool_usage(&pool)))
+    };
+    let api = Router::new()
+        .route("/v1/{collection}", post(create_document))
+        .route(
+            "/v1/{collection}/{id}",
+            put(put_document).patch(patch_document).delete(delete_document),
+        )
+        .with_state(state);
+    finish(api.merge(ops_router(metrics.clone(), ready, on_scrape)), metrics, &region)
+}
+
+async fn put_document(
+    State(app): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let principal = authorize(&app, &headers).await?;
+    let key = document_key(path)?;
+    require_content_type(&headers, JSON)?;
+    let bytes = read_limited(body).await?;
+    let data = parse_object(&bytes)?;
+    let request = WriteRequest {
+        idempotency: idempotency(&headers, &principal, &Method::PUT, &key.path(), &bytes)?,
+        key,
+        command: WriteCommand::Put(data),
+        preconditions: preconditions(&headers),
+        traceparent: traceparent(&headers),
+    };
+    execute(&app, request).await
+}
+
+async fn create_document(
+    State(app): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let principal = authorize(&app, &headers).await?;
+    let Path(collection) = path.map_err(bad_path)?;
+    let collection = Collection::parse(&collection)?;
+    require_content_type(&headers, JSON)?;
+    let bytes = read_limited(body).await?;
+    let data = parse_object(&bytes)?;
+    let request = WriteRequest {
+        idempotency: idempotency(&headers, &principal, &Method::POST, &format!("/v1/{collection}"), &bytes)?,
+        key: DocumentKey::new(collection, DocumentId::generate()),
+        command: WriteCommand::Create(data),
+        preconditions: Preconditions::default(),
+        traceparent: traceparent(&headers),
+    };
+    execute(&app, request).await
+}
+
+async fn patch_document(
+    State(app): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let principal = authorize(&app, &headers).await?;
+    let key = document_key(path)?;
+    require_content_type(&headers, MERGE_PATCH_JSON)?;
+    let bytes = read_limited(body).await?;
+    // A merge patch that is not an object would replace the whole document with a non-object.
+    let patch = parse_object(&bytes)?;
+    let request = WriteRequest {
+        idempotency: idempotency(&headers, &principal, &Method::PATCH, &key.path(), &bytes)?,
+        key,
+        command: WriteCommand::Patch(patch),
+        preconditions: preconditions(&headers),
+        traceparent: traceparent(&headers),
+    };
+    execute(&app, request).await
+}
+
+async fn delete_document(
+    State(app): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let principal = authorize(&app, &headers).await?;
+    let key = document_key(path)?;
+    let request = WriteRequest {
+        idempotency: idempotency(&headers, &principal, &Method::DELETE, &key.path(), &[])?,
+        key,
+        command: WriteCommand::Delete,
+        preconditions: preconditions(&headers),
+        traceparent: traceparent(&headers),
+    };
+    execute(&app, request).await
+}
+
+/// Commits the write, refreshes the cache, and shapes the response.
+async fn execute(app: &AppState, request: WriteRequest) -> Result<Response, ApiError> {
+    let span = tracing::info_span!(
+        "write",
+        collection = %request.key.collection,
+        id = %request.key.id,
+        trace_id = request.traceparent.trace_id(),
+    );
+    let result = app.store.write(request).instrument(span).await?;
+    let outcome = result.outcome();
+    if matches!(result, WriteResult::Applied(_)) {
+        refresh_cache(app, outcome).await;
+    }
+    Ok(respond(&result))
+}
+
+/// Stores the committed version in Region 1's cache before acknowledging, so no reader can
+/// afterwards fill an older version (the cache's version guard refuses it). A Redis failure
+/// is logged and counted, never fails the write: the entry's TTL bounds any staleness.
+async fn refresh_cache(app: &AppState, outcome: &WriteOutcome) {
+    let key = DocumentKey::new(outcome.collection.clone(), outcome.id.clone());
+    let entry = match &outcome.document {
+        Some(document) => Entry::Live {
+            version: document.version,
+            body: document.to_body(),
+        },
+        None => Entry::Deleted { version: outcome.version },
+    };
+    if let Err(e) = app.cache.put(&key, &entry).await {
+        app.metrics.cache("write_through_failed");
+        tracing::warn!(error = %e, collection = %key.collection, id = %key.id, "cache write-through failed");
+    }
+}
+
+fn respond(result: &WriteResult) -> Response {
+    let outcome = result.outcome();
+    let key = DocumentKey::new(outcome.collection.clone(), outcome.id.clone());
+    let token = ConsistencyToken {
+        key: key.clone(),
+        version: outcome.version,
+        committed_ms: i64::try_from(outcome.committed_at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+    }
+    .encode();
+    let mut response = match &outcome.document {
+        Some(document) => {
+            let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
+            let mut response = (status, document.to_body()).into_response();
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON));
+            if outcome.created {
+                if let Ok(location) = HeaderValue::from_str(&key.path()) {
+                    response.headers_mut().insert(header::LOCATION, location);
+                }
+            }
+            response
+        }
+        None => tandem_shared::http::empty(StatusCode::NO_CONTENT),
+    };
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&etag(outcome.version)) {
+        headers.insert(header::ETAG, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&token) {
+        headers.insert(HeaderName::from_static(CONSISTENCY_TOKEN_HEADER), value);
+    }
+    if matches!(result, WriteResult::Replayed(_)) {
+        headers.insert(
+            HeaderName::from_static(IDEMPOTENT_REPLAYED_HEADER),
+            HeaderValue::from_static("true"),
+        );
+    }
+    response
+}
+
+async fn authorize(app: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    Ok(app.auth.authorize(authorization, WRITE_SCOPE).await?)
+}
+
+fn bad_path(rejection: PathRejection) -> ApiError {
+    ApiError::BadRequest {
+        title: "Invalid path",
+        detail: rejection.body_text(),
+    }
+}
+
+fn document_key(path: Result<Path<(String, String)>, PathRejection>) -> Result<DocumentKey, ApiError> {
+    let Path((collection, id)) = path.map_err(bad_path)?;
+    Ok(DocumentKey::new(Collection::parse(&collection)?, DocumentId::parse(&id)?))
+}
+
+fn preconditions(headers: &HeaderMap) -> Preconditions {
+    let parse = |name: header::HeaderName| {
+        headers
+            .get(name)
+            .map(|v| EntityTagCondition::parse(v.to_str().unwrap_or("")))
+    };
+    Preconditions {
+        if_match: parse(header::IF_MATCH),
+        if_none_match: parse(header::IF_NONE_MATCH),
+    }
+}
+
+fn traceparent(headers: &HeaderMap) -> TraceParent {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse)
+        .unwrap_or_else(TraceParent::generate)
+}
+
+/// Reads `Idempotency-Key` (1–255 visible ASCII characters) and fingerprints the request.
+fn idempotency(
+    headers: &HeaderMap,
+    principal: &Principal,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+) -> Result<Option<Idempotency>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY_HEADER) else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+        .ok_or_else(|| ApiError::BadRequest {
+            title: "Invalid Idempotency-Key",
+            detail: "Idempotency-Key must be 1 to 255 visible ASCII characters".to_owned(),
+        })?;
+    let mut hasher = Sha256::new();
+    hasher.update(method.as_str().as_bytes());
+    hasher.update(b"\n");
+    hasher.update(path.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(canonical_body(body));
+    Ok(Some(Idempotency {
+        principal: principal.subject.clone(),
+        key: key.to_owned(),
+        fingerprint: hasher.finalize().into(),
+    }))
+}
+
+/// The body as compared for idempotency: parsed and re-serialised when it is JSON, so a retry
+/// that differs only in whitespace or key order counts as the same request.
+fn canonical_body(body: &[u8]) -> Vec<u8> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(value) => serde_json::to_vec(&sort_keys(value)).unwrap_or_else(|_| body.to_vec()),
+        Err(_) => body.to_vec(),
+    }
+}
+
+fn sort_keys(value: Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(entries.into_iter().map(|(k, v)| (k, sort_keys(v))).collect::<Map<_, _>>())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(sort_keys).collect()),
+        other => other,
+    }
+}

@@ -1,0 +1,218 @@
+//! The Redis read cache: document bodies by key, version-guarded.
+//!
+//! Each entry is a hash `{v: version, s: "L" | "D", b: body}`. Every fill goes through one Lua
+//! script that writes only when the cached version is older (or absent), so an older version can
+//! never replace a newer one: not when two readers race, not when a slow reader races a writer
+//! (writers store the version they committed right after commit), and not when Region 2's
+//! consumer applies events. Deletes are cached as `"D"` entries carrying their version, which
+//! fences off a late fill of the last live version.
+//!
+//! Redis is an optimisation, never a dependency: every failure is reported to the caller, who
+//! falls back to PostgreSQL, and after a failure the cache stays bypassed for a short cool-down
+//! so an outage costs one timeout per cool-down rather than one per request.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::OnceCell;
+
+use crate::config::{self, ConfigError};
+use crate::document::DocumentKey;
+
+/// Cache settings, read from the environment.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// `REDIS_URL` (`redis://` or `rediss://` for TLS, credentials in the URL).
+    pub url: String,
+    /// Entry lifetime (`CACHE_TTL_SECONDS`, default 300).
+    pub ttl: Duration,
+    /// Per-command and connect timeout (`REDIS_TIMEOUT_MS`, default 250).
+    pub timeout: Duration,
+    /// How long to bypass Redis after a failure (`REDIS_COOLDOWN_MS`, default 1000).
+    pub cooldown: Duration,
+}
+
+impl CacheSettings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            url: config::required("REDIS_URL", "redis://host:6379 (rediss:// for TLS)")?,
+            ttl: Duration::from_secs(config::parsed_or("CACHE_TTL_SECONDS", 300)?),
+            timeout: config::millis_or("REDIS_TIMEOUT_MS", Duration::from_millis(250))?,
+            cooldown: config::millis_or("REDIS_COOLDOWN_MS", Duration::from_millis(1000))?,
+        })
+    }
+
+    pub fn from_url(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            ttl: Duration::from_secs(300),
+            timeout: Duration::from_millis(250),
+            cooldown: Duration::from_millis(1000),
+        }
+    }
+}
+
+/// A cached document state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// A live document: its version and the exact response body.
+    Live { version: i64, body: Bytes },
+    /// A tombstone at this version.
+    Deleted { version: i64 },
+}
+
+impl Entry {
+    pub fn version(&self) -> i64 {
+        match self {
+            Self::Live { version, .. } | Self::Deleted { version } => *version,
+        }
+    }
+}
+
+/// Why the cache could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("redis is in its failure cool-down")]
+    CoolingDown,
+    #[error("redis error")]
+    Redis(#[from] redis::RedisError),
+    #[error("malformed cache entry")]
+    Malformed,
+}
+
+const FILL_SCRIPT: &str = r"
+local current = redis.call('HGET', KEYS[1], 'v')
+if current and tonumber(current) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 's', ARGV[2], 'b', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+";
+
+/// A version-guarded document cache over one multiplexed Redis connection.
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    connection: OnceCell<ConnectionManager>,
+    settings: CacheSettings,
+    fill: redis::Script,
+    epoch: Instant,
+    /// Milliseconds since `epoch` until which Redis is bypassed.
+    down_until_ms: AtomicU64,
+}
+
+impl Cache {
+    /// Validates the URL; connects lazily, so a Redis that is down at start-up delays nothing.
+    pub fn new(settings: CacheSettings) -> anyhow::Result<Self> {
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| anyhow::anyhow!("REDIS_URL is invalid: {e}"))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                connection: OnceCell::new(),
+                settings,
+                fill: redis::Script::new(FILL_SCRIPT),
+                epoch: Instant::now(),
+                down_until_ms: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    fn key(key: &DocumentKey) -> String {
+        format!("tandem:doc:{}/{}", key.collection, key.id)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.inner.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, CacheError> {
+        if self.now_ms() < self.inner.down_until_ms.load(Ordering::Relaxed) {
+            return Err(CacheError::CoolingDown);
+        }
+        let settings = &self.inner.settings;
+        let result = self
+            .inner
+            .connection
+            .get_or_try_init(|| {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(settings.timeout)
+                    .set_response_timeout(settings.timeout)
+                    .set_number_of_retries(1);
+                ConnectionManager::new_with_config(self.inner.client.clone(), config)
+            })
+            .await;
+        match result {
+            Ok(connection) => Ok(connection.clone()),
+            Err(e) => Err(self.failed(e.into())),
+        }
+    }
+
+    fn failed(&self, error: CacheError) -> CacheError {
+        let until = self.now_ms() + u64::try_from(self.inner.settings.cooldown.as_millis()).unwrap_or(1000);
+        self.inner.down_until_ms.store(until, Ordering::Relaxed);
+        error
+    }
+
+    /// Looks a document up. `Ok(None)` is a miss.
+    pub async fn get(&self, key: &DocumentKey) -> Result<Option<Entry>, CacheError> {
+        let mut connection = self.connection().await?;
+        let (version, state, body): (Option<i64>, Option<String>, Option<Vec<u8>>) = redis::cmd("HMGET")
+            .arg(Self::key(key))
+            .arg("v")
+            .arg("s")
+            .arg("b")
+            .query_async(&mut connection)
+            .await
+            .map_err(|e| self.failed(e.into()))?;
+        match (version, state.as_deref()) {
+            (None, _) => Ok(None),
+            (Some(version), Some("L")) => Ok(Some(Entry::Live {
+                version,
+                body: Bytes::from(body.ok_or(CacheError::Malformed)?),
+            })),
+            (Some(version), Some("D")) => Ok(Some(Entry::Deleted { version })),
+            _ => Err(CacheError::Malformed),
+        }
+    }
+
+    /// Stores an entry unless the cache already holds this or a newer version.
+    /// Returns whether the entry was written.
+    pub async fn put(&self, key: &DocumentKey, entry: &Entry) -> Result<bool, CacheError> {
+        let mut connection = self.connection().await?;
+        let (state, body): (&str, &[u8]) = match entry {
+            Entry::Live { body, .. } => ("L", body),
+            Entry::Deleted { .. } => ("D", b""),
+        };
+        let written: i64 = self
+            .inner
+            .fill
+            .key(Self::key(key))
+            .arg(entry.version())
+            .arg(state)
+            .arg(body)
+            .arg(u64::try_from(self.inner.settings.ttl.as_millis()).unwrap_or(u64::MAX))
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| self.failed(e.into()))?;
+        Ok(written == 1)
+    }
+
+    /// Checks that Redis answers (for `/readyz` details; Redis is never required).
+    pub async fn ping(&self) -> Result<(), CacheError> {
+        let mut connection = self.connection().await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+            .map_err(|e| self.failed(e.into()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! HTTP plumbing every service shares: the operations endpoints (`/healthz`, `/readyz`,
+//! `/metrics`), request metrics, the region header, panic containment, and the conversion of
+//! the framework's own bare error responses (unknown route, wrong method) into problem+json.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+
+use crate::metrics::{HttpLabels, Metrics};
+use crate::problem::ApiError;
+
+pub const REGION_HEADER: &str = "x-tandem-region";
+pub const CONSISTENCY_TOKEN_HEADER: &str = "x-consistency-token";
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+pub const IDEMPOTENT_REPLAYED_HEADER: &str = "idempotent-replayed";
+pub const REPLICATION_LAG_HEADER: &str = "x-tandem-replication-lag-ms";
+
+/// The outcome of a readiness probe: overall verdict plus one line per dependency.
+#[derive(Debug, Clone, Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub checks: BTreeMap<&'static str, String>,
+}
+
+/// Probes dependencies for `/readyz`.
+pub type ReadyCheck = Arc<dyn Fn() -> BoxFuture<'static, Readiness> + Send + Sync>;
+
+/// Refreshes gauges (pool usage, lag) right before `/metrics` renders.
+pub type ScrapeHook = Arc<dyn Fn(&Metrics) + Send + Sync>;
+
+#[derive(Clone)]
+struct Ops {
+    metrics: Arc<Metrics>,
+    ready: ReadyCheck,
+    on_scrape: ScrapeHook,
+}
+
+/// The operations endpoints, outside `/v1`.
+pub fn ops_router(metrics: Arc<Metrics>, ready: ReadyCheck, on_scrape: ScrapeHook) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(Ops {
+            metrics,
+            ready,
+            on_scrape,
+        })
+}
+
+async fn healthz() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        r#"{"status":"ok"}"#,
+    )
+}
+
+async fn readyz(State(ops): State<Ops>) -> Response {
+    let readiness = (ops.ready)().await;
+    let status = if readiness.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut response = (status, axum::Json(readiness)).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+    }
+    response
+}
+
+async fn render_metrics(State(ops): State<Ops>) -> impl IntoResponse {
+    (ops.on_scrape)(&ops.metrics);
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        ops.metrics.render(),
+    )
+}
+
+/// Wraps a service's routes with everything every service needs. Call it last, on the complete
+/// Router, so that the layers see every route and the fallback.
+pub fn finish(router: Router, metrics: Arc<Metrics>, region: &str) -> Router {
+    let region = HeaderValue::from_str(region).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+    router
+        .fallback(|| async { ApiError::NoRoute })
+        .layer(middleware::map_response(problem_for_bare_errors))
+        .layer(middleware::from_fn_with_state(metrics, track))
+        .layer(middleware::map_response(move |mut response: Response| {
+            let region = region.clone();
+            async move {
+                response
+                    .headers_mut()
+                    .insert(HeaderName::from_static(REGION_HEADER), region);
+                response
+            }
+        }))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_panic| {
+            ApiError::Internal(anyhow::anyhow!("a request handler panicked")).into_response()
+        }))
+}
+
+/// Counts and times every request by its route template (never the raw path: ids would
+/// explode the label cardinality).
+async fn track(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let response = next.run(request).await;
+    let labels = HttpLabels {
+        route,
+        method,
+        status: response.status().as_u16(),
+    };
+    metrics.http_requests.get_or_create(&labels).inc();
+    metrics
+        .http_latency
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The router answers an unknown method with a bare 405 (and its `Allow` header); give it the
+/// problem+json body every other error has, keeping `Allow`.
+async fn problem_for_bare_errors(response: Response) -> Response {
+    if response.headers().contains_key(header::CONTENT_TYPE) {
+        return response;
+    }
+    let problem = match response.status() {
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed,
+        StatusCode::NOT_FOUND => ApiError::NoRoute,
+        _ => return response,
+    };
+    let (parts, _) = response.into_parts();
+    let mut rewritten = problem.into_response();
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        rewritten.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    rewritten
+}
+
+/// Builds an empty-bodied response (e.g. 204, 304) with headers.
+pub fn empty(status: StatusCode) -> Response {
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = status;
+    response
+}

@@ -1,0 +1,40 @@
+//! Schema migrations (refinery, SQL files in `shared/migrations/`), run at start-up by the
+//! services that own a database or explicitly with the `migrate` sub-command.
+//!
+//! Several replicas may start at once, so the run holds a PostgreSQL advisory lock: the first
+//! applies the migrations, the others wait and then find nothing to do.
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Advisory lock key for migrations ("tandem" in ASCII).
+const MIGRATION_LOCK: i64 = 0x74_61_6e_64_65_6d;
+
+/// Applies every pending migration.
+pub async fn run(pool: &Pool) -> anyhow::Result<()> {
+    let mut client = pool.get().await.context("Failed to get a connection for migrations")?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .context("Failed to take the migration lock")?;
+    let client: &mut tokio_postgres::Client = &mut client;
+    let result = embedded::migrations::runner()
+        .set_migration_table_name("tandem_schema_history")
+        .run_async(client)
+        .await
+        .context("Failed to apply migrations");
+    let unlock = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await
+        .context("Failed to release the migration lock");
+    let report = result?;
+    unlock?;
+    for migration in report.applied_migrations() {
+        tracing::info!(version = migration.version(), name = migration.name(), "migration applied");
+    }
+    Ok(())
+}

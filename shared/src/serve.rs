@@ -1,0 +1,107 @@
+//! The transport adapter: one axum `Router`, served either by the AWS Lambda runtime (when
+//! `AWS_LAMBDA_RUNTIME_API` is set, as Lambda and `cargo lambda watch` do) or as a plain HTTP
+//! server on `PORT` (EKS, local). Handlers never know which.
+
+use std::convert::Infallible;
+
+use anyhow::Context;
+use axum::Router;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+use crate::config::ServiceSettings;
+
+/// Runs the router until SIGTERM/Ctrl-C (HTTP) or for the Lambda sandbox's lifetime.
+pub async fn run(router: Router, settings: &ServiceSettings) -> anyhow::Result<()> {
+    if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() {
+        tracing::info!("starting under the AWS Lambda runtime");
+        lambda_http::run(lambda_service(router))
+            .await
+            .map_err(|e| anyhow::anyhow!("lambda runtime failed: {e}"))
+    } else {
+        let listener = TcpListener::bind((settings.bind_address, settings.port))
+            .await
+            .with_context(|| format!("Failed to bind {}:{}", settings.bind_address, settings.port))?;
+        tracing::info!(address = %listener.local_addr()?, "listening");
+        serve(listener, router, shutdown_signal()).await
+    }
+}
+
+/// Serves HTTP until `shutdown` resolves, then drains in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("HTTP server failed")
+}
+
+/// The Router as a Lambda service. API Gateway puts a named stage in front of the path
+/// (`/prod/v1/...`); strip it so the routes match exactly as they do behind the ALB.
+pub fn lambda_service(
+    router: Router,
+) -> impl tower::Service<
+    lambda_http::Request,
+    Response = axum::response::Response,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    router.map_request(strip_stage)
+}
+
+fn strip_stage(mut request: lambda_http::Request) -> lambda_http::Request {
+    use lambda_http::request::RequestContext;
+    let stage = match request.extensions().get::<RequestContext>() {
+        Some(RequestContext::ApiGatewayV1(context)) => context.stage.clone(),
+        Some(RequestContext::ApiGatewayV2(context)) => context.stage.clone(),
+        _ => None,
+    };
+    let Some(stage) = stage.filter(|s| !s.is_empty() && s != "$default") else {
+        return request;
+    };
+    let prefix = format!("/{stage}");
+    let path = request.uri().path();
+    let rest = match path.strip_prefix(&prefix) {
+        Some("") => "/",
+        Some(rest) if rest.starts_with('/') => rest,
+        _ => return request,
+    };
+    let path_and_query = match request.uri().query() {
+        Some(query) => format!("{rest}?{query}"),
+        None => rest.to_owned(),
+    };
+    let mut parts = request.uri().clone().into_parts();
+    if let Ok(pq) = path_and_query.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+    }
+    request
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends before killing a pod).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received; draining");
+}

@@ -1,0 +1,514 @@
+//! PostgreSQL storage of documents. Every write commits the document row, exactly one outbox
+//! row and (when the client sent an `Idempotency-Key`) the recorded outcome in one
+//! transaction; a write that fails anywhere commits none of them.
+
+use deadpool_postgres::{Pool, PoolError, Transaction};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use tokio_postgres::types::Json;
+use uuid::Uuid;
+
+use crate::document::{Collection, Document, DocumentId, DocumentKey, Preconditions, merge_patch};
+use crate::traceparent::TraceParent;
+
+/// How long an idempotency key is remembered.
+pub const IDEMPOTENCY_TTL_SECONDS: i64 = 24 * 60 * 60;
+
+/// A storage failure, classed by what the caller should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or is shutting down: worth retrying later (503).
+    #[error("the database is unavailable")]
+    Unavailable(#[source] anyhow::Error),
+    /// Anything else: a bug or a broken invariant (500, logged with its cause).
+    #[error("the database reported an error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let transient = match e.code() {
+            // Connection exceptions, shutdown, too many connections, serialisation failures.
+            Some(code) => {
+                let code = code.code();
+                code.starts_with("08")
+                    || code.starts_with("57P")
+                    || code == "53300"
+                    || code == "40001"
+                    || code == "40P01"
+            }
+            // No SQLSTATE: an I/O or protocol failure, or a closed connection.
+            None => true,
+        };
+        if transient {
+            Self::Unavailable(e.into())
+        } else {
+            Self::Internal(e.into())
+        }
+    }
+}
+
+impl From<PoolError> for StoreError {
+    fn from(e: PoolError) -> Self {
+        match e {
+            PoolError::Backend(e) => e.into(),
+            other => Self::Unavailable(anyhow::anyhow!("connection pool: {other}")),
+        }
+    }
+}
+
+/// What a write does to a document.
+#[derive(Debug, Clone)]
+pub enum WriteCommand {
+    /// Create or replace (`PUT`).
+    Put(Map<String, Value>),
+    /// Create under the given, freshly generated id (`POST`).
+    Create(Map<String, Value>),
+    /// RFC 7396 merge patch of a live document (`PATCH`).
+    Patch(Map<String, Value>),
+    /// Replace with a tombstone (`DELETE`).
+    Delete,
+}
+
+/// A client's `Idempotency-Key`, scoped to the principal that sent it.
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    pub principal: String,
+    pub key: String,
+    /// SHA-256 over method, path and body.
+    pub fingerprint: [u8; 32],
+}
+
+/// One write, as the Write API hands it to the store.
+#[derive(Debug, Clone)]
+pub struct WriteRequest {
+    pub key: DocumentKey,
+    pub command: WriteCommand,
+    pub preconditions: Preconditions,
+    pub traceparent: TraceParent,
+    pub idempotency: Option<Idempotency>,
+}
+
+/// The committed result of a write; also what an idempotent retry replays.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WriteOutcome {
+    pub collection: Collection,
+    pub id: DocumentId,
+    pub version: i64,
+    /// The document did not exist (or was deleted) before this write.
+    pub created: bool,
+    /// The document after the write; `None` when the write was a delete.
+    pub document: Option<Document>,
+    /// The id of the outbox event this write produced.
+    pub event_id: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    pub committed_at: OffsetDateTime,
+}
+
+/// A write either happened now or had already happened under the same idempotency key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteResult {
+    Applied(WriteOutcome),
+    Replayed(WriteOutcome),
+}
+
+impl WriteResult {
+    pub fn outcome(&self) -> &WriteOutcome {
+        match self {
+            Self::Applied(o) | Self::Replayed(o) => o,
+        }
+    }
+}
+
+/// Why a write was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("the document does not exist")]
+    NotFound,
+    #[error("precondition failed; current version is {current:?}")]
+    PreconditionFailed { current: Option<i64> },
+    #[error("the idempotency key was already used with a different request")]
+    IdempotencyKeyReused,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<tokio_postgres::Error> for WriteError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Store(e.into())
+    }
+}
+
+impl From<PoolError> for WriteError {
+    fn from(e: PoolError) -> Self {
+        Self::Store(e.into())
+    }
+}
+
+/// A stored document, live or deleted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stored {
+    Live(Document),
+    /// A tombstone: kept so that the version continues and old events cannot resurrect it.
+    Deleted { version: i64 },
+}
+
+impl Stored {
+    pub fn version(&self) -> i64 {
+        match self {
+            Self::Live(d) => d.version,
+            Self::Deleted { version } => *version,
+        }
+    }
+}
+
+/// The payload of a delete event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub collection: Collection,
+    pub id: DocumentId,
+    pub version: i64,
+    pub deleted: bool,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// The current row under the write lock.
+struct Current {
+    version: i64,
+    deleted: bool,
+    data: Option<Map<String, Value>>,
+}
+
+impl Current {
+    fn live_version(&self) -> Option<i64> {
+        (!self.deleted).then_some(self.version)
+    }
+}
+
+const SELECT_FOR_UPDATE: &str = "SELECT version, deleted, data FROM documents \
+     WHERE collection = $1 AND id = $2 FOR UPDATE";
+const INSERT_FIRST_VERSION: &str = "INSERT INTO documents \
+     (collection, id, version, data, deleted, created_at, updated_at) \
+     VALUES ($1, $2, 1, $3, false, clock_timestamp(), clock_timestamp()) \
+     ON CONFLICT (collection, id) DO NOTHING RETURNING created_at, updated_at";
+const UPDATE_DOCUMENT: &str = "UPDATE documents SET version = $3, data = $4, deleted = $5, \
+     updated_at = clock_timestamp(), \
+     created_at = CASE WHEN $6 THEN clock_timestamp() ELSE created_at END \
+     WHERE collection = $1 AND id = $2 RETURNING created_at, updated_at";
+const INSERT_OUTBOX: &str = "INSERT INTO outbox \
+     (event_id, collection, document_id, version, operation, payload, traceparent) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+const CLAIM_IDEMPOTENCY_KEY: &str = "INSERT INTO idempotency_keys \
+     (principal, key, fingerprint, expires_at) \
+     VALUES ($1, $2, $3, now() + make_interval(secs => $4)) \
+     ON CONFLICT (principal, key) DO UPDATE \
+       SET fingerprint = EXCLUDED.fingerprint, outcome = NULL, created_at = now(), \
+           expires_at = EXCLUDED.expires_at \
+       WHERE idempotency_keys.expires_at < now() \
+     RETURNING 1";
+const READ_IDEMPOTENCY_KEY: &str =
+    "SELECT fingerprint, outcome FROM idempotency_keys WHERE principal = $1 AND key = $2";
+const RECORD_IDEMPOTENCY_OUTCOME: &str =
+    "UPDATE idempotency_keys SET outcome = $3 WHERE principal = $1 AND key = $2";
+const SELECT_DOCUMENT: &str = "SELECT version, deleted, data, created_at, updated_at \
+     FROM documents WHERE collection = $1 AND id = $2";
+const LIST_DOCUMENTS: &str = "SELECT id, version, data, created_at, updated_at FROM documents \
+     WHERE collection = $1 AND id > $2 AND NOT deleted ORDER BY id LIMIT $3";
+
+/// Document storage over a connection pool.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl Store {
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Checks that the database answers (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    /// Applies one write atomically: document row + one outbox row (+ idempotency record).
+    #[tracing::instrument(skip_all, fields(collection = %request.key.collection, id = %request.key.id))]
+    pub async fn write(&self, request: WriteRequest) -> Result<WriteResult, WriteError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+
+        if let Some(idem) = &request.idempotency {
+            if let Some(previous) = claim_idempotency_key(&tx, idem).await? {
+                // The transaction only read; dropping it rolls back.
+                return previous.map(WriteResult::Replayed);
+            }
+        }
+
+        let outcome = apply_command(&tx, &request).await?;
+
+        let payload = match &outcome.document {
+            Some(document) => serde_json::to_value(document),
+            None => serde_json::to_value(Tombstone {
+                collection: outcome.collection.clone(),
+                id: outcome.id.clone(),
+                version: outcome.version,
+                deleted: true,
+                updated_at: outcome.committed_at,
+            }),
+        }
+        .map_err(|e| StoreError::Internal(e.into()))?;
+        let operation = if outcome.document.is_some() { "upsert" } else { "delete" };
+        let stmt = tx.prepare_cached(INSERT_OUTBOX).await?;
+        tx.execute(
+            &stmt,
+            &[
+                &outcome.event_id,
+                &outcome.collection.as_str(),
+                &outcome.id.as_str(),
+                &outcome.version,
+                &operation,
+                &payload,
+                &request.traceparent.as_str(),
+            ],
+        )
+        .await?;
+
+        if let Some(idem) = &request.idempotency {
+            let stmt = tx.prepare_cached(RECORD_IDEMPOTENCY_OUTCOME).await?;
+            tx.execute(&stmt, &[&idem.principal, &idem.key, &Json(&outcome)]).await?;
+        }
+
+        tx.commit().await?;
+        Ok(WriteResult::Applied(outcome))
+    }
+
+    /// Reads one document, live or tombstone.
+    pub async fn get(&self, key: &DocumentKey) -> Result<Option<Stored>, StoreError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(SELECT_DOCUMENT).await?;
+        let row = client
+            .query_opt(&stmt, &[&key.collection.as_str(), &key.id.as_str()])
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let version: i64 = row.try_get(0)?;
+        if row.try_get::<_, bool>(1)? {
+            return Ok(Some(Stored::Deleted { version }));
+        }
+        let Json(data): Json<Map<String, Value>> = row.try_get(2)?;
+        Ok(Some(Stored::Live(Document {
+            collection: key.collection.clone(),
+            id: key.id.clone(),
+            version,
+            data,
+            created_at: row.try_get(3)?,
+            updated_at: row.try_get(4)?,
+        })))
+    }
+
+    /// Lists live documents of a collection in id order, starting after `after`.
+    pub async fn list(
+        &self,
+        collection: &Collection,
+        after: Option<&DocumentId>,
+        limit: u32,
+    ) -> Result<Vec<Document>, StoreError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(LIST_DOCUMENTS).await?;
+        let rows = client
+            .query(
+                &stmt,
+                &[&collection.as_str(), &after.map_or("", |a| a.as_str()), &i64::from(limit)],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get(0)?;
+                let Json(data): Json<Map<String, Value>> = row.try_get(2)?;
+                Ok(Document {
+                    collection: collection.clone(),
+                    id: DocumentId::parse(&id).map_err(|e| StoreError::Internal(e.into()))?,
+                    version: row.try_get(1)?,
+                    data,
+                    created_at: row.try_get(3)?,
+                    updated_at: row.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Forgets expired idempotency keys; returns how many.
+    pub async fn prune_idempotency_keys(&self) -> Result<u64, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .execute("DELETE FROM idempotency_keys WHERE expires_at < now()", &[])
+            .await?)
+    }
+}
+
+/// Claims the key for this transaction. `Ok(None)`: claimed, go ahead. `Ok(Some(..))`: the key
+/// was used before: the previous outcome, or an error when the request differs. A concurrent
+/// request with the same key blocks on the unique index until the first one commits.
+async fn claim_idempotency_key(
+    tx: &Transaction<'_>,
+    idem: &Idempotency,
+) -> Result<Option<Result<WriteOutcome, WriteError>>, WriteError> {
+    let stmt = tx.prepare_cached(CLAIM_IDEMPOTENCY_KEY).await?;
+    let fingerprint = idem.fingerprint.as_slice();
+    let claimed = tx
+        .query_opt(&stmt, &[&idem.principal, &idem.key, &fingerprint, &(IDEMPOTENCY_TTL_SECONDS as f64)])
+        .await?;
+    if claimed.is_some() {
+        return Ok(None);
+    }
+    let stmt = tx.prepare_cached(READ_IDEMPOTENCY_KEY).await?;
+    let row = tx.query_one(&stmt, &[&idem.principal, &idem.key]).await?;
+    let stored: Vec<u8> = row.try_get(0)?;
+    if stored != fingerprint {
+        return Ok(Some(Err(WriteError::IdempotencyKeyReused)));
+    }
+    let outcome: Option<Json<WriteOutcome>> = row.try_get(1)?;
+    match outcome {
+        Some(Json(outcome)) => Ok(Some(Ok(outcome))),
+        None => Err(StoreError::Internal(anyhow::anyhow!(
+            "idempotency key committed without an outcome"
+        ))
+        .into()),
+    }
+}
+
+async fn lock_current(tx: &Transaction<'_>, key: &DocumentKey) -> Result<Option<Current>, WriteError> {
+    let stmt = tx.prepare_cached(SELECT_FOR_UPDATE).await?;
+    let row = tx
+        .query_opt(&stmt, &[&key.collection.as_str(), &key.id.as_str()])
+        .await?;
+    row.map(|row| {
+        let data: Option<Json<Map<String, Value>>> = row.try_get(2)?;
+        Ok(Current {
+            version: row.try_get(0)?,
+            deleted: row.try_get(1)?,
+            data: data.map(|Json(d)| d),
+        })
+    })
+    .transpose()
+}
+
+/// Inserts version 1 unless a concurrent writer created the row first (`None` then).
+async fn insert_first_version(
+    tx: &Transaction<'_>,
+    key: &DocumentKey,
+    data: &Map<String, Value>,
+) -> Result<Option<Document>, WriteError> {
+    let stmt = tx.prepare_cached(INSERT_FIRST_VERSION).await?;
+    let row = tx
+        .query_opt(&stmt, &[&key.collection.as_str(), &key.id.as_str(), &Json(data)])
+        .await?;
+    row.map(|row| {
+        Ok(Document {
+            collection: key.collection.clone(),
+            id: key.id.clone(),
+            version: 1,
+            data: data.clone(),
+            created_at: row.try_get(0)?,
+            updated_at: row.try_get(1)?,
+        })
+    })
+    .transpose()
+}
+
+async fn apply_command(tx: &Transaction<'_>, request: &WriteRequest) -> Result<WriteOutcome, WriteError> {
+    let key = &request.key;
+    let outcome = |document: Option<Document>, version: i64, created: bool, at: OffsetDateTime| WriteOutcome {
+        collection: key.collection.clone(),
+        id: key.id.clone(),
+        version,
+        created,
+        document,
+        event_id: Uuid::now_v7(),
+        committed_at: at,
+    };
+
+    let mut current = lock_current(tx, key).await?;
+
+    if current.is_none() {
+        let data = match &request.command {
+            WriteCommand::Put(data) | WriteCommand::Create(data) => data,
+            WriteCommand::Patch(_) | WriteCommand::Delete => return Err(WriteError::NotFound),
+        };
+        if !request.preconditions.hold(None) {
+            return Err(WriteError::PreconditionFailed { current: None });
+        }
+        match insert_first_version(tx, key, data).await? {
+            Some(document) => {
+                let at = document.updated_at;
+                return Ok(outcome(Some(document), 1, true, at));
+            }
+            // Lost a race with a concurrent creator: its row is committed now, so lock it and
+            // continue as an update (preconditions are re-evaluated against it below).
+            None => current = lock_current(tx, key).await?,
+        }
+    }
+
+    let Some(current) = current else {
+        return Err(StoreError::Internal(anyhow::anyhow!("document vanished under its lock")).into());
+    };
+    let live = current.live_version();
+    if matches!(request.command, WriteCommand::Create(_)) {
+        // A generated UUIDv7 never collides; if it did, refuse rather than overwrite.
+        return Err(StoreError::Internal(anyhow::anyhow!("generated id already exists")).into());
+    }
+    if live.is_none() && matches!(request.command, WriteCommand::Patch(_) | WriteCommand::Delete) {
+        return Err(WriteError::NotFound);
+    }
+    if !request.preconditions.hold(live) {
+        return Err(WriteError::PreconditionFailed { current: live });
+    }
+
+    let version = current.version + 1;
+    let recreated = live.is_none();
+    let new_data: Option<Map<String, Value>> = match &request.command {
+        WriteCommand::Put(data) | WriteCommand::Create(data) => Some(data.clone()),
+        WriteCommand::Patch(patch) => {
+            let mut target = Value::Object(current.data.clone().unwrap_or_default());
+            merge_patch(&mut target, &Value::Object(patch.clone()));
+            match target {
+                Value::Object(map) => Some(map),
+                _ => return Err(StoreError::Internal(anyhow::anyhow!("merge patch produced a non-object")).into()),
+            }
+        }
+        WriteCommand::Delete => None,
+    };
+
+    let stmt = tx.prepare_cached(UPDATE_DOCUMENT).await?;
+    let row = tx
+        .query_one(
+            &stmt,
+            &[
+                &key.collection.as_str(),
+                &key.id.as_str(),
+                &version,
+                &new_data.as_ref().map(Json),
+                &new_data.is_none(),
+                &recreated,
+            ],
+        )
+        .await?;
+    let created_at: OffsetDateTime = row.try_get(0)?;
+    let updated_at: OffsetDateTime = row.try_get(1)?;
+    let document = new_data.map(|data| Document {
+        collection: key.collection.clone(),
+        id: key.id.clone(),
+        version,
+        data,
+        created_at,
+        updated_at,
+    });
+    Ok(outcome(document, version, recreated, updated_at))
+}
