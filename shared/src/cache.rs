@@ -33,6 +33,9 @@ pub struct CacheSettings {
     pub timeout: Duration,
     /// How long to bypass Redis after a failure (`REDIS_COOLDOWN_MS`, default 1000).
     pub cooldown: Duration,
+    /// Prefix of every key (`REDIS_KEY_PREFIX`, default `tandem`), so several deployments or
+    /// test runs can share one Redis.
+    pub key_prefix: String,
 }
 
 impl CacheSettings {
@@ -42,6 +45,7 @@ impl CacheSettings {
             ttl: Duration::from_secs(config::parsed_or("CACHE_TTL_SECONDS", 300)?),
             timeout: config::millis_or("REDIS_TIMEOUT_MS", Duration::from_millis(250))?,
             cooldown: config::millis_or("REDIS_COOLDOWN_MS", Duration::from_millis(1000))?,
+            key_prefix: config::optional("REDIS_KEY_PREFIX").unwrap_or_else(|| "tandem".to_owned()),
         })
     }
 
@@ -51,6 +55,7 @@ impl CacheSettings {
             ttl: Duration::from_secs(300),
             timeout: Duration::from_millis(250),
             cooldown: Duration::from_millis(1000),
+            key_prefix: "tandem".to_owned(),
         }
     }
 }
@@ -126,8 +131,8 @@ impl Cache {
         })
     }
 
-    fn key(key: &DocumentKey) -> String {
-        format!("tandem:doc:{}/{}", key.collection, key.id)
+    fn key(&self, key: &DocumentKey) -> String {
+        format!("{}:doc:{}/{}", self.inner.settings.key_prefix, key.collection, key.id)
     }
 
     fn now_ms(&self) -> u64 {
@@ -166,7 +171,7 @@ impl Cache {
     pub async fn get(&self, key: &DocumentKey) -> Result<Option<Entry>, CacheError> {
         let mut connection = self.connection().await?;
         let (version, state, body): (Option<i64>, Option<String>, Option<Vec<u8>>) = redis::cmd("HMGET")
-            .arg(Self::key(key))
+            .arg(self.key(key))
             .arg("v")
             .arg("s")
             .arg("b")
@@ -195,7 +200,7 @@ impl Cache {
         let written: i64 = self
             .inner
             .fill
-            .key(Self::key(key))
+            .key(self.key(key))
             .arg(entry.version())
             .arg(state)
             .arg(body)

@@ -1,0 +1,14 @@
+//! The integration-test harness. It starts real servers in its own directories and on its own
+//! ports (PostgreSQL clusters with `initdb`/`pg_ctl`, `redis-server`, the moto Secrets Manager
+//! emulator), spawns the Tandem services in-process or as their real binaries, and offers
+//! typed helpers for the tests in `tests/`.
+//!
+//! Every server the harness starts is supervised by a small shell watchdog that stops it (and
+//! removes its data) when the test process exits, however it exits.
+
+pub mod process;
+pub use process::{binary, scratch_dir};
+pub mod services;
+
+pub use process::{ManagedProcess, free_port, wait_for_port};
+pub use services::{Postgres, Redis, TestApp, TestAppOptions, spawn_app, spawn_app_with};

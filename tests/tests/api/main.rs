@@ -1,0 +1,12 @@
+//! Region 1 Write and Read APIs against real PostgreSQL, Redis and HTTP.
+
+mod bad_inputs;
+mod cache;
+mod concurrency;
+mod lambda;
+mod ops;
+mod outage;
+mod outbox;
+mod reads;
+mod secrets;
+mod writes;

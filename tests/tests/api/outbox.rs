@@ -1,0 +1,109 @@
+use reqwest::Method;
+use serde_json::{Value, json};
+use tandem_tests::spawn_app;
+
+#[tokio::test]
+async fn every_accepted_write_commits_exactly_one_complete_outbox_row() {
+    let app = spawn_app().await;
+    let mut accepted = 0;
+    for i in 0..10 {
+        assert!(app.put("items", &format!("i{i}"), &json!({"i": i})).await.status().is_success());
+        accepted += 1;
+    }
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let patched = app
+        .write(Method::PATCH, "/v1/items/i0")
+        .header("content-type", "application/merge-patch+json")
+        .header("traceparent", traceparent)
+        .body(r#"{"extra": true}"#)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(patched.status(), 200);
+    accepted += 1;
+    assert_eq!(app.write(Method::DELETE, "/v1/items/i1").send().await.expect("send").status(), 204);
+    accepted += 1;
+    // Refused writes add nothing.
+    assert_eq!(app.write(Method::DELETE, "/v1/items/i1").send().await.expect("send").status(), 404);
+    assert_eq!(app.write(Method::PUT, "/v1/items/i2").header("if-match", "\"9\"").json(&json!({})).send().await.expect("send").status(), 412);
+
+    assert_eq!(app.count("outbox").await, accepted);
+    let client = app.pool.get().await.expect("db");
+    let row = client
+        .query_one(
+            "SELECT event_id, collection, document_id, version, operation, payload, traceparent, created_at IS NOT NULL, published_at IS NULL \
+             FROM outbox WHERE document_id = 'i0' AND version = 2",
+            &[],
+        )
+        .await
+        .expect("outbox row");
+    let event_id: uuid::Uuid = row.get(0);
+    assert_eq!(event_id.get_version_num(), 7);
+    assert_eq!(row.get::<_, String>(1), "items");
+    assert_eq!(row.get::<_, String>(4), "upsert");
+    let payload: Value = row.get(5);
+    assert_eq!(payload["data"], json!({"i": 0, "extra": true}));
+    assert_eq!(payload["version"], 2);
+    assert_eq!(row.get::<_, String>(6), traceparent);
+    assert!(row.get::<_, bool>(7));
+    assert!(row.get::<_, bool>(8));
+    let tombstone: Value = client
+        .query_one("SELECT payload FROM outbox WHERE document_id = 'i1' AND operation = 'delete'", &[])
+        .await
+        .expect("tombstone row")
+        .get(0);
+    assert_eq!(tombstone["deleted"], true);
+    assert_eq!(tombstone["version"], 2);
+    // Without a client traceparent, one is started.
+    let generated: String = client
+        .query_one("SELECT traceparent FROM outbox WHERE document_id = 'i3'", &[])
+        .await
+        .expect("row")
+        .get(0);
+    assert!(tandem_shared::traceparent::TraceParent::parse(&generated).is_some());
+}
+
+#[tokio::test]
+async fn a_write_that_fails_inside_the_transaction_leaves_neither_row_nor_event() {
+    let app = spawn_app().await;
+    app.put("ledger", "existing", &json!({"v": 1})).await;
+    // Make the outbox insert fail for one collection, after the document row was written.
+    let client = app.pool.get().await.expect("db");
+    client
+        .batch_execute(
+            "CREATE FUNCTION fail_outbox() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.collection = 'ledger' THEN RAISE EXCEPTION 'forced failure'; END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER fail_outbox BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION fail_outbox();",
+        )
+        .await
+        .expect("install trigger");
+
+    let created = app.put("ledger", "new", &json!({"v": 1})).await;
+    assert_eq!(created.status(), 500);
+    assert_eq!(created.headers()["content-type"], "application/problem+json");
+    let text = created.text().await.expect("body");
+    assert!(!text.contains("forced failure") && !text.contains("outbox"), "leaks the cause: {text}");
+    let updated = app.put("ledger", "existing", &json!({"v": 2})).await;
+    assert_eq!(updated.status(), 500);
+    let idempotent = app
+        .write(Method::POST, "/v1/ledger")
+        .header("idempotency-key", "k1")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(idempotent.status(), 500);
+
+    let docs: Vec<(String, i64)> = client
+        .query("SELECT id, version FROM documents WHERE collection = 'ledger' ORDER BY id", &[])
+        .await
+        .expect("documents")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(docs, vec![("existing".to_owned(), 1)]);
+    assert_eq!(app.count("outbox").await, 1);
+    assert_eq!(app.count("idempotency_keys").await, 0);
+    let read: Value = app.get("/v1/ledger/existing").await.json().await.expect("json");
+    assert_eq!(read["version"], 1);
+}

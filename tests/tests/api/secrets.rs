@@ -1,0 +1,93 @@
+//! The Secrets Manager credential path, end to end: the real `tandem-read` binary reads an RDS
+//! secret from a real Secrets Manager API (the moto server emulator) and serves from the
+//! database the secret names.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tandem_tests::process::{ManagedProcess, binary, scratch_dir};
+use tandem_tests::{Postgres, free_port, spawn_app, wait_for_port};
+
+fn moto_server() -> std::path::PathBuf {
+    std::env::var_os("TANDEM_MOTO_SERVER")
+        .map(Into::into)
+        .unwrap_or_else(|| "moto_server".into())
+}
+
+#[tokio::test]
+async fn the_read_binary_connects_with_credentials_from_secrets_manager() {
+    // Region 1 data, written through the API.
+    let app = spawn_app().await;
+    app.put("secrets", "s1", &json!({"via": "secrets manager"})).await;
+    let database = app.database_url.rsplit('/').next().expect("db name").to_owned();
+
+    let dir = scratch_dir("moto");
+    let moto_port = free_port();
+    let _moto = ManagedProcess::start(
+        "moto",
+        &moto_server(),
+        &["-H".into(), "127.0.0.1".into(), "-p".into(), moto_port.to_string()],
+        &[],
+        &dir.join("moto.log"),
+        "",
+    )
+    .expect("moto_server (pip install 'moto[server]'; make test does)");
+    wait_for_port(moto_port, Duration::from_secs(30)).await.expect("moto started");
+    let endpoint = format!("http://127.0.0.1:{moto_port}");
+    let aws_env = [
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "eu-west-1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ];
+
+    // Store the RDS-shaped secret through the Secrets Manager API.
+    let secret = json!({
+        "username": "postgres",
+        "password": "unused-with-trust-auth",
+        "engine": "postgres",
+        "host": "127.0.0.1",
+        "port": Postgres::shared().port,
+        "dbname": database,
+    });
+    let created = app
+        .client
+        .post(&endpoint)
+        .header("content-type", "application/x-amz-json-1.1")
+        .header("x-amz-target", "secretsmanager.CreateSecret")
+        .header("authorization", "AWS4-HMAC-SHA256 Credential=testing/20260101/eu-west-1/secretsmanager/aws4_request, SignedHeaders=host, Signature=0")
+        .body(json!({"Name": "tandem/region1/db", "SecretString": secret.to_string()}).to_string())
+        .send()
+        .await
+        .expect("CreateSecret");
+    assert!(created.status().is_success(), "{}", created.text().await.unwrap_or_default());
+
+    let port = free_port();
+    let mut envs: Vec<(String, String)> = aws_env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    envs.extend(
+        [
+            ("DATABASE_SECRET_ID", "tandem/region1/db".to_owned()),
+            ("REDIS_URL", tandem_tests::Redis::shared().url()),
+            ("REDIS_KEY_PREFIX", format!("secrets-{port}")),
+            ("PORT", port.to_string()),
+            ("BIND_ADDRESS", "127.0.0.1".to_owned()),
+            ("TANDEM_REGION", "region1".to_owned()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    let read = ManagedProcess::start("tandem-read", &binary("tandem-read"), &[], &envs, &dir.join("read.log"), "")
+        .expect("start tandem-read");
+    if wait_for_port(port, Duration::from_secs(30)).await.is_err() {
+        panic!("tandem-read did not start:\n{}", read.log_tail());
+    }
+    let response = app
+        .client
+        .get(format!("http://127.0.0.1:{port}/v1/secrets/s1"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), 200, "{}", read.log_tail());
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["data"]["via"], "secrets manager");
+}
