@@ -100,11 +100,15 @@ impl StringOrList {
     }
 }
 
+/// Verification keys by key id.
+type KeyMap = HashMap<String, (DecodingKey, Algorithm)>;
+
 /// A JWKS, fetched lazily and re-fetched when a token names an unknown key.
 struct Jwks {
     url: String,
     http: reqwest::Client,
-    keys: RwLock<(HashMap<String, (DecodingKey, Algorithm)>, Option<Instant>)>,
+    /// The keys and when they were last fetched.
+    keys: RwLock<(KeyMap, Option<Instant>)>,
 }
 
 /// Minimum time between two JWKS fetches triggered by unknown key ids.
@@ -117,7 +121,10 @@ impl Jwks {
             if let Some(found) = guard.0.get(kid) {
                 return Ok(found.clone());
             }
-            if guard.1.is_some_and(|at| at.elapsed() < JWKS_REFETCH_INTERVAL) {
+            if guard
+                .1
+                .is_some_and(|at| at.elapsed() < JWKS_REFETCH_INTERVAL)
+            {
                 return Err(AuthError::Invalid(format!("unknown key id {kid}")));
             }
         }
@@ -131,7 +138,7 @@ impl Jwks {
             .ok_or_else(|| AuthError::Invalid(format!("unknown key id {kid}")))
     }
 
-    async fn fetch(&self) -> anyhow::Result<HashMap<String, (DecodingKey, Algorithm)>> {
+    async fn fetch(&self) -> anyhow::Result<KeyMap> {
         let set: JwkSet = self
             .http
             .get(&self.url)
@@ -144,7 +151,8 @@ impl Jwks {
             .context("Failed to parse the JWKS")?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
-            let (Some(kid), Ok(key)) = (jwk.common.key_id.clone(), DecodingKey::from_jwk(jwk)) else {
+            let (Some(kid), Ok(key)) = (jwk.common.key_id.clone(), DecodingKey::from_jwk(jwk))
+            else {
                 continue;
             };
             let algorithm = match &jwk.algorithm {
@@ -183,7 +191,9 @@ impl Authenticator {
                     .context("Failed to build the JWKS HTTP client")?,
                 keys: RwLock::new((HashMap::new(), None)),
             }),
-            (None, Some(secret)) => Keys::Hs256(DecodingKey::from_secret(secret.expose_secret().as_bytes())),
+            (None, Some(secret)) => {
+                Keys::Hs256(DecodingKey::from_secret(secret.expose_secret().as_bytes()))
+            }
             (None, None) => Keys::None,
         };
         Ok(Self {
@@ -200,7 +210,11 @@ impl Authenticator {
     }
 
     /// Verifies an `Authorization` header value and checks the scope.
-    pub async fn authorize(&self, authorization: Option<&str>, scope: &'static str) -> Result<Principal, AuthError> {
+    pub async fn authorize(
+        &self,
+        authorization: Option<&str>,
+        scope: &'static str,
+    ) -> Result<Principal, AuthError> {
         let header = authorization.ok_or(AuthError::Missing)?;
         let token = header
             .strip_prefix("Bearer ")
@@ -217,7 +231,8 @@ impl Authenticator {
     }
 
     async fn verify(&self, token: &str) -> Result<Principal, AuthError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
         let (key, algorithm) = match &*self.keys {
             Keys::None => return Err(AuthError::NotConfigured),
             Keys::Hs256(key) => (key.clone(), Algorithm::HS256),
@@ -230,7 +245,10 @@ impl Authenticator {
             }
         };
         if header.alg != algorithm {
-            return Err(AuthError::Invalid(format!("algorithm {:?} is not accepted", header.alg)));
+            return Err(AuthError::Invalid(format!(
+                "algorithm {:?} is not accepted",
+                header.alg
+            )));
         }
         let mut validation = Validation::new(algorithm);
         validation.validate_aud = false;
@@ -243,13 +261,22 @@ impl Authenticator {
             .map_err(|e| AuthError::Invalid(e.to_string()))?
             .claims;
         if let Some(expected) = &self.audience {
-            let in_aud = claims.aud.as_ref().is_some_and(|a| a.items().iter().any(|x| x == expected));
+            let in_aud = claims
+                .aud
+                .as_ref()
+                .is_some_and(|a| a.items().iter().any(|x| x == expected));
             let in_client = claims.client_id.as_deref() == Some(expected.as_str());
             if !in_aud && !in_client {
                 return Err(AuthError::Invalid("audience mismatch".into()));
             }
         }
-        let mut scopes: Vec<String> = claims.scope.as_deref().unwrap_or("").split_whitespace().map(str::to_owned).collect();
+        let mut scopes: Vec<String> = claims
+            .scope
+            .as_deref()
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
         if let Some(scp) = &claims.scp {
             scopes.extend(scp.items());
         }
@@ -271,8 +298,17 @@ struct MintClaims<'a> {
 }
 
 /// Mints an HS256 token: the local stack's dev token and the tests' tokens.
-pub fn mint_hs256(secret: &str, subject: &str, scopes: &[&str], ttl: Duration, issuer: Option<&str>) -> anyhow::Result<String> {
-    let now = time::OffsetDateTime::now_utc().unix_timestamp().max(0).unsigned_abs();
+pub fn mint_hs256(
+    secret: &str,
+    subject: &str,
+    scopes: &[&str],
+    ttl: Duration,
+    issuer: Option<&str>,
+) -> anyhow::Result<String> {
+    let now = time::OffsetDateTime::now_utc()
+        .unix_timestamp()
+        .max(0)
+        .unsigned_abs();
     let claims = MintClaims {
         sub: subject,
         scope: scopes.join(" "),
@@ -280,6 +316,10 @@ pub fn mint_hs256(secret: &str, subject: &str, scopes: &[&str], ttl: Duration, i
         exp: now + ttl.as_secs(),
         iss: issuer,
     };
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
-        .context("Failed to sign the token")
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .context("Failed to sign the token")
 }

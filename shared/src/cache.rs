@@ -132,7 +132,10 @@ impl Cache {
     }
 
     fn key(&self, key: &DocumentKey) -> String {
-        format!("{}:doc:{}/{}", self.inner.settings.key_prefix, key.collection, key.id)
+        format!(
+            "{}:doc:{}/{}",
+            self.inner.settings.key_prefix, key.collection, key.id
+        )
     }
 
     fn now_ms(&self) -> u64 {
@@ -162,7 +165,8 @@ impl Cache {
     }
 
     fn failed(&self, error: CacheError) -> CacheError {
-        let until = self.now_ms() + u64::try_from(self.inner.settings.cooldown.as_millis()).unwrap_or(1000);
+        let until =
+            self.now_ms() + u64::try_from(self.inner.settings.cooldown.as_millis()).unwrap_or(1000);
         self.inner.down_until_ms.store(until, Ordering::Relaxed);
         error
     }
@@ -170,14 +174,15 @@ impl Cache {
     /// Looks a document up. `Ok(None)` is a miss.
     pub async fn get(&self, key: &DocumentKey) -> Result<Option<Entry>, CacheError> {
         let mut connection = self.connection().await?;
-        let (version, state, body): (Option<i64>, Option<String>, Option<Vec<u8>>) = redis::cmd("HMGET")
-            .arg(self.key(key))
-            .arg("v")
-            .arg("s")
-            .arg("b")
-            .query_async(&mut connection)
-            .await
-            .map_err(|e| self.failed(e.into()))?;
+        let (version, state, body): (Option<i64>, Option<String>, Option<Vec<u8>>) =
+            redis::cmd("HMGET")
+                .arg(self.key(key))
+                .arg("v")
+                .arg("s")
+                .arg("b")
+                .query_async(&mut connection)
+                .await
+                .map_err(|e| self.failed(e.into()))?;
         match (version, state.as_deref()) {
             (None, _) => Ok(None),
             (Some(version), Some("L")) => Ok(Some(Entry::Live {

@@ -13,9 +13,16 @@ use secrecy::SecretString;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("environment variable {name} is required: {hint}")]
-    Missing { name: &'static str, hint: &'static str },
+    Missing {
+        name: &'static str,
+        hint: &'static str,
+    },
     #[error("environment variable {name}={value:?} is invalid: {reason}")]
-    Invalid { name: &'static str, value: String, reason: String },
+    Invalid {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
 }
 
 /// Reads an optional variable; an empty value counts as unset.
@@ -72,7 +79,9 @@ pub fn flag(name: &'static str, default: bool) -> Result<bool, ConfigError> {
 
 /// Reads a duration given in milliseconds.
 pub fn millis_or(name: &'static str, default: Duration) -> Result<Duration, ConfigError> {
-    Ok(parsed::<u64>(name)?.map(Duration::from_millis).unwrap_or(default))
+    Ok(parsed::<u64>(name)?
+        .map(Duration::from_millis)
+        .unwrap_or(default))
 }
 
 /// Reads a secret: never logged, never printed by `Debug`.

@@ -38,7 +38,9 @@ impl ConsistencyToken {
     }
 
     pub fn decode(token: &str) -> Result<Self, MalformedToken> {
-        let raw = URL_SAFE_NO_PAD.decode(token.trim()).map_err(|_| MalformedToken)?;
+        let raw = URL_SAFE_NO_PAD
+            .decode(token.trim())
+            .map_err(|_| MalformedToken)?;
         let text = std::str::from_utf8(&raw).map_err(|_| MalformedToken)?;
         let parts: Vec<&str> = text.split(':').collect();
         let ["t1", collection, id, version, committed_ms] = parts.as_slice() else {

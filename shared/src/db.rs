@@ -90,7 +90,9 @@ impl DatabaseSettings {
                 return Err(ConfigError::Invalid {
                     name: "DATABASE_URL",
                     value: "<several set>".into(),
-                    reason: "set exactly one of DATABASE_URL, DATABASE_SECRET_ID or DATABASE_IAM_HOST".into(),
+                    reason:
+                        "set exactly one of DATABASE_URL, DATABASE_SECRET_ID or DATABASE_IAM_HOST"
+                            .into(),
                 });
             }
         };
@@ -162,8 +164,10 @@ impl deadpool_postgres::Connect for RefreshingConnect {
     fn connect(
         &self,
         _static_config: &tokio_postgres::Config,
-    ) -> BoxFuture<'_, Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>>
-    {
+    ) -> BoxFuture<
+        '_,
+        Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+    > {
         let config = self
             .slot
             .read()
@@ -207,7 +211,11 @@ pub async fn connect_pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
         .context("Failed to resolve the database connection settings")?;
     let slot: ConfigSlot = Arc::new(RwLock::new(initial.clone()));
     if !matches!(settings.source, CredentialSource::Url(_)) {
-        spawn_refresher(settings.source.clone(), slot.clone(), settings.refresh_every);
+        spawn_refresher(
+            settings.source.clone(),
+            slot.clone(),
+            settings.refresh_every,
+        );
     }
     let tls = match settings.tls {
         TlsMode::Disable => Tls::None,
@@ -239,7 +247,8 @@ fn rustls_connector(ca_file: Option<&str>) -> anyhow::Result<MakeRustlsConnect> 
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
-        let pem = std::fs::read(path).with_context(|| format!("Failed to read DATABASE_CA_FILE {path}"))?;
+        let pem = std::fs::read(path)
+            .with_context(|| format!("Failed to read DATABASE_CA_FILE {path}"))?;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
             roots
                 .add(cert.with_context(|| format!("Failed to parse a certificate in {path}"))?)
@@ -270,13 +279,21 @@ async fn resolve_config(source: &CredentialSource) -> anyhow::Result<tokio_postg
                 .secret_id(secret_id)
                 .send()
                 .await
-                .with_context(|| format!("Failed to read secret {secret_id} from Secrets Manager"))?;
+                .with_context(|| {
+                    format!("Failed to read secret {secret_id} from Secrets Manager")
+                })?;
             let text = output
                 .secret_string()
                 .with_context(|| format!("Secret {secret_id} has no SecretString"))?;
-            config_from_secret(text).with_context(|| format!("Secret {secret_id} is not an RDS secret"))
+            config_from_secret(text)
+                .with_context(|| format!("Secret {secret_id} is not an RDS secret"))
         }
-        CredentialSource::Iam { host, port, user, dbname } => {
+        CredentialSource::Iam {
+            host,
+            port,
+            user,
+            dbname,
+        } => {
             let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
             let generator = aws_sdk_rds::auth_token::AuthTokenGenerator::new(
                 aws_sdk_rds::auth_token::Config::builder()
@@ -306,10 +323,14 @@ async fn resolve_config(source: &CredentialSource) -> anyhow::Result<tokio_postg
 
 /// Parses an RDS secret (`{"username","password","host","port","dbname"}`).
 pub fn config_from_secret(text: &str) -> anyhow::Result<tokio_postgres::Config> {
-    let secret: RdsSecret = serde_json::from_str(text).context("Failed to parse the secret JSON")?;
+    let secret: RdsSecret =
+        serde_json::from_str(text).context("Failed to parse the secret JSON")?;
     let port = match secret.port {
         None => 5432,
-        Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|p| u16::try_from(p).ok()).context("bad port")?,
+        Some(serde_json::Value::Number(n)) => n
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .context("bad port")?,
         Some(serde_json::Value::String(s)) => s.parse().context("bad port")?,
         Some(_) => anyhow::bail!("port must be a number"),
     };
@@ -336,7 +357,10 @@ fn spawn_refresher(source: CredentialSource, slot: ConfigSlot, every: Duration) 
                     }
                     tracing::info!("database credentials refreshed");
                 }
-                Err(e) => tracing::warn!(error = format!("{e:#}"), "failed to refresh database credentials; keeping the previous ones"),
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "failed to refresh database credentials; keeping the previous ones"
+                ),
             }
         }
     });

@@ -132,7 +132,9 @@ impl Document {
     /// The exact response body served for this document (also what the cache stores).
     pub fn to_body(&self) -> bytes::Bytes {
         // Serialising a map of JSON values with string keys cannot fail.
-        serde_json::to_vec(self).map(bytes::Bytes::from).unwrap_or_default()
+        serde_json::to_vec(self)
+            .map(bytes::Bytes::from)
+            .unwrap_or_default()
     }
 
     /// The strong entity tag for this version.
@@ -167,7 +169,10 @@ impl EntityTagCondition {
             .filter_map(|tag| {
                 let tag = tag.trim();
                 let tag = tag.strip_prefix("W/").unwrap_or(tag);
-                tag.strip_prefix('"')?.strip_suffix('"')?.parse::<i64>().ok()
+                tag.strip_prefix('"')?
+                    .strip_suffix('"')?
+                    .parse::<i64>()
+                    .ok()
             })
             .collect();
         Self::Versions(versions)
@@ -239,7 +244,16 @@ mod tests {
         for ok in ["a", "orders", "a-b_c9", &format!("a{}", "b".repeat(63))] {
             assert!(Collection::parse(ok).is_ok(), "{ok} rejected");
         }
-        for bad in ["", "A", "9a", "-a", "a b", "a/b", "é", &format!("a{}", "b".repeat(64))] {
+        for bad in [
+            "",
+            "A",
+            "9a",
+            "-a",
+            "a b",
+            "a/b",
+            "é",
+            &format!("a{}", "b".repeat(64)),
+        ] {
             assert!(Collection::parse(bad).is_err(), "{bad} accepted");
         }
     }
@@ -260,11 +274,23 @@ mod tests {
             (json!({"a":"b"}), json!({"a":"c"}), json!({"a":"c"})),
             (json!({"a":"b"}), json!({"b":"c"}), json!({"a":"b","b":"c"})),
             (json!({"a":"b"}), json!({"a":null}), json!({})),
-            (json!({"a":"b","b":"c"}), json!({"a":null}), json!({"b":"c"})),
+            (
+                json!({"a":"b","b":"c"}),
+                json!({"a":null}),
+                json!({"b":"c"}),
+            ),
             (json!({"a":["b"]}), json!({"a":"c"}), json!({"a":"c"})),
-            (json!({"a":{"b":"c"}}), json!({"a":{"b":"d","c":null}}), json!({"a":{"b":"d"}})),
+            (
+                json!({"a":{"b":"c"}}),
+                json!({"a":{"b":"d","c":null}}),
+                json!({"a":{"b":"d"}}),
+            ),
             (json!({"a":[{"b":"c"}]}), json!({"a":[1]}), json!({"a":[1]})),
-            (json!({}), json!({"a":{"bb":{"ccc":null}}}), json!({"a":{"bb":{}}})),
+            (
+                json!({}),
+                json!({"a":{"bb":{"ccc":null}}}),
+                json!({"a":{"bb":{}}}),
+            ),
         ];
         for (mut target, patch, expected) in cases {
             merge_patch(&mut target, &patch);

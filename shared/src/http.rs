@@ -60,7 +60,10 @@ pub fn ops_router(metrics: Arc<Metrics>, ready: ReadyCheck, on_scrape: ScrapeHoo
 
 async fn healthz() -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         r#"{"status":"ok"}"#,
     )
 }
@@ -74,7 +77,9 @@ async fn readyz(State(ops): State<Ops>) -> Response {
     };
     let mut response = (status, axum::Json(readiness)).into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(1));
     }
     response
 }
@@ -93,7 +98,8 @@ async fn render_metrics(State(ops): State<Ops>) -> impl IntoResponse {
 /// Wraps a service's routes with everything every service needs. Call it last, on the complete
 /// Router, so that the layers see every route and the fallback.
 pub fn finish(router: Router, metrics: Arc<Metrics>, region: &str) -> Router {
-    let region = HeaderValue::from_str(region).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+    let region =
+        HeaderValue::from_str(region).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
     router
         .fallback(|| async { ApiError::NoRoute })
         .layer(middleware::map_response(problem_for_bare_errors))

@@ -48,11 +48,16 @@ impl Metrics {
     pub fn new(service: &str) -> Self {
         let mut registry = Registry::with_prefix("tandem");
         let http_requests = Family::<HttpLabels, Counter>::default();
-        let http_latency =
-            Family::<HttpLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let http_latency = Family::<HttpLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
         let cache_requests = Family::<CacheLabels, Counter>::default();
         let db_pool = Family::<PoolLabels, Gauge>::default();
-        registry.register("http_requests", "HTTP requests by route, method and status", http_requests.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            http_requests.clone(),
+        );
         registry.register(
             "http_request_duration_seconds",
             "HTTP request latency by route, method and status",
@@ -63,7 +68,11 @@ impl Metrics {
             "Document cache lookups: hit, miss, or bypass when Redis is unavailable",
             cache_requests.clone(),
         );
-        registry.register("db_pool_connections", "Database pool connections by state", db_pool.clone());
+        registry.register(
+            "db_pool_connections",
+            "Database pool connections by state",
+            db_pool.clone(),
+        );
         let info = Family::<Vec<(String, String)>, Gauge>::default();
         info.get_or_create(&vec![
             ("service".to_owned(), service.to_owned()),
@@ -81,14 +90,21 @@ impl Metrics {
     }
 
     /// Registers a service-specific metric.
-    pub fn register(&self, name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
         if let Ok(mut registry) = self.registry.lock() {
             registry.register(name, help, metric);
         }
     }
 
     pub fn cache(&self, result: &'static str) {
-        self.cache_requests.get_or_create(&CacheLabels { result }).inc();
+        self.cache_requests
+            .get_or_create(&CacheLabels { result })
+            .inc();
     }
 
     pub fn set_pool_usage(&self, usage: crate::db::PoolUsage) {

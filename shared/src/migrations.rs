@@ -16,7 +16,10 @@ const MIGRATION_LOCK: i64 = 0x74_61_6e_64_65_6d;
 
 /// Applies every pending migration.
 pub async fn run(pool: &Pool) -> anyhow::Result<()> {
-    let mut client = pool.get().await.context("Failed to get a connection for migrations")?;
+    let mut client = pool
+        .get()
+        .await
+        .context("Failed to get a connection for migrations")?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
@@ -34,7 +37,11 @@ pub async fn run(pool: &Pool) -> anyhow::Result<()> {
     let report = result?;
     unlock?;
     for migration in report.applied_migrations() {
-        tracing::info!(version = migration.version(), name = migration.name(), "migration applied");
+        tracing::info!(
+            version = migration.version(),
+            name = migration.name(),
+            "migration applied"
+        );
     }
     Ok(())
 }

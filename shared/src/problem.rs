@@ -52,7 +52,10 @@ pub enum ApiError {
     },
     /// Region 2 could not show a write the client has seen; read it from Region 1 instead.
     #[error("this region has not yet replicated the requested write")]
-    Lagging { primary_read_url: Option<String>, retry_after_seconds: u32 },
+    Lagging {
+        primary_read_url: Option<String>,
+        retry_after_seconds: u32,
+    },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -100,34 +103,70 @@ impl ApiError {
         match self {
             Self::InvalidName(_) => (S::BAD_REQUEST, "invalid-path", "Invalid collection or id"),
             Self::MalformedJson(_) => (S::BAD_REQUEST, "malformed-json", "Malformed JSON"),
-            Self::NotAnObject => (S::UNPROCESSABLE_ENTITY, "not-an-object", "Body is not a JSON object"),
-            Self::UnsupportedMediaType { .. } => {
-                (S::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "Unsupported media type")
-            }
-            Self::PayloadTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large"),
+            Self::NotAnObject => (
+                S::UNPROCESSABLE_ENTITY,
+                "not-an-object",
+                "Body is not a JSON object",
+            ),
+            Self::UnsupportedMediaType { .. } => (
+                S::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+            ),
+            Self::PayloadTooLarge { .. } => (
+                S::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                "Payload too large",
+            ),
             Self::BadRequest { title, .. } => (S::BAD_REQUEST, "bad-request", title),
             Self::Auth(AuthError::Missing | AuthError::Invalid(_)) => {
                 (S::UNAUTHORIZED, "unauthorized", "Authentication required")
             }
-            Self::Auth(AuthError::InsufficientScope(_)) => (S::FORBIDDEN, "forbidden", "Insufficient scope"),
-            Self::Auth(AuthError::NotConfigured) => {
-                (S::UNAUTHORIZED, "unauthorized", "Authentication is not configured")
+            Self::Auth(AuthError::InsufficientScope(_)) => {
+                (S::FORBIDDEN, "forbidden", "Insufficient scope")
             }
-            Self::Auth(AuthError::KeysUnavailable(_)) => {
-                (S::SERVICE_UNAVAILABLE, "dependency-unavailable", "Signing keys unavailable")
-            }
+            Self::Auth(AuthError::NotConfigured) => (
+                S::UNAUTHORIZED,
+                "unauthorized",
+                "Authentication is not configured",
+            ),
+            Self::Auth(AuthError::KeysUnavailable(_)) => (
+                S::SERVICE_UNAVAILABLE,
+                "dependency-unavailable",
+                "Signing keys unavailable",
+            ),
             Self::NotFound => (S::NOT_FOUND, "not-found", "Not found"),
             Self::NoRoute => (S::NOT_FOUND, "no-route", "Not found"),
-            Self::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),
-            Self::PreconditionFailed { .. } => {
-                (S::PRECONDITION_FAILED, "precondition-failed", "Precondition failed")
-            }
-            Self::IdempotencyKeyReused => {
-                (S::UNPROCESSABLE_ENTITY, "idempotency-key-reused", "Idempotency key reused")
-            }
-            Self::Unavailable { .. } => (S::SERVICE_UNAVAILABLE, "dependency-unavailable", "Service unavailable"),
-            Self::Lagging { .. } => (S::SERVICE_UNAVAILABLE, "replication-lag", "Region is behind"),
-            Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal", "Internal server error"),
+            Self::MethodNotAllowed => (
+                S::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+            ),
+            Self::PreconditionFailed { .. } => (
+                S::PRECONDITION_FAILED,
+                "precondition-failed",
+                "Precondition failed",
+            ),
+            Self::IdempotencyKeyReused => (
+                S::UNPROCESSABLE_ENTITY,
+                "idempotency-key-reused",
+                "Idempotency key reused",
+            ),
+            Self::Unavailable { .. } => (
+                S::SERVICE_UNAVAILABLE,
+                "dependency-unavailable",
+                "Service unavailable",
+            ),
+            Self::Lagging { .. } => (
+                S::SERVICE_UNAVAILABLE,
+                "replication-lag",
+                "Region is behind",
+            ),
+            Self::Internal(_) => (
+                S::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal server error",
+            ),
         }
     }
 }
@@ -136,9 +175,18 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, slug, title) = self.describe();
         match &self {
-            Self::Internal(cause) => tracing::error!(error = format!("{cause:#}"), "request failed"),
-            Self::Unavailable { source: Some(cause), dependency } => {
-                tracing::warn!(error = format!("{cause:#}"), dependency, "dependency unavailable");
+            Self::Internal(cause) => {
+                tracing::error!(error = format!("{cause:#}"), "request failed")
+            }
+            Self::Unavailable {
+                source: Some(cause),
+                dependency,
+            } => {
+                tracing::warn!(
+                    error = format!("{cause:#}"),
+                    dependency,
+                    "dependency unavailable"
+                );
             }
             Self::Auth(AuthError::KeysUnavailable(cause)) => {
                 tracing::warn!(error = format!("{cause:#}"), "JWKS unavailable");
@@ -146,14 +194,21 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         let detail = match &self {
-            Self::Internal(_) => "The server could not complete the request; it has been logged.".to_owned(),
+            Self::Internal(_) => {
+                "The server could not complete the request; it has been logged.".to_owned()
+            }
             Self::PreconditionFailed { current: Some(v) } => {
-                format!("The document's current version is {v}; the request's precondition does not hold.")
+                format!(
+                    "The document's current version is {v}; the request's precondition does not hold."
+                )
             }
             Self::PreconditionFailed { current: None } => {
-                "The document does not exist, or exists where the request required it not to.".to_owned()
+                "The document does not exist, or exists where the request required it not to."
+                    .to_owned()
             }
-            Self::Unavailable { dependency, .. } => format!("{dependency} is unavailable; retry shortly."),
+            Self::Unavailable { dependency, .. } => {
+                format!("{dependency} is unavailable; retry shortly.")
+            }
             Self::Lagging { .. } => {
                 "This region has not yet applied the write named by X-Consistency-Token; \
                  retry shortly or read from the primary region."
@@ -163,7 +218,9 @@ impl IntoResponse for ApiError {
         };
         let (current_version, primary_read_url) = match &self {
             Self::PreconditionFailed { current } => (*current, None),
-            Self::Lagging { primary_read_url, .. } => (None, primary_read_url.as_deref()),
+            Self::Lagging {
+                primary_read_url, ..
+            } => (None, primary_read_url.as_deref()),
             _ => (None, None),
         };
         let body = Body {
@@ -189,14 +246,19 @@ impl IntoResponse for ApiError {
                 );
             }
             Self::Auth(AuthError::InsufficientScope(scope)) => {
-                if let Ok(v) = HeaderValue::from_str(&format!("Bearer error=\"insufficient_scope\", scope=\"{scope}\"")) {
+                if let Ok(v) = HeaderValue::from_str(&format!(
+                    "Bearer error=\"insufficient_scope\", scope=\"{scope}\""
+                )) {
                     headers.insert(header::WWW_AUTHENTICATE, v);
                 }
             }
             Self::Unavailable { .. } | Self::Auth(AuthError::KeysUnavailable(_)) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
             }
-            Self::Lagging { retry_after_seconds, .. } => {
+            Self::Lagging {
+                retry_after_seconds,
+                ..
+            } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_seconds));
             }
             _ => {}

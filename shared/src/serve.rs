@@ -21,7 +21,9 @@ pub async fn run(router: Router, settings: &ServiceSettings) -> anyhow::Result<(
     } else {
         let listener = TcpListener::bind((settings.bind_address, settings.port))
             .await
-            .with_context(|| format!("Failed to bind {}:{}", settings.bind_address, settings.port))?;
+            .with_context(|| {
+                format!("Failed to bind {}:{}", settings.bind_address, settings.port)
+            })?;
         tracing::info!(address = %listener.local_addr()?, "listening");
         serve(listener, router, shutdown_signal()).await
     }

@@ -151,7 +151,9 @@ impl From<PoolError> for WriteError {
 pub enum Stored {
     Live(Document),
     /// A tombstone: kept so that the version continues and old events cannot resurrect it.
-    Deleted { version: i64 },
+    Deleted {
+        version: i64,
+    },
 }
 
 impl Stored {
@@ -265,7 +267,11 @@ impl Store {
             }),
         }
         .map_err(|e| StoreError::Internal(e.into()))?;
-        let operation = if outcome.document.is_some() { "upsert" } else { "delete" };
+        let operation = if outcome.document.is_some() {
+            "upsert"
+        } else {
+            "delete"
+        };
         let stmt = tx.prepare_cached(INSERT_OUTBOX).await?;
         tx.execute(
             &stmt,
@@ -283,7 +289,8 @@ impl Store {
 
         if let Some(idem) = &request.idempotency {
             let stmt = tx.prepare_cached(RECORD_IDEMPOTENCY_OUTCOME).await?;
-            tx.execute(&stmt, &[&idem.principal, &idem.key, &Json(&outcome)]).await?;
+            tx.execute(&stmt, &[&idem.principal, &idem.key, &Json(&outcome)])
+                .await?;
         }
 
         tx.commit().await?;
@@ -325,7 +332,11 @@ impl Store {
         let rows = client
             .query(
                 &stmt,
-                &[&collection.as_str(), &after.map_or("", |a| a.as_str()), &i64::from(limit)],
+                &[
+                    &collection.as_str(),
+                    &after.map_or("", |a| a.as_str()),
+                    &i64::from(limit),
+                ],
             )
             .await?;
         rows.iter()
@@ -363,7 +374,15 @@ async fn claim_idempotency_key(
     let stmt = tx.prepare_cached(CLAIM_IDEMPOTENCY_KEY).await?;
     let fingerprint = idem.fingerprint.as_slice();
     let claimed = tx
-        .query_opt(&stmt, &[&idem.principal, &idem.key, &fingerprint, &(IDEMPOTENCY_TTL_SECONDS as f64)])
+        .query_opt(
+            &stmt,
+            &[
+                &idem.principal,
+                &idem.key,
+                &fingerprint,
+                &(IDEMPOTENCY_TTL_SECONDS as f64),
+            ],
+        )
         .await?;
     if claimed.is_some() {
         return Ok(None);
@@ -384,7 +403,10 @@ async fn claim_idempotency_key(
     }
 }
 
-async fn lock_current(tx: &Transaction<'_>, key: &DocumentKey) -> Result<Option<Current>, WriteError> {
+async fn lock_current(
+    tx: &Transaction<'_>,
+    key: &DocumentKey,
+) -> Result<Option<Current>, WriteError> {
     let stmt = tx.prepare_cached(SELECT_FOR_UPDATE).await?;
     let row = tx
         .query_opt(&stmt, &[&key.collection.as_str(), &key.id.as_str()])
@@ -408,7 +430,10 @@ async fn insert_first_version(
 ) -> Result<Option<Document>, WriteError> {
     let stmt = tx.prepare_cached(INSERT_FIRST_VERSION).await?;
     let row = tx
-        .query_opt(&stmt, &[&key.collection.as_str(), &key.id.as_str(), &Json(data)])
+        .query_opt(
+            &stmt,
+            &[&key.collection.as_str(), &key.id.as_str(), &Json(data)],
+        )
         .await?;
     row.map(|row| {
         Ok(Document {
@@ -423,16 +448,21 @@ async fn insert_first_version(
     .transpose()
 }
 
-async fn apply_command(tx: &Transaction<'_>, request: &WriteRequest) -> Result<WriteOutcome, WriteError> {
+async fn apply_command(
+    tx: &Transaction<'_>,
+    request: &WriteRequest,
+) -> Result<WriteOutcome, WriteError> {
     let key = &request.key;
-    let outcome = |document: Option<Document>, version: i64, created: bool, at: OffsetDateTime| WriteOutcome {
-        collection: key.collection.clone(),
-        id: key.id.clone(),
-        version,
-        created,
-        document,
-        event_id: Uuid::now_v7(),
-        committed_at: at,
+    let outcome = |document: Option<Document>, version: i64, created: bool, at: OffsetDateTime| {
+        WriteOutcome {
+            collection: key.collection.clone(),
+            id: key.id.clone(),
+            version,
+            created,
+            document,
+            event_id: Uuid::now_v7(),
+            committed_at: at,
+        }
     };
 
     let mut current = lock_current(tx, key).await?;
@@ -457,14 +487,21 @@ async fn apply_command(tx: &Transaction<'_>, request: &WriteRequest) -> Result<W
     }
 
     let Some(current) = current else {
-        return Err(StoreError::Internal(anyhow::anyhow!("document vanished under its lock")).into());
+        return Err(
+            StoreError::Internal(anyhow::anyhow!("document vanished under its lock")).into(),
+        );
     };
     let live = current.live_version();
     if matches!(request.command, WriteCommand::Create(_)) {
         // A generated UUIDv7 never collides; if it did, refuse rather than overwrite.
         return Err(StoreError::Internal(anyhow::anyhow!("generated id already exists")).into());
     }
-    if live.is_none() && matches!(request.command, WriteCommand::Patch(_) | WriteCommand::Delete) {
+    if live.is_none()
+        && matches!(
+            request.command,
+            WriteCommand::Patch(_) | WriteCommand::Delete
+        )
+    {
         return Err(WriteError::NotFound);
     }
     if !request.preconditions.hold(live) {
@@ -480,7 +517,12 @@ async fn apply_command(tx: &Transaction<'_>, request: &WriteRequest) -> Result<W
             merge_patch(&mut target, &Value::Object(patch.clone()));
             match target {
                 Value::Object(map) => Some(map),
-                _ => return Err(StoreError::Internal(anyhow::anyhow!("merge patch produced a non-object")).into()),
+                _ => {
+                    return Err(StoreError::Internal(anyhow::anyhow!(
+                        "merge patch produced a non-object"
+                    ))
+                    .into());
+                }
             }
         }
         WriteCommand::Delete => None,

@@ -17,7 +17,9 @@ impl TraceParent {
             return None;
         };
         let hex = |s: &str, len: usize| {
-            s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            s.len() == len
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         };
         let ok = *version == "00"
             && hex(trace_id, 32)

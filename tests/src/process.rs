@@ -17,10 +17,16 @@ pub fn free_port() -> u16 {
 pub async fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
-        anyhow::ensure!(Instant::now() < deadline, "nothing listens on port {port} after {timeout:?}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "nothing listens on port {port} after {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -82,7 +88,11 @@ impl ManagedProcess {
 
     /// The real program's pid.
     pub fn program_pid(&self) -> Option<u32> {
-        let out = Command::new("pgrep").arg("-P").arg(self.pid().to_string()).output().ok()?;
+        let out = Command::new("pgrep")
+            .arg("-P")
+            .arg(self.pid().to_string())
+            .output()
+            .ok()?;
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.trim().parse().ok())
@@ -92,13 +102,19 @@ impl ManagedProcess {
     /// Sends a signal to the real program (`KILL`, `STOP`, `CONT`, `TERM`).
     pub fn signal(&self, signal: &str) {
         if let Some(pid) = self.program_pid() {
-            let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+            let _ = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(pid.to_string())
+                .status();
         }
     }
 
     /// Stops the program and waits for the watchdog (and its cleanup) to finish.
     pub fn stop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
         let _ = self.child.wait();
     }
 
@@ -122,7 +138,11 @@ fn shell_quote(s: &str) -> String {
 
 /// A fresh scratch directory for this test process.
 pub fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tandem-test-{}-{name}-{}", std::process::id(), rand::random::<u32>()));
+    let dir = std::env::temp_dir().join(format!(
+        "tandem-test-{}-{name}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     std::fs::create_dir_all(&dir).expect("cannot create a scratch directory");
     dir
 }

@@ -17,7 +17,10 @@ use crate::process::{ManagedProcess, free_port, pg_program, scratch_dir};
 fn wait_for_port_blocking(port: u16, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "nothing listens on port {port} after {timeout:?}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "nothing listens on port {port} after {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
@@ -76,7 +79,13 @@ impl Postgres {
         let (initdb, prefix) = pg_command("initdb");
         let status = Command::new(initdb)
             .args(prefix)
-            .args(["--auth=trust", "--username=postgres", "--encoding=UTF8", "--locale=C", "-D"])
+            .args([
+                "--auth=trust",
+                "--username=postgres",
+                "--encoding=UTF8",
+                "--locale=C",
+                "-D",
+            ])
             .arg(&data)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -110,7 +119,11 @@ impl Postgres {
             "-c".into(),
             "max_connections=300".into(),
         ]);
-        let cleanup = if shared { format!("rm -rf '{}'", self.dir.display()) } else { String::new() };
+        let cleanup = if shared {
+            format!("rm -rf '{}'", self.dir.display())
+        } else {
+            String::new()
+        };
         let process = ManagedProcess::start(
             "postgres",
             &program,
@@ -124,12 +137,23 @@ impl Postgres {
         // Accepting TCP is not yet accepting queries: wait for a real connection.
         let deadline = Instant::now() + Duration::from_secs(30);
         while !Command::new(pg_program("pg_isready"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
             .stdout(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
         {
-            anyhow::ensure!(Instant::now() < deadline, "postgres not ready:\n{}", process.log_tail());
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "postgres not ready:\n{}",
+                process.log_tail()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         self.process = Some(process);
@@ -139,7 +163,9 @@ impl Postgres {
     /// The cluster every test of this process shares (each test gets its own database).
     pub fn shared() -> &'static Postgres {
         static SHARED: OnceLock<Postgres> = OnceLock::new();
-        SHARED.get_or_init(|| Postgres::start_inner(true).expect("failed to start the shared PostgreSQL"))
+        SHARED.get_or_init(|| {
+            Postgres::start_inner(true).expect("failed to start the shared PostgreSQL")
+        })
     }
 
     pub fn url(&self, database: &str) -> String {
@@ -149,9 +175,12 @@ impl Postgres {
     /// Creates an empty database with a random name and returns its URL.
     pub async fn create_database(&self) -> anyhow::Result<String> {
         let name = format!("t_{}", uuid::Uuid::now_v7().simple());
-        let (client, connection) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await?;
+        let (client, connection) =
+            tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await?;
         tokio::spawn(connection);
-        client.batch_execute(&format!("CREATE DATABASE {name}")).await?;
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
         Ok(self.url(&name))
     }
 
@@ -289,10 +318,15 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(options: TestAppOptions) -> TestApp {
     let database_url = match options.database_url {
         Some(url) => url,
-        None => Postgres::shared().create_database().await.expect("create test database"),
+        None => Postgres::shared()
+            .create_database()
+            .await
+            .expect("create test database"),
     };
     let redis_url = options.redis_url.unwrap_or_else(|| Redis::shared().url());
-    let secret = options.secret.unwrap_or_else(|| format!("test-secret-{}", uuid::Uuid::now_v7()));
+    let secret = options
+        .secret
+        .unwrap_or_else(|| format!("test-secret-{}", uuid::Uuid::now_v7()));
     let mut cache = CacheSettings::from_url(&redis_url);
     cache.key_prefix = format!("test-{}", uuid::Uuid::now_v7().simple());
     cache.cooldown = Duration::from_millis(200);
@@ -315,7 +349,9 @@ pub async fn spawn_app_with(options: TestAppOptions) -> TestApp {
         auth: auth.clone(),
         migrate_on_start: true,
     };
-    let write_state = tandem_write::AppState::build(&write_settings).await.expect("build write state");
+    let write_state = tandem_write::AppState::build(&write_settings)
+        .await
+        .expect("build write state");
     let read_settings = tandem_read::Settings {
         service,
         database,
@@ -323,15 +359,25 @@ pub async fn spawn_app_with(options: TestAppOptions) -> TestApp {
         auth,
         migrate_on_start: false,
     };
-    let read_state = tandem_read::AppState::build(&read_settings).await.expect("build read state");
+    let read_state = tandem_read::AppState::build(&read_settings)
+        .await
+        .expect("build read state");
     let write_url = serve(tandem_write::router(write_state.clone())).await;
     let read_url = serve(tandem_read::router(read_state.clone())).await;
-    let token = mint_hs256(&secret, "test-user", &["tandem:write", "tandem:read"], Duration::from_secs(3600), None)
-        .expect("mint token");
+    let token = mint_hs256(
+        &secret,
+        "test-user",
+        &["tandem:write", "tandem:read"],
+        Duration::from_secs(3600),
+        None,
+    )
+    .expect("mint token");
     TestApp {
         write_url,
         read_url,
-        pool: tandem_shared::db::connect_url(&database_url).await.expect("pool"),
+        pool: tandem_shared::db::connect_url(&database_url)
+            .await
+            .expect("pool"),
         database_url,
         client: reqwest::Client::new(),
         secret,
@@ -343,7 +389,9 @@ pub async fn spawn_app_with(options: TestAppOptions) -> TestApp {
 
 /// Serves a router on an ephemeral loopback port for the rest of the test.
 pub async fn serve(router: axum::Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let address = listener.local_addr().expect("local addr");
     tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
@@ -360,7 +408,12 @@ impl TestApp {
     }
 
     /// `PUT` of a JSON document.
-    pub async fn put(&self, collection: &str, id: &str, data: &serde_json::Value) -> reqwest::Response {
+    pub async fn put(
+        &self,
+        collection: &str,
+        id: &str,
+        data: &serde_json::Value,
+    ) -> reqwest::Response {
         self.write(Method::PUT, &format!("/v1/{collection}/{id}"))
             .json(data)
             .send()
@@ -379,7 +432,14 @@ impl TestApp {
 
     /// A token with exactly these scopes.
     pub fn token_with(&self, scopes: &[&str]) -> String {
-        mint_hs256(&self.secret, "test-user", scopes, Duration::from_secs(3600), None).expect("mint token")
+        mint_hs256(
+            &self.secret,
+            "test-user",
+            scopes,
+            Duration::from_secs(3600),
+            None,
+        )
+        .expect("mint token")
     }
 
     /// Number of rows in a table of the test database.

@@ -34,10 +34,20 @@ pub fn router(state: AppState) -> Router {
             async move {
                 let mut checks = std::collections::BTreeMap::new();
                 let db = state.store.ping().await;
-                checks.insert("postgres", db.as_ref().map_or_else(|e| e.to_string(), |()| "ok".to_owned()));
+                checks.insert(
+                    "postgres",
+                    db.as_ref()
+                        .map_or_else(|e| e.to_string(), |()| "ok".to_owned()),
+                );
                 let redis = state.cache.ping().await;
-                checks.insert("redis", redis.map_or_else(|e| format!("degraded: {e}"), |()| "ok".to_owned()));
-                Readiness { ready: db.is_ok(), checks }
+                checks.insert(
+                    "redis",
+                    redis.map_or_else(|e| format!("degraded: {e}"), |()| "ok".to_owned()),
+                );
+                Readiness {
+                    ready: db.is_ok(),
+                    checks,
+                }
             }
             .boxed()
         })
@@ -50,7 +60,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/{collection}", get(list_documents))
         .route("/v1/{collection}/{id}", get(get_document))
         .with_state(state);
-    finish(api.merge(ops_router(metrics.clone(), ready, on_scrape)), metrics, &region)
+    finish(
+        api.merge(ops_router(metrics.clone(), ready, on_scrape)),
+        metrics,
+        &region,
+    )
 }
 
 async fn get_document(
@@ -73,9 +87,10 @@ async fn get_document(
         tandem_shared::http::empty(StatusCode::NOT_MODIFIED)
     } else {
         let mut response = body.into_response();
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         response
     };
     response.headers_mut().insert(header::ETAG, tag);
@@ -126,10 +141,15 @@ async fn list_documents(
     let Path(collection) = path.map_err(bad_path)?;
     let collection = Collection::parse(&collection)?;
     let (limit, after) = page_parameters(query.as_deref())?;
-    let mut documents = app.store.list(&collection, after.as_ref(), limit + 1).await?;
+    let mut documents = app
+        .store
+        .list(&collection, after.as_ref(), limit + 1)
+        .await?;
     let next = if documents.len() > limit as usize {
         documents.truncate(limit as usize);
-        documents.last().map(|d| URL_SAFE_NO_PAD.encode(d.id.as_str()))
+        documents
+            .last()
+            .map(|d| URL_SAFE_NO_PAD.encode(d.id.as_str()))
     } else {
         None
     };
@@ -151,7 +171,9 @@ fn page_parameters(query: Option<&str>) -> Result<(u32, Option<DocumentId>), Api
                     .parse::<u32>()
                     .ok()
                     .filter(|l| (1..=MAX_LIMIT).contains(l))
-                    .ok_or_else(|| bad(format!("limit must be an integer from 1 to {MAX_LIMIT}")))?;
+                    .ok_or_else(|| {
+                        bad(format!("limit must be an integer from 1 to {MAX_LIMIT}"))
+                    })?;
             }
             "after" => {
                 let id = URL_SAFE_NO_PAD
@@ -159,10 +181,16 @@ fn page_parameters(query: Option<&str>) -> Result<(u32, Option<DocumentId>), Api
                     .ok()
                     .and_then(|raw| String::from_utf8(raw).ok())
                     .and_then(|id| DocumentId::parse(&id).ok())
-                    .ok_or_else(|| bad("after must be a cursor returned as next by a previous page".to_owned()))?;
+                    .ok_or_else(|| {
+                        bad("after must be a cursor returned as next by a previous page".to_owned())
+                    })?;
                 after = Some(id);
             }
-            other => return Err(bad(format!("unknown query parameter {other:?}; expected limit or after"))),
+            other => {
+                return Err(bad(format!(
+                    "unknown query parameter {other:?}; expected limit or after"
+                )));
+            }
         }
     }
     Ok((limit, after))
@@ -170,7 +198,9 @@ fn page_parameters(query: Option<&str>) -> Result<(u32, Option<DocumentId>), Api
 
 async fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if app.auth.read_requires_auth {
-        let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
         app.auth.authorize(authorization, READ_SCOPE).await?;
     }
     Ok(())

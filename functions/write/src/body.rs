@@ -31,7 +31,9 @@ pub fn require_content_type(headers: &HeaderMap, expected: &'static str) -> Resu
 pub async fn read_limited(body: Body) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
-        .map_err(|_| ApiError::PayloadTooLarge { limit: MAX_BODY_BYTES })
+        .map_err(|_| ApiError::PayloadTooLarge {
+            limit: MAX_BODY_BYTES,
+        })
 }
 
 /// Parses a JSON object.

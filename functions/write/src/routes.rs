@@ -15,10 +15,12 @@ use sha2::{Digest, Sha256};
 use tandem_shared::auth::{Principal, WRITE_SCOPE};
 use tandem_shared::cache::Entry;
 use tandem_shared::consistency::ConsistencyToken;
-use tandem_shared::document::{Collection, DocumentId, DocumentKey, EntityTagCondition, Preconditions, etag};
+use tandem_shared::document::{
+    Collection, DocumentId, DocumentKey, EntityTagCondition, Preconditions, etag,
+};
 use tandem_shared::http::{
-    CONSISTENCY_TOKEN_HEADER, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, Readiness, ReadyCheck,
-    ScrapeHook, finish, ops_router,
+    CONSISTENCY_TOKEN_HEADER, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, Readiness,
+    ReadyCheck, ScrapeHook, finish, ops_router,
 };
 use tandem_shared::problem::ApiError;
 use tandem_shared::store::{Idempotency, WriteCommand, WriteOutcome, WriteRequest, WriteResult};
@@ -39,11 +41,21 @@ pub fn router(state: AppState) -> Router {
             async move {
                 let mut checks = std::collections::BTreeMap::new();
                 let db = state.store.ping().await;
-                checks.insert("postgres", db.as_ref().map_or_else(|e| e.to_string(), |()| "ok".to_owned()));
+                checks.insert(
+                    "postgres",
+                    db.as_ref()
+                        .map_or_else(|e| e.to_string(), |()| "ok".to_owned()),
+                );
                 // Redis is an optimisation: reported, never required.
                 let redis = state.cache.ping().await;
-                checks.insert("redis", redis.map_or_else(|e| format!("degraded: {e}"), |()| "ok".to_owned()));
-                Readiness { ready: db.is_ok(), checks }
+                checks.insert(
+                    "redis",
+                    redis.map_or_else(|e| format!("degraded: {e}"), |()| "ok".to_owned()),
+                );
+                Readiness {
+                    ready: db.is_ok(),
+                    checks,
+                }
             }
             .boxed()
         })
@@ -56,10 +68,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/{collection}", post(create_document))
         .route(
             "/v1/{collection}/{id}",
-            put(put_document).patch(patch_document).delete(delete_document),
+            put(put_document)
+                .patch(patch_document)
+                .delete(delete_document),
         )
         .with_state(state);
-    finish(api.merge(ops_router(metrics.clone(), ready, on_scrape)), metrics, &region)
+    finish(
+        api.merge(ops_router(metrics.clone(), ready, on_scrape)),
+        metrics,
+        &region,
+    )
 }
 
 async fn put_document(
@@ -96,7 +114,13 @@ async fn create_document(
     let bytes = read_limited(body).await?;
     let data = parse_object(&bytes)?;
     let request = WriteRequest {
-        idempotency: idempotency(&headers, &principal, &Method::POST, &format!("/v1/{collection}"), &bytes)?,
+        idempotency: idempotency(
+            &headers,
+            &principal,
+            &Method::POST,
+            &format!("/v1/{collection}"),
+            &bytes,
+        )?,
         key: DocumentKey::new(collection, DocumentId::generate()),
         command: WriteCommand::Create(data),
         preconditions: Preconditions::default(),
@@ -170,7 +194,9 @@ async fn refresh_cache(app: &AppState, outcome: &WriteOutcome) {
             version: document.version,
             body: document.to_body(),
         },
-        None => Entry::Deleted { version: outcome.version },
+        None => Entry::Deleted {
+            version: outcome.version,
+        },
     };
     if let Err(e) = app.cache.put(&key, &entry).await {
         app.metrics.cache("write_through_failed");
@@ -184,12 +210,17 @@ fn respond(result: &WriteResult) -> Response {
     let token = ConsistencyToken {
         key: key.clone(),
         version: outcome.version,
-        committed_ms: i64::try_from(outcome.committed_at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+        committed_ms: i64::try_from(outcome.committed_at.unix_timestamp_nanos() / 1_000_000)
+            .unwrap_or(0),
     }
     .encode();
     let mut response = match &outcome.document {
         Some(document) => {
-            let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
+            let status = if outcome.created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
             let mut response = (status, document.to_body()).into_response();
             response
                 .headers_mut()
@@ -220,7 +251,9 @@ fn respond(result: &WriteResult) -> Response {
 }
 
 async fn authorize(app: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
-    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     Ok(app.auth.authorize(authorization, WRITE_SCOPE).await?)
 }
 
@@ -231,9 +264,14 @@ fn bad_path(rejection: PathRejection) -> ApiError {
     }
 }
 
-fn document_key(path: Result<Path<(String, String)>, PathRejection>) -> Result<DocumentKey, ApiError> {
+fn document_key(
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<DocumentKey, ApiError> {
     let Path((collection, id)) = path.map_err(bad_path)?;
-    Ok(DocumentKey::new(Collection::parse(&collection)?, DocumentId::parse(&id)?))
+    Ok(DocumentKey::new(
+        Collection::parse(&collection)?,
+        DocumentId::parse(&id)?,
+    ))
 }
 
 fn preconditions(headers: &HeaderMap) -> Preconditions {
@@ -270,7 +308,9 @@ fn idempotency(
     let key = value
         .to_str()
         .ok()
-        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+        .filter(|k| {
+            (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        })
         .ok_or_else(|| ApiError::BadRequest {
             title: "Invalid Idempotency-Key",
             detail: "Idempotency-Key must be 1 to 255 visible ASCII characters".to_owned(),
@@ -302,7 +342,12 @@ fn sort_keys(value: Value) -> Value {
         Value::Object(map) => {
             let mut entries: Vec<(String, Value)> = map.into_iter().collect();
             entries.sort_by(|a, b| a.0.cmp(&b.0));
-            Value::Object(entries.into_iter().map(|(k, v)| (k, sort_keys(v))).collect::<Map<_, _>>())
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k, sort_keys(v)))
+                    .collect::<Map<_, _>>(),
+            )
         }
         Value::Array(items) => Value::Array(items.into_iter().map(sort_keys).collect()),
         other => other,

@@ -6,7 +6,10 @@ use tandem_shared::store::Stored;
 use tandem_tests::{Redis, TestAppOptions, spawn_app, spawn_app_with};
 
 fn key(collection: &str, id: &str) -> DocumentKey {
-    DocumentKey::new(Collection::parse(collection).expect("collection"), DocumentId::parse(id).expect("id"))
+    DocumentKey::new(
+        Collection::parse(collection).expect("collection"),
+        DocumentId::parse(id).expect("id"),
+    )
 }
 
 #[tokio::test]
@@ -25,7 +28,13 @@ async fn a_slow_reader_cannot_fill_an_older_version_after_a_newer_write() {
     let filled = app
         .read_state
         .cache
-        .put(&key, &Entry::Live { version: old.version, body: old.to_body() })
+        .put(
+            &key,
+            &Entry::Live {
+                version: old.version,
+                body: old.to_body(),
+            },
+        )
         .await
         .expect("redis");
     assert!(!filled, "an older version must not overwrite a newer one");
@@ -33,11 +42,24 @@ async fn a_slow_reader_cannot_fill_an_older_version_after_a_newer_write() {
     assert_eq!(body["version"], 2);
 
     // The same guard fences a delete: the last live version cannot come back.
-    assert_eq!(app.write(Method::DELETE, "/v1/race/r").send().await.expect("send").status(), 204);
+    assert_eq!(
+        app.write(Method::DELETE, "/v1/race/r")
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        204
+    );
     let filled = app
         .read_state
         .cache
-        .put(&key, &Entry::Live { version: 2, body: old.to_body() })
+        .put(
+            &key,
+            &Entry::Live {
+                version: 2,
+                body: old.to_body(),
+            },
+        )
         .await
         .expect("redis");
     assert!(!filled);
@@ -50,11 +72,52 @@ async fn racing_readers_keep_the_newest_version() {
     let key = key("race", "readers");
     let body = bytes::Bytes::from_static(b"{}");
     let cache = &app.read_state.cache;
-    assert!(cache.put(&key, &Entry::Live { version: 5, body: body.clone() }).await.expect("redis"));
-    assert!(!cache.put(&key, &Entry::Live { version: 4, body: body.clone() }).await.expect("redis"));
-    assert!(!cache.put(&key, &Entry::Live { version: 5, body: body.clone() }).await.expect("redis"));
-    assert!(cache.put(&key, &Entry::Deleted { version: 6 }).await.expect("redis"));
-    assert_eq!(cache.get(&key).await.expect("redis"), Some(Entry::Deleted { version: 6 }));
+    assert!(
+        cache
+            .put(
+                &key,
+                &Entry::Live {
+                    version: 5,
+                    body: body.clone()
+                }
+            )
+            .await
+            .expect("redis")
+    );
+    assert!(
+        !cache
+            .put(
+                &key,
+                &Entry::Live {
+                    version: 4,
+                    body: body.clone()
+                }
+            )
+            .await
+            .expect("redis")
+    );
+    assert!(
+        !cache
+            .put(
+                &key,
+                &Entry::Live {
+                    version: 5,
+                    body: body.clone()
+                }
+            )
+            .await
+            .expect("redis")
+    );
+    assert!(
+        cache
+            .put(&key, &Entry::Deleted { version: 6 })
+            .await
+            .expect("redis")
+    );
+    assert_eq!(
+        cache.get(&key).await.expect("redis"),
+        Some(Entry::Deleted { version: 6 })
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,10 +139,18 @@ async fn reads_after_an_acknowledged_write_never_see_an_older_version() {
         })
         .collect();
     for n in 1..=100 {
-        let written: Value = app.put("hot", "h", &json!({"n": n})).await.json().await.expect("json");
+        let written: Value = app
+            .put("hot", "h", &json!({"n": n}))
+            .await
+            .json()
+            .await
+            .expect("json");
         let version = written["version"].as_i64().expect("version");
         let read: Value = app.get("/v1/hot/h").await.json().await.expect("json");
-        assert!(read["version"].as_i64().expect("version") >= version, "stale read after write {version}: {read}");
+        assert!(
+            read["version"].as_i64().expect("version") >= version,
+            "stale read after write {version}: {read}"
+        );
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for reader in readers {
@@ -90,7 +161,11 @@ async fn reads_after_an_acknowledged_write_never_see_an_older_version() {
 #[tokio::test]
 async fn reads_and_writes_keep_working_with_redis_stopped() {
     let mut redis = Redis::start().expect("redis");
-    let app = spawn_app_with(TestAppOptions { redis_url: Some(redis.url()), ..Default::default() }).await;
+    let app = spawn_app_with(TestAppOptions {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
     app.put("docs", "a", &json!({"v": 1})).await;
     assert_eq!(app.get("/v1/docs/a").await.status(), 200);
 
@@ -106,12 +181,33 @@ async fn reads_and_writes_keep_working_with_redis_stopped() {
     let listed: Value = app.get("/v1/docs").await.json().await.expect("json");
     assert_eq!(listed["items"][0]["version"], 2);
 
-    let ready = app.client.get(format!("{}/readyz", app.read_url)).send().await.expect("readyz");
+    let ready = app
+        .client
+        .get(format!("{}/readyz", app.read_url))
+        .send()
+        .await
+        .expect("readyz");
     assert_eq!(ready.status(), 200, "Redis is not required for readiness");
     let checks: Value = ready.json().await.expect("json");
-    assert!(checks["checks"]["redis"].as_str().expect("str").starts_with("degraded"));
-    let metrics = app.client.get(format!("{}/metrics", app.read_url)).send().await.expect("metrics").text().await.expect("text");
-    assert!(metrics.contains(r#"tandem_cache_requests_total{result="bypass"}"#), "{metrics}");
+    assert!(
+        checks["checks"]["redis"]
+            .as_str()
+            .expect("str")
+            .starts_with("degraded")
+    );
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.read_url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"tandem_cache_requests_total{result="bypass"}"#),
+        "{metrics}"
+    );
 
     // Back up: the cache is used again after the cool-down.
     redis.restart().expect("restart redis");
@@ -120,6 +216,17 @@ async fn reads_and_writes_keep_working_with_redis_stopped() {
         let body: Value = app.get("/v1/docs/a").await.json().await.expect("json");
         assert_eq!(body["version"], 2);
     }
-    let metrics = app.client.get(format!("{}/metrics", app.read_url)).send().await.expect("metrics").text().await.expect("text");
-    assert!(metrics.contains(r#"tandem_cache_requests_total{result="hit"}"#), "{metrics}");
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.read_url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"tandem_cache_requests_total{result="hit"}"#),
+        "{metrics}"
+    );
 }

@@ -47,7 +47,11 @@ fn body(response: &Value) -> Value {
 
 #[tokio::test]
 async fn both_functions_answer_alb_and_api_gateway_events_with_matching_routes() {
-    let app = spawn_app_with(TestAppOptions { secret: Some(DEV_SECRET.into()), ..Default::default() }).await;
+    let app = spawn_app_with(TestAppOptions {
+        secret: Some(DEV_SECRET.into()),
+        ..Default::default()
+    })
+    .await;
     let write = || tandem_write::router(app.write_state.clone());
     let read = || tandem_read::router(app.read_state.clone());
 
@@ -66,7 +70,10 @@ async fn both_functions_answer_alb_and_api_gateway_events_with_matching_routes()
     // HTTP API with a named stage, merge patch.
     let patched = invoke(write(), fixture("write", "apigw-http-patch.json")).await;
     assert_eq!(patched["statusCode"], 200, "{patched}");
-    assert_eq!(body(&patched)["data"], serde_json::json!({"total": 43, "currency": "EUR", "status": "paid"}));
+    assert_eq!(
+        body(&patched)["data"],
+        serde_json::json!({"total": 43, "currency": "EUR", "status": "paid"})
+    );
 
     let posted = invoke(write(), fixture("write", "alb-post.json")).await;
     assert_eq!(posted["statusCode"], 201, "{posted}");
@@ -94,5 +101,8 @@ async fn both_functions_answer_alb_and_api_gateway_events_with_matching_routes()
     }
     let refused = invoke(write(), unauthenticated).await;
     assert_eq!(refused["statusCode"], 401);
-    assert_eq!(header(&refused, "content-type"), Some("application/problem+json"));
+    assert_eq!(
+        header(&refused, "content-type"),
+        Some("application/problem+json")
+    );
 }

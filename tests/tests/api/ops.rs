@@ -4,9 +4,19 @@ use tandem_tests::spawn_app;
 async fn health_readiness_and_metrics_answer_on_both_services() {
     let app = spawn_app().await;
     for base in [&app.write_url, &app.read_url] {
-        let health = app.client.get(format!("{base}/healthz")).send().await.expect("healthz");
+        let health = app
+            .client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .expect("healthz");
         assert_eq!(health.status(), 200);
-        let ready = app.client.get(format!("{base}/readyz")).send().await.expect("readyz");
+        let ready = app
+            .client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .expect("readyz");
         assert_eq!(ready.status(), 200);
         let body: serde_json::Value = ready.json().await.expect("readyz json");
         assert_eq!(body["checks"]["postgres"], "ok");
@@ -25,9 +35,18 @@ async fn health_readiness_and_metrics_answer_on_both_services() {
         .await
         .expect("metrics body");
     assert!(metrics.contains(r#"tandem_http_requests_total{route="/v1/{collection}/{id}",method="GET",status="200"} 2"#), "{metrics}");
-    assert!(metrics.contains("tandem_http_request_duration_seconds_bucket"), "{metrics}");
-    assert!(metrics.contains(r#"tandem_cache_requests_total{result="hit"} 2"#), "{metrics}");
-    assert!(metrics.contains(r#"tandem_db_pool_connections{state="max"}"#), "{metrics}");
+    assert!(
+        metrics.contains("tandem_http_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"tandem_cache_requests_total{result="hit"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"tandem_db_pool_connections{state="max"}"#),
+        "{metrics}"
+    );
     let write_metrics = app
         .client
         .get(format!("{}/metrics", app.write_url))
@@ -37,5 +56,8 @@ async fn health_readiness_and_metrics_answer_on_both_services() {
         .text()
         .await
         .expect("metrics body");
-    assert!(write_metrics.contains(r#"route="/v1/{collection}/{id}",method="PUT",status="201"} 1"#), "{write_metrics}");
+    assert!(
+        write_metrics.contains(r#"route="/v1/{collection}/{id}",method="PUT",status="201"} 1"#),
+        "{write_metrics}"
+    );
 }

@@ -7,7 +7,12 @@ async fn every_accepted_write_commits_exactly_one_complete_outbox_row() {
     let app = spawn_app().await;
     let mut accepted = 0;
     for i in 0..10 {
-        assert!(app.put("items", &format!("i{i}"), &json!({"i": i})).await.status().is_success());
+        assert!(
+            app.put("items", &format!("i{i}"), &json!({"i": i}))
+                .await
+                .status()
+                .is_success()
+        );
         accepted += 1;
     }
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -21,11 +26,34 @@ async fn every_accepted_write_commits_exactly_one_complete_outbox_row() {
         .expect("send");
     assert_eq!(patched.status(), 200);
     accepted += 1;
-    assert_eq!(app.write(Method::DELETE, "/v1/items/i1").send().await.expect("send").status(), 204);
+    assert_eq!(
+        app.write(Method::DELETE, "/v1/items/i1")
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        204
+    );
     accepted += 1;
     // Refused writes add nothing.
-    assert_eq!(app.write(Method::DELETE, "/v1/items/i1").send().await.expect("send").status(), 404);
-    assert_eq!(app.write(Method::PUT, "/v1/items/i2").header("if-match", "\"9\"").json(&json!({})).send().await.expect("send").status(), 412);
+    assert_eq!(
+        app.write(Method::DELETE, "/v1/items/i1")
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        404
+    );
+    assert_eq!(
+        app.write(Method::PUT, "/v1/items/i2")
+            .header("if-match", "\"9\"")
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        412
+    );
 
     assert_eq!(app.count("outbox").await, accepted);
     let client = app.pool.get().await.expect("db");
@@ -48,7 +76,10 @@ async fn every_accepted_write_commits_exactly_one_complete_outbox_row() {
     assert!(row.get::<_, bool>(7));
     assert!(row.get::<_, bool>(8));
     let tombstone: Value = client
-        .query_one("SELECT payload FROM outbox WHERE document_id = 'i1' AND operation = 'delete'", &[])
+        .query_one(
+            "SELECT payload FROM outbox WHERE document_id = 'i1' AND operation = 'delete'",
+            &[],
+        )
         .await
         .expect("tombstone row")
         .get(0);
@@ -56,7 +87,10 @@ async fn every_accepted_write_commits_exactly_one_complete_outbox_row() {
     assert_eq!(tombstone["version"], 2);
     // Without a client traceparent, one is started.
     let generated: String = client
-        .query_one("SELECT traceparent FROM outbox WHERE document_id = 'i3'", &[])
+        .query_one(
+            "SELECT traceparent FROM outbox WHERE document_id = 'i3'",
+            &[],
+        )
         .await
         .expect("row")
         .get(0);
@@ -80,9 +114,15 @@ async fn a_write_that_fails_inside_the_transaction_leaves_neither_row_nor_event(
 
     let created = app.put("ledger", "new", &json!({"v": 1})).await;
     assert_eq!(created.status(), 500);
-    assert_eq!(created.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        created.headers()["content-type"],
+        "application/problem+json"
+    );
     let text = created.text().await.expect("body");
-    assert!(!text.contains("forced failure") && !text.contains("outbox"), "leaks the cause: {text}");
+    assert!(
+        !text.contains("forced failure") && !text.contains("outbox"),
+        "leaks the cause: {text}"
+    );
     let updated = app.put("ledger", "existing", &json!({"v": 2})).await;
     assert_eq!(updated.status(), 500);
     let idempotent = app
@@ -95,7 +135,10 @@ async fn a_write_that_fails_inside_the_transaction_leaves_neither_row_nor_event(
     assert_eq!(idempotent.status(), 500);
 
     let docs: Vec<(String, i64)> = client
-        .query("SELECT id, version FROM documents WHERE collection = 'ledger' ORDER BY id", &[])
+        .query(
+            "SELECT id, version FROM documents WHERE collection = 'ledger' ORDER BY id",
+            &[],
+        )
         .await
         .expect("documents")
         .iter()
@@ -104,6 +147,11 @@ async fn a_write_that_fails_inside_the_transaction_leaves_neither_row_nor_event(
     assert_eq!(docs, vec![("existing".to_owned(), 1)]);
     assert_eq!(app.count("outbox").await, 1);
     assert_eq!(app.count("idempotency_keys").await, 0);
-    let read: Value = app.get("/v1/ledger/existing").await.json().await.expect("json");
+    let read: Value = app
+        .get("/v1/ledger/existing")
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(read["version"], 1);
 }

@@ -18,21 +18,34 @@ fn moto_server() -> std::path::PathBuf {
 async fn the_read_binary_connects_with_credentials_from_secrets_manager() {
     // Region 1 data, written through the API.
     let app = spawn_app().await;
-    app.put("secrets", "s1", &json!({"via": "secrets manager"})).await;
-    let database = app.database_url.rsplit('/').next().expect("db name").to_owned();
+    app.put("secrets", "s1", &json!({"via": "secrets manager"}))
+        .await;
+    let database = app
+        .database_url
+        .rsplit('/')
+        .next()
+        .expect("db name")
+        .to_owned();
 
     let dir = scratch_dir("moto");
     let moto_port = free_port();
     let _moto = ManagedProcess::start(
         "moto",
         &moto_server(),
-        &["-H".into(), "127.0.0.1".into(), "-p".into(), moto_port.to_string()],
+        &[
+            "-H".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            moto_port.to_string(),
+        ],
         &[],
         &dir.join("moto.log"),
         "",
     )
     .expect("moto_server (pip install 'moto[server]'; make test does)");
-    wait_for_port(moto_port, Duration::from_secs(30)).await.expect("moto started");
+    wait_for_port(moto_port, Duration::from_secs(30))
+        .await
+        .expect("moto started");
     let endpoint = format!("http://127.0.0.1:{moto_port}");
     let aws_env = [
         ("AWS_ENDPOINT_URL", endpoint.as_str()),
@@ -61,10 +74,17 @@ async fn the_read_binary_connects_with_credentials_from_secrets_manager() {
         .send()
         .await
         .expect("CreateSecret");
-    assert!(created.status().is_success(), "{}", created.text().await.unwrap_or_default());
+    assert!(
+        created.status().is_success(),
+        "{}",
+        created.text().await.unwrap_or_default()
+    );
 
     let port = free_port();
-    let mut envs: Vec<(String, String)> = aws_env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    let mut envs: Vec<(String, String)> = aws_env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
     envs.extend(
         [
             ("DATABASE_SECRET_ID", "tandem/region1/db".to_owned()),
@@ -76,8 +96,15 @@ async fn the_read_binary_connects_with_credentials_from_secrets_manager() {
         ]
         .map(|(k, v)| (k.to_owned(), v)),
     );
-    let read = ManagedProcess::start("tandem-read", &binary("tandem-read"), &[], &envs, &dir.join("read.log"), "")
-        .expect("start tandem-read");
+    let read = ManagedProcess::start(
+        "tandem-read",
+        &binary("tandem-read"),
+        &[],
+        &envs,
+        &dir.join("read.log"),
+        "",
+    )
+    .expect("start tandem-read");
     if wait_for_port(port, Duration::from_secs(30)).await.is_err() {
         panic!("tandem-read did not start:\n{}", read.log_tail());
     }

@@ -11,15 +11,31 @@ async fn put_creates_then_replaces_with_growing_versions() {
     assert_eq!(created.headers()["location"], "/v1/orders/o-1");
     assert_eq!(created.headers()["etag"], "\"1\"");
     assert_eq!(created.headers()["x-tandem-region"], "region1");
-    let token = created.headers()["x-consistency-token"].to_str().expect("ascii").to_owned();
+    let token = created.headers()["x-consistency-token"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
     let body: Value = created.json().await.expect("json");
     assert_eq!(body["collection"], "orders");
     assert_eq!(body["id"], "o-1");
     assert_eq!(body["version"], 1);
     assert_eq!(body["data"], json!({"total": 10}));
-    assert!(time::OffsetDateTime::parse(body["created_at"].as_str().expect("str"), &time::format_description::well_known::Rfc3339).is_ok());
+    assert!(
+        time::OffsetDateTime::parse(
+            body["created_at"].as_str().expect("str"),
+            &time::format_description::well_known::Rfc3339
+        )
+        .is_ok()
+    );
     let decoded = ConsistencyToken::decode(&token).expect("token decodes");
-    assert_eq!((decoded.key.collection.as_str(), decoded.key.id.as_str(), decoded.version), ("orders", "o-1", 1));
+    assert_eq!(
+        (
+            decoded.key.collection.as_str(),
+            decoded.key.id.as_str(),
+            decoded.version
+        ),
+        ("orders", "o-1", 1)
+    );
 
     let replaced = app.put("orders", "o-1", &json!({"total": 11})).await;
     assert_eq!(replaced.status(), 200);
@@ -41,27 +57,71 @@ async fn if_match_and_if_none_match_guard_writes() {
         request
     };
     // If-Match on an absent document fails.
-    assert_eq!(create_only(Some("\"1\"")).send().await.expect("send").status(), 412);
+    assert_eq!(
+        create_only(Some("\"1\""))
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        412
+    );
     // If-None-Match: * creates once, then refuses.
-    let first = app.write(Method::PUT, "/v1/c/x").header("if-none-match", "*").json(&json!({})).send().await.expect("send");
+    let first = app
+        .write(Method::PUT, "/v1/c/x")
+        .header("if-none-match", "*")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(first.status(), 201);
-    let second = app.write(Method::PUT, "/v1/c/x").header("if-none-match", "*").json(&json!({})).send().await.expect("send");
+    let second = app
+        .write(Method::PUT, "/v1/c/x")
+        .header("if-none-match", "*")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(second.status(), 412);
     assert_eq!(second.headers()["content-type"], "application/problem+json");
     let problem: Value = second.json().await.expect("json");
     assert_eq!(problem["current_version"], 1);
     // Matching If-Match succeeds; a stale one fails.
-    assert_eq!(create_only(Some("\"1\"")).send().await.expect("send").status(), 200);
-    assert_eq!(create_only(Some("\"1\"")).send().await.expect("send").status(), 412);
-    assert_eq!(create_only(Some("*")).send().await.expect("send").status(), 200);
+    assert_eq!(
+        create_only(Some("\"1\""))
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        200
+    );
+    assert_eq!(
+        create_only(Some("\"1\""))
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        412
+    );
+    assert_eq!(
+        create_only(Some("*")).send().await.expect("send").status(),
+        200
+    );
 }
 
 #[tokio::test]
 async fn post_creates_with_a_server_generated_uuid_v7() {
     let app = spawn_app().await;
-    let response = app.write(Method::POST, "/v1/events").json(&json!({"kind": "click"})).send().await.expect("send");
+    let response = app
+        .write(Method::POST, "/v1/events")
+        .json(&json!({"kind": "click"}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(response.status(), 201);
-    let location = response.headers()["location"].to_str().expect("ascii").to_owned();
+    let location = response.headers()["location"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
     let body: Value = response.json().await.expect("json");
     let id = body["id"].as_str().expect("id");
     assert_eq!(location, format!("/v1/events/{id}"));
@@ -73,7 +133,12 @@ async fn post_creates_with_a_server_generated_uuid_v7() {
 #[tokio::test]
 async fn patch_merges_per_rfc_7396_and_needs_an_existing_document() {
     let app = spawn_app().await;
-    app.put("profiles", "p", &json!({"name": "Ada", "address": {"city": "London", "zip": "N1"}, "tags": ["a"]})).await;
+    app.put(
+        "profiles",
+        "p",
+        &json!({"name": "Ada", "address": {"city": "London", "zip": "N1"}, "tags": ["a"]}),
+    )
+    .await;
     let patched = app
         .write(Method::PATCH, "/v1/profiles/p")
         .header("content-type", "application/merge-patch+json")
@@ -85,7 +150,10 @@ async fn patch_merges_per_rfc_7396_and_needs_an_existing_document() {
     assert_eq!(patched.status(), 200);
     let body: Value = patched.json().await.expect("json");
     assert_eq!(body["version"], 2);
-    assert_eq!(body["data"], json!({"name": "Ada", "address": {"city": "London", "country": "UK"}, "tags": ["b"], "age": 36}));
+    assert_eq!(
+        body["data"],
+        json!({"name": "Ada", "address": {"city": "London", "country": "UK"}, "tags": ["b"], "age": 36})
+    );
 
     let absent = app
         .write(Method::PATCH, "/v1/profiles/nobody")
@@ -110,14 +178,31 @@ async fn patch_merges_per_rfc_7396_and_needs_an_existing_document() {
 async fn delete_leaves_a_tombstone_and_a_later_put_continues_the_version() {
     let app = spawn_app().await;
     app.put("notes", "n", &json!({"text": "hi"})).await;
-    let stale = app.write(Method::DELETE, "/v1/notes/n").header("if-match", "\"7\"").send().await.expect("send");
+    let stale = app
+        .write(Method::DELETE, "/v1/notes/n")
+        .header("if-match", "\"7\"")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(stale.status(), 412);
-    let deleted = app.write(Method::DELETE, "/v1/notes/n").header("if-match", "\"1\"").send().await.expect("send");
+    let deleted = app
+        .write(Method::DELETE, "/v1/notes/n")
+        .header("if-match", "\"1\"")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(deleted.status(), 204);
     assert_eq!(deleted.headers()["etag"], "\"2\"");
     assert!(deleted.headers().contains_key("x-consistency-token"));
     assert_eq!(app.get("/v1/notes/n").await.status(), 404);
-    assert_eq!(app.write(Method::DELETE, "/v1/notes/n").send().await.expect("send").status(), 404);
+    assert_eq!(
+        app.write(Method::DELETE, "/v1/notes/n")
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        404
+    );
     let patch = app
         .write(Method::PATCH, "/v1/notes/n")
         .header("content-type", "application/merge-patch+json")
@@ -137,13 +222,23 @@ async fn delete_leaves_a_tombstone_and_a_later_put_continues_the_version() {
     // The tombstone itself was replicated as an event.
     let client = app.pool.get().await.expect("db");
     let ops: Vec<(i64, String)> = client
-        .query("SELECT version, operation FROM outbox WHERE document_id = 'n' ORDER BY seq", &[])
+        .query(
+            "SELECT version, operation FROM outbox WHERE document_id = 'n' ORDER BY seq",
+            &[],
+        )
         .await
         .expect("outbox")
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert_eq!(ops, vec![(1, "upsert".into()), (2, "delete".into()), (3, "upsert".into())]);
+    assert_eq!(
+        ops,
+        vec![
+            (1, "upsert".into()),
+            (2, "delete".into()),
+            (3, "upsert".into())
+        ]
+    );
 }
 
 #[tokio::test]
@@ -155,7 +250,9 @@ async fn idempotency_key_replays_the_original_response_and_writes_once() {
             .json(&body)
             .send()
     };
-    let first = post(json!({"amount": 5, "currency": "EUR"})).await.expect("send");
+    let first = post(json!({"amount": 5, "currency": "EUR"}))
+        .await
+        .expect("send");
     assert_eq!(first.status(), 201);
     let first_location = first.headers()["location"].clone();
     let first_body: Value = first.json().await.expect("json");
@@ -177,16 +274,30 @@ async fn idempotency_key_replays_the_original_response_and_writes_once() {
     assert_eq!(app.count("documents").await, 1);
     assert_eq!(app.count("outbox").await, 1);
 
-    let conflict = post(json!({"amount": 6, "currency": "EUR"})).await.expect("send");
+    let conflict = post(json!({"amount": 6, "currency": "EUR"}))
+        .await
+        .expect("send");
     assert_eq!(conflict.status(), 422);
-    assert_eq!(conflict.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        conflict.headers()["content-type"],
+        "application/problem+json"
+    );
     assert_eq!(app.count("outbox").await, 1);
 
     // Keys belong to the principal that used them.
     let other = app
         .client
         .post(format!("{}/v1/payments", app.write_url))
-        .bearer_auth(tandem_shared::auth::mint_hs256(&app.secret, "someone-else", &["tandem:write"], std::time::Duration::from_secs(60), None).expect("token"))
+        .bearer_auth(
+            tandem_shared::auth::mint_hs256(
+                &app.secret,
+                "someone-else",
+                &["tandem:write"],
+                std::time::Duration::from_secs(60),
+                None,
+            )
+            .expect("token"),
+        )
         .header("idempotency-key", "pay-123")
         .json(&json!({"amount": 6}))
         .send()

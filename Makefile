@@ -1,0 +1,23 @@
+# Tandem: the two set-up commands are `make up` and `make test` (see README.md).
+
+.PHONY: up test lint fmt clean-local
+
+## Build and run the local system in the foreground; Ctrl-C stops everything.
+up:
+	@bash scripts/up.sh
+
+## Run every test (installs or starts what the tests need).
+test:
+	@bash scripts/test.sh
+
+## Formatting and lints as CI checks them.
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+## Remove the local stack's data (.tandem/).
+clean-local:
+	rm -rf .tandem

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# `make up`: builds Tandem and runs the local system on loopback, in the foreground.
+# Data lives in .tandem/ (kept between runs); Ctrl-C or SIGTERM stops everything cleanly.
+source "$(dirname "$0")/lib.sh"
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+STATE="$ROOT/.tandem"
+mkdir -p "$STATE/logs"
+
+# Ports (override any of them from the environment).
+PG1_PORT="${PG1_PORT:-55432}"
+REDIS1_PORT="${REDIS1_PORT:-56379}"
+WRITE1_PORT="${WRITE1_PORT:-8081}"
+READ1_PORT="${READ1_PORT:-8082}"
+DEV_SECRET="${TANDEM_JWT_HS256_SECRET:-tandem-local-dev-secret}"
+
+ensure_rust
+ensure_servers
+PG_BIN="$(pg_bindir)"
+
+PIDS=()
+stop_all() {
+  trap - INT TERM EXIT
+  say "stopping"
+  for ((i=${#PIDS[@]}-1; i>=0; i--)); do
+    kill -TERM "${PIDS[$i]}" 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  say "stopped"
+  exit 0
+}
+trap stop_all INT TERM EXIT
+
+# PostgreSQL refuses to run as root: run it as the postgres user then.
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"; else "$@"; fi
+}
+
+start_postgres() { # name port
+  local dir="$STATE/$1"
+  if [ ! -d "$dir/data" ]; then
+    say "initialising PostgreSQL cluster $1 in $dir"
+    mkdir -p "$dir"
+    [ "$(id -u)" = 0 ] && chown -R postgres:postgres "$dir"
+    as_pg "$PG_BIN/initdb" --auth=trust --username=postgres --encoding=UTF8 --locale=C -D "$dir/data" >"$STATE/logs/$1-initdb.log"
+  fi
+  [ "$(id -u)" = 0 ] && chown -R postgres:postgres "$dir"
+  as_pg "$PG_BIN/postgres" -D "$dir/data" -p "$2" -k "$dir" -c listen_addresses=127.0.0.1 >"$STATE/logs/$1.log" 2>&1 &
+  PIDS+=($!)
+  until "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$2" -U postgres; do sleep 0.1; done
+}
+
+start_redis() { # name port
+  mkdir -p "$STATE/$1"
+  redis-server --port "$2" --bind 127.0.0.1 --save "" --appendonly no --dir "$STATE/$1" >"$STATE/logs/$1.log" 2>&1 &
+  PIDS+=($!)
+}
+
+start_service() { # name binary port env...
+  local name="$1" binary="$2" port="$3"
+  shift 3
+  env "$@" PORT="$port" BIND_ADDRESS=127.0.0.1 TANDEM_LOG_FORMAT="${TANDEM_LOG_FORMAT:-pretty}" \
+    "$TARGET/debug/$binary" >"$STATE/logs/$name.log" 2>&1 &
+  PIDS+=($!)
+}
+
+wait_healthy() { # name port
+  local deadline=$((SECONDS + 60))
+  until curl -fsS "http://127.0.0.1:$2/healthz" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then
+      echo "$1 did not become healthy; its log:" >&2
+      tail -n 30 "$STATE/logs/$1.log" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+}
+
+mint_dev_token() {
+  python3 - "$DEV_SECRET" <<'PY'
+import base64, hashlib, hmac, json, sys, time
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+now = int(time.time())
+header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+claims = b64(json.dumps({"sub": "local-developer", "scope": "tandem:write tandem:read",
+                         "iat": now, "exp": now + 30 * 24 * 3600}).encode())
+signature = b64(hmac.new(sys.argv[1].encode(), f"{header}.{claims}".encode(), hashlib.sha256).digest())
+print(f"{header}.{claims}.{signature}")
+PY
+}
+
+have curl || apt_install curl
+say "building Tandem (cargo build --workspace --bins)"
+cargo build --workspace --bins --locked
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+
+say "starting PostgreSQL and Redis for region1"
+start_postgres pg1 "$PG1_PORT"
+start_redis redis1 "$REDIS1_PORT"
+PG1_DSN="postgres://postgres@127.0.0.1:$PG1_PORT/postgres"
+REDIS1_URL="redis://127.0.0.1:$REDIS1_PORT"
+
+say "starting region1 Write and Read APIs"
+COMMON1=(TANDEM_REGION=region1 DATABASE_URL="$PG1_DSN" REDIS_URL="$REDIS1_URL" TANDEM_JWT_HS256_SECRET="$DEV_SECRET")
+start_service write1 tandem-write "$WRITE1_PORT" "${COMMON1[@]}"
+wait_healthy write1 "$WRITE1_PORT"
+start_service read1 tandem-read "$READ1_PORT" "${COMMON1[@]}"
+wait_healthy read1 "$READ1_PORT"
+
+TOKEN="$(mint_dev_token)"
+cat >"$STATE/stack.json" <<JSON
+{
+  "edge": null,
+  "regions": {
+    "region1": {
+      "write": "http://127.0.0.1:$WRITE1_PORT",
+      "read": "http://127.0.0.1:$READ1_PORT",
+      "postgres": "$PG1_DSN",
+      "redis": "$REDIS1_URL"
+    }
+  },
+  "kafka": null,
+  "dev_token": "$TOKEN"
+}
+JSON
+
+cat <<MSG
+
+Tandem is up (logs in .tandem/logs/, endpoints in .tandem/stack.json).
+  region1 write  http://127.0.0.1:$WRITE1_PORT
+  region1 read   http://127.0.0.1:$READ1_PORT
+  postgres       $PG1_DSN
+  redis          $REDIS1_URL
+  dev token      $TOKEN
+
+Try:
+  curl -X PUT http://127.0.0.1:$WRITE1_PORT/v1/notes/hello -H "Authorization: Bearer \$(jq -r .dev_token .tandem/stack.json)" \\
+       -H 'Content-Type: application/json' -d '{"text":"hi"}'
+  curl http://127.0.0.1:$READ1_PORT/v1/notes/hello
+
+Press Ctrl-C to stop.
+MSG
+
+# Stay in the foreground until a signal arrives or a service dies.
+wait -n "${PIDS[@]}" || true
+say "a process exited; shutting the stack down (see .tandem/logs/)"
