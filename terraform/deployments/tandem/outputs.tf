@@ -1,0 +1,162 @@
+################################################################################
+# Endpoints
+################################################################################
+
+output "global_endpoint" {
+  description = "Global HTTPS endpoint: Region 1 while its /readyz is healthy, Region 2 (read-only) otherwise."
+  value       = module.dns.global_endpoint
+}
+
+output "write_endpoint" {
+  description = "HTTPS endpoint that always reaches Region 1 (writes)."
+  value       = module.dns.write_endpoint
+}
+
+output "region_endpoints" {
+  description = "Per-region HTTPS endpoints (health-checked at /readyz)."
+  value       = module.dns.region_endpoints
+}
+
+output "load_balancer_dns_names" {
+  description = "ALB DNS name per region (for debugging without Route 53)."
+  value = {
+    region1 = module.alb_region1.dns_name
+    region2 = module.alb_region2.dns_name
+  }
+}
+
+################################################################################
+# Images
+################################################################################
+
+output "ecr_repository_urls" {
+  description = "ECR repository URI per image in Region 1 (push here)."
+  value       = module.ecr.repository_urls
+}
+
+output "ecr_replica_repository_urls" {
+  description = "ECR repository URI per image in Region 2 (replicated; the Region 2 overlay pulls from here)."
+  value       = module.ecr.replica_repository_urls
+}
+
+################################################################################
+# Clusters
+################################################################################
+
+output "eks_cluster_names" {
+  description = "EKS cluster name per region."
+  value = {
+    region1 = module.eks_region1.cluster_name
+    region2 = module.eks_region2.cluster_name
+  }
+}
+
+output "kubeconfig_commands" {
+  description = "Commands that add both clusters to ~/.kube/config."
+  value = {
+    region1 = "aws eks update-kubeconfig --region ${var.region1} --name ${module.eks_region1.cluster_name} --alias tandem-region1"
+    region2 = "aws eks update-kubeconfig --region ${var.region2} --name ${module.eks_region2.cluster_name} --alias tandem-region2"
+  }
+}
+
+output "vpc_ids" {
+  description = "VPC ID per region (Helm value vpcId of the AWS Load Balancer Controller)."
+  value = {
+    region1 = module.network_region1.vpc_id
+    region2 = module.network_region2.vpc_id
+  }
+}
+
+output "lb_controller_role_arns" {
+  description = "IRSA role ARN of the AWS Load Balancer Controller per region (kube-system/aws-load-balancer-controller)."
+  value = {
+    region1 = module.eks_region1.lb_controller_role_arn
+    region2 = module.eks_region2.lb_controller_role_arn
+  }
+}
+
+################################################################################
+# Values for the Kubernetes overlays (eks/overlays/region1, eks/overlays/region2)
+################################################################################
+
+output "workload_role_arns" {
+  description = "IRSA role ARN per region and workload: the eks.amazonaws.com/role-arn annotations of the ServiceAccounts."
+  value = {
+    region1 = module.iam_region1.role_arns
+    region2 = module.iam_region2.role_arns
+  }
+}
+
+output "target_group_arns" {
+  description = "IP target group ARN per region and workload: spec.targetGroupARN of the TargetGroupBinding objects."
+  value = {
+    region1 = module.alb_region1.pod_target_group_arns
+    region2 = module.alb_region2.pod_target_group_arns
+  }
+}
+
+output "overlay_values" {
+  description = "Every environment value the overlays need, per region (ConfigMap literals)."
+  value = {
+    region1 = {
+      AWS_REGION           = var.region1
+      DATABASE_SECRET_ID   = module.rds_region1.app_secret_name
+      REDIS_URL            = module.elasticache_region1.redis_url
+      REDIS_AUTH_SECRET_ID = module.elasticache_region1.auth_secret_name
+      KAFKA_BROKERS        = module.msk.bootstrap_brokers_sasl_scram
+      KAFKA_TOPIC          = var.kafka_topic
+      KAFKA_SASL_SECRET_ID = module.msk.scram_secret_names["relay"]
+      TANDEM_JWKS_URL      = local.jwks_url
+      TANDEM_JWT_ISSUER    = var.jwt_issuer
+      TANDEM_JWT_AUDIENCE  = var.jwt_audience
+      VPC_CIDR             = var.region1_network.cidr_block
+    }
+    region2 = {
+      AWS_REGION              = var.region2
+      DATABASE_SECRET_ID      = module.rds_region2.app_secret_name
+      REDIS_URL               = module.elasticache_region2.redis_url
+      REDIS_AUTH_SECRET_ID    = module.elasticache_region2.auth_secret_name
+      KAFKA_BROKERS           = module.msk.bootstrap_brokers_sasl_scram
+      KAFKA_TOPIC             = var.kafka_topic
+      KAFKA_SASL_SECRET_ID    = module.msk.scram_secret_names["consumer"]
+      TANDEM_JWKS_URL         = local.jwks_url
+      TANDEM_JWT_ISSUER       = var.jwt_issuer
+      TANDEM_JWT_AUDIENCE     = var.jwt_audience
+      TANDEM_PRIMARY_READ_URL = "https://${var.region_hostnames["region1"]}"
+      VPC_CIDR                = var.region2_network.cidr_block
+    }
+  }
+}
+
+output "database_master_secret_arns" {
+  description = "RDS-managed master secret per region (bootstrap SQL only; never given to a workload)."
+  value = {
+    region1 = module.rds_region1.master_secret_arn
+    region2 = module.rds_region2.master_secret_arn
+  }
+}
+
+output "database_addresses" {
+  description = "PostgreSQL host per region (bootstrap SQL)."
+  value = {
+    region1 = module.rds_region1.address
+    region2 = module.rds_region2.address
+  }
+}
+
+output "rds_proxy_endpoints" {
+  description = "RDS Proxy endpoint per region (Lambda mode only; null otherwise)."
+  value = {
+    region1 = module.rds_region1.proxy_endpoint
+    region2 = module.rds_region2.proxy_endpoint
+  }
+}
+
+output "lambda_function_names" {
+  description = "Lambda function names (Lambda mode only)."
+  value = {
+    region1_write = one(module.lambda_write_region1[*].function_name)
+    region1_read  = one(module.lambda_read_region1[*].function_name)
+    region2_read  = one(module.lambda_read_region2[*].function_name)
+  }
+}

@@ -1,0 +1,251 @@
+################################################################################
+# Regions and naming
+################################################################################
+
+variable "project" {
+  type        = string
+  description = "Prefix of every resource name."
+  default     = "tandem"
+}
+
+variable "region1" {
+  type        = string
+  description = "AWS region of Region 1 (primary: writes, reads, outbox relay, MSK)."
+}
+
+variable "region2" {
+  type        = string
+  description = "AWS region of Region 2 (read replica: Read API and the Kafka consumer)."
+}
+
+variable "tags" {
+  type        = map(string)
+  description = "Tags added to every resource (through the providers' default_tags)."
+  default     = {}
+}
+
+################################################################################
+# Network
+################################################################################
+
+variable "region1_network" {
+  type = object({
+    cidr_block           = string
+    availability_zones   = list(string)
+    public_subnet_cidrs  = list(string)
+    private_subnet_cidrs = list(string)
+  })
+  description = "VPC layout of Region 1. Must not overlap region2_network (the VPCs are peered)."
+}
+
+variable "region2_network" {
+  type = object({
+    cidr_block           = string
+    availability_zones   = list(string)
+    public_subnet_cidrs  = list(string)
+    private_subnet_cidrs = list(string)
+  })
+  description = "VPC layout of Region 2. Must not overlap region1_network (the VPCs are peered)."
+}
+
+variable "single_nat_gateway" {
+  type        = bool
+  description = "One NAT gateway per VPC instead of one per availability zone (cheaper, less available)."
+  default     = false
+}
+
+################################################################################
+# EKS
+################################################################################
+
+variable "kubernetes_version" {
+  type        = string
+  description = "Kubernetes version of both clusters."
+  default     = "1.31"
+}
+
+variable "eks_node_groups" {
+  type = map(object({
+    instance_types = list(string)
+    ami_type       = string
+    capacity_type  = string
+    min_size       = number
+    max_size       = number
+    desired_size   = number
+    disk_size_gib  = number
+  }))
+  description = "Managed node groups of each cluster (same shape in both regions)."
+  default = {
+    default = {
+      instance_types = ["m6i.large"]
+      ami_type       = "AL2023_x86_64_STANDARD"
+      capacity_type  = "ON_DEMAND"
+      min_size       = 2
+      max_size       = 6
+      desired_size   = 3
+      disk_size_gib  = 50
+    }
+  }
+}
+
+variable "eks_endpoint_public_access" {
+  type        = bool
+  description = "Expose the Kubernetes API endpoints publicly, restricted to eks_public_access_cidrs."
+  default     = false
+}
+
+variable "eks_public_access_cidrs" {
+  type        = list(string)
+  description = "CIDRs allowed to reach public Kubernetes API endpoints (operator and CI egress IPs)."
+  default     = []
+}
+
+variable "eks_admin_principal_arns" {
+  type        = list(string)
+  description = "IAM principals (operators, the deploy role) granted cluster-admin on both clusters."
+  default     = []
+}
+
+variable "kubernetes_namespace" {
+  type        = string
+  description = "Namespace of the Tandem workloads (must match eks/base)."
+  default     = "tandem"
+}
+
+################################################################################
+# Data stores
+################################################################################
+
+variable "db_instance_class" {
+  type        = string
+  description = "RDS instance class of both regions."
+  default     = "db.m7g.large"
+}
+
+variable "db_multi_az" {
+  type        = map(bool)
+  description = "Multi-AZ standby per region, keyed region1 and region2."
+  default = {
+    region1 = true
+    region2 = true
+  }
+}
+
+variable "db_deletion_protection" {
+  type        = bool
+  description = "Deletion protection on both RDS instances and both ALBs."
+  default     = true
+}
+
+variable "redis_node_type" {
+  type        = string
+  description = "ElastiCache node type of both regions."
+  default     = "cache.m7g.large"
+}
+
+variable "redis_num_cache_clusters" {
+  type        = number
+  description = "Redis nodes per region (2+ enables automatic failover)."
+  default     = 2
+}
+
+variable "kafka_version" {
+  type        = string
+  description = "Kafka version of the MSK cluster."
+  default     = "3.6.0"
+}
+
+variable "msk_broker_instance_type" {
+  type        = string
+  description = "MSK broker instance type."
+  default     = "kafka.m7g.large"
+}
+
+variable "msk_broker_volume_size_gib" {
+  type        = number
+  description = "EBS volume per MSK broker in GiB."
+  default     = 100
+}
+
+variable "kafka_topic" {
+  type        = string
+  description = "Kafka topic of the document events (KAFKA_TOPIC)."
+  default     = "tandem.document-events"
+}
+
+################################################################################
+# Compute mode of the Write and Read APIs
+################################################################################
+
+variable "backend" {
+  type        = map(string)
+  description = "Where the Write/Read APIs run per region (keys region1, region2): eks (pods behind TargetGroupBinding) or lambda (functions behind the same ALB). The relay and the consumer always run on EKS."
+  default = {
+    region1 = "eks"
+    region2 = "eks"
+  }
+
+  validation {
+    condition     = alltrue([for mode in values(var.backend) : contains(["eks", "lambda"], mode)])
+    error_message = "backend values must be eks or lambda."
+  }
+}
+
+variable "lambda_zip_paths" {
+  type        = map(string)
+  description = "Lambda packages keyed write and read, built by `cargo lambda build --release --arm64 --output-format zip`. Relative to this directory."
+  default = {
+    write = "../../../target/lambda/tandem-write/bootstrap.zip"
+    read  = "../../../target/lambda/tandem-read/bootstrap.zip"
+  }
+}
+
+################################################################################
+# DNS and TLS
+################################################################################
+
+variable "zone_name" {
+  type        = string
+  description = "Existing public Route 53 hosted zone, e.g. tandem.example.com."
+}
+
+variable "global_hostname" {
+  type        = string
+  description = "Global API host name with failover, e.g. api.tandem.example.com."
+}
+
+variable "write_hostname" {
+  type        = string
+  description = "Host name that always reaches Region 1, e.g. write.tandem.example.com."
+}
+
+variable "region_hostnames" {
+  type        = map(string)
+  description = "Per-region host names keyed region1 and region2."
+}
+
+################################################################################
+# Authentication (Amazon Cognito)
+################################################################################
+
+variable "jwt_issuer" {
+  type        = string
+  description = "Issuer of the access tokens (TANDEM_JWT_ISSUER), e.g. https://cognito-idp.<region>.amazonaws.com/<user pool id>."
+}
+
+variable "jwt_audience" {
+  type        = string
+  description = "Expected audience / client ID of the access tokens (TANDEM_JWT_AUDIENCE)."
+}
+
+variable "read_requires_auth" {
+  type        = bool
+  description = "Whether reads need a token too (TANDEM_READ_REQUIRES_AUTH)."
+  default     = true
+}
+
+variable "log_level" {
+  type        = string
+  description = "RUST_LOG of the Lambda functions."
+  default     = "info"
+}

@@ -1,0 +1,84 @@
+variable "name" {
+  type        = string
+  description = "Name of the MSK cluster, e.g. tandem-region1."
+}
+
+variable "vpc_id" {
+  type        = string
+  description = "VPC of the brokers (Region 1)."
+}
+
+variable "subnet_ids" {
+  type        = list(string)
+  description = "Private subnets for the brokers, one per availability zone (2 or 3)."
+}
+
+variable "client_cidr_blocks" {
+  type        = list(string)
+  description = "CIDRs allowed to reach the brokers on the SASL/SCRAM TLS port 9096: the Region 1 VPC and the peered Region 2 VPC. CIDRs, not security groups, because security group references do not cross an inter-region peering."
+}
+
+variable "kafka_version" {
+  type        = string
+  description = "Apache Kafka version of the cluster."
+  default     = "3.6.0"
+}
+
+variable "broker_instance_type" {
+  type        = string
+  description = "Broker instance type; kafka.t3.small for test accounts, kafka.m7g.large for production."
+  default     = "kafka.m7g.large"
+}
+
+variable "brokers_per_az" {
+  type        = number
+  description = "Brokers in each availability zone of subnet_ids."
+  default     = 1
+}
+
+variable "broker_volume_size_gib" {
+  type        = number
+  description = "EBS volume per broker in GiB."
+  default     = 100
+}
+
+variable "scram_users" {
+  type        = list(string)
+  description = "SASL/SCRAM users to create, one per workload that talks to Kafka (relay, consumer). Each gets its own AmazonMSK_ secret."
+  default     = ["relay", "consumer"]
+}
+
+variable "replica_region" {
+  type        = string
+  description = "Region that gets read-only replicas of the SCRAM secrets listed in replicated_users (Region 2, where the consumer runs and reads its secret through its own VPC endpoint). null: no replicas."
+  default     = null
+}
+
+variable "replica_kms_key_arn" {
+  type        = string
+  description = "KMS key in replica_region that encrypts the secret replicas."
+  default     = null
+}
+
+variable "replicated_users" {
+  type        = list(string)
+  description = "SCRAM users whose secret is replicated to replica_region."
+  default     = ["consumer"]
+}
+
+variable "kms_key_arn" {
+  type        = string
+  description = "Customer managed KMS key for data at rest, the SCRAM secrets (MSK rejects the AWS managed key) and the broker log group."
+}
+
+variable "log_retention_days" {
+  type        = number
+  description = "Retention of the broker log group in days."
+  default     = 365
+}
+
+variable "tags" {
+  type        = map(string)
+  description = "Tags added to every resource of the module."
+  default     = {}
+}
