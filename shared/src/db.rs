@@ -384,3 +384,74 @@ pub fn pool_usage(pool: &Pool) -> PoolUsage {
         waiting: status.waiting,
     }
 }
+
+/// A dedicated connection outside the pool, for session state the pool must not share:
+/// advisory locks (leader election) and `LISTEN`. Notifications arrive on the channel; the
+/// channel closes when the connection ends, which tells the holder it lost its session.
+pub struct SessionConnection {
+    pub client: tokio_postgres::Client,
+    pub notifications: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+/// Opens a [`SessionConnection`] with the same credentials and TLS as the pool.
+pub async fn connect_session(settings: &DatabaseSettings) -> anyhow::Result<SessionConnection> {
+    let mut config = resolve_config(&settings.source).await?;
+    // Notice a dead peer within seconds: a lost session means lost leadership.
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(5))
+        .keepalives_interval(Duration::from_secs(2))
+        .keepalives_retries(3)
+        .connect_timeout(Duration::from_secs(5));
+    let (sender, notifications) = tokio::sync::mpsc::unbounded_channel();
+    let client = match settings.tls {
+        TlsMode::Disable => {
+            let (client, connection) = config
+                .connect(NoTls)
+                .await
+                .context("Failed to connect to PostgreSQL")?;
+            spawn_session_driver(connection, sender);
+            client
+        }
+        TlsMode::VerifyFull => {
+            let tls = rustls_connector(settings.ca_file.as_deref())?;
+            let (client, connection) = config
+                .connect(tls)
+                .await
+                .context("Failed to connect to PostgreSQL")?;
+            spawn_session_driver(connection, sender);
+            client
+        }
+    };
+    Ok(SessionConnection {
+        client,
+        notifications,
+    })
+}
+
+fn spawn_session_driver<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    sender: tokio::sync::mpsc::UnboundedSender<String>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let message = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
+            match message {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    if sender.send(n.channel().to_owned()).is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "session connection failed");
+                    break;
+                }
+                None => break,
+            }
+        }
+    });
+}

@@ -9,7 +9,11 @@ pub mod config;
 pub mod consistency;
 pub mod db;
 pub mod document;
+pub mod event;
 pub mod http;
+#[cfg(feature = "kafka")]
+pub mod kafka;
+pub mod leader;
 pub mod metrics;
 pub mod migrations;
 pub mod problem;

@@ -358,6 +358,7 @@ pub async fn spawn_app_with(options: TestAppOptions) -> TestApp {
         cache,
         auth,
         migrate_on_start: false,
+        replica: None,
     };
     let read_state = tandem_read::AppState::build(&read_settings)
         .await

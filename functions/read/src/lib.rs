@@ -3,6 +3,7 @@
 //!
 //! `router(state)` is the whole service; `main.rs` hands it to Lambda or to an HTTP server.
 
+pub mod replica;
 mod routes;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use tandem_shared::db::DatabaseSettings;
 use tandem_shared::metrics::Metrics;
 use tandem_shared::store::Store;
 
+pub use replica::{Replica, ReplicaSettings};
 pub use routes::router;
 
 /// Everything the Read API is configured with.
@@ -26,6 +28,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// Apply pending migrations at start-up (`TANDEM_MIGRATE_ON_START`, default true).
     pub migrate_on_start: bool,
+    /// Replica mode (Region 2), on when `TANDEM_PRIMARY_READ_URL` is set.
+    pub replica: Option<ReplicaSettings>,
 }
 
 impl Settings {
@@ -36,6 +40,7 @@ impl Settings {
             cache: CacheSettings::from_env()?,
             auth: AuthSettings::from_env()?,
             migrate_on_start: tandem_shared::config::flag("TANDEM_MIGRATE_ON_START", true)?,
+            replica: ReplicaSettings::from_env()?,
         })
     }
 }
@@ -48,6 +53,7 @@ pub struct AppState {
     pub auth: Authenticator,
     pub metrics: Arc<Metrics>,
     pub region: String,
+    pub replica: Option<Replica>,
 }
 
 impl AppState {
@@ -69,6 +75,7 @@ impl AppState {
             auth,
             metrics: Arc::new(Metrics::new("read")),
             region: settings.service.region.clone(),
+            replica: settings.replica.clone().map(Replica::new),
         })
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
@@ -13,8 +13,12 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::FutureExt;
 use tandem_shared::auth::READ_SCOPE;
 use tandem_shared::cache::Entry;
+use tandem_shared::consistency::ConsistencyToken;
 use tandem_shared::document::{Collection, DocumentId, DocumentKey, EntityTagCondition, etag};
-use tandem_shared::http::{Readiness, ReadyCheck, ScrapeHook, finish, ops_router};
+use tandem_shared::http::{
+    CONSISTENCY_TOKEN_HEADER, REPLICATION_LAG_HEADER, Readiness, ReadyCheck, ScrapeHook, finish,
+    ops_router,
+};
 use tandem_shared::problem::ApiError;
 use tandem_shared::store::Stored;
 
@@ -59,6 +63,10 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/{collection}", get(list_documents))
         .route("/v1/{collection}/{id}", get(get_document))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            report_lag,
+        ))
         .with_state(state);
     finish(
         api.merge(ops_router(metrics.clone(), ready, on_scrape)),
@@ -75,6 +83,7 @@ async fn get_document(
     authorize(&app, &headers).await?;
     let Path((collection, id)) = path.map_err(bad_path)?;
     let key = DocumentKey::new(Collection::parse(&collection)?, DocumentId::parse(&id)?);
+    honour_consistency_token(&app, &headers, &key.path()).await?;
     let Some(Entry::Live { version, body }) = lookup(&app, &key).await? else {
         return Err(ApiError::NotFound);
     };
@@ -141,6 +150,11 @@ async fn list_documents(
     let Path(collection) = path.map_err(bad_path)?;
     let collection = Collection::parse(&collection)?;
     let (limit, after) = page_parameters(query.as_deref())?;
+    let list_path = match &query {
+        Some(q) => format!("/v1/{collection}?{q}"),
+        None => format!("/v1/{collection}"),
+    };
+    honour_consistency_token(&app, &headers, &list_path).await?;
     let mut documents = app
         .store
         .list(&collection, after.as_ref(), limit + 1)
@@ -204,6 +218,48 @@ async fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> 
         app.auth.authorize(authorization, READ_SCOPE).await?;
     }
     Ok(())
+}
+
+/// A read carrying `X-Consistency-Token` observes that write or a newer one. Region 1 holds
+/// every acknowledged write already; a replica waits for it, bounded.
+async fn honour_consistency_token(
+    app: &AppState,
+    headers: &HeaderMap,
+    path: &str,
+) -> Result<(), ApiError> {
+    let Some(value) = headers.get(CONSISTENCY_TOKEN_HEADER) else {
+        return Ok(());
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| ConsistencyToken::decode(v).ok())
+        .ok_or_else(|| ApiError::BadRequest {
+            title: "Invalid consistency token",
+            detail: "X-Consistency-Token must be a value returned by a write".to_owned(),
+        })?;
+    match &app.replica {
+        Some(replica) => replica.await_token(&app.store, &token, path).await,
+        None => Ok(()),
+    }
+}
+
+/// Replicas report their replication lag on every API response.
+async fn report_lag(
+    State(app): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mut response = next.run(request).await;
+    if let Some(replica) = &app.replica {
+        if let Ok(Some(lag)) = replica.lag_ms(&app.store).await {
+            response.headers_mut().insert(
+                HeaderName::from_static(REPLICATION_LAG_HEADER),
+                HeaderValue::from(lag),
+            );
+        }
+    }
+    response
 }
 
 fn bad_path(rejection: PathRejection) -> ApiError {

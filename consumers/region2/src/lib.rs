@@ -1,0 +1,325 @@
+//! The Region 2 consumer (long-running): applies change events from Kafka to Region 2's
+//! PostgreSQL and Redis, effectively once, whatever crashes in between.
+//!
+//! * Each event is applied in one transaction that also records its event id
+//!   (`applied_events`) and the Kafka position (`consumer_offsets`). A crash before the commit
+//!   loses nothing (the event is consumed again); a crash after it double-applies nothing (the
+//!   event id is already recorded, and the consumer resumes from the stored position).
+//! * Version-monotonic: an event older than the stored version changes nothing (`stale`), and
+//!   tombstones stay, so an old upsert cannot resurrect a deleted document.
+//! * Redis gets the applied state with the read path's version guard, written inside the
+//!   transaction window (after the database accepted the newer version, before commit), so the
+//!   cache is never behind the database for longer than a crash between the two.
+//! * Poison events (undecodable or invalid) go to `dead_letters` with the reason, and the
+//!   consumer moves on. `tandem-region2-consumer redrive` re-applies them.
+//! * One active consumer (advisory lock on the Region 2 database) reads every partition with
+//!   explicit assignment from the stored positions; a standby takes over when it dies.
+
+pub mod apply;
+pub mod metrics;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use futures_util::FutureExt;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tandem_shared::cache::{Cache, CacheSettings};
+use tandem_shared::config::{self, ConfigError, ServiceSettings};
+use tandem_shared::db::DatabaseSettings;
+use tandem_shared::http::{Readiness, ReadyCheck, ScrapeHook};
+use tandem_shared::kafka::KafkaSettings;
+use tandem_shared::leader::{CONSUMER_LOCK, Leadership};
+use tokio::sync::watch;
+
+pub use apply::{Applier, Incoming, Outcome};
+pub use metrics::ConsumerMetrics;
+
+/// Everything the consumer is configured with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub service: ServiceSettings,
+    pub database: DatabaseSettings,
+    pub cache: CacheSettings,
+    pub kafka: KafkaSettings,
+    /// `KAFKA_GROUP_ID` (default `tandem-region2`): for Kafka's lag tooling; the consumer's
+    /// true position lives in its database.
+    pub group_id: String,
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            service: ServiceSettings::from_env()?,
+            database: DatabaseSettings::from_env()?,
+            cache: CacheSettings::from_env()?,
+            kafka: KafkaSettings::from_env()?,
+            group_id: config::optional("KAFKA_GROUP_ID")
+                .unwrap_or_else(|| "tandem-region2".to_owned()),
+        })
+    }
+}
+
+/// Consumer defaults, overridable through `KAFKA_PROPERTIES`.
+const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+    // A stored position past the end (the broker lost its data and the partition was
+    // recreated) restarts from the beginning; duplicates are harmless.
+    ("auto.offset.reset", "earliest"),
+    ("fetch.wait.max.ms", "50"),
+    ("enable.partition.eof", "false"),
+];
+
+/// The consumer's shared parts.
+#[derive(Clone)]
+pub struct Region2Consumer {
+    pub applier: Applier,
+    pub settings: Settings,
+}
+
+impl Region2Consumer {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let pool = tandem_shared::db::connect_pool(&settings.database).await?;
+        tandem_shared::migrations::run(&pool).await?;
+        let cache = Cache::new(settings.cache.clone())?;
+        Ok(Self {
+            applier: Applier::new(pool, cache, Arc::new(ConsumerMetrics::new())),
+            settings,
+        })
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.applier.pool
+    }
+
+    pub fn metrics(&self) -> &Arc<ConsumerMetrics> {
+        &self.applier.metrics
+    }
+
+    pub fn ready_check(&self) -> ReadyCheck {
+        let pool = self.applier.pool.clone();
+        let metrics = self.applier.metrics.clone();
+        Arc::new(move || {
+            let pool = pool.clone();
+            let metrics = metrics.clone();
+            async move {
+                let mut checks = std::collections::BTreeMap::new();
+                let db = match pool.get().await {
+                    Ok(client) => client
+                        .simple_query("SELECT 1")
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                checks.insert(
+                    "postgres",
+                    db.clone().map_or_else(|e| e, |()| "ok".to_owned()),
+                );
+                checks.insert(
+                    "role",
+                    if metrics.is_leader() {
+                        "leader"
+                    } else {
+                        "standby"
+                    }
+                    .to_owned(),
+                );
+                Readiness {
+                    ready: db.is_ok(),
+                    checks,
+                }
+            }
+            .boxed()
+        })
+    }
+
+    pub fn scrape_hook(&self) -> ScrapeHook {
+        let pool = self.applier.pool.clone();
+        Arc::new(move |m| m.set_pool_usage(tandem_shared::db::pool_usage(&pool)))
+    }
+
+    /// Runs until shutdown: wait for leadership, consume while leader, repeat.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        loop {
+            match self.settings.kafka.ensure_topic().await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "waiting for the broker");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                }
+            }
+        }
+        loop {
+            let metrics = self.applier.metrics.clone();
+            let Some(leadership) = Leadership::acquire(
+                &self.settings.database,
+                CONSUMER_LOCK,
+                Duration::from_secs(1),
+                &mut shutdown,
+                move || metrics.set_leader(false),
+            )
+            .await
+            else {
+                break;
+            };
+            self.applier.metrics.set_leader(true);
+            tracing::info!("this consumer is now the active one");
+            let result = self.consume(&leadership, &mut shutdown).await;
+            self.applier.metrics.set_leader(false);
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "consumption stopped; standing by");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        tracing::info!("consumer stopped");
+        Ok(())
+    }
+
+    fn create_consumer(&self, config: rdkafka::ClientConfig) -> anyhow::Result<StreamConsumer> {
+        config
+            .create()
+            .context("Failed to create the Kafka consumer")
+    }
+
+    /// Assigns every partition at its stored position and applies messages until shutdown
+    /// (`Ok`) or until leadership or the database is lost (`Err`).
+    async fn consume(
+        &self,
+        leadership: &Leadership,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let topic = self.settings.kafka.topic.clone();
+        let mut config = self.settings.kafka.client_config(CONSUMER_DEFAULTS).await?;
+        config.set("group.id", &self.settings.group_id);
+        let consumer = Arc::new(self.create_consumer(config)?);
+        let metadata = {
+            let consumer = consumer.clone();
+            let topic = topic.clone();
+            tokio::task::spawn_blocking(move || {
+                consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))
+            })
+            .await?
+            .context("Failed to read the topic's metadata")?
+        };
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        anyhow::ensure!(!partitions.is_empty(), "topic {topic} has no partitions");
+        let stored = self.applier.stored_offsets(&topic).await?;
+        let mut assignment = TopicPartitionList::new();
+        for partition in &partitions {
+            let offset = stored
+                .get(partition)
+                .map_or(Offset::Beginning, |&next| Offset::Offset(next));
+            assignment.add_partition_offset(&topic, *partition, offset)?;
+        }
+        consumer
+            .assign(&assignment)
+            .context("Failed to assign partitions")?;
+        tracing::info!(
+            partitions = partitions.len(),
+            resumed = stored.len(),
+            "consuming"
+        );
+
+        let heartbeat = tokio::spawn(heartbeat(
+            consumer.clone(),
+            self.applier.clone(),
+            topic.clone(),
+            partitions,
+        ));
+        let result = async {
+            loop {
+                let message = tokio::select! {
+                    message = consumer.recv() => message,
+                    _ = shutdown.changed() => return Ok(()),
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {
+                        anyhow::ensure!(leadership.is_held().await, "the consumer's leader session ended");
+                        continue;
+                    }
+                };
+                let message = match message {
+                    Ok(message) => message,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "kafka receive error");
+                        continue;
+                    }
+                };
+                let incoming = Incoming {
+                    topic: message.topic().to_owned(),
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    headers: apply::headers_json(&message),
+                };
+                self.applier.apply_with_retry(&incoming, shutdown).await?;
+                // Informational only: the database holds the true position.
+                let _ = consumer.commit_message(&message, CommitMode::Async);
+            }
+        }
+        .await;
+        heartbeat.abort();
+        result
+    }
+}
+
+/// Every second: publish liveness and the consumer lag for the Read API and `/metrics`.
+async fn heartbeat(
+    consumer: Arc<StreamConsumer>,
+    applier: Applier,
+    topic: String,
+    partitions: Vec<i32>,
+) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        // Watermarks are a broker round trip (a blocking call): keep them off the runtime.
+        let lags = {
+            let consumer = consumer.clone();
+            let topic = topic.clone();
+            let partitions = partitions.clone();
+            tokio::task::spawn_blocking(move || {
+                let positions = consumer.position().ok();
+                partitions
+                    .iter()
+                    .filter_map(|&partition| {
+                        let (_, high) = consumer
+                            .fetch_watermarks(&topic, partition, Duration::from_secs(1))
+                            .ok()?;
+                        let position = positions
+                            .as_ref()
+                            .and_then(|p| p.find_partition(&topic, partition))
+                            .and_then(|e| match e.offset() {
+                                Offset::Offset(o) => Some(o),
+                                _ => None,
+                            })?;
+                        Some((partition, (high - position).max(0)))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default()
+        };
+        let mut backlog = 0;
+        for (partition, lag) in lags {
+            applier.metrics.set_partition_lag(partition, lag);
+            backlog += lag;
+        }
+        applier.record_heartbeat(backlog).await;
+    }
+}

@@ -1,0 +1,68 @@
+//! Entry point of the outbox relay.
+//!
+//! * `tandem-outbox-relay` — run (leader or standby) with `/healthz`, `/readyz`, `/metrics` on `PORT`.
+//! * `tandem-outbox-relay replay --since <RFC 3339 time>` — republish retained events from that time.
+//! * `tandem-outbox-relay migrate` — apply database migrations and exit.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tandem_outbox_relay::{Relay, Settings};
+use tandem_shared::leader::{shutdown_channel, trigger_on_signal};
+use tandem_shared::metrics::Metrics;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tandem_shared::telemetry::init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let settings = Settings::from_env().context("Invalid configuration")?;
+    match args.first().map(String::as_str) {
+        Some("migrate") => {
+            let pool = tandem_shared::db::connect_pool(&settings.database).await?;
+            tandem_shared::migrations::run(&pool).await
+        }
+        Some("replay") => {
+            let since = match args.get(1..3) {
+                Some([flag, value]) if flag == "--since" => OffsetDateTime::parse(value, &Rfc3339)
+                    .with_context(|| format!("--since {value:?} is not an RFC 3339 time"))?,
+                _ => anyhow::bail!("usage: tandem-outbox-relay replay --since <RFC 3339 time>"),
+            };
+            let pool = tandem_shared::db::connect_pool(&settings.database).await?;
+            let n = tandem_outbox_relay::replay_since(&pool, since).await?;
+            tracing::info!(rows = n, %since, "events marked for replay; the active relay publishes them now");
+            Ok(())
+        }
+        Some(other) => {
+            anyhow::bail!("unknown command {other:?}; expected nothing, replay or migrate")
+        }
+        None => run(settings).await,
+    }
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let pool = tandem_shared::db::connect_pool(&settings.database).await?;
+    tandem_shared::migrations::run(&pool).await?;
+    let relay = Relay::build(settings.clone()).await?;
+    let metrics = Arc::new(Metrics::new("outbox-relay"));
+    relay.metrics.register(&metrics);
+    let ops = tandem_shared::http::finish(
+        tandem_shared::http::ops_router(metrics.clone(), relay.ready_check(), relay.scrape_hook()),
+        metrics,
+        &settings.service.region,
+    );
+    let (sender, shutdown) = shutdown_channel();
+    trigger_on_signal(sender);
+    let listener =
+        tokio::net::TcpListener::bind((settings.service.bind_address, settings.service.port))
+            .await
+            .with_context(|| format!("Failed to bind port {}", settings.service.port))?;
+    let mut ops_shutdown = shutdown.clone();
+    let server = tokio::spawn(tandem_shared::serve::serve(listener, ops, async move {
+        let _ = ops_shutdown.wait_for(|stop| *stop).await;
+    }));
+    relay.run(shutdown).await?;
+    server.await.context("ops server task failed")??;
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! The relay's own metrics, registered next to the common HTTP ones.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
+pub struct RelayMetrics {
+    pub published: Counter,
+    pub publish_errors: Counter,
+    pub batch_size: Histogram,
+    pub publish_seconds: Histogram,
+    pub backlog: Gauge,
+    pub leader: Gauge,
+    is_leader: AtomicBool,
+}
+
+impl RelayMetrics {
+    pub fn new() -> Self {
+        Self {
+            published: Counter::default(),
+            publish_errors: Counter::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 8)),
+            publish_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            backlog: Gauge::default(),
+            leader: Gauge::default(),
+            is_leader: AtomicBool::new(false),
+        }
+    }
+
+    pub fn set_leader(&self, leader: bool) {
+        self.is_leader.store(leader, Ordering::Relaxed);
+        self.leader.set(i64::from(leader));
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.is_leader.load(Ordering::Relaxed)
+    }
+
+    /// Adds these metrics to a service registry.
+    pub fn register(&self, metrics: &tandem_shared::metrics::Metrics) {
+        metrics.register(
+            "relay_events_published",
+            "Outbox events acknowledged by the broker",
+            self.published.clone(),
+        );
+        metrics.register(
+            "relay_publish_errors",
+            "Batches that failed to publish completely",
+            self.publish_errors.clone(),
+        );
+        metrics.register(
+            "relay_batch_size",
+            "Events per published batch",
+            self.batch_size.clone(),
+        );
+        metrics.register(
+            "relay_publish_seconds",
+            "Time to publish one batch",
+            self.publish_seconds.clone(),
+        );
+        metrics.register(
+            "relay_outbox_backlog",
+            "Unpublished outbox rows (0 when the last batch was not full)",
+            self.backlog.clone(),
+        );
+        metrics.register(
+            "relay_leader",
+            "1 when this replica is the active relay",
+            self.leader.clone(),
+        );
+    }
+}
+
+impl Default for RelayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

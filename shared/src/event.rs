@@ -1,0 +1,213 @@
+//! The change event that travels from Region 1's outbox through Kafka to Region 2: a JSON
+//! envelope with CloudEvents 1.0 attributes whose `data` is the document's state after the
+//! write. Defined once here; the relay encodes it, the consumer decodes and validates it.
+//!
+//! Kafka layout: one topic (`KAFKA_TOPIC`, default `tandem.documents`); the message key is
+//! `collection/id`, so all events of one document land on one partition, in order; headers carry
+//! `traceparent`, `ce_id`, `ce_type` and `tandem-collection` for routing and tracing without
+//! parsing the body.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::document::{Collection, Document, DocumentId, DocumentKey};
+use crate::store::Stored;
+
+pub const SPEC_VERSION: &str = "1.0";
+pub const TYPE_UPSERTED: &str = "dev.tandem.document.upserted";
+pub const TYPE_DELETED: &str = "dev.tandem.document.deleted";
+
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+pub const HEADER_EVENT_ID: &str = "ce_id";
+pub const HEADER_EVENT_TYPE: &str = "ce_type";
+pub const HEADER_COLLECTION: &str = "tandem-collection";
+
+/// A document's state after a write: a live document or a tombstone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DocumentState {
+    pub collection: Collection,
+    pub id: DocumentId,
+    pub version: i64,
+    #[serde(default)]
+    pub deleted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Map<String, Value>>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub created_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+impl DocumentState {
+    pub fn key(&self) -> DocumentKey {
+        DocumentKey::new(self.collection.clone(), self.id.clone())
+    }
+
+    /// The state as stored in a region's database.
+    pub fn to_stored(&self) -> Stored {
+        match (&self.data, self.deleted) {
+            (Some(data), false) => Stored::Live(Document {
+                collection: self.collection.clone(),
+                id: self.id.clone(),
+                version: self.version,
+                data: data.clone(),
+                created_at: self.created_at.unwrap_or(self.updated_at),
+                updated_at: self.updated_at,
+            }),
+            _ => Stored::Deleted {
+                version: self.version,
+            },
+        }
+    }
+}
+
+/// The envelope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeEvent {
+    pub specversion: String,
+    /// The outbox event id (UUIDv7): the consumer's deduplication key.
+    pub id: Uuid,
+    /// `/tandem/<region>`.
+    pub source: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// When the write committed in Region 1 (the outbox row's `created_at`).
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    /// `collection/id`.
+    pub subject: String,
+    pub datacontenttype: String,
+    pub data: DocumentState,
+}
+
+/// Why an event cannot be applied: it goes to the dead-letter store with this reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoisonReason {
+    #[error("undecodable event: {0}")]
+    Undecodable(String),
+    #[error("invalid event: {0}")]
+    Invalid(String),
+}
+
+impl ChangeEvent {
+    /// Wraps a committed document state.
+    pub fn new(id: Uuid, source_region: &str, time: OffsetDateTime, data: DocumentState) -> Self {
+        let kind = if data.deleted {
+            TYPE_DELETED
+        } else {
+            TYPE_UPSERTED
+        };
+        Self {
+            specversion: SPEC_VERSION.to_owned(),
+            id,
+            source: format!("/tandem/{source_region}"),
+            kind: kind.to_owned(),
+            time,
+            subject: format!("{}/{}", data.collection, data.id),
+            datacontenttype: "application/json".to_owned(),
+            data,
+        }
+    }
+
+    /// The Kafka message key: every event of one document goes to one partition.
+    pub fn partition_key(&self) -> &str {
+        &self.subject
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decodes and validates an event; anything wrong is a poison reason, never a panic.
+    pub fn decode(bytes: &[u8]) -> Result<Self, PoisonReason> {
+        let event: Self =
+            serde_json::from_slice(bytes).map_err(|e| PoisonReason::Undecodable(e.to_string()))?;
+        event.validate()?;
+        Ok(event)
+    }
+
+    fn validate(&self) -> Result<(), PoisonReason> {
+        let invalid = |m: &str| Err(PoisonReason::Invalid(m.to_owned()));
+        if self.specversion != SPEC_VERSION {
+            return invalid("unsupported specversion");
+        }
+        if self.data.version < 1 {
+            return invalid("version must be positive");
+        }
+        let expected_type = if self.data.deleted {
+            TYPE_DELETED
+        } else {
+            TYPE_UPSERTED
+        };
+        if self.kind != expected_type {
+            return invalid("type does not match the document state");
+        }
+        if self.data.deleted == self.data.data.is_some() {
+            return invalid("a live document needs data and a tombstone must have none");
+        }
+        if self.subject != format!("{}/{}", self.data.collection, self.data.id) {
+            return invalid("subject does not match the document");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(deleted: bool) -> DocumentState {
+        DocumentState {
+            collection: Collection::parse("orders").expect("valid"),
+            id: DocumentId::parse("o1").expect("valid"),
+            version: 3,
+            deleted,
+            data: (!deleted).then(|| Map::from_iter([("a".to_owned(), Value::from(1))])),
+            created_at: None,
+            updated_at: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn events_round_trip_and_invalid_ones_are_poison() {
+        for deleted in [false, true] {
+            let event = ChangeEvent::new(
+                Uuid::now_v7(),
+                "region1",
+                OffsetDateTime::UNIX_EPOCH,
+                state(deleted),
+            );
+            assert_eq!(ChangeEvent::decode(&event.encode()), Ok(event));
+        }
+        assert!(matches!(
+            ChangeEvent::decode(b"not json"),
+            Err(PoisonReason::Undecodable(_))
+        ));
+        let mut wrong = ChangeEvent::new(
+            Uuid::now_v7(),
+            "region1",
+            OffsetDateTime::UNIX_EPOCH,
+            state(false),
+        );
+        wrong.kind = TYPE_DELETED.to_owned();
+        assert!(matches!(
+            ChangeEvent::decode(&wrong.encode()),
+            Err(PoisonReason::Invalid(_))
+        ));
+        let mut bad_collection = serde_json::to_value(ChangeEvent::new(
+            Uuid::now_v7(),
+            "r",
+            OffsetDateTime::UNIX_EPOCH,
+            state(false),
+        ))
+        .expect("json");
+        bad_collection["data"]["collection"] = Value::from("Not Valid");
+        assert!(ChangeEvent::decode(bad_collection.to_string().as_bytes()).is_err());
+    }
+}
