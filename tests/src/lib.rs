@@ -8,7 +8,9 @@
 
 pub mod process;
 pub use process::{binary, scratch_dir};
+pub mod regions;
 pub mod services;
 
 pub use process::{ManagedProcess, free_port, wait_for_port};
-pub use services::{Postgres, Redis, TestApp, TestAppOptions, spawn_app, spawn_app_with};
+pub use regions::{Broker, TwoRegions};
+pub use services::{Postgres, Redis, TestApp, TestAppOptions, serve, spawn_app, spawn_app_with};

@@ -160,6 +160,11 @@ impl Postgres {
         Ok(())
     }
 
+    /// A cluster for the whole test process, removed when the process exits.
+    pub fn start_shared() -> anyhow::Result<Self> {
+        Self::start_inner(true)
+    }
+
     /// The cluster every test of this process shares (each test gets its own database).
     pub fn shared() -> &'static Postgres {
         static SHARED: OnceLock<Postgres> = OnceLock::new();

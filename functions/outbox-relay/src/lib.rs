@@ -237,6 +237,10 @@ impl Relay {
                         "publishing failed; retrying"
                     );
                     self.metrics.publish_errors.inc();
+                    // A broker that lost its data has lost the topic too: recreate it.
+                    if let Err(e) = self.settings.kafka.ensure_topic().await {
+                        tracing::debug!(error = format!("{e:#}"), "topic check failed");
+                    }
                     if !leadership.is_held().await {
                         anyhow::bail!("the leader session ended");
                     }

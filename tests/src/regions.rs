@@ -1,0 +1,294 @@
+//! The two-region system for replication tests: Region 1 (Write + Read APIs in-process over
+//! its own PostgreSQL cluster and Redis), a Kafka-protocol broker (tansu), the outbox relay and
+//! the Region 2 consumer as real processes (so tests can SIGKILL them), and Region 2's Read API
+//! (replica mode) over a second PostgreSQL cluster and a second Redis.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tandem_shared::cache::CacheSettings;
+use tandem_shared::config::ServiceSettings;
+use tandem_shared::db::DatabaseSettings;
+
+use crate::process::{ManagedProcess, binary, free_port, scratch_dir};
+use crate::services::{Postgres, Redis, TestApp, TestAppOptions, serve, spawn_app_with};
+
+/// The broker binary: `TANDEM_TANSU`, then `PATH`, then the `make test` install location.
+pub fn tansu_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TANDEM_TANSU") {
+        return path.into();
+    }
+    let cached = std::env::var_os("TANDEM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/tandem")))
+        .map(|c| c.join("tools/bin/tansu"));
+    match cached {
+        Some(path) if path.exists() => path,
+        _ => PathBuf::from("tansu"),
+    }
+}
+
+/// A Kafka-protocol broker (tansu, memory storage: a restart loses every topic and offset).
+pub struct Broker {
+    pub port: u16,
+    dir: PathBuf,
+    process: Option<ManagedProcess>,
+}
+
+impl Broker {
+    pub async fn start() -> anyhow::Result<Self> {
+        let mut broker = Self {
+            port: free_port(),
+            dir: scratch_dir("broker"),
+            process: None,
+        };
+        broker.launch().await?;
+        Ok(broker)
+    }
+
+    async fn launch(&mut self) -> anyhow::Result<()> {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let args = vec![
+            "broker".to_owned(),
+            "--listener-url".to_owned(),
+            url.clone(),
+            "--advertised-listener-url".to_owned(),
+            url,
+            "--storage-engine".to_owned(),
+            "memory://tansu/".to_owned(),
+        ];
+        let process = ManagedProcess::start("tansu", &tansu_binary(), &args, &[], &self.dir.join("broker.log"), "")?;
+        crate::wait_for_port(self.port, Duration::from_secs(20))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}: broker log:\n{}", process.log_tail()))?;
+        self.process = Some(process);
+        Ok(())
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Freezes the broker (SIGSTOP) or thaws it (SIGCONT): an outage without data loss.
+    pub fn pause(&self, paused: bool) {
+        if let Some(process) = &self.process {
+            process.signal(if paused { "STOP" } else { "CONT" });
+        }
+    }
+
+    /// Kills and restarts it: with memory storage, every topic and offset is gone.
+    pub async fn restart_empty(&mut self) -> anyhow::Result<()> {
+        if let Some(process) = &self.process {
+            process.signal("KILL");
+        }
+        if let Some(mut process) = self.process.take() {
+            process.stop();
+        }
+        self.launch().await
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(process) = &self.process {
+            process.signal("CONT");
+        }
+        self.process.take();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The second region's own servers, shared by the tests of one process.
+fn region2_postgres() -> &'static Postgres {
+    static PG: std::sync::OnceLock<Postgres> = std::sync::OnceLock::new();
+    PG.get_or_init(|| Postgres::start_shared().expect("failed to start Region 2's PostgreSQL"))
+}
+
+fn region2_redis() -> &'static Redis {
+    static REDIS: std::sync::OnceLock<Redis> = std::sync::OnceLock::new();
+    REDIS.get_or_init(|| Redis::start().expect("failed to start Region 2's Redis"))
+}
+
+/// Region 1, the broker, the workers and Region 2.
+pub struct TwoRegions {
+    pub region1: TestApp,
+    pub region2_read_url: String,
+    pub region2_database_url: String,
+    pub region2_pool: deadpool_postgres::Pool,
+    pub region2_redis_url: String,
+    pub region2_key_prefix: String,
+    pub broker: Broker,
+    pub topic: String,
+    pub relays: Vec<ManagedProcess>,
+    pub consumers: Vec<ManagedProcess>,
+    dir: PathBuf,
+}
+
+impl TwoRegions {
+    /// Everything up, one relay and one consumer running.
+    pub async fn start() -> Self {
+        let mut regions = Self::start_without_workers().await;
+        regions.start_relay();
+        regions.start_consumer();
+        regions
+    }
+
+    pub async fn start_without_workers() -> Self {
+        let broker = Broker::start().await.expect("broker (tansu; make test installs it)");
+        let region1 = spawn_app_with(TestAppOptions::default()).await;
+        let region2_database_url = region2_postgres().create_database().await.expect("region2 database");
+        let region2_redis_url = region2_redis().url();
+        let region2_key_prefix = format!("r2-{}", uuid::Uuid::now_v7().simple());
+        let mut cache = CacheSettings::from_url(&region2_redis_url);
+        cache.key_prefix = region2_key_prefix.clone();
+        let settings = tandem_read::Settings {
+            service: ServiceSettings {
+                region: "region2".into(),
+                port: 0,
+                bind_address: [127, 0, 0, 1].into(),
+            },
+            database: DatabaseSettings::from_url(&region2_database_url),
+            cache,
+            auth: Default::default(),
+            migrate_on_start: true,
+            replica: Some(tandem_read::ReplicaSettings {
+                primary_read_url: region1.read_url.clone(),
+                consistency_wait: Duration::from_secs(1),
+                max_lag: Duration::from_secs(5),
+            }),
+        };
+        let state = tandem_read::AppState::build(&settings).await.expect("region2 read state");
+        let region2_read_url = serve(tandem_read::router(state)).await;
+        Self {
+            region2_pool: tandem_shared::db::connect_url(&region2_database_url).await.expect("pool"),
+            region1,
+            region2_read_url,
+            region2_database_url,
+            region2_redis_url,
+            region2_key_prefix,
+            topic: format!("tandem.test.{}", uuid::Uuid::now_v7().simple()),
+            broker,
+            relays: Vec::new(),
+            consumers: Vec::new(),
+            dir: scratch_dir("regions"),
+        }
+    }
+
+    fn kafka_env(&self) -> Vec<(String, String)> {
+        [
+            ("KAFKA_BROKERS", self.broker.address()),
+            ("KAFKA_TOPIC", self.topic.clone()),
+            // The memory engine needs one record per batch for consumers to resume mid-stream.
+            ("KAFKA_PROPERTIES", "batch.num.messages=1".to_owned()),
+            ("KAFKA_TOPIC_PARTITIONS", "3".to_owned()),
+            ("KAFKA_TOPIC_REPLICATION", "1".to_owned()),
+            ("BIND_ADDRESS", "127.0.0.1".to_owned()),
+            ("RUST_LOG", "info,librdkafka=warn,rdkafka=warn".to_owned()),
+            ("TANDEM_LOG_FORMAT", "pretty".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// Starts one more relay (the first becomes leader; later ones stand by).
+    pub fn start_relay(&mut self) -> usize {
+        let mut env = self.kafka_env();
+        env.extend([
+            ("DATABASE_URL".to_owned(), self.region1.database_url.clone()),
+            ("TANDEM_REGION".to_owned(), "region1".to_owned()),
+            ("RELAY_POLL_INTERVAL_MS".to_owned(), "200".to_owned()),
+            ("PORT".to_owned(), free_port().to_string()),
+        ]);
+        let n = self.relays.len();
+        let log = self.dir.join(format!("relay-{n}.log"));
+        let relay = ManagedProcess::start("relay", &binary("tandem-outbox-relay"), &[], &env, &log, "")
+            .expect("start tandem-outbox-relay");
+        self.relays.push(relay);
+        n
+    }
+
+    /// Starts one more consumer.
+    pub fn start_consumer(&mut self) -> usize {
+        let mut env = self.kafka_env();
+        env.extend([
+            ("DATABASE_URL".to_owned(), self.region2_database_url.clone()),
+            ("REDIS_URL".to_owned(), self.region2_redis_url.clone()),
+            ("REDIS_KEY_PREFIX".to_owned(), self.region2_key_prefix.clone()),
+            ("TANDEM_REGION".to_owned(), "region2".to_owned()),
+            ("KAFKA_GROUP_ID".to_owned(), format!("group-{}", self.topic)),
+            ("PORT".to_owned(), free_port().to_string()),
+        ]);
+        let n = self.consumers.len();
+        let log = self.dir.join(format!("consumer-{n}.log"));
+        let consumer = ManagedProcess::start("consumer", &binary("tandem-region2-consumer"), &[], &env, &log, "")
+            .expect("start tandem-region2-consumer");
+        self.consumers.push(consumer);
+        n
+    }
+
+    /// Runs the relay binary's `replay --since` command against Region 1.
+    pub fn replay_since(&self, since: &str) -> std::process::Output {
+        let mut command = std::process::Command::new(binary("tandem-outbox-relay"));
+        command.args(["replay", "--since", since]);
+        for (k, v) in self.kafka_env() {
+            command.env(k, v);
+        }
+        command.env("DATABASE_URL", &self.region1.database_url);
+        command.output().expect("run replay")
+    }
+
+    /// Every document of a region, as `(collection, id, version, deleted, data)`, in key order.
+    pub async fn snapshot(pool: &deadpool_postgres::Pool) -> Vec<(String, String, i64, bool, Option<Value>)> {
+        let client = pool.get().await.expect("db");
+        client
+            .query("SELECT collection, id, version, deleted, data FROM documents ORDER BY collection, id", &[])
+            .await
+            .expect("snapshot")
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+            .collect()
+    }
+
+    /// Waits until Region 2's documents equal Region 1's, row for row.
+    pub async fn wait_converged(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let one = Self::snapshot(&self.region1.pool).await;
+            let two = Self::snapshot(&self.region2_pool).await;
+            if one == two {
+                return;
+            }
+            if Instant::now() > deadline {
+                let missing = one.iter().filter(|r| !two.contains(r)).count();
+                panic!(
+                    "Region 2 did not converge within {timeout:?}: {} rows in region1, {} in region2, {missing} differ\nrelay logs:\n{}\nconsumer logs:\n{}",
+                    one.len(),
+                    two.len(),
+                    self.relays.iter().map(ManagedProcess::log_tail).collect::<Vec<_>>().join("\n---\n"),
+                    self.consumers.iter().map(ManagedProcess::log_tail).collect::<Vec<_>>().join("\n---\n"),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A GET against Region 2's Read API.
+    pub async fn region2_get(&self, path: &str) -> reqwest::Response {
+        self.region1
+            .client
+            .get(format!("{}{path}", self.region2_read_url))
+            .send()
+            .await
+            .expect("region2 GET")
+    }
+}
+
+impl Drop for TwoRegions {
+    fn drop(&mut self) {
+        self.relays.clear();
+        self.consumers.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,58 @@
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use tandem_tests::TwoRegions;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_in_region1_appear_in_region2_with_the_same_versions_data_and_tombstones() {
+    let regions = TwoRegions::start().await;
+    let app = &regions.region1;
+    app.put("orders", "a", &json!({"total": 1})).await;
+    app.put("orders", "a", &json!({"total": 2})).await;
+    app.put("orders", "b", &json!({"total": 3})).await;
+    let patched = app
+        .write(Method::PATCH, "/v1/orders/b")
+        .header("content-type", "application/merge-patch+json")
+        .body(r#"{"paid": true}"#)
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(patched.status(), 200);
+    assert_eq!(app.write(Method::DELETE, "/v1/orders/a").send().await.expect("delete").status(), 204);
+    regions.wait_converged(Duration::from_secs(30)).await;
+
+    let b = regions.region2_get("/v1/orders/b").await;
+    assert_eq!(b.status(), 200);
+    assert_eq!(b.headers()["x-tandem-region"], "region2");
+    assert_eq!(b.headers()["etag"], "\"2\"");
+    assert!(b.headers().contains_key("x-tandem-replication-lag-ms"));
+    let body: Value = b.json().await.expect("json");
+    assert_eq!(body["data"], json!({"total": 3, "paid": true}));
+    let region1_body: Value = app.get("/v1/orders/b").await.json().await.expect("json");
+    assert_eq!(body, region1_body, "Region 2 serves the same representation");
+    assert_eq!(regions.region2_get("/v1/orders/a").await.status(), 404);
+    let list: Value = regions.region2_get("/v1/orders").await.json().await.expect("json");
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(1));
+
+    // Region 2 refuses writes.
+    let write = app
+        .client
+        .put(format!("{}/v1/orders/c", regions.region2_read_url))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(write.status(), 405);
+
+    // A recreated document continues its version in Region 2 as well.
+    app.put("orders", "a", &json!({"total": 9})).await;
+    regions.wait_converged(Duration::from_secs(30)).await;
+    let a: Value = regions.region2_get("/v1/orders/a").await.json().await.expect("json");
+    assert_eq!(a["version"], 4);
+
+    // Each event was applied exactly once.
+    let client = regions.region2_pool.get().await.expect("db");
+    let applied: i64 = client.query_one("SELECT count(*) FROM applied_events", &[]).await.expect("count").get(0);
+    assert_eq!(applied, app.count("outbox").await);
+}
