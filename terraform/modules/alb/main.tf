@@ -395,6 +395,38 @@ resource "aws_wafv2_web_acl" "this" {
     }
   }
 
+  # Anonymising proxies and Tor are blocked; hosting-provider addresses are only
+  # counted, because server-to-server clients legitimately run in clouds.
+  rule {
+    name     = "anonymous-ip"
+    priority = 15
+
+    override_action {
+      none {}
+    }
+
+    statement {
+      managed_rule_group_statement {
+        vendor_name = "AWS"
+        name        = "AWSManagedRulesAnonymousIpList"
+
+        rule_action_override {
+          name = "HostingProviderIPList"
+
+          action_to_use {
+            count {}
+          }
+        }
+      }
+    }
+
+    visibility_config {
+      cloudwatch_metrics_enabled = true
+      metric_name                = "${var.name}-anonymous-ip"
+      sampled_requests_enabled   = true
+    }
+  }
+
   rule {
     name     = "known-bad-inputs"
     priority = 20

@@ -45,6 +45,7 @@ resource "random_password" "auth" {
 }
 
 resource "aws_secretsmanager_secret" "auth" {
+  # checkov:skip=CKV2_AWS_57:Secrets Manager has no rotation function for ElastiCache AUTH tokens; rotation is the Terraform runbook above (ROTATE strategy keeps both tokens valid during the switch).
   name                    = "${var.name}/redis/auth-token"
   description             = "AUTH token of the ElastiCache replication group ${var.name}"
   kms_key_id              = var.kms_key_arn
@@ -77,8 +78,8 @@ resource "aws_elasticache_replication_group" "this" {
   port                 = local.port
   num_cache_clusters   = var.num_cache_clusters
 
-  automatic_failover_enabled = var.num_cache_clusters > 1
-  multi_az_enabled           = var.num_cache_clusters > 1
+  automatic_failover_enabled = true
+  multi_az_enabled           = true
 
   subnet_group_name  = aws_elasticache_subnet_group.this.name
   security_group_ids = [aws_security_group.redis.id]

@@ -32,8 +32,13 @@ variable "node_type" {
 
 variable "num_cache_clusters" {
   type        = number
-  description = "Nodes in the replication group (1 primary + replicas). 2 or more enables automatic failover and Multi-AZ."
+  description = "Nodes in the replication group (1 primary + replicas, at least 2: automatic failover and Multi-AZ are always on)."
   default     = 2
+
+  validation {
+    condition     = var.num_cache_clusters >= 2
+    error_message = "num_cache_clusters must be at least 2 (automatic failover needs a replica)."
+  }
 }
 
 variable "snapshot_retention_days" {

@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Offline structural checks of the Terraform tree (no providers, no network).
+
+`terraform validate` needs the providers downloaded, which this project's machines cannot do,
+so this script checks what can be checked from the source alone, with python-hcl2:
+
+* every `.tf` file parses;
+* every variable has a `type` and a non-empty `description`;
+* every output has a non-empty `description`;
+* every module directory under terraform/modules has main.tf, variables.tf, outputs.tf and
+  versions.tf, pins each provider with a `version` constraint in `required_providers`, and
+  splits main.tf into sections with banner comments;
+* every `module` block with a local `source` passes only variables the module declares, passes
+  every variable the module requires (no default), and passes every provider alias the module
+  lists in `configuration_aliases`.
+
+Usage: check_terraform.py [TERRAFORM_DIR]   (default: terraform/ next to this script's parent)
+Exit status 0 when clean, 1 when any problem was found, 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hcl2
+
+MODULE_FILES = ("main.tf", "variables.tf", "outputs.tf", "versions.tf")
+# Arguments of a module block that are Terraform meta-arguments, not module inputs.
+META_ARGUMENTS = {"source", "version", "providers", "count", "for_each", "depends_on"}
+BANNER = "#" * 20
+
+
+@dataclass
+class ModuleInterface:
+    """What a module directory declares: its inputs and required provider aliases."""
+
+    variables: dict[str, bool] = field(default_factory=dict)  # name -> required (no default)
+    provider_aliases: set[str] = field(default_factory=set)  # e.g. {"aws.replica"}
+
+
+def unquote(value: object) -> str:
+    """python-hcl2 >= 7 keeps the quotes of string literals and block labels; older ones do not."""
+    text = str(value)
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        return text[1:-1]
+    return text
+
+
+def interpolated(value: object) -> str:
+    """`${aws.region1}` -> `aws.region1` (references in a providers map)."""
+    text = unquote(value)
+    if text.startswith("${") and text.endswith("}"):
+        return text[2:-1]
+    return text
+
+
+def labelled_blocks(parsed: dict, kind: str) -> list[tuple[str, dict]]:
+    """[(label, body)] of every `kind "label" { ... }` block in a parsed file."""
+    blocks = []
+    for entry in parsed.get(kind, []):
+        for label, body in entry.items():
+            if label.startswith("__"):
+                continue
+            blocks.append((unquote(label), body if isinstance(body, dict) else {}))
+    return blocks
+
+
+def body_keys(body: dict) -> set[str]:
+    return {key for key in body if not key.startswith("__")}
+
+
+class Checker:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.problems: list[str] = []
+        self.parsed: dict[Path, dict] = {}
+        self.checked_modules = 0
+        self.checked_calls = 0
+
+    def problem(self, where: Path | str, message: str) -> None:
+        location = where.relative_to(self.root.parent) if isinstance(where, Path) else where
+        self.problems.append(f"{location}: {message}")
+
+    # -- parsing -----------------------------------------------------------------------------
+
+    def parse_all(self) -> None:
+        for path in sorted(self.root.rglob("*.tf")):
+            if ".terraform" in path.parts:
+                continue
+            try:
+                with path.open(encoding="utf-8") as handle:
+                    self.parsed[path] = hcl2.load(handle)
+            except Exception as error:  # noqa: BLE001 - any parser failure is a finding
+                self.problem(path, f"does not parse: {error}")
+
+    def files_in(self, directory: Path) -> list[tuple[Path, dict]]:
+        return [(path, parsed) for path, parsed in self.parsed.items() if path.parent == directory]
+
+    # -- per-file rules ----------------------------------------------------------------------
+
+    def check_variables_and_outputs(self) -> None:
+        for path, parsed in self.parsed.items():
+            for name, body in labelled_blocks(parsed, "variable"):
+                if "type" not in body:
+                    self.problem(path, f'variable "{name}" has no type')
+                if not unquote(body.get("description", "")).strip():
+                    self.problem(path, f'variable "{name}" has no description')
+            for name, body in labelled_blocks(parsed, "output"):
+                if not unquote(body.get("description", "")).strip():
+                    self.problem(path, f'output "{name}" has no description')
+
+    # -- modules -----------------------------------------------------------------------------
+
+    def interface(self, directory: Path) -> ModuleInterface:
+        interface = ModuleInterface()
+        for _, parsed in self.files_in(directory):
+            for name, body in labelled_blocks(parsed, "variable"):
+                interface.variables[name] = "default" not in body
+            for terraform in parsed.get("terraform", []):
+                for providers in terraform.get("required_providers", []):
+                    for provider, spec in providers.items():
+                        if provider.startswith("__") or not isinstance(spec, dict):
+                            continue
+                        for alias in spec.get("configuration_aliases", []):
+                            interface.provider_aliases.add(interpolated(alias))
+        return interface
+
+    def check_module_directories(self) -> None:
+        modules_dir = self.root / "modules"
+        if not modules_dir.is_dir():
+            self.problem(modules_dir, "missing")
+            return
+        for directory in sorted(p for p in modules_dir.iterdir() if p.is_dir()):
+            self.checked_modules += 1
+            for name in MODULE_FILES:
+                if not (directory / name).is_file():
+                    self.problem(directory, f"module has no {name}")
+            self.check_provider_pins(directory)
+            main = directory / "main.tf"
+            if main.is_file() and BANNER not in main.read_text(encoding="utf-8"):
+                self.problem(main, "no banner comment (a line of #) splitting it into sections")
+
+    def check_provider_pins(self, directory: Path) -> None:
+        versions = directory / "versions.tf"
+        parsed = self.parsed.get(versions)
+        if parsed is None:
+            return
+        pinned_any = False
+        for terraform in parsed.get("terraform", []):
+            if "required_version" not in terraform:
+                self.problem(versions, "terraform block has no required_version")
+            for providers in terraform.get("required_providers", []):
+                for provider, spec in providers.items():
+                    if provider.startswith("__"):
+                        continue
+                    pinned_any = True
+                    if not isinstance(spec, dict) or not unquote(spec.get("version", "")).strip():
+                        self.problem(versions, f'provider "{provider}" has no version constraint')
+                    elif not isinstance(spec, dict) or "source" not in spec:
+                        self.problem(versions, f'provider "{provider}" has no source')
+        if not pinned_any:
+            self.problem(versions, "no required_providers")
+
+    def check_module_calls(self) -> None:
+        interfaces: dict[Path, ModuleInterface] = {}
+        for path, parsed in self.parsed.items():
+            for name, body in labelled_blocks(parsed, "module"):
+                source = unquote(body.get("source", ""))
+                if not source.startswith(("./", "../")):
+                    continue  # registry or remote modules are not checked offline
+                self.checked_calls += 1
+                target = (path.parent / source).resolve()
+                where = f"{path.relative_to(self.root.parent)} module \"{name}\""
+                if not target.is_dir():
+                    self.problem(where, f"source {source} is not a directory")
+                    continue
+                if target not in interfaces:
+                    interfaces[target] = self.interface(target)
+                interface = interfaces[target]
+
+                passed = body_keys(body) - META_ARGUMENTS
+                for unknown in sorted(passed - interface.variables.keys()):
+                    self.problem(where, f'passes "{unknown}", which {source} does not declare')
+                required = {var for var, is_required in interface.variables.items() if is_required}
+                for missing in sorted(required - passed):
+                    self.problem(where, f'does not pass required variable "{missing}" of {source}')
+
+                providers = body.get("providers", {})
+                if isinstance(providers, list):  # older parsers wrap maps in lists
+                    providers = providers[0] if providers else {}
+                passed_providers = {interpolated(key) for key in providers}
+                for alias in sorted(interface.provider_aliases - passed_providers):
+                    self.problem(where, f'does not pass provider "{alias}" required by {source}')
+
+    def run(self) -> int:
+        self.parse_all()
+        self.check_variables_and_outputs()
+        self.check_module_directories()
+        self.check_module_calls()
+        print(
+            f"check_terraform: {len(self.parsed)} files, {self.checked_modules} modules, "
+            f"{self.checked_calls} module calls checked"
+        )
+        for line in self.problems:
+            print(f"  FAIL {line}")
+        if self.problems:
+            print(f"check_terraform: {len(self.problems)} problem(s)")
+            return 1
+        print("check_terraform: ok")
+        return 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    default = Path(__file__).resolve().parent.parent / "terraform"
+    root = Path(argv[1]).resolve() if len(argv) == 2 else default
+    if not root.is_dir():
+        print(f"check_terraform: no such directory {root}", file=sys.stderr)
+        return 2
+    return Checker(root).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
