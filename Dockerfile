@@ -1,0 +1,84 @@
+# syntax=docker/dockerfile:1
+#
+# One Dockerfile for the four Tandem services. The builder compiles all four
+# binaries once (BuildKit caches the layer, so building the four images in a row
+# compiles once); BINARY picks the one that goes into the runtime image:
+#
+#   docker build --build-arg BINARY=tandem-write -t tandem-write .
+#
+# BINARY: tandem-write | tandem-read | tandem-outbox-relay | tandem-region2-consumer
+
+ARG RUST_IMAGE=rust:1-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
+################################################################################
+# Builder
+################################################################################
+FROM ${RUST_IMAGE} AS builder
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# cmake builds librdkafka (rdkafka's cmake-build feature); libssl-dev and
+# pkg-config serve its TLS support (SASL/SCRAM itself needs no extra library).
+# DL3008 (pin apt versions) is ignored on purpose: these build-only packages
+# follow the base image's Debian release and its security updates, and exact
+# versions would break the build at every Debian point release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends cmake pkg-config libssl-dev \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /src
+COPY . .
+
+# The cache mounts keep the crate registry and the target directory between
+# builds; the binaries are copied out because a cache mount is not in the layer.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked \
+        --bin tandem-write \
+        --bin tandem-read \
+        --bin tandem-outbox-relay \
+        --bin tandem-region2-consumer \
+    && mkdir -p /out/bin /out/lib \
+    && cp target/release/tandem-write target/release/tandem-read \
+          target/release/tandem-outbox-relay target/release/tandem-region2-consumer /out/bin/
+
+# The runtime image has glibc, libgcc, libstdc++, OpenSSL and CA certificates
+# and nothing else: copy every other shared library the binaries link (zlib,
+# for instance, when librdkafka finds it) next to them.
+RUN ldd /out/bin/* \
+    | awk '$2 == "=>" && $3 ~ /^\// {print $3}' \
+    | sort -u \
+    | grep -vE '/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+|libssl|libcrypto|ld-linux[^/]*)\.so' \
+    | xargs -r -I{} cp -L {} /out/lib/
+
+ARG BINARY
+RUN test -n "${BINARY}" && test -x "/out/bin/${BINARY}" \
+    || { echo "set --build-arg BINARY to one of: $(ls /out/bin)" >&2; exit 1; }
+
+################################################################################
+# Runtime
+################################################################################
+FROM ${RUNTIME_IMAGE}
+
+ARG BINARY
+LABEL org.opencontainers.image.title="${BINARY}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+COPY --from=builder /out/lib/ /usr/local/lib/tandem/
+ENV LD_LIBRARY_PATH=/usr/local/lib/tandem
+
+# RDS server certificates chain to the Amazon RDS CAs, which are not in the web
+# PKI: the services get them through DATABASE_CA_FILE (eks/base/common).
+ADD --chmod=0444 https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem /etc/ssl/certs/rds-global-bundle.pem
+
+# One fixed path for every image: ENTRYPOINT's exec form cannot expand BINARY.
+COPY --from=builder --chmod=0555 /out/bin/${BINARY} /usr/local/bin/tandem-service
+
+# distroless defines nonroot as 65532:65532; the Kubernetes manifests also set
+# runAsUser 65532 so runAsNonRoot can verify it without reading /etc/passwd.
+# hadolint ignore=DL3066
+USER nonroot
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/tandem-service"]
