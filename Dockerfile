@@ -18,8 +18,10 @@ FROM ${RUST_IMAGE} AS builder
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# cmake builds librdkafka (rdkafka's cmake-build feature); libssl-dev and
-# pkg-config serve its TLS support (SASL/SCRAM itself needs no extra library).
+# librdkafka is compiled from source by rdkafka-sys: cmake for its cmake-build
+# feature (the default mklove build needs only make and a C compiler, already in
+# the image), libssl-dev and pkg-config for its ssl feature. SASL/SCRAM is
+# implemented inside librdkafka on top of OpenSSL and needs no libsasl2.
 # DL3008 (pin apt versions) is ignored on purpose: these build-only packages
 # follow the base image's Debian release and its security updates, and exact
 # versions would break the build at every Debian point release.
