@@ -26,6 +26,8 @@ pub enum ApiError {
     MalformedJson(String),
     #[error("the body must be a JSON object")]
     NotAnObject,
+    #[error("{0}")]
+    UnstorableValue(String),
     #[error("the request content type must be {expected}")]
     UnsupportedMediaType { expected: &'static str },
     #[error("the request body exceeds {limit} bytes")]
@@ -107,6 +109,11 @@ impl ApiError {
                 S::UNPROCESSABLE_ENTITY,
                 "not-an-object",
                 "Body is not a JSON object",
+            ),
+            Self::UnstorableValue(_) => (
+                S::UNPROCESSABLE_ENTITY,
+                "unstorable-value",
+                "Value cannot be stored",
             ),
             Self::UnsupportedMediaType { .. } => (
                 S::UNSUPPORTED_MEDIA_TYPE,

@@ -38,8 +38,13 @@ impl From<tokio_postgres::Error> for StoreError {
                     || code == "40001"
                     || code == "40P01"
             }
-            // No SQLSTATE: an I/O or protocol failure, or a closed connection.
-            None => true,
+            // No SQLSTATE: transient only for a closed connection or an I/O failure; a value
+            // that cannot be converted, say, is a bug to report, not to retry.
+            None => {
+                e.is_closed()
+                    || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>())
+                    || e.to_string().contains("timed out")
+            }
         };
         if transient {
             Self::Unavailable(e.into())

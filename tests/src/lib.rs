@@ -6,6 +6,7 @@
 //! Every server the harness starts is supervised by a small shell watchdog that stops it (and
 //! removes its data) when the test process exits, however it exits.
 
+pub mod edge;
 pub mod process;
 pub use process::{binary, scratch_dir};
 pub mod regions;

@@ -57,6 +57,7 @@ impl ManagedProcess {
         // test process) is gone or when we are told to stop, then clean up.
         let script = format!(
             "{cmd} >>{log} 2>&1 & child=$!\n\
+             echo $child >{pidfile}\n\
              trap 'kill -TERM $child 2>/dev/null' TERM INT\n\
              while kill -0 {parent} 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 0.2; done\n\
              kill -TERM $child 2>/dev/null\n\
@@ -64,6 +65,7 @@ impl ManagedProcess {
              {cleanup}\n",
             cmd = quoted.join(" "),
             log = shell_quote(&log.display().to_string()),
+            pidfile = shell_quote(&pidfile(log).display().to_string()),
             parent = std::process::id(),
         );
         let child = Command::new("bash")
@@ -130,6 +132,12 @@ impl Drop for ManagedProcess {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+fn pidfile(log: &Path) -> PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(".pid");
+    PathBuf::from(name)
 }
 
 fn shell_quote(s: &str) -> String {

@@ -36,11 +36,31 @@ pub async fn read_limited(body: Body) -> Result<Bytes, ApiError> {
         })
 }
 
-/// Parses a JSON object.
+/// Parses a JSON object that PostgreSQL can store.
 pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     match serde_json::from_slice::<Value>(bytes) {
-        Ok(Value::Object(map)) => Ok(map),
+        Ok(Value::Object(map)) => {
+            let value = Value::Object(map);
+            if contains_nul(&value) {
+                return Err(ApiError::UnstorableValue(
+                    "strings and keys must not contain U+0000 (PostgreSQL jsonb cannot store it)".to_owned(),
+                ));
+            }
+            match value {
+                Value::Object(map) => Ok(map),
+                _ => Err(ApiError::NotAnObject),
+            }
+        }
         Ok(_) => Err(ApiError::NotAnObject),
         Err(e) => Err(ApiError::MalformedJson(e.to_string())),
+    }
+}
+
+fn contains_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
     }
 }

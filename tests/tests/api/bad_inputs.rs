@@ -53,6 +53,10 @@ async fn every_bad_write_gets_a_problem_json_error_and_writes_nothing() {
         case("string body", Method::PUT, "/v1/c/a", json, b"\"x\"", 422),
         case("null body", Method::POST, "/v1/c", json, b"null", 422),
         case("empty body", Method::PUT, "/v1/c/a", json, b"", 400),
+        case("NUL in a string", Method::PUT, "/v1/c/a", json, br#"{"a":"x\u0000y"}"#, 422),
+        case("NUL in a key", Method::POST, "/v1/c", json, br#"{"k\u0000":1}"#, 422),
+        case("NUL in a merge patch", Method::PATCH, "/v1/c/a", merge, br#"{"z":["\u0000"]}"#, 422),
+        case("number beyond f64", Method::PUT, "/v1/c/a", json, br#"{"n":1e400}"#, 400),
         case(
             "uppercase collection",
             Method::PUT,

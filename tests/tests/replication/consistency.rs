@@ -1,0 +1,114 @@
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tandem_tests::TwoRegions;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_with_a_consistency_token_in_region2_are_never_stale() {
+    let regions = TwoRegions::start().await;
+    let app = &regions.region1;
+    let mut served = 0;
+    for n in 0..200 {
+        let written = app.put("ryw", &format!("k{}", n % 20), &json!({"n": n})).await;
+        assert!(written.status().is_success());
+        let token = written.headers()["x-consistency-token"].to_str().expect("ascii").to_owned();
+        let version = written.json::<Value>().await.expect("json")["version"].as_i64().expect("version");
+        let read = app
+            .client
+            .get(format!("{}/v1/ryw/k{}", regions.region2_read_url, n % 20))
+            .header("x-consistency-token", &token)
+            .send()
+            .await
+            .expect("read");
+        match read.status().as_u16() {
+            200 => {
+                let body: Value = read.json().await.expect("json");
+                assert!(body["version"].as_i64().expect("version") >= version, "stale read: {body} < {version}");
+                assert_eq!(body["data"]["n"], n, "the written data");
+                served += 1;
+            }
+            503 => {
+                // Allowed only as an explicit refusal, never as stale data.
+                assert_eq!(read.headers()["content-type"], "application/problem+json");
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(served, 200, "a healthy local stack replicates within the wait bound");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_region2_refuses_quickly_with_a_pointer_to_region1() {
+    // No relay: nothing replicates.
+    let mut regions = TwoRegions::start_without_workers().await;
+    regions.start_consumer();
+    let app = &regions.region1;
+    let written = app.put("ryw", "late", &json!({"n": 1})).await;
+    let token = written.headers()["x-consistency-token"].to_str().expect("ascii").to_owned();
+    let started = std::time::Instant::now();
+    let read = app
+        .client
+        .get(format!("{}/v1/ryw/late", regions.region2_read_url))
+        .header("x-consistency-token", &token)
+        .send()
+        .await
+        .expect("read");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(read.status(), 503);
+    assert!(read.headers().contains_key("retry-after"));
+    let problem: Value = read.json().await.expect("json");
+    assert_eq!(problem["type"], "/problems/replication-lag");
+    assert_eq!(problem["primary_read_url"], format!("{}/v1/ryw/late", app.read_url));
+    // Without a token the (eventually consistent) answer is simply "not here yet".
+    assert_eq!(regions.region2_get("/v1/ryw/late").await.status(), 404);
+    // A malformed token is a client error.
+    let bad = app
+        .client
+        .get(format!("{}/v1/ryw/late", regions.region2_read_url))
+        .header("x-consistency-token", "garbage")
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(bad.status(), 400);
+
+    // Once the relay runs, the same token is honoured.
+    regions.start_relay();
+    regions.wait_converged(Duration::from_secs(30)).await;
+    let read = regions
+        .region1
+        .client
+        .get(format!("{}/v1/ryw/late", regions.region2_read_url))
+        .header("x-consistency-token", &token)
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(read.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region2_readiness_fails_when_the_consumer_stops_reporting() {
+    let regions = TwoRegions::start().await;
+    regions.region1.put("lag", "x", &json!({})).await;
+    regions.wait_converged(Duration::from_secs(30)).await;
+    // Give the consumer a heartbeat, then check readiness.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ready = regions.region1.client.get(format!("{}/readyz", regions.region2_read_url)).send().await.expect("readyz");
+    assert_eq!(ready.status(), 200);
+    let metrics = regions.region1.client.get(format!("{}/metrics", regions.region2_read_url)).send().await.expect("metrics");
+    assert_eq!(metrics.status(), 200);
+
+    regions.consumers[0].signal("KILL");
+    // Silent beyond the grace period plus the 5 s threshold.
+    let mut failed = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let ready = regions.region1.client.get(format!("{}/readyz", regions.region2_read_url)).send().await.expect("readyz");
+        if ready.status() == 503 {
+            let body: Value = ready.json().await.expect("json");
+            assert!(body["checks"]["replication_lag"].as_str().expect("line").contains("exceeds"));
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "readiness never failed with the consumer dead");
+}
