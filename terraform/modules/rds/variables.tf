@@ -74,7 +74,7 @@ variable "master_username" {
 
 variable "app_username" {
   type        = string
-  description = "Application login role; created by the bootstrap SQL in docs/deploy.md, granted rds_iam."
+  description = "Application login role, created by the bootstrap SQL in docs/deploy.md. It logs in with the password of the application secret (never grant it rds_iam: the proxy and the EKS pods use that password); IAM authentication happens between the Lambda functions and the proxy."
   default     = "tandem_app"
 }
 

@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Checks of rendered Kubernetes manifests that neither kubernetes-validate nor checkov make.
+
+* TargetGroupBinding (a CRD of the AWS Load Balancer Controller, for which kubernetes-validate
+  has no schema) is validated against the schema below, strictly.
+* Each Deployment's environment (env plus the ConfigMaps it pulls in with envFrom) uses only the
+  variable names its binary reads, never TANDEM_JWT_HS256_SECRET (local development only), and
+  exactly one database credential source.
+* Each Deployment probes /healthz (liveness) and /readyz (readiness) and has a preStop sleep
+  shorter than its termination grace period.
+* With --overlay: no `set-by-overlay` placeholder is left, images name a registry and a tag, and
+  IRSA annotations and target group ARNs look like real ARNs.
+
+Usage: check_manifests.py [--overlay] RENDERED.yaml...
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+PLACEHOLDER = "set-by-overlay"
+
+COMMON = {"TANDEM_REGION", "PORT", "BIND_ADDRESS", "RUST_LOG", "TANDEM_LOG_FORMAT", "AWS_REGION"}
+DATABASE = {
+    "DATABASE_URL",
+    "DATABASE_SECRET_ID",
+    "DATABASE_IAM_HOST",
+    "DATABASE_IAM_PORT",
+    "DATABASE_IAM_USER",
+    "DATABASE_IAM_DBNAME",
+    "DATABASE_TLS",
+    "DATABASE_CA_FILE",
+    "DATABASE_POOL_SIZE",
+    "DATABASE_POOL_TIMEOUT_MS",
+    "DATABASE_CREDENTIALS_REFRESH_SECONDS",
+    "TANDEM_MIGRATE_ON_START",
+}
+REDIS = {
+    "REDIS_URL",
+    "REDIS_AUTH_SECRET_ID",
+    "CACHE_TTL_SECONDS",
+    "REDIS_TIMEOUT_MS",
+    "REDIS_COOLDOWN_MS",
+    "REDIS_KEY_PREFIX",
+}
+AUTH = {"TANDEM_JWKS_URL", "TANDEM_JWT_ISSUER", "TANDEM_JWT_AUDIENCE", "TANDEM_READ_REQUIRES_AUTH"}
+REPLICA = {"TANDEM_CONSISTENCY_WAIT_MS", "TANDEM_PRIMARY_READ_URL", "TANDEM_MAX_REPLICATION_LAG_MS"}
+KAFKA = {"KAFKA_BROKERS", "KAFKA_TOPIC", "KAFKA_PROPERTIES", "KAFKA_SASL_SECRET_ID"}
+
+# Deployment name -> the variables its binary reads.
+ALLOWED_ENV = {
+    "tandem-write": COMMON | DATABASE | REDIS | AUTH,
+    "tandem-read": COMMON | DATABASE | REDIS | AUTH | REPLICA,
+    "tandem-outbox-relay": COMMON | DATABASE | KAFKA
+    | {"RELAY_BATCH_SIZE", "RELAY_POLL_INTERVAL_MS", "OUTBOX_RETENTION_HOURS"},
+    "tandem-region2-consumer": COMMON | DATABASE | REDIS | KAFKA | {"KAFKA_GROUP_ID"},
+}
+FORBIDDEN_ENV = {"TANDEM_JWT_HS256_SECRET"}
+DATABASE_SOURCES = {"DATABASE_URL", "DATABASE_SECRET_ID", "DATABASE_IAM_HOST"}
+
+TARGET_GROUP_ARN = r"^arn:aws[a-z-]*:elasticloadbalancing:[a-z0-9-]+:[0-9]{12}:targetgroup/[A-Za-z0-9-]{1,32}/[0-9a-f]{16}$"
+ROLE_ARN = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]+$"
+
+# elbv2.k8s.aws/v1beta1 TargetGroupBinding, the fields this project may use.
+TARGET_GROUP_BINDING_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "elbv2.k8s.aws/v1beta1"},
+        "kind": {"const": "TargetGroupBinding"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": {"type": "string", "minLength": 1}},
+        },
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["serviceRef"],
+            "oneOf": [{"required": ["targetGroupARN"]}, {"required": ["targetGroupName"]}],
+            "properties": {
+                "targetGroupARN": {"type": "string", "minLength": 1},
+                "targetGroupName": {"type": "string", "minLength": 1},
+                "targetType": {"enum": ["instance", "ip"]},
+                "ipAddressType": {"enum": ["ipv4", "ipv6"]},
+                "vpcID": {"type": "string"},
+                "multiClusterTargetGroup": {"type": "boolean"},
+                "serviceRef": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name", "port"],
+                    "properties": {
+                        "name": {"type": "string", "minLength": 1},
+                        "port": {"type": ["integer", "string"]},
+                    },
+                },
+                "nodeSelector": {"type": "object"},
+                "networking": {"type": "object"},
+            },
+        },
+    },
+}
+
+
+class Checker:
+    def __init__(self, overlay: bool) -> None:
+        self.overlay = overlay
+        self.problems: list[str] = []
+
+    def problem(self, source: str, obj: dict, message: str) -> None:
+        kind = obj.get("kind", "?")
+        name = obj.get("metadata", {}).get("name", "?")
+        self.problems.append(f"{source}: {kind}/{name}: {message}")
+
+    def check_file(self, path: Path) -> int:
+        docs = [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc]
+        source = path.name
+        config_maps = {
+            doc["metadata"]["name"]: doc.get("data", {}) or {}
+            for doc in docs
+            if doc.get("kind") == "ConfigMap"
+        }
+        services = {doc["metadata"]["name"] for doc in docs if doc.get("kind") == "Service"}
+        for doc in docs:
+            if self.overlay and PLACEHOLDER in yaml.safe_dump(doc):
+                self.problem(source, doc, f"still contains the placeholder {PLACEHOLDER!r}")
+            kind = doc.get("kind")
+            if kind == "TargetGroupBinding":
+                self.check_target_group_binding(source, doc, services)
+            elif kind == "Deployment":
+                self.check_deployment(source, doc, config_maps)
+            elif kind == "ServiceAccount" and self.overlay:
+                arn = doc.get("metadata", {}).get("annotations", {}).get("eks.amazonaws.com/role-arn")
+                if arn is None or not re.match(ROLE_ARN, arn):
+                    self.problem(source, doc, f"eks.amazonaws.com/role-arn is not an IAM role ARN: {arn!r}")
+        return len(docs)
+
+    def check_target_group_binding(self, source: str, doc: dict, services: set[str]) -> None:
+        for error in jsonschema.Draft202012Validator(TARGET_GROUP_BINDING_SCHEMA).iter_errors(doc):
+            where = "/".join(str(part) for part in error.absolute_path) or "(root)"
+            self.problem(source, doc, f"schema: {where}: {error.message}")
+        spec = doc.get("spec", {})
+        service = spec.get("serviceRef", {}).get("name")
+        if service not in services:
+            self.problem(source, doc, f"serviceRef names Service {service!r}, which is not in the render")
+        arn = spec.get("targetGroupARN", "")
+        if self.overlay and not re.match(TARGET_GROUP_ARN, arn):
+            self.problem(source, doc, f"targetGroupARN is not a target group ARN: {arn!r}")
+
+    def check_deployment(self, source: str, doc: dict, config_maps: dict[str, dict]) -> None:
+        name = doc["metadata"]["name"]
+        allowed = ALLOWED_ENV.get(name)
+        if allowed is None:
+            self.problem(source, doc, "unknown workload (no environment allow-list)")
+            return
+        pod = doc["spec"]["template"]["spec"]
+        grace = pod.get("terminationGracePeriodSeconds", 30)
+        for container in pod.get("containers", []):
+            names: set[str] = set()
+            for entry in container.get("env", []):
+                names.add(entry["name"])
+            for source_ref in container.get("envFrom", []):
+                ref = source_ref.get("configMapRef", {}).get("name")
+                if ref is None:
+                    self.problem(source, doc, "envFrom other than a ConfigMap (secrets come from Secrets Manager)")
+                    continue
+                if ref not in config_maps:
+                    self.problem(source, doc, f"envFrom ConfigMap {ref!r} is not in the render")
+                    continue
+                names |= set(config_maps[ref])
+            for unknown in sorted(names - allowed):
+                self.problem(source, doc, f"sets {unknown}, which {name} does not read")
+            for forbidden in sorted(names & FORBIDDEN_ENV):
+                self.problem(source, doc, f"sets {forbidden}, which is for local development only")
+            sources = names & DATABASE_SOURCES
+            if len(sources) != 1:
+                self.problem(source, doc, f"needs exactly one of {sorted(DATABASE_SOURCES)}, has {sorted(sources)}")
+
+            liveness = container.get("livenessProbe", {}).get("httpGet", {}).get("path")
+            readiness = container.get("readinessProbe", {}).get("httpGet", {}).get("path")
+            if liveness != "/healthz":
+                self.problem(source, doc, f"liveness probe path is {liveness!r}, expected /healthz")
+            if readiness != "/readyz":
+                self.problem(source, doc, f"readiness probe path is {readiness!r}, expected /readyz")
+            pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds")
+            if pre_stop is None:
+                self.problem(source, doc, "no preStop sleep")
+            elif pre_stop >= grace:
+                self.problem(source, doc, f"preStop sleep {pre_stop}s is not shorter than the grace period {grace}s")
+
+            image = container.get("image", "")
+            if self.overlay and not re.match(r"^[^/]+\.[^/]+/.+:[^:/]+$|@sha256:[0-9a-f]{64}$", image):
+                self.problem(source, doc, f"image {image!r} names no registry and tag (set images: in the overlay)")
+
+    def run(self, paths: list[Path]) -> int:
+        total = 0
+        for path in paths:
+            total += self.check_file(path)
+        mode = "overlay" if self.overlay else "base"
+        print(f"check_manifests: {total} objects in {len(paths)} file(s) checked ({mode} rules)")
+        for line in self.problems:
+            print(f"  FAIL {line}")
+        if self.problems:
+            print(f"check_manifests: {len(self.problems)} problem(s)")
+            return 1
+        print("check_manifests: ok")
+        return 0
+
+
+def main(argv: list[str]) -> int:
+    args = argv[1:]
+    overlay = "--overlay" in args
+    files = [Path(arg) for arg in args if arg != "--overlay"]
+    if not files:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return Checker(overlay).run(files)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
