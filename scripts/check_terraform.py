@@ -12,7 +12,10 @@ so this script checks what can be checked from the source alone, with python-hcl
   splits main.tf into sections with banner comments;
 * every `module` block with a local `source` passes only variables the module declares, passes
   every variable the module requires (no default), and passes every provider alias the module
-  lists in `configuration_aliases`.
+  lists in `configuration_aliases`;
+* every call of modules/lambda sets only environment variables the Write/Read binaries read, uses
+  IAM database authentication, and sets none that Lambda reserves or ignores (AWS_REGION, PORT,
+  BIND_ADDRESS) nor the local-only TANDEM_JWT_HS256_SECRET.
 
 Usage: check_terraform.py [TERRAFORM_DIR]   (default: terraform/ next to this script's parent)
 Exit status 0 when clean, 1 when any problem was found, 2 on usage errors.
@@ -20,6 +23,7 @@ Exit status 0 when clean, 1 when any problem was found, 2 on usage errors.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +34,21 @@ MODULE_FILES = ("main.tf", "variables.tf", "outputs.tf", "versions.tf")
 # Arguments of a module block that are Terraform meta-arguments, not module inputs.
 META_ARGUMENTS = {"source", "version", "providers", "count", "for_each", "depends_on"}
 BANNER = "#" * 20
+
+# Environment of the Write/Read Lambda functions (same names as the EKS workloads).
+LAMBDA_ENV_ALLOWED = {
+    "TANDEM_REGION", "RUST_LOG", "TANDEM_LOG_FORMAT",
+    "DATABASE_IAM_HOST", "DATABASE_IAM_PORT", "DATABASE_IAM_USER", "DATABASE_IAM_DBNAME",
+    "DATABASE_TLS", "DATABASE_CA_FILE", "DATABASE_POOL_SIZE", "DATABASE_POOL_TIMEOUT_MS",
+    "DATABASE_CREDENTIALS_REFRESH_SECONDS", "TANDEM_MIGRATE_ON_START",
+    "REDIS_URL", "REDIS_AUTH_SECRET_ID", "CACHE_TTL_SECONDS", "REDIS_TIMEOUT_MS",
+    "REDIS_COOLDOWN_MS", "REDIS_KEY_PREFIX",
+    "TANDEM_JWKS_URL", "TANDEM_JWT_ISSUER", "TANDEM_JWT_AUDIENCE", "TANDEM_READ_REQUIRES_AUTH",
+    "TANDEM_CONSISTENCY_WAIT_MS", "TANDEM_PRIMARY_READ_URL", "TANDEM_MAX_REPLICATION_LAG_MS",
+}
+LAMBDA_ENV_REQUIRED = {"TANDEM_REGION", "DATABASE_IAM_HOST", "DATABASE_IAM_USER", "DATABASE_IAM_DBNAME", "REDIS_URL"}
+ENV_KEY = re.compile(r"\b([A-Z][A-Z0-9_]*)\s*=(?!=)")
+LOCAL_REF = re.compile(r"\blocal\.([A-Za-z0-9_]+)")
 
 
 @dataclass
@@ -194,11 +213,45 @@ class Checker:
                 for alias in sorted(interface.provider_aliases - passed_providers):
                     self.problem(where, f'does not pass provider "{alias}" required by {source}')
 
+    def locals_in(self, directory: Path) -> dict:
+        values: dict = {}
+        for _, parsed in self.files_in(directory):
+            for block in parsed.get("locals", []):
+                values.update({k: v for k, v in block.items() if not k.startswith("__")})
+        return values
+
+    def check_lambda_environments(self) -> None:
+        for path, parsed in self.parsed.items():
+            for name, body in labelled_blocks(parsed, "module"):
+                if not unquote(body.get("source", "")).rstrip("/").endswith("modules/lambda"):
+                    continue
+                where = f"{path.relative_to(self.root.parent)} module \"{name}\""
+                environment = body.get("environment")
+                keys: set[str] = set()
+                if isinstance(environment, dict):
+                    keys |= {k for k in environment if not k.startswith("__")}
+                    text = ""
+                else:
+                    text = str(environment)
+                    keys |= set(ENV_KEY.findall(text))
+                local_values = self.locals_in(path.parent)
+                for ref in LOCAL_REF.findall(text):
+                    value = local_values.get(ref)
+                    if isinstance(value, dict):
+                        keys |= {k for k in value if not k.startswith("__")}
+                    else:
+                        self.problem(where, f"environment uses local.{ref}, which is not a map literal")
+                for unknown in sorted(keys - LAMBDA_ENV_ALLOWED):
+                    self.problem(where, f"Lambda environment sets {unknown}, which the function must not get")
+                for missing in sorted(LAMBDA_ENV_REQUIRED - keys):
+                    self.problem(where, f"Lambda environment lacks {missing}")
+
     def run(self) -> int:
         self.parse_all()
         self.check_variables_and_outputs()
         self.check_module_directories()
         self.check_module_calls()
+        self.check_lambda_environments()
         print(
             f"check_terraform: {len(self.parsed)} files, {self.checked_modules} modules, "
             f"{self.checked_calls} module calls checked"

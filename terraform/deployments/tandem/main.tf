@@ -393,8 +393,6 @@ locals {
     RUST_LOG                             = var.log_level
     TANDEM_LOG_FORMAT                    = "json"
     DATABASE_IAM_PORT                    = "5432"
-    DATABASE_IAM_USER                    = "tandem_app"
-    DATABASE_IAM_DBNAME                  = "tandem"
     DATABASE_TLS                         = "verify-full"
     DATABASE_POOL_SIZE                   = "2"
     DATABASE_POOL_TIMEOUT_MS             = "2000"
@@ -421,6 +419,8 @@ module "lambda_write_region1" {
   environment = merge(local.lambda_common_env, {
     TANDEM_REGION           = "region1"
     DATABASE_IAM_HOST       = module.rds_region1.proxy_endpoint
+    DATABASE_IAM_USER       = module.rds_region1.app_username
+    DATABASE_IAM_DBNAME     = module.rds_region1.database_name
     REDIS_URL               = module.elasticache_region1.redis_url
     REDIS_AUTH_SECRET_ID    = module.elasticache_region1.auth_secret_name
     TANDEM_MIGRATE_ON_START = "true"
@@ -447,6 +447,8 @@ module "lambda_read_region1" {
   environment = merge(local.lambda_common_env, {
     TANDEM_REGION           = "region1"
     DATABASE_IAM_HOST       = module.rds_region1.proxy_endpoint
+    DATABASE_IAM_USER       = module.rds_region1.app_username
+    DATABASE_IAM_DBNAME     = module.rds_region1.database_name
     REDIS_URL               = module.elasticache_region1.redis_url
     REDIS_AUTH_SECRET_ID    = module.elasticache_region1.auth_secret_name
     TANDEM_MIGRATE_ON_START = "false"
@@ -473,6 +475,8 @@ module "lambda_read_region2" {
   environment = merge(local.lambda_common_env, {
     TANDEM_REGION                 = "region2"
     DATABASE_IAM_HOST             = module.rds_region2.proxy_endpoint
+    DATABASE_IAM_USER             = module.rds_region2.app_username
+    DATABASE_IAM_DBNAME           = module.rds_region2.database_name
     REDIS_URL                     = module.elasticache_region2.redis_url
     REDIS_AUTH_SECRET_ID          = module.elasticache_region2.auth_secret_name
     TANDEM_MIGRATE_ON_START       = "false"
