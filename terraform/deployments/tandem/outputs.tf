@@ -17,6 +17,11 @@ output "region_endpoints" {
   value       = module.dns.region_endpoints
 }
 
+output "health_check_ids" {
+  description = "Route 53 health check ID per region (failover drill, HealthCheckStatus alarms)."
+  value       = module.dns.health_check_ids
+}
+
 output "load_balancer_dns_names" {
   description = "ALB DNS name per region (for debugging without Route 53)."
   value = {

@@ -13,8 +13,6 @@ locals {
   # try(): the write target group does not exist in a read-only region.
   write_target_group_arn = var.backend == "eks" ? try(aws_lb_target_group.pods["write"].arn, null) : lookup(var.lambda_target_group_arns, "write", null)
   read_target_group_arn  = var.backend == "eks" ? aws_lb_target_group.pods["read"].arn : lookup(var.lambda_target_group_arns, "read", null)
-
-  problem_json = "application/problem+json"
 }
 
 ################################################################################
@@ -277,15 +275,12 @@ resource "aws_lb_listener" "https" {
   ssl_policy        = "ELBSecurityPolicy-TLS13-1-2-2021-06"
   certificate_arn   = var.certificate_arn
 
-  # Anything that is neither a read nor a write method.
+  # Every other method (and, in a read-only region, the write methods too) goes to
+  # the Read API, which answers with the contract's 405 /problems/method-not-allowed
+  # and an Allow header.
   default_action {
-    type = "fixed-response"
-
-    fixed_response {
-      content_type = local.problem_json
-      status_code  = "405"
-      message_body = jsonencode({ type = "about:blank", title = "Method Not Allowed", status = 405 })
-    }
+    type             = "forward"
+    target_group_arn = local.read_target_group_arn
   }
 
   tags = var.tags
@@ -295,7 +290,11 @@ resource "aws_lb_listener" "https" {
 # Listener rules: route by HTTP method
 ################################################################################
 
+# Only in the region that serves writes; elsewhere writes fall through to the
+# default action (the Read API answers 405).
 resource "aws_lb_listener_rule" "write" {
+  count = var.serve_writes ? 1 : 0
+
   listener_arn = aws_lb_listener.https.arn
   priority     = 10
 
@@ -305,28 +304,9 @@ resource "aws_lb_listener_rule" "write" {
     }
   }
 
-  dynamic "action" {
-    for_each = var.serve_writes ? [local.write_target_group_arn] : []
-
-    content {
-      type             = "forward"
-      target_group_arn = action.value
-    }
-  }
-
-  # Region 2 is read-only: say so instead of failing somewhere deeper.
-  dynamic "action" {
-    for_each = var.serve_writes ? [] : [1]
-
-    content {
-      type = "fixed-response"
-
-      fixed_response {
-        content_type = local.problem_json
-        status_code  = "503"
-        message_body = jsonencode({ type = "about:blank", title = "Writes are served by the primary region", status = 503 })
-      }
-    }
+  action {
+    type             = "forward"
+    target_group_arn = local.write_target_group_arn
   }
 
   tags = var.tags

@@ -41,7 +41,7 @@ variable "backend" {
 
 variable "serve_writes" {
   type        = bool
-  description = "Forward POST/PUT/PATCH/DELETE to the Write target. false (Region 2, read-only) answers them with 503 and a problem+json body."
+  description = "Forward POST/PUT/PATCH/DELETE to the Write target. false (Region 2, read-only): they reach the Read API, which answers 405 /problems/method-not-allowed as the API contract specifies."
   default     = true
 }
 

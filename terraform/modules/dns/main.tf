@@ -120,6 +120,13 @@ resource "aws_route53_health_check" "region" {
 
 ################################################################################
 # Global record: failover, Region 1 primary, Region 2 secondary
+#
+# Only the primary carries its health check. A secondary without one is the
+# last resort Route 53 always falls back to; with one, a Region 1 outage that
+# also makes Region 2 report itself unready (its replication-lag readiness
+# check grows while Kafka in Region 1 is unreachable) would leave both records
+# unhealthy, and Route 53 would keep answering with Region 1. The Region 2
+# health check still exists, for alarms and dashboards.
 ################################################################################
 
 resource "aws_route53_record" "global" {
@@ -129,16 +136,17 @@ resource "aws_route53_record" "global" {
   name            = var.global_hostname
   type            = "A"
   set_identifier  = each.key
-  health_check_id = aws_route53_health_check.region[each.key].id
+  health_check_id = each.key == "region1" ? aws_route53_health_check.region["region1"].id : null
 
   failover_routing_policy {
     type = each.key == "region1" ? "PRIMARY" : "SECONDARY"
   }
 
   alias {
-    name                   = var.load_balancers[each.key].dns_name
-    zone_id                = var.load_balancers[each.key].zone_id
-    evaluate_target_health = true
+    name    = var.load_balancers[each.key].dns_name
+    zone_id = var.load_balancers[each.key].zone_id
+    # For the same reason, the secondary does not inherit its ALB's target health.
+    evaluate_target_health = each.key == "region1"
   }
 }
 
