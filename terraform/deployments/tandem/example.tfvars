@@ -26,7 +26,8 @@ kubernetes_version = "1.31"
 # Operators reach the Kubernetes API from these egress IPs (set false and [] when using a VPN).
 eks_endpoint_public_access = true
 eks_public_access_cidrs    = ["203.0.113.10/32"]
-eks_admin_principal_arns   = ["arn:aws:iam::123456789012:role/platform-admin", "arn:aws:iam::123456789012:role/tandem-deploy"]
+# Not the principal that runs `terraform apply`: it becomes cluster admin automatically.
+eks_admin_principal_arns = ["arn:aws:iam::123456789012:role/platform-admin", "arn:aws:iam::123456789012:role/tandem-deploy"]
 
 db_instance_class = "db.m7g.large"
 db_multi_az = {

@@ -102,7 +102,7 @@ variable "eks_public_access_cidrs" {
 
 variable "eks_admin_principal_arns" {
   type        = list(string)
-  description = "IAM principals (operators, the deploy role) granted cluster-admin on both clusters."
+  description = "IAM principals (operators, the deploy role) granted cluster-admin on both clusters; not the principal running terraform apply, which gets admin automatically."
   default     = []
 }
 

@@ -38,7 +38,7 @@ variable "public_access_cidrs" {
 
 variable "admin_principal_arns" {
   type        = list(string)
-  description = "IAM role or user ARNs granted cluster-admin through EKS access entries (operators, the deploy pipeline)."
+  description = "IAM role or user ARNs granted cluster-admin through EKS access entries (operators, the deploy pipeline). Leave out the principal that runs terraform apply: it is made admin at creation (bootstrap_cluster_creator_admin_permissions) and a second entry for it would fail."
   default     = []
 }
 

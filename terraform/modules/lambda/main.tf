@@ -168,8 +168,9 @@ resource "aws_lambda_function" "this" {
 # ALB target
 ################################################################################
 
+# -fn: the ALB module's pod target group already uses the plain name.
 resource "aws_lb_target_group" "this" {
-  name        = var.function_name
+  name        = "${var.function_name}-fn"
   target_type = "lambda"
 
   # Each health check is an invocation: keep the interval long.

@@ -1,10 +1,10 @@
 variable "function_name" {
   type        = string
-  description = "Name of the Lambda function, e.g. tandem-region1-write (at most 32 characters: it also names the target group)."
+  description = "Name of the Lambda function, e.g. tandem-region1-write (at most 29 characters: <name>-fn also names its target group)."
 
   validation {
-    condition     = length(var.function_name) <= 32
-    error_message = "function_name must be at most 32 characters."
+    condition     = length(var.function_name) <= 29
+    error_message = "function_name must be at most 29 characters."
   }
 }
 
