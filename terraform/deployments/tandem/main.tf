@@ -480,7 +480,7 @@ module "lambda_read_region2" {
     REDIS_URL                     = module.elasticache_region2.redis_url
     REDIS_AUTH_SECRET_ID          = module.elasticache_region2.auth_secret_name
     TANDEM_MIGRATE_ON_START       = "false"
-    TANDEM_CONSISTENCY_WAIT_MS    = "1500"
+    TANDEM_CONSISTENCY_WAIT_MS    = "1000"
     TANDEM_PRIMARY_READ_URL       = "https://${var.region_hostnames["region1"]}"
     TANDEM_MAX_REPLICATION_LAG_MS = "5000"
   })

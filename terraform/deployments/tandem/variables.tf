@@ -170,7 +170,7 @@ variable "msk_broker_volume_size_gib" {
 variable "kafka_topic" {
   type        = string
   description = "Kafka topic of the document events (KAFKA_TOPIC)."
-  default     = "tandem.document-events"
+  default     = "tandem.documents"
 }
 
 ################################################################################

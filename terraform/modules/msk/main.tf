@@ -51,7 +51,8 @@ resource "aws_msk_configuration" "this" {
   kafka_versions = [var.kafka_version]
   description    = "Tandem: explicit topics, three replicas, two in sync"
 
-  # Topics are created on purpose (docs/deploy.md), not by a typo in a client.
+  # Topics are created explicitly (the relay calls CreateTopics at start-up),
+  # never implicitly by a produce or fetch with a mistyped name.
   server_properties = <<-EOT
     auto.create.topics.enable=false
     default.replication.factor=3
