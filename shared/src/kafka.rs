@@ -80,11 +80,16 @@ impl KafkaSettings {
             self.partitions,
             TopicReplication::Fixed(self.replication),
         );
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let results = admin
-            .create_topics([&topic], &options)
-            .await
-            .with_context(|| format!("Failed to create topic {}", self.topic))?;
+        let options = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_secs(10)))
+            .request_timeout(Some(Duration::from_secs(10)));
+        let results = tokio::time::timeout(
+            Duration::from_secs(15),
+            admin.create_topics([&topic], &options),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("the broker did not answer CreateTopics within 15 s"))?
+        .with_context(|| format!("Failed to create topic {}", self.topic))?;
         for result in results {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

@@ -61,7 +61,7 @@ impl ManagedProcess {
              trap 'kill -TERM $child 2>/dev/null' TERM INT\n\
              while kill -0 {parent} 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 0.2; done\n\
              kill -TERM $child 2>/dev/null\n\
-             wait $child 2>/dev/null\n\
+             wait $child 2>/dev/null; echo \"[watchdog] exited with status $?\" >>{log}\n\
              {cleanup}\n",
             cmd = quoted.join(" "),
             log = shell_quote(&log.display().to_string()),

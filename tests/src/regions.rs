@@ -58,7 +58,14 @@ impl Broker {
             "--storage-engine".to_owned(),
             "memory://tansu/".to_owned(),
         ];
-        let process = ManagedProcess::start("tansu", &tansu_binary(), &args, &[], &self.dir.join("broker.log"), "")?;
+        let process = ManagedProcess::start(
+            "tansu",
+            &tansu_binary(),
+            &args,
+            &[],
+            &self.dir.join("broker.log"),
+            "",
+        )?;
         crate::wait_for_port(self.port, Duration::from_secs(20))
             .await
             .map_err(|e| anyhow::anyhow!("{e}: broker log:\n{}", process.log_tail()))?;
@@ -95,7 +102,11 @@ impl Drop for Broker {
             process.signal("CONT");
         }
         self.process.take();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("TANDEM_KEEP_TEST_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("broker logs kept in {}", self.dir.display());
+        }
     }
 }
 
@@ -135,9 +146,14 @@ impl TwoRegions {
     }
 
     pub async fn start_without_workers() -> Self {
-        let broker = Broker::start().await.expect("broker (tansu; make test installs it)");
+        let broker = Broker::start()
+            .await
+            .expect("broker (tansu; make test installs it)");
         let region1 = spawn_app_with(TestAppOptions::default()).await;
-        let region2_database_url = region2_postgres().create_database().await.expect("region2 database");
+        let region2_database_url = region2_postgres()
+            .create_database()
+            .await
+            .expect("region2 database");
         let region2_redis_url = region2_redis().url();
         let region2_key_prefix = format!("r2-{}", uuid::Uuid::now_v7().simple());
         let mut cache = CacheSettings::from_url(&region2_redis_url);
@@ -158,10 +174,14 @@ impl TwoRegions {
                 max_lag: Duration::from_secs(5),
             }),
         };
-        let state = tandem_read::AppState::build(&settings).await.expect("region2 read state");
+        let state = tandem_read::AppState::build(&settings)
+            .await
+            .expect("region2 read state");
         let region2_read_url = serve(tandem_read::router(state)).await;
         Self {
-            region2_pool: tandem_shared::db::connect_url(&region2_database_url).await.expect("pool"),
+            region2_pool: tandem_shared::db::connect_url(&region2_database_url)
+                .await
+                .expect("pool"),
             region1,
             region2_read_url,
             region2_database_url,
@@ -180,7 +200,10 @@ impl TwoRegions {
             ("KAFKA_BROKERS", self.broker.address()),
             ("KAFKA_TOPIC", self.topic.clone()),
             // The memory engine needs one record per batch for consumers to resume mid-stream.
-            ("KAFKA_PROPERTIES", "batch.num.messages=1".to_owned()),
+            (
+                "KAFKA_PROPERTIES",
+                "batch.num.messages=1,message.timeout.ms=5000".to_owned(),
+            ),
             ("KAFKA_TOPIC_PARTITIONS", "3".to_owned()),
             ("KAFKA_TOPIC_REPLICATION", "1".to_owned()),
             ("BIND_ADDRESS", "127.0.0.1".to_owned()),
@@ -203,8 +226,9 @@ impl TwoRegions {
         ]);
         let n = self.relays.len();
         let log = self.dir.join(format!("relay-{n}.log"));
-        let relay = ManagedProcess::start("relay", &binary("tandem-outbox-relay"), &[], &env, &log, "")
-            .expect("start tandem-outbox-relay");
+        let relay =
+            ManagedProcess::start("relay", &binary("tandem-outbox-relay"), &[], &env, &log, "")
+                .expect("start tandem-outbox-relay");
         self.relays.push(relay);
         n
     }
@@ -215,15 +239,25 @@ impl TwoRegions {
         env.extend([
             ("DATABASE_URL".to_owned(), self.region2_database_url.clone()),
             ("REDIS_URL".to_owned(), self.region2_redis_url.clone()),
-            ("REDIS_KEY_PREFIX".to_owned(), self.region2_key_prefix.clone()),
+            (
+                "REDIS_KEY_PREFIX".to_owned(),
+                self.region2_key_prefix.clone(),
+            ),
             ("TANDEM_REGION".to_owned(), "region2".to_owned()),
             ("KAFKA_GROUP_ID".to_owned(), format!("group-{}", self.topic)),
             ("PORT".to_owned(), free_port().to_string()),
         ]);
         let n = self.consumers.len();
         let log = self.dir.join(format!("consumer-{n}.log"));
-        let consumer = ManagedProcess::start("consumer", &binary("tandem-region2-consumer"), &[], &env, &log, "")
-            .expect("start tandem-region2-consumer");
+        let consumer = ManagedProcess::start(
+            "consumer",
+            &binary("tandem-region2-consumer"),
+            &[],
+            &env,
+            &log,
+            "",
+        )
+        .expect("start tandem-region2-consumer");
         self.consumers.push(consumer);
         n
     }
@@ -240,7 +274,9 @@ impl TwoRegions {
     }
 
     /// Every document of a region, as `(collection, id, version, deleted, data)`, in key order.
-    pub async fn snapshot(pool: &deadpool_postgres::Pool) -> Vec<(String, String, i64, bool, Option<Value>)> {
+    pub async fn snapshot(
+        pool: &deadpool_postgres::Pool,
+    ) -> Vec<(String, String, i64, bool, Option<Value>)> {
         let client = pool.get().await.expect("db");
         client
             .query("SELECT collection, id, version, deleted, data FROM documents ORDER BY collection, id", &[])
@@ -266,8 +302,16 @@ impl TwoRegions {
                     "Region 2 did not converge within {timeout:?}: {} rows in region1, {} in region2, {missing} differ\nrelay logs:\n{}\nconsumer logs:\n{}",
                     one.len(),
                     two.len(),
-                    self.relays.iter().map(ManagedProcess::log_tail).collect::<Vec<_>>().join("\n---\n"),
-                    self.consumers.iter().map(ManagedProcess::log_tail).collect::<Vec<_>>().join("\n---\n"),
+                    self.relays
+                        .iter()
+                        .map(ManagedProcess::log_tail)
+                        .collect::<Vec<_>>()
+                        .join("\n---\n"),
+                    self.consumers
+                        .iter()
+                        .map(ManagedProcess::log_tail)
+                        .collect::<Vec<_>>()
+                        .join("\n---\n"),
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -289,6 +333,11 @@ impl Drop for TwoRegions {
     fn drop(&mut self) {
         self.relays.clear();
         self.consumers.clear();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // TANDEM_KEEP_TEST_LOGS=1 keeps the workers' logs for a post-mortem.
+        if std::env::var_os("TANDEM_KEEP_TEST_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("worker logs kept in {}", self.dir.display());
+        }
     }
 }

@@ -102,6 +102,24 @@ impl Applier {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    /// `(partition, next_offset, last_event_id)` per partition.
+    pub async fn stored_positions(
+        &self,
+        topic: &str,
+    ) -> anyhow::Result<Vec<(i32, i64, Option<uuid::Uuid>)>> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT partition, next_offset, last_event_id FROM consumer_offsets WHERE topic = $1 AND next_offset > 0",
+                &[&topic],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
     /// Applies one message; retries while the database is unavailable (nothing is skipped),
     /// and dead-letters a message that keeps failing for a non-transient reason.
     pub async fn apply_with_retry(
@@ -347,6 +365,16 @@ async fn insert_dead_letter(
     )
     .await?;
     Ok(())
+}
+
+/// One header's value as text.
+pub fn header<M: Message>(message: &M, name: &str) -> Option<String> {
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// Message headers as a JSON object (values as UTF-8 text, lossy), for the dead-letter store.

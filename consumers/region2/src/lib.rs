@@ -18,6 +18,7 @@
 pub mod apply;
 pub mod metrics;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -219,20 +220,16 @@ impl Region2Consumer {
             .flat_map(|t| t.partitions().iter().map(|p| p.id()))
             .collect();
         anyhow::ensure!(!partitions.is_empty(), "topic {topic} has no partitions");
-        let stored = self.applier.stored_offsets(&topic).await?;
-        let mut assignment = TopicPartitionList::new();
-        for partition in &partitions {
-            let offset = stored
-                .get(partition)
-                .map_or(Offset::Beginning, |&next| Offset::Offset(next));
-            assignment.add_partition_offset(&topic, *partition, offset)?;
-        }
+        let mut expected = HashMap::new();
+        let assignment = self
+            .assignment(&consumer, &topic, &partitions, &mut expected)
+            .await?;
         consumer
             .assign(&assignment)
             .context("Failed to assign partitions")?;
         tracing::info!(
             partitions = partitions.len(),
-            resumed = stored.len(),
+            resuming = expected.len(),
             "consuming"
         );
 
@@ -240,7 +237,7 @@ impl Region2Consumer {
             consumer.clone(),
             self.applier.clone(),
             topic.clone(),
-            partitions,
+            partitions.clone(),
         ));
         let result = async {
             loop {
@@ -255,10 +252,47 @@ impl Region2Consumer {
                 let message = match message {
                     Ok(message) => message,
                     Err(e) => {
+                        if is_connection_loss(&e) {
+                            // The broker may come back without its data (and librdkafka's
+                            // metadata cache has been seen to crash on such a broker): start
+                            // over with a fresh client, resuming one record early so the
+                            // partitions are checked again.
+                            anyhow::bail!("lost the broker connection ({e}); reconnecting");
+                        }
                         tracing::warn!(error = %e, "kafka receive error");
                         continue;
                     }
                 };
+                if let Some((offset, event_id)) = expected.remove(&message.partition()) {
+                    let same = message.offset() == offset
+                        && apply::header(&message, tandem_shared::event::HEADER_EVENT_ID)
+                            .and_then(|id| uuid::Uuid::parse_str(&id).ok())
+                            == Some(event_id);
+                    if !same {
+                        tracing::warn!(
+                            partition = message.partition(),
+                            expected_offset = offset,
+                            "the partition no longer holds the applied events (the broker lost its data); reading it from the beginning"
+                        );
+                        let mut restart = TopicPartitionList::new();
+                        for partition in &partitions {
+                            let offset = if *partition == message.partition() {
+                                Offset::Beginning
+                            } else {
+                                consumer
+                                    .position()
+                                    .ok()
+                                    .and_then(|p| p.find_partition(&topic, *partition).map(|e| e.offset()))
+                                    .filter(|o| matches!(o, Offset::Offset(_)))
+                                    .unwrap_or(Offset::Stored)
+                            };
+                            restart.add_partition_offset(&topic, *partition, offset)?;
+                        }
+                        consumer.assign(&restart).context("Failed to reassign partitions")?;
+                    }
+                    // Either the record already applied (skip it) or one from a stale position.
+                    continue;
+                }
                 let incoming = Incoming {
                     topic: message.topic().to_owned(),
                     partition: message.partition(),
@@ -274,8 +308,86 @@ impl Region2Consumer {
         }
         .await;
         heartbeat.abort();
+        // Destroying a client waits for its threads: keep that off the runtime.
+        tokio::task::spawn_blocking(move || drop(consumer));
         result
     }
+}
+
+impl Region2Consumer {
+    /// Where to resume each partition: one record before the stored position, remembering the
+    /// event applied there, so the first record read proves the partition is the one the
+    /// position belongs to. A broker that lost its data and recreated the topic fails that
+    /// proof whatever the new partition's length (a position past its end, or a refilled
+    /// partition whose offsets now name other events), and the partition is re-read from the
+    /// beginning; the event ids make the re-read harmless.
+    async fn assignment(
+        &self,
+        consumer: &Arc<StreamConsumer>,
+        topic: &str,
+        partitions: &[i32],
+        expected: &mut HashMap<i32, (i64, uuid::Uuid)>,
+    ) -> anyhow::Result<TopicPartitionList> {
+        expected.clear();
+        let stored: HashMap<i32, (i64, Option<uuid::Uuid>)> = self
+            .applier
+            .stored_positions(topic)
+            .await?
+            .into_iter()
+            .map(|(partition, next, last)| (partition, (next, last)))
+            .collect();
+        // A partition now shorter than the stored position was recreated: read it all.
+        let high_watermarks: HashMap<i32, i64> = {
+            let consumer = consumer.clone();
+            let topic = topic.to_owned();
+            let partitions = partitions.to_vec();
+            tokio::task::spawn_blocking(move || {
+                partitions
+                    .iter()
+                    .filter_map(|&p| {
+                        let (_, high) = consumer
+                            .fetch_watermarks(&topic, p, Duration::from_secs(5))
+                            .ok()?;
+                        Some((p, high))
+                    })
+                    .collect()
+            })
+            .await?
+        };
+        let mut assignment = TopicPartitionList::new();
+        for partition in partitions {
+            let stored = stored.get(partition).copied();
+            let truncated = match (stored, high_watermarks.get(partition)) {
+                (Some((next, _)), Some(&high)) => high < next,
+                _ => false,
+            };
+            if truncated {
+                tracing::warn!(
+                    partition,
+                    "the partition is shorter than the stored position (the broker lost its data); reading it from the beginning"
+                );
+            }
+            let offset = match stored.filter(|_| !truncated) {
+                Some((next, Some(last))) if next > 0 => {
+                    expected.insert(*partition, (next - 1, last));
+                    Offset::Offset(next - 1)
+                }
+                Some((next, None)) => Offset::Offset(next),
+                _ => Offset::Beginning,
+            };
+            assignment.add_partition_offset(topic, *partition, offset)?;
+        }
+        Ok(assignment)
+    }
+}
+
+/// Errors after which the broker may have restarted.
+fn is_connection_loss(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(Code::AllBrokersDown | Code::BrokerTransportFailure)
+    )
 }
 
 /// Every second: publish liveness and the consumer lag for the Read API and `/metrics`.

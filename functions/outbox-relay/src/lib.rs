@@ -95,7 +95,6 @@ const COUNT_UNPUBLISHED: &str = "SELECT count(*) FROM outbox WHERE published_at 
 #[derive(Clone)]
 pub struct Relay {
     pub pool: Pool,
-    pub producer: FutureProducer,
     pub settings: Settings,
     pub metrics: Arc<RelayMetrics>,
 }
@@ -103,15 +102,8 @@ pub struct Relay {
 impl Relay {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let pool = tandem_shared::db::connect_pool(&settings.database).await?;
-        let producer: FutureProducer = settings
-            .kafka
-            .client_config(PRODUCER_DEFAULTS)
-            .await?
-            .create()
-            .context("Failed to create the Kafka producer")?;
         Ok(Self {
             pool,
-            producer,
             metrics: Arc::new(RelayMetrics::new()),
             settings,
         })
@@ -162,6 +154,18 @@ impl Relay {
         Arc::new(move |m| m.set_pool_usage(tandem_shared::db::pool_usage(&pool)))
     }
 
+    /// A fresh idempotent producer. Each leadership term, and each recovery from a failed batch,
+    /// gets a new one: an idempotent producer whose broker lost its state (producer ids,
+    /// sequences) is permanently failed, and a new producer id is the way out.
+    async fn create_producer(&self) -> anyhow::Result<FutureProducer> {
+        self.settings
+            .kafka
+            .client_config(PRODUCER_DEFAULTS)
+            .await?
+            .create()
+            .context("Failed to create the Kafka producer")
+    }
+
     /// Runs until shutdown: wait for leadership, relay while leader, repeat.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         if let Err(e) = self.settings.kafka.ensure_topic().await {
@@ -195,7 +199,6 @@ impl Relay {
                 Err(e) => tracing::warn!(error = format!("{e:#}"), "leadership lost; standing by"),
             }
         }
-        self.producer.flush(Duration::from_secs(10)).ok();
         tracing::info!("relay stopped");
         Ok(())
     }
@@ -214,15 +217,17 @@ impl Relay {
             .await
             .context("Failed to LISTEN")?;
         let mut backoff = Duration::from_millis(100);
+        let mut producer = self.create_producer().await?;
         loop {
             if *shutdown.borrow() {
+                producer.flush(Duration::from_secs(10)).ok();
                 return Ok(());
             }
             if last_prune.elapsed() >= Duration::from_secs(60) {
                 self.prune().await;
                 *last_prune = Instant::now();
             }
-            match self.publish_batch().await {
+            match self.publish_batch(&producer).await {
                 Ok(published) if published > 0 => {
                     backoff = Duration::from_millis(100);
                     // Drain queued notifications: the next fetch sees their rows anyway.
@@ -239,7 +244,18 @@ impl Relay {
                     self.metrics.publish_errors.inc();
                     // A broker that lost its data has lost the topic too: recreate it.
                     if let Err(e) = self.settings.kafka.ensure_topic().await {
-                        tracing::debug!(error = format!("{e:#}"), "topic check failed");
+                        tracing::warn!(error = format!("{e:#}"), "topic check failed");
+                    }
+                    match self.create_producer().await {
+                        Ok(fresh) => {
+                            // Destroying a producer waits for its broker threads: off the runtime.
+                            let old = std::mem::replace(&mut producer, fresh);
+                            tokio::task::spawn_blocking(move || drop(old));
+                        }
+                        Err(e) => tracing::warn!(
+                            error = format!("{e:#}"),
+                            "failed to recreate the producer"
+                        ),
                     }
                     if !leadership.is_held().await {
                         anyhow::bail!("the leader session ended");
@@ -269,7 +285,7 @@ impl Relay {
     }
 
     /// Publishes one batch of unpublished rows; returns how many were acknowledged.
-    pub async fn publish_batch(&self) -> anyhow::Result<usize> {
+    pub async fn publish_batch(&self, producer: &FutureProducer) -> anyhow::Result<usize> {
         let client = self
             .pool
             .get()
@@ -328,7 +344,7 @@ impl Relay {
                 .headers(headers);
             // Enqueue in seq order; when librdkafka's queue is full, wait for it to drain.
             loop {
-                match self.producer.send_result(record) {
+                match producer.send_result(record) {
                     Ok(delivery) => {
                         deliveries.push(delivery);
                         break;
@@ -341,7 +357,14 @@ impl Relay {
                 }
             }
         }
-        let results = futures_util::future::join_all(deliveries).await;
+        // Every delivery resolves within message.timeout.ms; the outer bound is a safety net
+        // against a client that never reports back.
+        let results = tokio::time::timeout(
+            Duration::from_secs(120),
+            futures_util::future::join_all(deliveries),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("the producer reported no delivery outcome within 120 s"))?;
         let mut acknowledged = Vec::with_capacity(batch.len());
         let mut first_error = None;
         for (row, result) in batch.iter().zip(results) {

@@ -48,10 +48,23 @@ pub fn router(state: AppState) -> Router {
                     "redis",
                     redis.map_or_else(|e| format!("degraded: {e}"), |()| "ok".to_owned()),
                 );
-                Readiness {
-                    ready: db.is_ok(),
-                    checks,
+                let mut ready = db.is_ok();
+                if let Some(replica) = &state.replica {
+                    let lag = replica.lag_ms(&state.store).await;
+                    let limit = replica.settings.max_lag.as_millis();
+                    let (ok, line) = match lag {
+                        Ok(Some(ms)) if u128::from(ms) <= limit => (true, format!("{ms} ms")),
+                        Ok(Some(ms)) => (false, format!("{ms} ms exceeds {limit} ms")),
+                        Ok(None) => (
+                            false,
+                            "unknown: the consumer has not reported yet".to_owned(),
+                        ),
+                        Err(e) => (false, e.to_string()),
+                    };
+                    ready &= ok;
+                    checks.insert("replication_lag", line);
                 }
+                Readiness { ready, checks }
             }
             .boxed()
         })

@@ -43,7 +43,8 @@ pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
             let value = Value::Object(map);
             if contains_nul(&value) {
                 return Err(ApiError::UnstorableValue(
-                    "strings and keys must not contain U+0000 (PostgreSQL jsonb cannot store it)".to_owned(),
+                    "strings and keys must not contain U+0000 (PostgreSQL jsonb cannot store it)"
+                        .to_owned(),
                 ));
             }
             match value {

@@ -339,5 +339,12 @@ async fn extreme_numbers_round_trip_through_postgres() {
     assert_eq!(app.put("numbers", "n", &data).await.status(), 200);
     let listed: Value = app.get("/v1/numbers").await.json().await.expect("json");
     assert_eq!(listed["items"][0]["data"], data);
-    assert_eq!(app.write(Method::DELETE, "/v1/numbers/n").send().await.expect("send").status(), 204);
+    assert_eq!(
+        app.write(Method::DELETE, "/v1/numbers/n")
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        204
+    );
 }

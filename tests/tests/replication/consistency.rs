@@ -9,10 +9,17 @@ async fn reads_with_a_consistency_token_in_region2_are_never_stale() {
     let app = &regions.region1;
     let mut served = 0;
     for n in 0..200 {
-        let written = app.put("ryw", &format!("k{}", n % 20), &json!({"n": n})).await;
+        let written = app
+            .put("ryw", &format!("k{}", n % 20), &json!({"n": n}))
+            .await;
         assert!(written.status().is_success());
-        let token = written.headers()["x-consistency-token"].to_str().expect("ascii").to_owned();
-        let version = written.json::<Value>().await.expect("json")["version"].as_i64().expect("version");
+        let token = written.headers()["x-consistency-token"]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        let version = written.json::<Value>().await.expect("json")["version"]
+            .as_i64()
+            .expect("version");
         let read = app
             .client
             .get(format!("{}/v1/ryw/k{}", regions.region2_read_url, n % 20))
@@ -23,7 +30,10 @@ async fn reads_with_a_consistency_token_in_region2_are_never_stale() {
         match read.status().as_u16() {
             200 => {
                 let body: Value = read.json().await.expect("json");
-                assert!(body["version"].as_i64().expect("version") >= version, "stale read: {body} < {version}");
+                assert!(
+                    body["version"].as_i64().expect("version") >= version,
+                    "stale read: {body} < {version}"
+                );
                 assert_eq!(body["data"]["n"], n, "the written data");
                 served += 1;
             }
@@ -34,7 +44,10 @@ async fn reads_with_a_consistency_token_in_region2_are_never_stale() {
             other => panic!("unexpected status {other}"),
         }
     }
-    assert_eq!(served, 200, "a healthy local stack replicates within the wait bound");
+    assert_eq!(
+        served, 200,
+        "a healthy local stack replicates within the wait bound"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,7 +57,10 @@ async fn a_lagging_region2_refuses_quickly_with_a_pointer_to_region1() {
     regions.start_consumer();
     let app = &regions.region1;
     let written = app.put("ryw", "late", &json!({"n": 1})).await;
-    let token = written.headers()["x-consistency-token"].to_str().expect("ascii").to_owned();
+    let token = written.headers()["x-consistency-token"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
     let started = std::time::Instant::now();
     let read = app
         .client
@@ -58,7 +74,10 @@ async fn a_lagging_region2_refuses_quickly_with_a_pointer_to_region1() {
     assert!(read.headers().contains_key("retry-after"));
     let problem: Value = read.json().await.expect("json");
     assert_eq!(problem["type"], "/problems/replication-lag");
-    assert_eq!(problem["primary_read_url"], format!("{}/v1/ryw/late", app.read_url));
+    assert_eq!(
+        problem["primary_read_url"],
+        format!("{}/v1/ryw/late", app.read_url)
+    );
     // Without a token the (eventually consistent) answer is simply "not here yet".
     assert_eq!(regions.region2_get("/v1/ryw/late").await.status(), 404);
     // A malformed token is a client error.
@@ -92,9 +111,21 @@ async fn region2_readiness_fails_when_the_consumer_stops_reporting() {
     regions.wait_converged(Duration::from_secs(30)).await;
     // Give the consumer a heartbeat, then check readiness.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let ready = regions.region1.client.get(format!("{}/readyz", regions.region2_read_url)).send().await.expect("readyz");
+    let ready = regions
+        .region1
+        .client
+        .get(format!("{}/readyz", regions.region2_read_url))
+        .send()
+        .await
+        .expect("readyz");
     assert_eq!(ready.status(), 200);
-    let metrics = regions.region1.client.get(format!("{}/metrics", regions.region2_read_url)).send().await.expect("metrics");
+    let metrics = regions
+        .region1
+        .client
+        .get(format!("{}/metrics", regions.region2_read_url))
+        .send()
+        .await
+        .expect("metrics");
     assert_eq!(metrics.status(), 200);
 
     regions.consumers[0].signal("KILL");
@@ -102,10 +133,25 @@ async fn region2_readiness_fails_when_the_consumer_stops_reporting() {
     let mut failed = false;
     for _ in 0..60 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let ready = regions.region1.client.get(format!("{}/readyz", regions.region2_read_url)).send().await.expect("readyz");
+        let ready = regions
+            .region1
+            .client
+            .get(format!("{}/readyz", regions.region2_read_url))
+            .send()
+            .await
+            .expect("readyz");
+        if ready.status() != 503 {
+            eprintln!("{}", ready.text().await.unwrap_or_default());
+            continue;
+        }
         if ready.status() == 503 {
             let body: Value = ready.json().await.expect("json");
-            assert!(body["checks"]["replication_lag"].as_str().expect("line").contains("exceeds"));
+            assert!(
+                body["checks"]["replication_lag"]
+                    .as_str()
+                    .expect("line")
+                    .contains("exceeds")
+            );
             failed = true;
             break;
         }

@@ -11,7 +11,9 @@ async fn reads_through_the_edge_fail_over_to_region2_when_region1_read_stops() {
     let regions = TwoRegions::start().await;
     // A Region 1 Read API we can stop.
     let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let read1 = format!("{}", listener.local_addr().expect("addr"));
     let router = tandem_read::router(regions.region1.read_state.clone());
     let server = tokio::spawn(tandem_shared::serve::serve(listener, router, async move {
@@ -30,13 +32,19 @@ async fn reads_through_the_edge_fail_over_to_region2_when_region1_read_stops() {
     let _haproxy = ManagedProcess::start(
         "haproxy",
         &tandem_tests::edge::haproxy_binary(),
-        &["-db".into(), "-f".into(), dir.join("haproxy.cfg").display().to_string()],
+        &[
+            "-db".into(),
+            "-f".into(),
+            dir.join("haproxy.cfg").display().to_string(),
+        ],
         &[],
         &dir.join("haproxy.log"),
         "",
     )
     .expect("haproxy (apt install haproxy; make test does)");
-    tandem_tests::wait_for_port(port, Duration::from_secs(10)).await.expect("haproxy up");
+    tandem_tests::wait_for_port(port, Duration::from_secs(10))
+        .await
+        .expect("haproxy up");
     let edge = format!("http://127.0.0.1:{port}");
     let client = &regions.region1.client;
 
@@ -51,7 +59,11 @@ async fn reads_through_the_edge_fail_over_to_region2_when_region1_read_stops() {
     assert_eq!(written.status(), 201);
     regions.wait_converged(Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let read = client.get(format!("{edge}/v1/edge/doc")).send().await.expect("read");
+    let read = client
+        .get(format!("{edge}/v1/edge/doc"))
+        .send()
+        .await
+        .expect("read");
     assert_eq!(read.status(), 200);
     assert_eq!(read.headers()["x-tandem-region"], "region1");
 
@@ -59,9 +71,16 @@ async fn reads_through_the_edge_fail_over_to_region2_when_region1_read_stops() {
     server.await.expect("server task").expect("server");
     let mut region = String::new();
     for _ in 0..40 {
-        let read = client.get(format!("{edge}/v1/edge/doc")).send().await.expect("read");
+        let read = client
+            .get(format!("{edge}/v1/edge/doc"))
+            .send()
+            .await
+            .expect("read");
         if read.status() == 200 {
-            region = read.headers()["x-tandem-region"].to_str().expect("ascii").to_owned();
+            region = read.headers()["x-tandem-region"]
+                .to_str()
+                .expect("ascii")
+                .to_owned();
             let body: Value = read.json().await.expect("json");
             assert_eq!(body["data"]["via"], "edge");
             if region == "region2" {

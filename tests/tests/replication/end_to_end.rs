@@ -19,7 +19,14 @@ async fn writes_in_region1_appear_in_region2_with_the_same_versions_data_and_tom
         .await
         .expect("patch");
     assert_eq!(patched.status(), 200);
-    assert_eq!(app.write(Method::DELETE, "/v1/orders/a").send().await.expect("delete").status(), 204);
+    assert_eq!(
+        app.write(Method::DELETE, "/v1/orders/a")
+            .send()
+            .await
+            .expect("delete")
+            .status(),
+        204
+    );
     regions.wait_converged(Duration::from_secs(30)).await;
 
     let b = regions.region2_get("/v1/orders/b").await;
@@ -30,9 +37,17 @@ async fn writes_in_region1_appear_in_region2_with_the_same_versions_data_and_tom
     let body: Value = b.json().await.expect("json");
     assert_eq!(body["data"], json!({"total": 3, "paid": true}));
     let region1_body: Value = app.get("/v1/orders/b").await.json().await.expect("json");
-    assert_eq!(body, region1_body, "Region 2 serves the same representation");
+    assert_eq!(
+        body, region1_body,
+        "Region 2 serves the same representation"
+    );
     assert_eq!(regions.region2_get("/v1/orders/a").await.status(), 404);
-    let list: Value = regions.region2_get("/v1/orders").await.json().await.expect("json");
+    let list: Value = regions
+        .region2_get("/v1/orders")
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(list["items"].as_array().map(Vec::len), Some(1));
 
     // Region 2 refuses writes.
@@ -48,11 +63,20 @@ async fn writes_in_region1_appear_in_region2_with_the_same_versions_data_and_tom
     // A recreated document continues its version in Region 2 as well.
     app.put("orders", "a", &json!({"total": 9})).await;
     regions.wait_converged(Duration::from_secs(30)).await;
-    let a: Value = regions.region2_get("/v1/orders/a").await.json().await.expect("json");
+    let a: Value = regions
+        .region2_get("/v1/orders/a")
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(a["version"], 4);
 
     // Each event was applied exactly once.
     let client = regions.region2_pool.get().await.expect("db");
-    let applied: i64 = client.query_one("SELECT count(*) FROM applied_events", &[]).await.expect("count").get(0);
+    let applied: i64 = client
+        .query_one("SELECT count(*) FROM applied_events", &[])
+        .await
+        .expect("count")
+        .get(0);
     assert_eq!(applied, app.count("outbox").await);
 }

@@ -29,7 +29,11 @@ async fn assert_each_event_applied_once(regions: &TwoRegions) {
         .collect();
     expected.sort();
     applied.sort();
-    assert_eq!(applied.len(), expected.len(), "events lost or applied twice");
+    assert_eq!(
+        applied.len(),
+        expected.len(),
+        "events lost or applied twice"
+    );
     assert_eq!(applied, expected);
 }
 
@@ -70,7 +74,9 @@ async fn a_ten_second_broker_outage_does_not_stop_writes_and_region2_catches_up(
     let writer = spawn_writer(&regions.region1, "outage", 40, stop.clone());
     tokio::time::sleep(Duration::from_secs(10)).await;
     stop.store(true, Ordering::Relaxed);
-    let writes = writer.await.expect("writes kept succeeding while the broker was down");
+    let writes = writer
+        .await
+        .expect("writes kept succeeding while the broker was down");
     assert!(writes > 20, "only {writes} writes in 10 s");
     let waiting: i64 = regions
         .region1
@@ -78,7 +84,10 @@ async fn a_ten_second_broker_outage_does_not_stop_writes_and_region2_catches_up(
         .get()
         .await
         .expect("db")
-        .query_one("SELECT count(*) FROM outbox WHERE published_at IS NULL", &[])
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
         .await
         .expect("count")
         .get(0);
@@ -95,23 +104,43 @@ async fn after_the_broker_loses_its_data_a_replay_makes_region2_converge() {
         .format(&time::format_description::well_known::Rfc3339)
         .expect("time");
     for i in 0..60 {
-        regions.region1.put("loss", &format!("d{}", i % 15), &json!({"i": i})).await;
+        regions
+            .region1
+            .put("loss", &format!("d{}", i % 15), &json!({"i": i}))
+            .await;
     }
     regions.wait_converged(Duration::from_secs(30)).await;
 
     // The memory broker forgets every topic and offset.
-    regions.broker.restart_empty().await.expect("restart broker");
+    regions
+        .broker
+        .restart_empty()
+        .await
+        .expect("restart broker");
     // Writes made while Region 2 was cut off, and lost in flight: drop Region 2's copy of a
     // document too, so only a replay can bring it back.
     for i in 0..20 {
-        regions.region1.put("loss", &format!("n{i}"), &json!({"after": i})).await;
+        regions
+            .region1
+            .put("loss", &format!("n{i}"), &json!({"after": i}))
+            .await;
     }
     let client = regions.region2_pool.get().await.expect("db");
-    client.execute("DELETE FROM documents WHERE id = 'd3'", &[]).await.expect("delete");
-    client.execute("DELETE FROM applied_events WHERE document_id = 'd3'", &[]).await.expect("delete");
+    client
+        .execute("DELETE FROM documents WHERE id = 'd3'", &[])
+        .await
+        .expect("delete");
+    client
+        .execute("DELETE FROM applied_events WHERE document_id = 'd3'", &[])
+        .await
+        .expect("delete");
 
     let output = regions.replay_since(&since);
-    assert!(output.status.success(), "replay failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "replay failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     regions.wait_converged(Duration::from_secs(90)).await;
     // Replayed events already applied were recognised as duplicates, not applied twice.
     let duplicates_ignored: i64 = client
@@ -134,7 +163,10 @@ async fn when_the_active_relay_dies_the_standby_continues() {
 
     regions.relays[0].signal("KILL");
     for n in 0..20 {
-        regions.region1.put("failover", &format!("b{n}"), &json!({"n": n})).await;
+        regions
+            .region1
+            .put("failover", &format!("b{n}"), &json!({"n": n}))
+            .await;
     }
     regions.wait_converged(Duration::from_secs(30)).await;
     assert_each_event_applied_once(&regions).await;
@@ -160,12 +192,18 @@ async fn a_poison_event_is_dead_lettered_and_later_events_still_apply() {
             .await
             .expect("produce poison");
     }
-    regions.region1.put("poison", "after", &json!({"still": "applies"})).await;
+    regions
+        .region1
+        .put("poison", "after", &json!({"still": "applies"}))
+        .await;
     regions.wait_converged(Duration::from_secs(30)).await;
 
     let client = regions.region2_pool.get().await.expect("db");
     let letters: Vec<(String, String)> = client
-        .query("SELECT message_key, reason FROM dead_letters ORDER BY id", &[])
+        .query(
+            "SELECT message_key, reason FROM dead_letters ORDER BY id",
+            &[],
+        )
         .await
         .expect("dead letters")
         .iter()
@@ -173,7 +211,10 @@ async fn a_poison_event_is_dead_lettered_and_later_events_still_apply() {
         .collect();
     assert_eq!(letters.len(), 2, "{letters:?}");
     assert!(letters[0].1.starts_with("undecodable event"), "{letters:?}");
-    assert!(letters[1].1.contains("version must be positive"), "{letters:?}");
+    assert!(
+        letters[1].1.contains("version must be positive"),
+        "{letters:?}"
+    );
     let after = regions.region2_get("/v1/poison/after").await;
     assert_eq!(after.status(), 200);
 }

@@ -19,11 +19,20 @@ async fn a_thousand_mixed_writes_over_a_hundred_documents_converge_exactly() {
                 let i = w * 125 + n;
                 let url = format!("{base}/v1/mixed/d{}", (i * 37) % 100);
                 let request = match i % 10 {
-                    7 => app_client.request(Method::PATCH, &url).header("content-type", "application/merge-patch+json").body(json!({"p": i}).to_string()),
+                    7 => app_client
+                        .request(Method::PATCH, &url)
+                        .header("content-type", "application/merge-patch+json")
+                        .body(json!({"p": i}).to_string()),
                     8 | 9 => app_client.request(Method::DELETE, &url),
                     _ => app_client.put(&url).json(&json!({"i": i})),
                 };
-                let status = request.bearer_auth(&token).send().await.expect("send").status().as_u16();
+                let status = request
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .expect("send")
+                    .status()
+                    .as_u16();
                 assert!(matches!(status, 200 | 201 | 204 | 404), "status {status}");
             }
         })
@@ -33,8 +42,16 @@ async fn a_thousand_mixed_writes_over_a_hundred_documents_converge_exactly() {
     }
     regions.wait_converged(Duration::from_secs(60)).await;
     let client = regions.region2_pool.get().await.expect("db");
-    let applied: i64 = client.query_one("SELECT count(*) FROM applied_events", &[]).await.expect("count").get(0);
-    assert_eq!(applied, app.count("outbox").await, "every event applied once");
+    let applied: i64 = client
+        .query_one("SELECT count(*) FROM applied_events", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        applied,
+        app.count("outbox").await,
+        "every event applied once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,12 +83,18 @@ async fn rapid_updates_of_one_document_never_go_backwards_in_region2() {
     regions.wait_converged(Duration::from_secs(30)).await;
     stop.store(true, Ordering::Relaxed);
     let seen = observer.await.expect("observer");
-    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "Region 2 went backwards: {seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "Region 2 went backwards: {seen:?}"
+    );
     assert!(!seen.is_empty());
     // The events themselves arrived in order: no stale outcome was ever needed.
     let client = regions.region2_pool.get().await.expect("db");
     let stale: i64 = client
-        .query_one("SELECT count(*) FROM applied_events WHERE outcome = 'stale'", &[])
+        .query_one(
+            "SELECT count(*) FROM applied_events WHERE outcome = 'stale'",
+            &[],
+        )
         .await
         .expect("count")
         .get(0);

@@ -18,7 +18,12 @@ pub mod support {
 
     /// Writes in the background (PUT/PATCH/DELETE over `documents` ids) until stopped; every
     /// write must succeed (Region 1 never depends on Kafka). Returns the number of writes.
-    pub fn spawn_writer(app: &TestApp, collection: &'static str, documents: u32, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    pub fn spawn_writer(
+        app: &TestApp,
+        collection: &'static str,
+        documents: u32,
+        stop: Arc<AtomicBool>,
+    ) -> tokio::task::JoinHandle<u64> {
         let client = app.client.clone();
         let base = app.write_url.clone();
         let token = app.token.clone();
@@ -29,14 +34,27 @@ pub mod support {
                 let id = i % u64::from(documents);
                 let url = format!("{base}/v1/{collection}/d{id}");
                 let request = match i % 7 {
-                    5 => client.request(Method::PATCH, &url).header("content-type", "application/merge-patch+json").body(json!({"patched": i}).to_string()),
+                    5 => client
+                        .request(Method::PATCH, &url)
+                        .header("content-type", "application/merge-patch+json")
+                        .body(json!({"patched": i}).to_string()),
                     6 => client.request(Method::DELETE, &url),
-                    _ => client.put(&url).json(&json!({"i": i, "payload": "x".repeat(64)})),
+                    _ => client
+                        .put(&url)
+                        .json(&json!({"i": i, "payload": "x".repeat(64)})),
                 };
-                let response = request.bearer_auth(&token).send().await.expect("write sent");
+                let response = request
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .expect("write sent");
                 let status = response.status().as_u16();
                 // PATCH/DELETE of an absent document is a legitimate 404.
-                assert!(matches!(status, 200 | 201 | 204 | 404), "write failed with {status}: {}", response.text().await.unwrap_or_default());
+                assert!(
+                    matches!(status, 200 | 201 | 204 | 404),
+                    "write failed with {status}: {}",
+                    response.text().await.unwrap_or_default()
+                );
                 i += 1;
                 count.fetch_add(1, Ordering::Relaxed);
             }
