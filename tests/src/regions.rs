@@ -137,12 +137,36 @@ pub struct TwoRegions {
 }
 
 impl TwoRegions {
-    /// Everything up, one relay and one consumer running.
+    /// Everything up, one relay and one consumer running, and the consumer reporting.
     pub async fn start() -> Self {
         let mut regions = Self::start_without_workers().await;
         regions.start_relay();
         regions.start_consumer();
+        regions.wait_region2_ready(Duration::from_secs(60)).await;
         regions
+    }
+
+    /// Waits until Region 2's `/readyz` passes: the consumer is assigned and heartbeating.
+    pub async fn wait_region2_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let url = format!("{}/readyz", self.region2_read_url);
+        loop {
+            if let Ok(response) = self.region1.client.get(&url).send().await {
+                if response.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Region 2 never became ready:\n{}",
+                self.consumers
+                    .iter()
+                    .map(ManagedProcess::log_tail)
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub async fn start_without_workers() -> Self {
