@@ -22,14 +22,40 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
 }
 
-# PostgreSQL server programs (initdb, postgres, pg_ctl) and redis-server.
+# PostgreSQL server programs (initdb, postgres), redis-server, HAProxy (the local edge), and
+# what librdkafka's build needs (a C toolchain, OpenSSL headers, pkg-config).
 ensure_servers() {
-  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-    apt_install postgresql
+  local missing=()
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+  have redis-server || missing+=(redis-server)
+  have haproxy || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+  have setpriv || missing+=(util-linux)
+  have curl || missing+=(curl)
+  have cc || missing+=(build-essential)
+  have pkg-config || missing+=(pkg-config)
+  dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt_install "${missing[@]}"
   fi
-  have redis-server || apt_install redis-server
-  have pgrep || apt_install procps
-  have setpriv || apt_install util-linux
+}
+
+# tansu, a Kafka-protocol broker in Rust (no JVM Kafka can be fetched here). Its build takes
+# about ten minutes on two cores, so it is built once into $TANDEM_CACHE/tools and reused; one
+# already on PATH is used as is.
+TANSU_VERSION=0.6.0
+ensure_tansu() {
+  if [ -n "${TANDEM_TANSU:-}" ] && [ -x "$TANDEM_TANSU" ]; then return; fi
+  local cached="$TANDEM_CACHE/tools/bin/tansu"
+  if [ -x "$cached" ]; then
+    export TANDEM_TANSU="$cached"
+  elif have tansu; then
+    export TANDEM_TANSU="$(command -v tansu)"
+  else
+    say "building the tansu $TANSU_VERSION Kafka-protocol broker into $TANDEM_CACHE/tools (about 10 minutes, once)"
+    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
+      --root "$TANDEM_CACHE/tools" >&2
+    export TANDEM_TANSU="$cached"
+  fi
 }
 
 pg_bindir() {

@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# `make test`: every test, against real servers the harness starts itself.
+# `make test`: every test, against real servers the harness starts itself, then the offline
+# checks of the HTTP contract and of the deployment (Terraform, manifests, workflows, images).
 source "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 
 ensure_rust
 ensure_servers
 ensure_python_tools
+ensure_tansu
 export TANDEM_PG_BINDIR="$(pg_bindir)"
 
 say "building the binaries the tests run (cargo build --workspace --bins)"
 cargo build --workspace --bins --locked
 
 say "running the test suite (cargo test --workspace)"
-cargo test --workspace --locked -- --test-threads="${TANDEM_TEST_THREADS:-4}"
+cargo test --workspace --locked
+
+say "checking the OpenAPI contract (scripts/check-openapi.sh)"
+bash scripts/check-openapi.sh
+
+say "checking the deployment offline (scripts/check-deploy.sh)"
+bash scripts/check-deploy.sh

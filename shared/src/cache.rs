@@ -36,6 +36,9 @@ pub struct CacheSettings {
     /// Prefix of every key (`REDIS_KEY_PREFIX`, default `tandem`), so several deployments or
     /// test runs can share one Redis.
     pub key_prefix: String,
+    /// A Secrets Manager secret holding the Redis AUTH token as a plain string
+    /// (`REDIS_AUTH_SECRET_ID`); read once at start-up by [`CacheSettings::resolve_auth`].
+    pub auth_secret_id: Option<String>,
 }
 
 impl CacheSettings {
@@ -46,6 +49,7 @@ impl CacheSettings {
             timeout: config::millis_or("REDIS_TIMEOUT_MS", Duration::from_millis(250))?,
             cooldown: config::millis_or("REDIS_COOLDOWN_MS", Duration::from_millis(1000))?,
             key_prefix: config::optional("REDIS_KEY_PREFIX").unwrap_or_else(|| "tandem".to_owned()),
+            auth_secret_id: config::optional("REDIS_AUTH_SECRET_ID"),
         })
     }
 
@@ -56,7 +60,32 @@ impl CacheSettings {
             timeout: Duration::from_millis(250),
             cooldown: Duration::from_millis(1000),
             key_prefix: "tandem".to_owned(),
+            auth_secret_id: None,
         }
+    }
+
+    /// Puts the AUTH token from `REDIS_AUTH_SECRET_ID` into the URL (ElastiCache with
+    /// transit encryption and AUTH). A no-op when no secret is configured.
+    pub async fn resolve_auth(&mut self) -> anyhow::Result<()> {
+        let Some(secret_id) = &self.auth_secret_id else {
+            return Ok(());
+        };
+        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let output = aws_sdk_secretsmanager::Client::new(&sdk)
+            .get_secret_value()
+            .secret_id(secret_id)
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("Failed to read the Redis AUTH token {secret_id}: {e}"))?;
+        let token = output
+            .secret_string()
+            .ok_or_else(|| anyhow::anyhow!("Secret {secret_id} has no SecretString"))?
+            .trim();
+        let mut url = url::Url::parse(&self.url).map_err(|e| anyhow::anyhow!("REDIS_URL is invalid: {e}"))?;
+        url.set_password(Some(token))
+            .map_err(|()| anyhow::anyhow!("REDIS_URL cannot carry a password"))?;
+        self.url = url.to_string();
+        Ok(())
     }
 }
 

@@ -86,7 +86,9 @@ impl Region2Consumer {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let pool = tandem_shared::db::connect_pool(&settings.database).await?;
         tandem_shared::migrations::run(&pool).await?;
-        let cache = Cache::new(settings.cache.clone())?;
+        let mut cache_settings = settings.cache.clone();
+        cache_settings.resolve_auth().await?;
+        let cache = Cache::new(cache_settings)?;
         Ok(Self {
             applier: Applier::new(pool, cache, Arc::new(ConsumerMetrics::new())),
             settings,

@@ -71,7 +71,11 @@ impl AppState {
         }
         Ok(Self {
             store: Store::new(pool),
-            cache: Cache::new(settings.cache.clone())?,
+            cache: {
+                let mut cache = settings.cache.clone();
+                cache.resolve_auth().await?;
+                Cache::new(cache)?
+            },
             auth,
             metrics: Arc::new(Metrics::new("read")),
             region: settings.service.region.clone(),

@@ -68,7 +68,11 @@ impl AppState {
         }
         Ok(Self {
             store: Store::new(pool),
-            cache: Cache::new(settings.cache.clone())?,
+            cache: {
+                let mut cache = settings.cache.clone();
+                cache.resolve_auth().await?;
+                Cache::new(cache)?
+            },
             auth,
             metrics: Arc::new(Metrics::new("write")),
             region: settings.service.region.clone(),
