@@ -81,7 +81,8 @@ impl CacheSettings {
             .secret_string()
             .ok_or_else(|| anyhow::anyhow!("Secret {secret_id} has no SecretString"))?
             .trim();
-        let mut url = url::Url::parse(&self.url).map_err(|e| anyhow::anyhow!("REDIS_URL is invalid: {e}"))?;
+        let mut url =
+            url::Url::parse(&self.url).map_err(|e| anyhow::anyhow!("REDIS_URL is invalid: {e}"))?;
         url.set_password(Some(token))
             .map_err(|()| anyhow::anyhow!("REDIS_URL cannot carry a password"))?;
         self.url = url.to_string();
