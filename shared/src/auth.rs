@@ -22,7 +22,7 @@ pub const WRITE_SCOPE: &str = "tandem:write";
 pub const READ_SCOPE: &str = "tandem:read";
 
 /// Authentication settings, read from the environment.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AuthSettings {
     /// HS256 shared secret (`TANDEM_JWT_HS256_SECRET`), for local development.
     pub hs256_secret: Option<SecretString>,
@@ -35,6 +35,22 @@ pub struct AuthSettings {
     pub audience: Option<String>,
     /// Whether reads need `tandem:read` (`TANDEM_READ_REQUIRES_AUTH`).
     pub read_requires_auth: bool,
+    /// Minimum time between two JWKS fetches caused by unknown key ids (30 s): a flood of
+    /// tokens with made-up key ids must not become a flood of requests to the provider.
+    pub jwks_min_refetch: Duration,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            hs256_secret: None,
+            jwks_url: None,
+            issuer: None,
+            audience: None,
+            read_requires_auth: false,
+            jwks_min_refetch: Duration::from_secs(30),
+        }
+    }
 }
 
 impl AuthSettings {
@@ -45,6 +61,7 @@ impl AuthSettings {
             issuer: config::optional("TANDEM_JWT_ISSUER"),
             audience: config::optional("TANDEM_JWT_AUDIENCE"),
             read_requires_auth: config::flag("TANDEM_READ_REQUIRES_AUTH", false)?,
+            ..Self::default()
         })
     }
 }
@@ -109,10 +126,8 @@ struct Jwks {
     http: reqwest::Client,
     /// The keys and when they were last fetched.
     keys: RwLock<(KeyMap, Option<Instant>)>,
+    min_refetch: Duration,
 }
-
-/// Minimum time between two JWKS fetches triggered by unknown key ids.
-const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
 
 impl Jwks {
     async fn key(&self, kid: &str) -> Result<(DecodingKey, Algorithm), AuthError> {
@@ -121,10 +136,7 @@ impl Jwks {
             if let Some(found) = guard.0.get(kid) {
                 return Ok(found.clone());
             }
-            if guard
-                .1
-                .is_some_and(|at| at.elapsed() < JWKS_REFETCH_INTERVAL)
-            {
+            if guard.1.is_some_and(|at| at.elapsed() < self.min_refetch) {
                 return Err(AuthError::Invalid(format!("unknown key id {kid}")));
             }
         }
@@ -190,6 +202,7 @@ impl Authenticator {
                     .build()
                     .context("Failed to build the JWKS HTTP client")?,
                 keys: RwLock::new((HashMap::new(), None)),
+                min_refetch: settings.jwks_min_refetch,
             }),
             (None, Some(secret)) => {
                 Keys::Hs256(DecodingKey::from_secret(secret.expose_secret().as_bytes()))

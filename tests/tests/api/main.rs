@@ -3,6 +3,7 @@
 mod bad_inputs;
 mod cache;
 mod concurrency;
+mod jwks;
 mod lambda;
 mod ops;
 mod outage;
