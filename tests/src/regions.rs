@@ -133,6 +133,9 @@ pub struct TwoRegions {
     pub topic: String,
     pub relays: Vec<ManagedProcess>,
     pub consumers: Vec<ManagedProcess>,
+    /// The ops port (`/healthz`, `/readyz`, `/metrics`) of each relay and consumer.
+    pub relay_ports: Vec<u16>,
+    pub consumer_ports: Vec<u16>,
     dir: PathBuf,
 }
 
@@ -215,6 +218,8 @@ impl TwoRegions {
             broker,
             relays: Vec::new(),
             consumers: Vec::new(),
+            relay_ports: Vec::new(),
+            consumer_ports: Vec::new(),
             dir: scratch_dir("regions"),
         }
     }
@@ -246,8 +251,10 @@ impl TwoRegions {
             ("DATABASE_URL".to_owned(), self.region1.database_url.clone()),
             ("TANDEM_REGION".to_owned(), "region1".to_owned()),
             ("RELAY_POLL_INTERVAL_MS".to_owned(), "200".to_owned()),
-            ("PORT".to_owned(), free_port().to_string()),
         ]);
+        let port = free_port();
+        env.push(("PORT".to_owned(), port.to_string()));
+        self.relay_ports.push(port);
         let n = self.relays.len();
         let log = self.dir.join(format!("relay-{n}.log"));
         let relay =
@@ -269,8 +276,10 @@ impl TwoRegions {
             ),
             ("TANDEM_REGION".to_owned(), "region2".to_owned()),
             ("KAFKA_GROUP_ID".to_owned(), format!("group-{}", self.topic)),
-            ("PORT".to_owned(), free_port().to_string()),
         ]);
+        let port = free_port();
+        env.push(("PORT".to_owned(), port.to_string()));
+        self.consumer_ports.push(port);
         let n = self.consumers.len();
         let log = self.dir.join(format!("consumer-{n}.log"));
         let consumer = ManagedProcess::start(

@@ -71,6 +71,65 @@ async fn writes_in_region1_appear_in_region2_with_the_same_versions_data_and_tom
         .expect("json");
     assert_eq!(a["version"], 4);
 
+    // The workers' operations endpoints: replication lag and consumer lag are exported.
+    let consumer_metrics = app
+        .client
+        .get(format!(
+            "http://127.0.0.1:{}/metrics",
+            regions.consumer_ports[0]
+        ))
+        .send()
+        .await
+        .expect("consumer metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        consumer_metrics.contains("tandem_replication_lag_seconds_count"),
+        "{consumer_metrics}"
+    );
+    assert!(
+        consumer_metrics.contains(r#"tandem_consumer_events_total{outcome="applied"}"#),
+        "{consumer_metrics}"
+    );
+    assert!(
+        consumer_metrics.contains("tandem_consumer_lag "),
+        "{consumer_metrics}"
+    );
+    assert!(
+        consumer_metrics.contains("tandem_consumer_leader 1"),
+        "{consumer_metrics}"
+    );
+    let relay_metrics = app
+        .client
+        .get(format!(
+            "http://127.0.0.1:{}/metrics",
+            regions.relay_ports[0]
+        ))
+        .send()
+        .await
+        .expect("relay metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        relay_metrics.contains("tandem_relay_events_published_total"),
+        "{relay_metrics}"
+    );
+    assert!(
+        relay_metrics.contains("tandem_relay_leader 1"),
+        "{relay_metrics}"
+    );
+    for port in [regions.relay_ports[0], regions.consumer_ports[0]] {
+        let ready = app
+            .client
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        assert_eq!(ready.status(), 200);
+    }
+
     // Each event was applied exactly once.
     let client = regions.region2_pool.get().await.expect("db");
     let applied: i64 = client
