@@ -12,7 +12,11 @@
 # environment the two overwrite each other's files.
 #
 # Checks (each reported PASS/FAIL/SKIP, summary at the end, exit 1 on any failure):
-#   terraform-structure   scripts/check_terraform.py: types, descriptions, module inputs, layout
+#   env-contract          scripts/env_contract.py --self-test: the variables each binary reads and
+#                         requires are derived from the Rust sources; the manifest and Lambda env
+#                         rules reject a stale and a missing variable
+#   terraform-structure   scripts/check_terraform.py: types, descriptions, module inputs, layout,
+#                         Lambda environments against the binaries' env contract
 #   terraform-fmt         terraform fmt -check -recursive terraform/ (SKIP without terraform)
 #   kustomize-*           kubectl kustomize eks/base and eks/overlays/region{1,2}
 #   kubernetes-validate   kubernetes-validate --strict against Kubernetes $K8S_VERSION
@@ -134,8 +138,10 @@ if ! ensure_tools "$checkov_venv" "${CHECKOV_PINS[@]}"; then
 fi
 
 if [ "$tools_ok" = 1 ]; then
+  run env-contract "$venv/bin/python" scripts/env_contract.py --self-test
   run terraform-structure "$venv/bin/python" scripts/check_terraform.py terraform
 else
+  run env-contract false
   run terraform-structure false
 fi
 

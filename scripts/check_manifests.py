@@ -3,9 +3,10 @@
 
 * TargetGroupBinding (a CRD of the AWS Load Balancer Controller, for which kubernetes-validate
   has no schema) is validated against the schema below, strictly.
-* Each Deployment's environment (env plus the ConfigMaps it pulls in with envFrom) uses only the
-  variable names its binary reads, never TANDEM_JWT_HS256_SECRET (local development only), and
-  exactly one database credential source.
+* Each Deployment's environment (env plus the ConfigMaps it pulls in with envFrom) sets only the
+  variables its binary reads and every variable it requires, as derived from the Rust sources by
+  env_contract.py (no stale, no missing setting): exactly one database credential source, never
+  TANDEM_JWT_HS256_SECRET (local development only), TANDEM_JWKS_URL for the Write API.
 * Each Deployment probes /healthz (liveness) and /readyz (readiness) and has a preStop sleep
   shorter than its termination grace period.
 * With --overlay: no `set-by-overlay` placeholder is left, images name a registry and a tag, and
@@ -23,45 +24,9 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+import env_contract
+
 PLACEHOLDER = "set-by-overlay"
-
-COMMON = {"TANDEM_REGION", "PORT", "BIND_ADDRESS", "RUST_LOG", "TANDEM_LOG_FORMAT", "AWS_REGION"}
-DATABASE = {
-    "DATABASE_URL",
-    "DATABASE_SECRET_ID",
-    "DATABASE_IAM_HOST",
-    "DATABASE_IAM_PORT",
-    "DATABASE_IAM_USER",
-    "DATABASE_IAM_DBNAME",
-    "DATABASE_TLS",
-    "DATABASE_CA_FILE",
-    "DATABASE_POOL_SIZE",
-    "DATABASE_POOL_TIMEOUT_MS",
-    "DATABASE_CREDENTIALS_REFRESH_SECONDS",
-    "TANDEM_MIGRATE_ON_START",
-}
-REDIS = {
-    "REDIS_URL",
-    "REDIS_AUTH_SECRET_ID",
-    "CACHE_TTL_SECONDS",
-    "REDIS_TIMEOUT_MS",
-    "REDIS_COOLDOWN_MS",
-    "REDIS_KEY_PREFIX",
-}
-AUTH = {"TANDEM_JWKS_URL", "TANDEM_JWT_ISSUER", "TANDEM_JWT_AUDIENCE", "TANDEM_READ_REQUIRES_AUTH"}
-REPLICA = {"TANDEM_CONSISTENCY_WAIT_MS", "TANDEM_PRIMARY_READ_URL", "TANDEM_MAX_REPLICATION_LAG_MS"}
-KAFKA = {"KAFKA_BROKERS", "KAFKA_TOPIC", "KAFKA_PROPERTIES", "KAFKA_SASL_SECRET_ID"}
-
-# Deployment name -> the variables its binary reads.
-ALLOWED_ENV = {
-    "tandem-write": COMMON | DATABASE | REDIS | AUTH,
-    "tandem-read": COMMON | DATABASE | REDIS | AUTH | REPLICA,
-    "tandem-outbox-relay": COMMON | DATABASE | KAFKA
-    | {"RELAY_BATCH_SIZE", "RELAY_POLL_INTERVAL_MS", "OUTBOX_RETENTION_HOURS"},
-    "tandem-region2-consumer": COMMON | DATABASE | REDIS | KAFKA | {"KAFKA_GROUP_ID"},
-}
-FORBIDDEN_ENV = {"TANDEM_JWT_HS256_SECRET"}
-DATABASE_SOURCES = {"DATABASE_URL", "DATABASE_SECRET_ID", "DATABASE_IAM_HOST"}
 
 TARGET_GROUP_ARN = r"^arn:aws[a-z-]*:elasticloadbalancing:[a-z0-9-]+:[0-9]{12}:targetgroup/[A-Za-z0-9-]{1,32}/[0-9a-f]{16}$"
 ROLE_ARN = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]+$"
@@ -110,6 +75,9 @@ TARGET_GROUP_BINDING_SCHEMA = {
 class Checker:
     def __init__(self, overlay: bool) -> None:
         self.overlay = overlay
+        # Which variables each binary reads and requires comes from the Rust sources, never from
+        # a list kept here (raises env_contract.ContractError when it cannot be derived).
+        self.contracts = env_contract.load()
         self.problems: list[str] = []
 
     def problem(self, source: str, obj: dict, message: str) -> None:
@@ -154,9 +122,8 @@ class Checker:
 
     def check_deployment(self, source: str, doc: dict, config_maps: dict[str, dict]) -> None:
         name = doc["metadata"]["name"]
-        allowed = ALLOWED_ENV.get(name)
-        if allowed is None:
-            self.problem(source, doc, "unknown workload (no environment allow-list)")
+        if name not in self.contracts:
+            self.problem(source, doc, "unknown workload (no binary of that name in scripts/env_contract.py)")
             return
         pod = doc["spec"]["template"]["spec"]
         grace = pod.get("terminationGracePeriodSeconds", 30)
@@ -173,13 +140,9 @@ class Checker:
                     self.problem(source, doc, f"envFrom ConfigMap {ref!r} is not in the render")
                     continue
                 names |= set(config_maps[ref])
-            for unknown in sorted(names - allowed):
-                self.problem(source, doc, f"sets {unknown}, which {name} does not read")
-            for forbidden in sorted(names & FORBIDDEN_ENV):
-                self.problem(source, doc, f"sets {forbidden}, which is for local development only")
-            sources = names & DATABASE_SOURCES
-            if len(sources) != 1:
-                self.problem(source, doc, f"needs exactly one of {sorted(DATABASE_SOURCES)}, has {sorted(sources)}")
+            # The EKS workloads run in AWS: no TANDEM_JWT_HS256_SECRET, TANDEM_JWKS_URL for Write.
+            for message in env_contract.env_problems(name, names, aws=True, contracts=self.contracts):
+                self.problem(source, doc, message)
 
             liveness = container.get("livenessProbe", {}).get("httpGet", {}).get("path")
             readiness = container.get("readinessProbe", {}).get("httpGet", {}).get("path")
@@ -219,7 +182,12 @@ def main(argv: list[str]) -> int:
     if not files:
         print(__doc__, file=sys.stderr)
         return 2
-    return Checker(overlay).run(files)
+    try:
+        checker = Checker(overlay)
+    except env_contract.ContractError as error:
+        print(f"check_manifests: cannot derive the environment contract from the sources: {error}")
+        return 1
+    return checker.run(files)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ so this script checks what can be checked from the source alone, with python-hcl
 * every `module` block with a local `source` passes only variables the module declares, passes
   every variable the module requires (no default), and passes every provider alias the module
   lists in `configuration_aliases`;
-* every call of modules/lambda sets only environment variables the Write/Read binaries read, uses
-  IAM database authentication, and sets none that Lambda reserves or ignores (AWS_REGION, PORT,
-  BIND_ADDRESS) nor the local-only TANDEM_JWT_HS256_SECRET.
+* every call of modules/lambda sets only environment variables its binary (Write or Read, from
+  var.lambda_zip_paths) reads and every one it requires, as derived from the Rust sources by
+  env_contract.py (no stale, no missing setting); sets TANDEM_REGION, uses IAM database
+  authentication, and sets none that Lambda reserves or ignores (AWS_REGION, AWS_DEFAULT_REGION,
+  PORT, BIND_ADDRESS) nor the local-only TANDEM_JWT_HS256_SECRET.
 
 Usage: check_terraform.py [TERRAFORM_DIR]   (default: terraform/ next to this script's parent)
 Exit status 0 when clean, 1 when any problem was found, 2 on usage errors.
@@ -30,23 +32,32 @@ from pathlib import Path
 
 import hcl2
 
+import env_contract
+
 MODULE_FILES = ("main.tf", "variables.tf", "outputs.tf", "versions.tf")
 # Arguments of a module block that are Terraform meta-arguments, not module inputs.
 META_ARGUMENTS = {"source", "version", "providers", "count", "for_each", "depends_on"}
 BANNER = "#" * 20
 
-# Environment of the Write/Read Lambda functions (same names as the EKS workloads).
-LAMBDA_ENV_ALLOWED = {
-    "TANDEM_REGION", "RUST_LOG", "TANDEM_LOG_FORMAT",
-    "DATABASE_IAM_HOST", "DATABASE_IAM_PORT", "DATABASE_IAM_USER", "DATABASE_IAM_DBNAME",
-    "DATABASE_TLS", "DATABASE_CA_FILE", "DATABASE_POOL_SIZE", "DATABASE_POOL_TIMEOUT_MS",
-    "DATABASE_CREDENTIALS_REFRESH_SECONDS", "TANDEM_MIGRATE_ON_START",
-    "REDIS_URL", "REDIS_AUTH_SECRET_ID", "CACHE_TTL_SECONDS", "REDIS_TIMEOUT_MS",
-    "REDIS_COOLDOWN_MS", "REDIS_KEY_PREFIX",
-    "TANDEM_JWKS_URL", "TANDEM_JWT_ISSUER", "TANDEM_JWT_AUDIENCE", "TANDEM_READ_REQUIRES_AUTH",
-    "TANDEM_CONSISTENCY_WAIT_MS", "TANDEM_PRIMARY_READ_URL", "TANDEM_MAX_REPLICATION_LAG_MS",
+# Which variables the Write/Read binaries read and require comes from the Rust sources
+# (env_contract.py). On top of that contract, a Lambda function:
+# * must not get what Lambda reserves or what the binary ignores under the Lambda runtime;
+LAMBDA_NOT_APPLICABLE = {
+    "AWS_REGION": "Lambda reserves (it sets it itself)",
+    "AWS_DEFAULT_REGION": "Lambda reserves (it sets it itself)",
+    "PORT": "the function ignores under the Lambda runtime (shared/src/serve.rs)",
+    "BIND_ADDRESS": "the function ignores under the Lambda runtime (shared/src/serve.rs)",
 }
-LAMBDA_ENV_REQUIRED = {"TANDEM_REGION", "DATABASE_IAM_HOST", "DATABASE_IAM_USER", "DATABASE_IAM_DBNAME", "REDIS_URL"}
+# * must name its region (the default, region1, would be wrong in Region 2) and reach the
+#   database through RDS Proxy with IAM authentication.
+LAMBDA_REQUIRED = {
+    "TANDEM_REGION": "each function names its region",
+    "DATABASE_IAM_HOST": "Lambda uses IAM database authentication through RDS Proxy",
+}
+# var.lambda_zip_paths key (or function_name suffix) -> binary.
+LAMBDA_BINARIES = {"write": "tandem-write", "read": "tandem-read"}
+ZIP_KEY = re.compile(r'lambda_zip_paths\[\s*"([A-Za-z0-9_-]+)"\s*\]')
+NAME_SUFFIX = re.compile(r"-([a-z0-9]+)\"?$")
 ENV_KEY = re.compile(r"\b([A-Z][A-Z0-9_]*)\s*=(?!=)")
 LOCAL_REF = re.compile(r"\blocal\.([A-Za-z0-9_]+)")
 
@@ -88,6 +99,22 @@ def labelled_blocks(parsed: dict, kind: str) -> list[tuple[str, dict]]:
 
 def body_keys(body: dict) -> set[str]:
     return {key for key in body if not key.startswith("__")}
+
+
+def lambda_env_problems(binary: str, keys: set[str]) -> list[str]:
+    """What is wrong with a Lambda function of `binary` whose environment sets exactly `keys`."""
+    problems = env_contract.env_problems(binary, keys, aws=True, not_applicable=LAMBDA_NOT_APPLICABLE)
+    for name, why in LAMBDA_REQUIRED.items():
+        if name not in keys:
+            problems.append(f"does not set {name} ({why})")
+    return [f"Lambda environment {problem}" for problem in problems]
+
+
+def lambda_binary(body: dict) -> str | None:
+    """The binary a modules/lambda call deploys: the key of var.lambda_zip_paths, else the
+    function name's suffix."""
+    match = ZIP_KEY.search(str(body.get("zip_path", ""))) or NAME_SUFFIX.search(str(body.get("function_name", "")))
+    return LAMBDA_BINARIES.get(match.group(1)) if match else None
 
 
 class Checker:
@@ -241,10 +268,12 @@ class Checker:
                         keys |= {k for k in value if not k.startswith("__")}
                     else:
                         self.problem(where, f"environment uses local.{ref}, which is not a map literal")
-                for unknown in sorted(keys - LAMBDA_ENV_ALLOWED):
-                    self.problem(where, f"Lambda environment sets {unknown}, which the function must not get")
-                for missing in sorted(LAMBDA_ENV_REQUIRED - keys):
-                    self.problem(where, f"Lambda environment lacks {missing}")
+                binary = lambda_binary(body)
+                if binary is None:
+                    self.problem(where, f"cannot tell which binary it deploys (zip_path key or function_name suffix in {sorted(LAMBDA_BINARIES)})")
+                    continue
+                for message in lambda_env_problems(binary, keys):
+                    self.problem(where, f"{binary}: {message}")
 
     def run(self) -> int:
         self.parse_all()
@@ -274,6 +303,11 @@ def main(argv: list[str]) -> int:
     if not root.is_dir():
         print(f"check_terraform: no such directory {root}", file=sys.stderr)
         return 2
+    try:
+        env_contract.load()
+    except env_contract.ContractError as error:
+        print(f"check_terraform: cannot derive the environment contract from the sources: {error}")
+        return 1
     return Checker(root).run()
 
 
