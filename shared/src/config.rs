@@ -2,7 +2,9 @@
 //!
 //! Every binary builds its settings from these helpers so that a bad or missing variable is
 //! reported with its name and what was expected, before any request is served. Every variable a
-//! binary reads is listed in `README.md`; the deployment manifests are checked against that list.
+//! binary reads is listed in `README.md`; `scripts/env_contract.py` extracts them from these
+//! helpers' call sites, and the deployment checks hold the manifests and the Lambda definitions
+//! to exactly that set.
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -47,11 +47,14 @@ impl ReplicaSettings {
     }
 }
 
+/// The last lag estimate and when it was made.
+type LagCache = Arc<Mutex<Option<(Instant, Option<u64>)>>>;
+
 /// Replica state: settings plus a short-lived cache of the lag estimate.
 #[derive(Clone)]
 pub struct Replica {
     pub settings: ReplicaSettings,
-    lag: Arc<Mutex<Option<(Instant, Option<u64>)>>>,
+    lag: LagCache,
 }
 
 /// How long a lag estimate is reused: the consumer refreshes its status once a second.
