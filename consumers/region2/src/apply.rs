@@ -16,6 +16,10 @@ use tokio_postgres::types::Json;
 
 use crate::metrics::ConsumerMetrics;
 
+/// How long applied event ids are remembered: longer than the relay's default replay window
+/// (`OUTBOX_RETENTION_HOURS`, 72 h), so a replay is recognised as duplicates.
+pub const APPLIED_EVENTS_RETENTION_DAYS: i32 = 7;
+
 /// A message as received, detached from the Kafka client.
 #[derive(Debug, Clone)]
 pub struct Incoming {
@@ -287,6 +291,27 @@ impl Applier {
                 &[&backlog],
             )
             .await;
+    }
+
+    /// Forgets applied event ids older than [`APPLIED_EVENTS_RETENTION_DAYS`], in chunks, so
+    /// the table does not grow without bound. Past that window a redelivered event is still
+    /// harmless: the version guard records it as `stale`.
+    pub async fn prune_applied_events(&self) -> Result<u64, StoreError> {
+        let client = self.pool.get().await?;
+        let mut total = 0;
+        loop {
+            let n = client
+                .execute(
+                    "DELETE FROM applied_events WHERE event_id IN (SELECT event_id FROM applied_events \
+                     WHERE applied_at < now() - make_interval(days => $1) LIMIT 10000)",
+                    &[&APPLIED_EVENTS_RETENTION_DAYS],
+                )
+                .await?;
+            total += n;
+            if n < 10_000 {
+                return Ok(total);
+            }
+        }
     }
 
     /// Re-applies dead letters (one, or all not yet redriven). Events that still fail stay

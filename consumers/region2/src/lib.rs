@@ -400,6 +400,7 @@ async fn heartbeat(
     partitions: Vec<i32>,
 ) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
+    let mut last_prune = std::time::Instant::now();
     loop {
         every.tick().await;
         // Watermarks are a broker round trip (a blocking call): keep them off the runtime.
@@ -429,6 +430,14 @@ async fn heartbeat(
             .await
             .unwrap_or_default()
         };
+        if last_prune.elapsed() >= Duration::from_secs(600) {
+            last_prune = std::time::Instant::now();
+            match applier.prune_applied_events().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(pruned = n, "applied event ids past retention removed"),
+                Err(e) => tracing::warn!(error = %e, "failed to prune applied event ids"),
+            }
+        }
         let mut backlog = 0;
         for (partition, lag) in lags {
             applier.metrics.set_partition_lag(partition, lag);

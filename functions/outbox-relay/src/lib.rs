@@ -300,8 +300,7 @@ impl Relay {
             self.metrics.backlog.set(0);
             return Ok(0);
         }
-        let region = tandem_shared::config::optional("TANDEM_REGION")
-            .unwrap_or_else(|| "region1".to_owned());
+        let region = &self.settings.service.region;
         let mut batch = Vec::with_capacity(rows.len());
         for row in &rows {
             let payload: serde_json::Value = row.try_get(2)?;
@@ -310,7 +309,7 @@ impl Relay {
             let created_at: OffsetDateTime = row.try_get(4)?;
             batch.push(OutboxRow {
                 seq: row.try_get(0)?,
-                event: ChangeEvent::new(row.try_get(1)?, &region, created_at, state),
+                event: ChangeEvent::new(row.try_get(1)?, region, created_at, state),
                 traceparent: row.try_get(3)?,
             });
         }
