@@ -306,6 +306,20 @@ impl TwoRegions {
         command.output().expect("run replay")
     }
 
+    /// Runs the consumer binary's `redrive` command against Region 2.
+    pub fn redrive(&self) -> std::process::Output {
+        let mut command = std::process::Command::new(binary("tandem-region2-consumer"));
+        command.arg("redrive");
+        for (k, v) in self.kafka_env() {
+            command.env(k, v);
+        }
+        command
+            .env("DATABASE_URL", &self.region2_database_url)
+            .env("REDIS_URL", &self.region2_redis_url)
+            .env("REDIS_KEY_PREFIX", &self.region2_key_prefix);
+        command.output().expect("run redrive")
+    }
+
     /// Every document of a region, as `(collection, id, version, deleted, data)`, in key order.
     pub async fn snapshot(
         pool: &deadpool_postgres::Pool,

@@ -232,4 +232,44 @@ async fn a_poison_event_is_dead_lettered_and_later_events_still_apply() {
     );
     let after = regions.region2_get("/v1/poison/after").await;
     assert_eq!(after.status(), 200);
+
+    // Redrive: a dead letter that is valid now (say, dead-lettered by a bug since fixed) is
+    // applied; the garbage stays, with its reason.
+    let event = tandem_shared::event::ChangeEvent::new(
+        uuid::Uuid::now_v7(),
+        "region1",
+        time::OffsetDateTime::now_utc(),
+        serde_json::from_value(json!({"collection": "poison", "id": "redriven", "version": 1, "data": {"ok": true}, "updated_at": "2026-11-25T09:00:00Z"}))
+            .expect("state"),
+    );
+    client
+        .execute(
+            "INSERT INTO dead_letters (topic, partition, \"offset\", payload, reason) VALUES ($1, 0, 999999, $2, 'test')",
+            &[&regions.topic, &event.encode()],
+        )
+        .await
+        .expect("insert dead letter");
+    let output = regions.redrive();
+    assert!(
+        output.status.success(),
+        "redrive failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let redriven = regions.region2_get("/v1/poison/redriven").await;
+    assert_eq!(redriven.status(), 200);
+    let pending: Vec<String> = client
+        .query(
+            "SELECT redrive_result FROM dead_letters WHERE redriven_at IS NULL ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("pending")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(pending.len(), 2, "{pending:?}");
+    assert!(
+        pending.iter().all(|r| r.starts_with("still poison")),
+        "{pending:?}"
+    );
 }
