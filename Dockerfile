@@ -7,6 +7,13 @@
 #   docker build --build-arg BINARY=tandem-write -t tandem-write .
 #
 # BINARY: tandem-write | tandem-read | tandem-outbox-relay | tandem-region2-consumer
+#
+# The build reaches nothing but the package registries (Debian, crates.io). The
+# Amazon RDS CA bundle is therefore not in the image: RDS server certificates
+# chain to the RDS CAs, which are not in the web PKI, so the Deployments mount the
+# bundle from the operator-created ConfigMap tandem-rds-ca and point
+# DATABASE_CA_FILE at it (eks/base, docs/deploy.md). The Lambda functions need no
+# bundle: RDS Proxy presents certificates that chain to Amazon's public roots.
 
 # Kubernetes ignores HEALTHCHECK: the liveness (/healthz) and readiness (/readyz)
 # probes in eks/base do that job, and distroless has no client to run one with.
@@ -30,13 +37,6 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN apt-get update \
     && apt-get install -y --no-install-recommends cmake pkg-config libssl-dev \
     && rm -rf /var/lib/apt/lists/*
-
-# RDS server certificates chain to the Amazon RDS CAs, which are not in the web
-# PKI: the services load this bundle through DATABASE_CA_FILE (eks/base/common).
-RUN mkdir -p /out \
-    && curl -fsSL --retry 3 https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem \
-        -o /out/rds-global-bundle.pem \
-    && grep -q 'BEGIN CERTIFICATE' /out/rds-global-bundle.pem
 
 WORKDIR /src
 COPY . .
@@ -78,7 +78,6 @@ LABEL org.opencontainers.image.title="${BINARY}" \
 
 COPY --from=builder /out/lib/ /usr/local/lib/tandem/
 ENV LD_LIBRARY_PATH=/usr/local/lib/tandem
-COPY --from=builder --chmod=0444 /out/rds-global-bundle.pem /etc/ssl/certs/rds-global-bundle.pem
 
 # One fixed path for every image: ENTRYPOINT's exec form cannot expand BINARY.
 COPY --from=builder --chmod=0555 /out/bin/${BINARY} /usr/local/bin/tandem-service

@@ -7,6 +7,9 @@
   variables its binary reads and every variable it requires, as derived from the Rust sources by
   env_contract.py (no stale, no missing setting): exactly one database credential source, never
   TANDEM_JWT_HS256_SECRET (local development only), TANDEM_JWKS_URL for the Write API.
+* A DATABASE_CA_FILE a Deployment sets lies under one of its container's volumeMounts: the image
+  carries no RDS CA bundle (the build fetches nothing outside the package registries), the
+  Deployments mount it from the operator-created ConfigMap tandem-rds-ca.
 * Each Deployment probes /healthz (liveness) and /readyz (readiness) and has a preStop sleep
   shorter than its termination grace period.
 * With --overlay: no `set-by-overlay` placeholder is left, images name a registry and a tag, and
@@ -129,8 +132,8 @@ class Checker:
         grace = pod.get("terminationGracePeriodSeconds", 30)
         for container in pod.get("containers", []):
             names: set[str] = set()
-            for entry in container.get("env", []):
-                names.add(entry["name"])
+            # Literal values as the container sees them: later envFrom sources win, env wins over all.
+            values: dict[str, str] = {}
             for source_ref in container.get("envFrom", []):
                 ref = source_ref.get("configMapRef", {}).get("name")
                 if ref is None:
@@ -140,9 +143,26 @@ class Checker:
                     self.problem(source, doc, f"envFrom ConfigMap {ref!r} is not in the render")
                     continue
                 names |= set(config_maps[ref])
+                values.update({key: str(value) for key, value in config_maps[ref].items()})
+            for entry in container.get("env", []):
+                names.add(entry["name"])
+                if "value" in entry:
+                    values[entry["name"]] = str(entry["value"])
             # The EKS workloads run in AWS: no TANDEM_JWT_HS256_SECRET, TANDEM_JWKS_URL for Write.
             for message in env_contract.env_problems(name, names, aws=True, contracts=self.contracts):
                 self.problem(source, doc, message)
+
+            # The image has no RDS CA bundle: the file must come from a mounted volume.
+            ca_file = values.get("DATABASE_CA_FILE")
+            if ca_file:
+                mounts = [m.get("mountPath", "").rstrip("/") for m in container.get("volumeMounts", [])]
+                if not any(mount and ca_file.startswith(mount + "/") for mount in mounts):
+                    self.problem(
+                        source,
+                        doc,
+                        f"DATABASE_CA_FILE {ca_file!r} is under none of the container's volumeMounts "
+                        "(the image carries no CA bundle; mount the ConfigMap tandem-rds-ca)",
+                    )
 
             liveness = container.get("livenessProbe", {}).get("httpGet", {}).get("path")
             readiness = container.get("readinessProbe", {}).get("httpGet", {}).get("path")

@@ -17,7 +17,8 @@ so this script checks what can be checked from the source alone, with python-hcl
   var.lambda_zip_paths) reads and every one it requires, as derived from the Rust sources by
   env_contract.py (no stale, no missing setting); sets TANDEM_REGION, uses IAM database
   authentication, and sets none that Lambda reserves or ignores (AWS_REGION, AWS_DEFAULT_REGION,
-  PORT, BIND_ADDRESS) nor the local-only TANDEM_JWT_HS256_SECRET.
+  PORT, BIND_ADDRESS), no DATABASE_CA_FILE (nothing in the package to point it at; RDS Proxy needs
+  no extra CA) and not the local-only TANDEM_JWT_HS256_SECRET.
 
 Usage: check_terraform.py [TERRAFORM_DIR]   (default: terraform/ next to this script's parent)
 Exit status 0 when clean, 1 when any problem was found, 2 on usage errors.
@@ -41,12 +42,15 @@ BANNER = "#" * 20
 
 # Which variables the Write/Read binaries read and require comes from the Rust sources
 # (env_contract.py). On top of that contract, a Lambda function:
-# * must not get what Lambda reserves or what the binary ignores under the Lambda runtime;
+# * must not get what Lambda reserves, what the binary ignores under the Lambda runtime, or a
+#   CA file (the package is the bare binary);
 LAMBDA_NOT_APPLICABLE = {
     "AWS_REGION": "Lambda reserves (it sets it itself)",
     "AWS_DEFAULT_REGION": "Lambda reserves (it sets it itself)",
     "PORT": "the function ignores under the Lambda runtime (shared/src/serve.rs)",
     "BIND_ADDRESS": "the function ignores under the Lambda runtime (shared/src/serve.rs)",
+    "DATABASE_CA_FILE": "the function cannot use: its package has no CA bundle, and RDS Proxy's "
+    "certificates chain to Amazon's public roots, already among the web PKI roots the binaries trust",
 }
 # * must name its region (the default, region1, would be wrong in Region 2) and reach the
 #   database through RDS Proxy with IAM authentication.
