@@ -172,16 +172,27 @@ pub fn pg_program(name: &str) -> PathBuf {
     versions.pop().unwrap_or_else(|| PathBuf::from(name))
 }
 
-/// The workspace's compiled binaries (`target/<profile>/`), next to this test executable.
+/// The workspace's compiled binaries (`target/<profile>/`), next to this test executable
+/// (`target/<profile>/deps/<test-binary>`) or next to a workspace binary that uses the
+/// harness as a library (`target/<profile>/tandem-bench`), so a release build finds the
+/// release binaries.
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test-binary>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
+    let path = binary_dir().join(name);
     assert!(
         path.exists(),
         "{} is missing: build the binaries first (`cargo build --bins`, which `make test` does)",
         path.display()
     );
     path
+}
+
+/// `target/<profile>/` of the running executable (see [`binary`]).
+pub fn binary_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("executable directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target dir").to_owned()
+    } else {
+        dir.to_owned()
+    }
 }

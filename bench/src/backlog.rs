@@ -1,0 +1,294 @@
+//! 4. Relay drain: an outbox backlog committed at once, until the relay has published every row,
+//! against a raw rdkafka producer sending the same messages (same bytes, keys, headers and
+//! producer settings) to the same broker.
+//!
+//! 5. Region 2 catch-up: the consumer applying that backlog from Kafka, against a plain batched
+//! `INSERT … ON CONFLICT` of the same document rows into the same PostgreSQL cluster.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tandem_shared::event::{
+    ChangeEvent, DocumentState, HEADER_COLLECTION, HEADER_EVENT_ID, HEADER_EVENT_TYPE,
+};
+use time::OffsetDateTime;
+
+use crate::stack::{Kind, Stack, pool};
+
+const COLLECTION: &str = "drain";
+
+/// The relay's producer settings (`functions/outbox-relay`), before `KAFKA_PROPERTIES`.
+const RELAY_PRODUCER: &[(&str, &str)] = &[
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    ("linger.ms", "2"),
+    ("message.timeout.ms", "30000"),
+    ("compression.type", "lz4"),
+];
+
+/// A producer configured as the relay's is.
+pub async fn relay_like_producer(stack: &Stack, topic: &str) -> anyhow::Result<FutureProducer> {
+    let settings = stack.kafka_settings(topic);
+    settings.ensure_topic().await?;
+    Ok(settings.client_config(RELAY_PRODUCER).await?.create()?)
+}
+
+#[derive(Debug)]
+pub struct Drain {
+    pub rows: u64,
+    pub relay: Duration,
+    pub raw: Duration,
+    pub message_bytes: usize,
+}
+
+/// Commits `rows` outbox rows in one statement (the relay is running and waiting), waits until
+/// all are published, then sends the same messages with a raw producer to a fresh topic.
+/// Returns the figures and the document states, for the catch-up baseline.
+pub async fn relay_drain(stack: &Stack, rows: u64) -> anyhow::Result<(Drain, Vec<DocumentState>)> {
+    let db = pool(&stack.db1, 1).await?;
+    let client = db.get().await?;
+    client
+        .execute(
+            "INSERT INTO outbox (event_id, collection, document_id, version, operation, payload) \
+             SELECT (lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0') \
+                     || substr(md5(random()::text || g::text), 1, 20))::uuid, \
+                    $1, 'd' || g, 1, 'upsert', \
+                    jsonb_build_object('collection', $1::text, 'id', 'd' || g, 'version', 1, \
+                      'data', $2::text::jsonb, \
+                      'created_at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+                      'updated_at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')) \
+             FROM generate_series(1, $3::bigint) g",
+            &[&COLLECTION, &crate::document_json(), &i64::try_from(rows)?],
+        )
+        .await
+        .context("Failed to fill the outbox")?;
+    let committed: OffsetDateTime = client
+        .query_one("SELECT clock_timestamp()", &[])
+        .await?
+        .get(0);
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        let left: i64 = client
+            .query_one(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+                &[],
+            )
+            .await?
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the relay did not drain the outbox ({left} rows left)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let last: OffsetDateTime = client
+        .query_one("SELECT max(published_at) FROM outbox", &[])
+        .await?
+        .get(0);
+    let relay = Duration::try_from(last - committed).unwrap_or_default();
+
+    // The same messages, built exactly as the relay builds them from the same rows.
+    let rows_read = client
+        .query(
+            "SELECT event_id, payload, created_at FROM outbox ORDER BY seq",
+            &[],
+        )
+        .await?;
+    let mut states = Vec::with_capacity(rows_read.len());
+    let mut messages = Vec::with_capacity(rows_read.len());
+    for row in &rows_read {
+        let state: DocumentState = serde_json::from_value(row.try_get(1)?)?;
+        let event = ChangeEvent::new(row.try_get(0)?, "region1", row.try_get(2)?, state.clone());
+        messages.push((
+            event.partition_key().to_owned(),
+            event.id.to_string(),
+            event.encode(),
+        ));
+        states.push(state);
+    }
+    drop(rows_read);
+    let message_bytes = messages.first().map_or(0, |m| m.2.len());
+    let topic = format!("{}.raw", stack.topic);
+    let producer = relay_like_producer(stack, &topic).await?;
+    let started = Instant::now();
+    let mut deliveries = Vec::with_capacity(messages.len());
+    for (key, event_id, payload) in &messages {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: HEADER_EVENT_ID,
+                value: Some(event_id.as_str()),
+            })
+            .insert(Header {
+                key: HEADER_EVENT_TYPE,
+                value: Some(tandem_shared::event::TYPE_UPSERTED),
+            })
+            .insert(Header {
+                key: HEADER_COLLECTION,
+                value: Some(COLLECTION),
+            });
+        let mut record = FutureRecord::to(&topic)
+            .key(key.as_str())
+            .payload(payload.as_slice())
+            .headers(headers);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => anyhow::bail!("raw producer: {e}"),
+            }
+        }
+    }
+    for delivery in futures_util::future::join_all(deliveries).await {
+        match delivery {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => anyhow::bail!("raw producer: delivery failed: {e}"),
+            Err(_) => anyhow::bail!("raw producer: delivery cancelled"),
+        }
+    }
+    let raw = started.elapsed();
+    tokio::task::spawn_blocking(move || drop(producer)).await?;
+    Ok((
+        Drain {
+            rows,
+            relay,
+            raw,
+            message_bytes,
+        },
+        states,
+    ))
+}
+
+#[derive(Debug)]
+pub struct CatchUp {
+    pub events: u64,
+    /// First event applied → last event applied (the consumer's own start-up excluded).
+    pub consumer: Duration,
+    /// Spawn → last event applied.
+    pub consumer_wall: Duration,
+    pub batched_insert: Duration,
+    pub batch_rows: usize,
+}
+
+/// Starts the consumer on the backlog the relay published and times the apply; then inserts the
+/// same rows in batches into a fresh database of Region 2's cluster.
+pub async fn catch_up(
+    stack: &Stack,
+    states: &[DocumentState],
+) -> anyhow::Result<(CatchUp, crate::stack::Service)> {
+    let events = states.len() as u64;
+    let db = pool(&stack.db2, 1).await?;
+    let client = db.get().await?;
+    let spawned = Instant::now();
+    let consumer = stack.spawn(Kind::Consumer).await?;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let applied: i64 = client
+            .query_one("SELECT count(*) FROM applied_events", &[])
+            .await?
+            .get(0);
+        if applied as u64 >= events {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the consumer applied only {applied} of {events} events:\n{}",
+            consumer.process.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let consumer_wall = spawned.elapsed();
+    let row = client
+        .query_one(
+            "SELECT min(applied_at), max(applied_at) FROM applied_events",
+            &[],
+        )
+        .await?;
+    let (first, last): (OffsetDateTime, OffsetDateTime) = (row.get(0), row.get(1));
+    let consumer_span = Duration::try_from(last - first).unwrap_or_default();
+
+    // The baseline: the same rows, 1000 per statement, into an empty documents table.
+    let url = stack.pg2.create_database().await?;
+    let baseline = pool(&url, 1).await?;
+    tandem_shared::migrations::run(&baseline).await?;
+    let client = baseline.get().await?;
+    let statement = client
+        .prepare(
+            "INSERT INTO documents (collection, id, version, data, deleted, created_at, updated_at) \
+             SELECT c, i, v, d::jsonb, x, ca, ua FROM unnest($1::text[], $2::text[], $3::int8[], \
+               $4::text[], $5::bool[], $6::timestamptz[], $7::timestamptz[]) AS t(c, i, v, d, x, ca, ua) \
+             ON CONFLICT (collection, id) DO UPDATE SET version = EXCLUDED.version, \
+               data = EXCLUDED.data, deleted = EXCLUDED.deleted, created_at = EXCLUDED.created_at, \
+               updated_at = EXCLUDED.updated_at WHERE documents.version < EXCLUDED.version",
+        )
+        .await?;
+    const BATCH: usize = 1000;
+    // Columns prepared before the clock starts: the baseline times the database, not serde.
+    type Columns = (
+        Vec<String>,
+        Vec<String>,
+        Vec<i64>,
+        Vec<Option<String>>,
+        Vec<bool>,
+        Vec<OffsetDateTime>,
+        Vec<OffsetDateTime>,
+    );
+    let batches: Vec<Columns> = states
+        .chunks(BATCH)
+        .map(|chunk| {
+            (
+                chunk
+                    .iter()
+                    .map(|s| s.collection.as_str().to_owned())
+                    .collect(),
+                chunk.iter().map(|s| s.id.as_str().to_owned()).collect(),
+                chunk.iter().map(|s| s.version).collect(),
+                chunk
+                    .iter()
+                    .map(|s| {
+                        s.data
+                            .as_ref()
+                            .map(|d| serde_json::Value::Object(d.clone()).to_string())
+                    })
+                    .collect(),
+                chunk.iter().map(|s| s.deleted).collect(),
+                chunk
+                    .iter()
+                    .map(|s| s.created_at.unwrap_or(s.updated_at))
+                    .collect(),
+                chunk.iter().map(|s| s.updated_at).collect(),
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    for (collections, ids, versions, data, deleted, created, updated) in &batches {
+        client
+            .execute(
+                &statement,
+                &[collections, ids, versions, data, deleted, created, updated],
+            )
+            .await?;
+    }
+    let batched_insert = started.elapsed();
+    Ok((
+        CatchUp {
+            events,
+            consumer: consumer_span,
+            consumer_wall,
+            batched_insert,
+            batch_rows: BATCH,
+        },
+        consumer,
+    ))
+}

@@ -1,0 +1,302 @@
+//! 2. Replication lag: writes at a fixed rate (open loop) through Region 1; for each, the time
+//! from its acknowledgement until Region 2's Read API returns it. The consumer's own histogram
+//! (event created → applied) is read from its `/metrics`. Baseline: a raw rdkafka
+//! produce → consume round trip on the same broker, at the same rate, with the relay's producer
+//! and the consumer's fetch settings.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureRecord;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::load::{histogram, open_loop, record};
+use crate::stack::{Kind, PARTITIONS, Stack, http_client, send};
+
+/// How often a pending write is looked for in Region 2.
+pub const POLL: Duration = Duration::from_millis(2);
+const COLLECTION: &str = "lag";
+
+/// The consumer's fetch settings (`consumers/region2`), before `KAFKA_PROPERTIES`.
+const CONSUMER_SETTINGS: &[(&str, &str)] = &[
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+    ("auto.offset.reset", "earliest"),
+    ("fetch.wait.max.ms", "50"),
+    ("enable.partition.eof", "false"),
+];
+
+#[derive(Debug)]
+pub struct Lag {
+    pub writes: u64,
+    pub rate: f64,
+    /// Write acknowledgement latency, µs.
+    pub ack: Histogram<u64>,
+    /// Acknowledgement → visible in Region 2's Read API, µs.
+    pub visible: Histogram<u64>,
+    pub failed: u64,
+    /// The consumer's histogram over the run: (bucket upper bound s, count) and the sum.
+    pub server: Option<ServerHistogram>,
+    /// Raw produce → consume, µs.
+    pub raw: Histogram<u64>,
+    pub raw_lost: u64,
+}
+
+pub async fn run(stack: &Stack, rate: f64, duration: Duration) -> anyhow::Result<Lag> {
+    let count = (rate * duration.as_secs_f64()).round() as u64;
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let client = http_client(512);
+    let write = format!("{}/v1/{COLLECTION}", stack.url(Kind::Write));
+    let read = format!("{}/v1/{COLLECTION}", stack.url(Kind::Read2));
+    let token = format!("Bearer {}", stack.token);
+    let body = bytes::Bytes::from(crate::document_json());
+    let one = {
+        let (client, write, read, token, body) = (
+            client.clone(),
+            write.clone(),
+            read.clone(),
+            token.clone(),
+            body.clone(),
+        );
+        move |id: String| {
+            let (client, write, read, token, body) = (
+                client.clone(),
+                write.clone(),
+                read.clone(),
+                token.clone(),
+                body.clone(),
+            );
+            async move {
+                let sent = Instant::now();
+                let put = client
+                    .put(format!("{write}/{id}"))
+                    .header("authorization", token)
+                    .header("content-type", "application/json")
+                    .body(body);
+                if !send(put, 201).await {
+                    return None;
+                }
+                let acked = Instant::now();
+                loop {
+                    if send(client.get(format!("{read}/{id}")), 200).await {
+                        return Some((acked - sent, acked.elapsed()));
+                    }
+                    if acked.elapsed() > Duration::from_secs(30) {
+                        return None;
+                    }
+                    tokio::time::sleep(POLL).await;
+                }
+            }
+        }
+    };
+    // Warm-up: the whole path once, a few times.
+    for i in 0..5 {
+        one(format!("{run}-warm{i}"))
+            .await
+            .ok_or_else(|| anyhow::anyhow!("a warm-up write never reached Region 2"))?;
+    }
+    let metrics = format!("{}/metrics", stack.url(Kind::Consumer));
+    let before = scrape(&client, &metrics).await;
+    let results = open_loop(rate, count, |i| one(format!("{run}-{i}"))).await;
+    let after = scrape(&client, &metrics).await;
+    let (mut ack, mut visible, mut failed) = (histogram(), histogram(), 0);
+    for result in results {
+        match result {
+            Some((a, v)) => {
+                record(&mut ack, a);
+                record(&mut visible, v);
+            }
+            None => failed += 1,
+        }
+    }
+    let server = match (before, after) {
+        (Some(before), Some(after)) => Some(after.minus(&before)),
+        _ => None,
+    };
+    let (raw, raw_lost) = raw_round_trip(stack, rate, count).await?;
+    Ok(Lag {
+        writes: count,
+        rate,
+        ack,
+        visible,
+        failed,
+        server,
+        raw,
+        raw_lost,
+    })
+}
+
+/// Produce → consume through the broker alone.
+async fn raw_round_trip(
+    stack: &Stack,
+    rate: f64,
+    count: u64,
+) -> anyhow::Result<(Histogram<u64>, u64)> {
+    let topic = format!("{}.rtt", stack.topic);
+    let producer = crate::backlog::relay_like_producer(stack, &topic).await?;
+    let settings = stack.kafka_settings(&topic);
+    let mut config = settings.client_config(CONSUMER_SETTINGS).await?;
+    config.set("group.id", format!("rtt-{}", stack.topic));
+    let consumer: StreamConsumer = config.create()?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..PARTITIONS {
+        assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let epoch = Instant::now();
+    let warm = Arc::new(AtomicU64::new(0));
+    let receiver = {
+        let warm = warm.clone();
+        tokio::spawn(async move {
+            let mut latency = histogram();
+            let mut seen = 0u64;
+            let deadline = Instant::now()
+                + Duration::from_secs(120)
+                + Duration::from_secs_f64(count as f64 / rate);
+            while seen < count && Instant::now() < deadline {
+                let Ok(Ok(message)) =
+                    tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await
+                else {
+                    continue;
+                };
+                let now = epoch.elapsed();
+                let Some(payload) = message.payload().filter(|p| p.len() >= 9) else {
+                    continue;
+                };
+                let sent = u64::from_le_bytes(payload[1..9].try_into().unwrap_or_default());
+                if payload[0] == 0 {
+                    warm.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let nanos = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+                record(
+                    &mut latency,
+                    Duration::from_nanos(nanos.saturating_sub(sent)),
+                );
+                seen += 1;
+            }
+            tokio::task::spawn_blocking(move || drop(consumer))
+                .await
+                .ok();
+            (latency, seen)
+        })
+    };
+    let message = |measured: bool, i: u64| {
+        let mut payload = vec![0u8; 1300];
+        payload[0] = u8::from(measured);
+        let nanos = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        payload[1..9].copy_from_slice(&nanos.to_le_bytes());
+        (format!("{COLLECTION}/rtt-{i}"), payload)
+    };
+    // Warm-up until the consumer has its fetches going.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    while warm.load(Ordering::Relaxed) == 0 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the raw consumer never received a message"
+        );
+        let (key, payload) = message(false, i);
+        i += 1;
+        let _ = producer.send_result(FutureRecord::to(&topic).key(&key).payload(&payload));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let producer = Arc::new(producer);
+    let deliveries = open_loop(rate, count, |i| {
+        let (key, payload) = message(true, i);
+        let delivery = producer
+            .send_result(FutureRecord::to(&topic).key(&key).payload(&payload))
+            .map_err(|(e, _)| e);
+        async move {
+            match delivery {
+                Ok(delivery) => matches!(delivery.await, Ok(Ok(_))),
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    let undelivered = deliveries.iter().filter(|ok| !**ok).count() as u64;
+    let (latency, seen) = receiver.await?;
+    tokio::task::spawn_blocking(move || drop(producer)).await?;
+    anyhow::ensure!(
+        undelivered == 0,
+        "the raw producer failed {undelivered} messages"
+    );
+    Ok((latency, count - seen))
+}
+
+/// A Prometheus histogram as scraped: cumulative buckets, sum and count.
+#[derive(Debug, Clone)]
+pub struct ServerHistogram {
+    pub buckets: Vec<(f64, u64)>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl ServerHistogram {
+    fn minus(&self, earlier: &Self) -> Self {
+        Self {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|(le, n)| {
+                    let before = earlier
+                        .buckets
+                        .iter()
+                        .find(|(l, _)| l == le)
+                        .map_or(0, |(_, b)| *b);
+                    (*le, n.saturating_sub(before))
+                })
+                .collect(),
+            sum: self.sum - earlier.sum,
+            count: self.count.saturating_sub(earlier.count),
+        }
+    }
+
+    /// The upper bound (ms) of the bucket holding quantile `q`.
+    pub fn quantile_bound_ms(&self, q: f64) -> Option<f64> {
+        let target = (q * self.count as f64).ceil().max(1.0) as u64;
+        self.buckets
+            .iter()
+            .find(|(_, n)| *n >= target)
+            .map(|(le, _)| le * 1000.0)
+    }
+
+    pub fn mean_ms(&self) -> f64 {
+        self.sum / self.count.max(1) as f64 * 1000.0
+    }
+}
+
+async fn scrape(client: &reqwest::Client, url: &str) -> Option<ServerHistogram> {
+    let text = client.get(url).send().await.ok()?.text().await.ok()?;
+    let name = "tandem_replication_lag_seconds";
+    let mut histogram = ServerHistogram {
+        buckets: Vec::new(),
+        sum: 0.0,
+        count: 0,
+    };
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let value = rest.rsplit(' ').next()?;
+        if let Some(bucket) = rest.strip_prefix("_bucket{le=\"") {
+            let le = bucket.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            histogram.buckets.push((le, value.parse().ok()?));
+        } else if rest.starts_with("_sum") {
+            histogram.sum = value.parse().ok()?;
+        } else if rest.starts_with("_count") {
+            histogram.count = value.parse().ok()?;
+        }
+    }
+    (!histogram.buckets.is_empty()).then_some(histogram)
+}

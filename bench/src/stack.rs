@@ -1,0 +1,350 @@
+//! The system under test, started from the test harness: two PostgreSQL clusters, two Redis
+//! servers and the tansu broker (each under the harness's watchdog), and the Tandem services as
+//! their real binaries from the same `target/<profile>/` directory as this benchmark.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tandem_tests::{Broker, ManagedProcess, Postgres, Redis, binary, free_port, scratch_dir};
+
+/// librdkafka properties the services get, as `make up` and the harness give them: tansu's
+/// memory engine needs one record per producer batch for consumers to resume mid-stream.
+pub const KAFKA_PROPERTIES: &str = "batch.num.messages=1,message.timeout.ms=10000";
+pub const PARTITIONS: i32 = 3;
+/// The cache key prefix of both regions (the Write and Read APIs must share it).
+const KEY_PREFIX: &str = "bench";
+
+/// One of the long-running services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Write,
+    Read1,
+    Relay,
+    Consumer,
+    Read2,
+}
+
+impl Kind {
+    pub fn binary(self) -> &'static str {
+        match self {
+            Self::Write => "tandem-write",
+            Self::Read1 | Self::Read2 => "tandem-read",
+            Self::Relay => "tandem-outbox-relay",
+            Self::Consumer => "tandem-region2-consumer",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Write => "tandem-write",
+            Self::Read1 => "tandem-read (region 1)",
+            Self::Relay => "tandem-outbox-relay",
+            Self::Consumer => "tandem-region2-consumer",
+            Self::Read2 => "tandem-read (region 2 replica)",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A running service.
+pub struct Service {
+    pub kind: Kind,
+    pub url: String,
+    pub process: ManagedProcess,
+}
+
+impl Service {
+    /// `(VmRSS, VmHWM)` in KiB: resident now and the peak so far.
+    pub fn memory_kib(&self) -> Option<(u64, u64)> {
+        memory_kib(self.process.program_pid()?)
+    }
+}
+
+/// Resident and peak resident set of a process, KiB, from `/proc/<pid>/status`.
+pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Everything the services run on.
+pub struct Stack {
+    pub pg1: Postgres,
+    pub pg2: Postgres,
+    pub redis1: Redis,
+    pub redis2: Redis,
+    pub broker: Broker,
+    pub db1: String,
+    pub db2: String,
+    pub secret: String,
+    pub token: String,
+    pub topic: String,
+    pub dir: PathBuf,
+    pub http: reqwest::Client,
+    ports: [u16; 5],
+}
+
+impl Stack {
+    pub async fn start() -> anyhow::Result<Self> {
+        let (pg1, pg2, redis1, redis2) = tokio::task::spawn_blocking(|| {
+            anyhow::Ok((
+                Postgres::start()?,
+                Postgres::start()?,
+                Redis::start()?,
+                Redis::start()?,
+            ))
+        })
+        .await??;
+        let broker = Broker::start()
+            .await
+            .context("the tansu broker (scripts/lib.sh ensure_tansu installs it)")?;
+        let db1 = pg1.create_database().await?;
+        let db2 = pg2.create_database().await?;
+        for url in [&db1, &db2] {
+            let pool = tandem_shared::db::connect_url(url).await?;
+            tandem_shared::migrations::run(&pool).await?;
+        }
+        let secret = format!("bench-{}", uuid::Uuid::now_v7().simple());
+        let token = tandem_shared::auth::mint_hs256(
+            &secret,
+            "bench",
+            &["tandem:write", "tandem:read"],
+            Duration::from_secs(24 * 3600),
+            None,
+        )?;
+        Ok(Self {
+            pg1,
+            pg2,
+            redis1,
+            redis2,
+            broker,
+            db1,
+            db2,
+            secret,
+            token,
+            topic: format!("tandem.bench.{}", uuid::Uuid::now_v7().simple()),
+            dir: scratch_dir("bench"),
+            http: http_client(64),
+            ports: std::array::from_fn(|_| free_port()),
+        })
+    }
+
+    pub fn url(&self, kind: Kind) -> String {
+        format!("http://127.0.0.1:{}", self.ports[kind.index()])
+    }
+
+    pub fn kafka_settings(&self, topic: &str) -> tandem_shared::kafka::KafkaSettings {
+        tandem_shared::kafka::KafkaSettings {
+            brokers: self.broker.address(),
+            topic: topic.to_owned(),
+            properties: KAFKA_PROPERTIES
+                .split(',')
+                .filter_map(|p| p.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            sasl_secret_id: None,
+            partitions: PARTITIONS,
+            replication: 1,
+        }
+    }
+
+    /// The environment of one service, listening on `port`.
+    fn env(&self, kind: Kind, port: u16) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("PORT", port.to_string()),
+            ("BIND_ADDRESS", "127.0.0.1".to_owned()),
+            ("REDIS_KEY_PREFIX", KEY_PREFIX.to_owned()),
+        ];
+        let kafka = [
+            ("KAFKA_BROKERS", self.broker.address()),
+            ("KAFKA_TOPIC", self.topic.clone()),
+            ("KAFKA_PROPERTIES", KAFKA_PROPERTIES.to_owned()),
+            ("KAFKA_TOPIC_PARTITIONS", PARTITIONS.to_string()),
+            ("KAFKA_TOPIC_REPLICATION", "1".to_owned()),
+            ("RUST_LOG", "info,librdkafka=warn,rdkafka=warn".to_owned()),
+        ];
+        match kind {
+            Kind::Write | Kind::Read1 => env.extend([
+                ("TANDEM_REGION", "region1".to_owned()),
+                ("DATABASE_URL", self.db1.clone()),
+                ("REDIS_URL", self.redis1.url()),
+                ("TANDEM_JWT_HS256_SECRET", self.secret.clone()),
+            ]),
+            Kind::Relay => {
+                env.extend([
+                    ("TANDEM_REGION", "region1".to_owned()),
+                    ("DATABASE_URL", self.db1.clone()),
+                ]);
+                env.extend(kafka);
+            }
+            Kind::Consumer => {
+                env.extend([
+                    ("TANDEM_REGION", "region2".to_owned()),
+                    ("DATABASE_URL", self.db2.clone()),
+                    ("REDIS_URL", self.redis2.url()),
+                    ("KAFKA_GROUP_ID", format!("group-{}", self.topic)),
+                ]);
+                env.extend(kafka);
+            }
+            Kind::Read2 => env.extend([
+                ("TANDEM_REGION", "region2".to_owned()),
+                ("DATABASE_URL", self.db2.clone()),
+                ("REDIS_URL", self.redis2.url()),
+                ("TANDEM_JWT_HS256_SECRET", self.secret.clone()),
+                ("TANDEM_PRIMARY_READ_URL", self.url(Kind::Read1)),
+            ]),
+        }
+        env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+
+    /// Starts a long-running service under the harness's watchdog and waits for `/healthz`.
+    pub async fn spawn(&self, kind: Kind) -> anyhow::Result<Service> {
+        let port = self.ports[kind.index()];
+        let log = self.dir.join(format!("{}-{port}.log", kind.binary()));
+        let process = ManagedProcess::start(
+            kind.name(),
+            &binary(kind.binary()),
+            &[],
+            &self.env(kind, port),
+            &log,
+            "",
+        )?;
+        let service = Service {
+            kind,
+            url: self.url(kind),
+            process,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !healthy(&self.http, &service.url).await {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} did not answer /healthz within 60 s:\n{}",
+                kind.name(),
+                service.process.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(service)
+    }
+
+    /// Start-up time of a service binary: exec → first 200 on `/healthz` (databases already
+    /// migrated, so this is a restart or a scale-out, not a first deployment), and its idle
+    /// resident memory (KiB) half a second later. The process is stopped afterwards.
+    pub async fn startup_time(&self, kind: Kind) -> anyhow::Result<(Duration, Option<u64>)> {
+        let port = free_port();
+        let log_path = self
+            .dir
+            .join(format!("startup-{}-{port}.log", kind.binary()));
+        let log = std::fs::File::create(&log_path)?;
+        let client = http_client(1);
+        let url = format!("http://127.0.0.1:{port}");
+        let mut command = Command::new(binary(kind.binary()));
+        command
+            .envs(self.env(kind, port))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let started = Instant::now();
+        let mut child = Stopped(command.spawn()?);
+        loop {
+            if healthy(&client, &url).await {
+                break;
+            }
+            if let Some(status) = child.0.try_wait()? {
+                anyhow::bail!(
+                    "{} exited with {status} before answering /healthz:\n{}",
+                    kind.name(),
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "{} did not answer /healthz within 30 s",
+                kind.name()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let elapsed = started.elapsed();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle = memory_kib(child.0.id()).map(|(rss, _)| rss);
+        drop(child);
+        Ok((elapsed, idle))
+    }
+}
+
+/// A directly spawned child, stopped (SIGTERM, then waited for) when dropped.
+struct Stopped(Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An HTTP/1.1 keep-alive client for `concurrency` parallel requests to loopback.
+pub fn http_client(concurrency: usize) -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("HTTP client")
+}
+
+/// Sends a request and reads the whole response (so the connection is reused); true when the
+/// status is `expected`.
+pub async fn send(request: reqwest::RequestBuilder, expected: u16) -> bool {
+    match request.send().await {
+        Ok(response) => {
+            let status = response.status();
+            response.bytes().await.is_ok() && status == expected
+        }
+        Err(_) => false,
+    }
+}
+
+async fn healthy(client: &reqwest::Client, url: &str) -> bool {
+    client
+        .get(format!("{url}/healthz"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+}
+
+/// The `postgres` client pool for a database URL, `size` connections.
+pub async fn pool(url: &str, size: usize) -> anyhow::Result<deadpool_postgres::Pool> {
+    let mut settings = tandem_shared::db::DatabaseSettings::from_url(url);
+    settings.pool_size = size;
+    settings.pool_timeout = Duration::from_secs(30);
+    tandem_shared::db::connect_pool(&settings).await
+}
+
+/// The harness's log directory, kept when `TANDEM_KEEP_TEST_LOGS` is set.
+pub fn keep_logs(dir: &Path) {
+    if std::env::var_os("TANDEM_KEEP_TEST_LOGS").is_some() {
+        eprintln!("service logs kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

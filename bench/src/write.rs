@@ -1,0 +1,173 @@
+//! 1. Write throughput: `PUT` of a ~1 KiB document through the Write API (closed loop) against
+//! `pgbench -f` running the same SQL transaction (lock the row, update it, insert the outbox row)
+//! at the same concurrency on the same PostgreSQL database.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context;
+use tandem_tests::process::pg_program;
+
+use crate::Sizes;
+use crate::load::{Amount, Outcome, closed_loop};
+use crate::stack::{Kind, Stack, pool};
+
+pub const COLLECTION: &str = "wbench";
+
+/// One concurrency level's figures.
+#[derive(Debug)]
+pub struct WriteRun {
+    pub concurrency: usize,
+    pub api: Outcome,
+    pub pgbench_tps: f64,
+    pub pgbench_latency_ms: f64,
+}
+
+/// The documents every write replaces (both contenders take the update path).
+pub async fn prepare(stack: &Stack, keys: u64) -> anyhow::Result<()> {
+    let pool = pool(&stack.db1, 1).await?;
+    let client = pool.get().await?;
+    client
+        .execute(
+            "INSERT INTO documents (collection, id, version, data, deleted, created_at, updated_at) \
+             SELECT $1, 'd' || g, 1, $2::text::jsonb, false, now(), now() \
+             FROM generate_series(1, $3::bigint) g ON CONFLICT DO NOTHING",
+            &[&COLLECTION, &crate::document_json(), &i64::try_from(keys)?],
+        )
+        .await?;
+    Ok(())
+}
+
+pub async fn run(stack: &Stack, sizes: &Sizes, concurrency: usize) -> anyhow::Result<WriteRun> {
+    let amount = sizes.write_amount;
+    let keys = sizes.write_keys;
+    if let Amount::For(_) = amount {
+        // Warm-up: connection pools, prepared statements, page cache.
+        api(
+            stack,
+            concurrency,
+            Amount::For(Duration::from_secs(2)),
+            keys,
+        )
+        .await;
+    }
+    let outcome = api(stack, concurrency, amount, keys)
+        .await
+        .checked("Write API PUT")?;
+    let (pgbench_tps, pgbench_latency_ms) = pgbench(stack, concurrency, amount, keys)?;
+    Ok(WriteRun {
+        concurrency,
+        api: outcome,
+        pgbench_tps,
+        pgbench_latency_ms,
+    })
+}
+
+async fn api(stack: &Stack, concurrency: usize, amount: Amount, keys: u64) -> Outcome {
+    let client = crate::stack::http_client(concurrency);
+    let base = format!("{}/v1/{COLLECTION}", stack.url(Kind::Write));
+    let token = format!("Bearer {}", stack.token);
+    let body = bytes::Bytes::from(crate::document_json());
+    closed_loop(concurrency, amount, move |_| {
+        let request = client
+            .put(format!("{base}/d{}", 1 + rand::random::<u64>() % keys))
+            .header("authorization", &token)
+            .header("content-type", "application/json")
+            .body(body.clone());
+        crate::stack::send(request, 200)
+    })
+    .await
+}
+
+/// The Write API's transaction for a `PUT` that replaces a document, statement for statement
+/// (`shared/src/store.rs`): the outbox payload is the document as the API serialises it, and
+/// the event id is time-ordered like the API's UUIDv7.
+fn script(keys: u64) -> String {
+    let data = crate::document_json();
+    let payload = serde_json::json!({
+        "collection": COLLECTION, "id": "d1", "version": 2,
+        "data": serde_json::from_str::<serde_json::Value>(&data).expect("json"),
+        "created_at": "2026-01-01T00:00:00.000000Z", "updated_at": "2026-01-01T00:00:00.000000Z",
+    })
+    .to_string();
+    format!(
+        "\\set n random(1, {keys})\n\
+         BEGIN;\n\
+         SELECT version, deleted, data FROM documents WHERE collection = '{COLLECTION}' AND id = 'd' || :n::text FOR UPDATE \\gset cur_\n\
+         UPDATE documents SET version = :cur_version::bigint + 1, data = '{data}'::jsonb, deleted = false, updated_at = clock_timestamp(), created_at = CASE WHEN false THEN clock_timestamp() ELSE created_at END WHERE collection = '{COLLECTION}' AND id = 'd' || :n::text RETURNING created_at, updated_at;\n\
+         INSERT INTO outbox (event_id, collection, document_id, version, operation, payload, traceparent) VALUES ((lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0') || substr(md5(random()::text), 1, 20))::uuid, '{COLLECTION}', 'd' || :n::text, :cur_version::bigint + 1, 'upsert', '{payload}'::jsonb, '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01');\n\
+         END;\n"
+    )
+}
+
+/// Runs pgbench; returns (transactions/s, average latency ms).
+fn pgbench(
+    stack: &Stack,
+    concurrency: usize,
+    amount: Amount,
+    keys: u64,
+) -> anyhow::Result<(f64, f64)> {
+    let path = stack.dir.join(format!("write-{concurrency}.sql"));
+    std::fs::write(&path, script(keys))?;
+    let database = stack
+        .db1
+        .rsplit('/')
+        .next()
+        .unwrap_or("postgres")
+        .to_owned();
+    let mut command = Command::new(pgbench_program());
+    command.args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-U", "postgres"]);
+    command.arg("-p").arg(stack.pg1.port.to_string());
+    command
+        .arg("-c")
+        .arg(concurrency.to_string())
+        .arg("-j")
+        .arg(concurrency.min(2).to_string());
+    match amount {
+        Amount::For(duration) => command.arg("-T").arg(duration.as_secs().max(1).to_string()),
+        Amount::Requests(n) => command
+            .arg("-t")
+            .arg(n.div_ceil(concurrency as u64).to_string()),
+    };
+    command.arg("-f").arg(&path).arg(database);
+    let output = command
+        .output()
+        .context("pgbench did not run (apt-get install postgresql-contrib)")?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    anyhow::ensure!(
+        output.status.success(),
+        "pgbench failed: {}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let number_after = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<f64>().ok())
+    };
+    let failed = number_after("number of failed transactions:").unwrap_or(0.0);
+    anyhow::ensure!(
+        failed == 0.0,
+        "pgbench: {failed} transactions failed\n{text}"
+    );
+    let tps = number_after("tps =").context(format!("no tps in pgbench's output:\n{text}"))?;
+    let latency = number_after("latency average =").unwrap_or(f64::NAN);
+    Ok((tps, latency))
+}
+
+/// `pgbench` from PostgreSQL's program directory (where Debian puts it), then `PATH`.
+pub fn pgbench_program() -> std::path::PathBuf {
+    let path = pg_program("pgbench");
+    if path.exists() {
+        path
+    } else {
+        "pgbench".into()
+    }
+}
+
+/// Removes the outbox rows the write benchmark left (nothing relays them).
+pub async fn clear_outbox(stack: &Stack) -> anyhow::Result<()> {
+    let pool = pool(&stack.db1, 1).await?;
+    pool.get().await?.execute("DELETE FROM outbox", &[]).await?;
+    Ok(())
+}
