@@ -1,6 +1,6 @@
 # Tandem: the two set-up commands are `make up` and `make test` (see README.md).
 
-.PHONY: up test lint fmt clean-local
+.PHONY: up test bench lint fmt clean-local
 
 ## Build and run the local system in the foreground; Ctrl-C stops everything.
 up:
@@ -9,6 +9,10 @@ up:
 ## Run every test (installs or starts what the tests need).
 test:
 	@bash scripts/test.sh
+
+## Measure every hot path against its baseline (release build; writes docs/benchmarks.md).
+bench:
+	@bash scripts/bench.sh
 
 ## Formatting and lints as CI checks them.
 lint:

@@ -16,6 +16,10 @@ cargo build --workspace --bins --locked
 say "running the test suite (cargo test --workspace)"
 cargo test --workspace --locked
 
+say "running the benchmark in quick mode (tiny sizes, figures not judged) so it never rots"
+"${CARGO_TARGET_DIR:-target}/debug/tandem-bench" --quick >"${TMPDIR:-/tmp}/tandem-bench-quick.md"
+say "quick benchmark ran; its report is in ${TMPDIR:-/tmp}/tandem-bench-quick.md"
+
 say "checking the OpenAPI contract (scripts/check-openapi.sh)"
 bash scripts/check-openapi.sh
 
