@@ -8,6 +8,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -16,7 +18,8 @@ use tandem_shared::event::{
 };
 use time::OffsetDateTime;
 
-use crate::stack::{Kind, Stack, pool};
+use crate::cpu::{CpuSplit, Meter, Probe};
+use crate::stack::{Kind, Probes, Service, Stack, pool};
 
 const COLLECTION: &str = "drain";
 
@@ -42,12 +45,23 @@ pub struct Drain {
     pub relay: Duration,
     pub raw: Duration,
     pub message_bytes: usize,
+    pub relay_cpu: CpuSplit,
+    pub raw_cpu: CpuSplit,
 }
 
 /// Commits `rows` outbox rows in one statement (the relay is running and waiting), waits until
 /// all are published, then sends the same messages with a raw producer to a fresh topic.
 /// Returns the figures and the document states, for the catch-up baseline.
-pub async fn relay_drain(stack: &Stack, rows: u64) -> anyhow::Result<(Drain, Vec<DocumentState>)> {
+pub async fn relay_drain(
+    stack: &Stack,
+    rows: u64,
+    relay_service: &Service,
+    probes: &Probes,
+) -> anyhow::Result<(Drain, Vec<DocumentState>)> {
+    let relay_meter = Meter::default()
+        .with("relay", relay_service.probe())
+        .with("PostgreSQL", probes.pg1)
+        .with("broker", probes.broker);
     let db = pool(&stack.db1, 1).await?;
     let client = db.get().await?;
     client
@@ -69,6 +83,7 @@ pub async fn relay_drain(stack: &Stack, rows: u64) -> anyhow::Result<(Drain, Vec
         .query_one("SELECT clock_timestamp()", &[])
         .await?
         .get(0);
+    let cpu = relay_meter.start();
     let deadline = Instant::now() + Duration::from_secs(1800);
     loop {
         let left: i64 = client
@@ -92,6 +107,7 @@ pub async fn relay_drain(stack: &Stack, rows: u64) -> anyhow::Result<(Drain, Vec
         .await?
         .get(0);
     let relay = Duration::try_from(last - committed).unwrap_or_default();
+    let relay_cpu = cpu.stop();
 
     // The same messages, built exactly as the relay builds them from the same rows.
     let rows_read = client
@@ -116,9 +132,19 @@ pub async fn relay_drain(stack: &Stack, rows: u64) -> anyhow::Result<(Drain, Vec
     let message_bytes = messages.first().map_or(0, |m| m.2.len());
     let topic = format!("{}.raw", stack.topic);
     let producer = relay_like_producer(stack, &topic).await?;
+    // A sliding window of unacknowledged messages keeps the pipeline as full as librdkafka
+    // allows without queueing so many that the last ones time out before their turn.
+    const WINDOW: usize = 1000;
+    let cpu = Meter::default()
+        .with("producer (this process)", Some(Probe::LoadGenerator))
+        .with("broker", probes.broker)
+        .start();
     let started = Instant::now();
-    let mut deliveries = Vec::with_capacity(messages.len());
+    let mut in_flight = FuturesUnordered::new();
     for (key, event_id, payload) in &messages {
+        if in_flight.len() >= WINDOW {
+            delivered(in_flight.next().await)?;
+        }
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: HEADER_EVENT_ID,
@@ -139,7 +165,7 @@ pub async fn relay_drain(stack: &Stack, rows: u64) -> anyhow::Result<(Drain, Vec
         loop {
             match producer.send_result(record) {
                 Ok(delivery) => {
-                    deliveries.push(delivery);
+                    in_flight.push(delivery);
                     break;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
@@ -150,14 +176,11 @@ pub async fn relay_drain(stack: &Stack, rows: u64) -> anyhow::Result<(Drain, Vec
             }
         }
     }
-    for delivery in futures_util::future::join_all(deliveries).await {
-        match delivery {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => anyhow::bail!("raw producer: delivery failed: {e}"),
-            Err(_) => anyhow::bail!("raw producer: delivery cancelled"),
-        }
+    while !in_flight.is_empty() {
+        delivered(in_flight.next().await)?;
     }
     let raw = started.elapsed();
+    let raw_cpu = cpu.stop();
     tokio::task::spawn_blocking(move || drop(producer)).await?;
     Ok((
         Drain {
@@ -165,9 +188,21 @@ pub async fn relay_drain(stack: &Stack, rows: u64) -> anyhow::Result<(Drain, Vec
             relay,
             raw,
             message_bytes,
+            relay_cpu,
+            raw_cpu,
         },
         states,
     ))
+}
+
+fn delivered<E>(
+    outcome: Option<Result<rdkafka::producer::future_producer::OwnedDeliveryResult, E>>,
+) -> anyhow::Result<()> {
+    match outcome {
+        Some(Ok(Ok(_))) | None => Ok(()),
+        Some(Ok(Err((e, _)))) => anyhow::bail!("raw producer: delivery failed: {e}"),
+        Some(Err(_)) => anyhow::bail!("raw producer: delivery cancelled"),
+    }
 }
 
 #[derive(Debug)]
@@ -179,6 +214,8 @@ pub struct CatchUp {
     pub consumer_wall: Duration,
     pub batched_insert: Duration,
     pub batch_rows: usize,
+    pub consumer_cpu: CpuSplit,
+    pub insert_cpu: CpuSplit,
 }
 
 /// Starts the consumer on the backlog the relay published and times the apply; then inserts the
@@ -186,12 +223,19 @@ pub struct CatchUp {
 pub async fn catch_up(
     stack: &Stack,
     states: &[DocumentState],
-) -> anyhow::Result<(CatchUp, crate::stack::Service)> {
+    probes: &Probes,
+) -> anyhow::Result<(CatchUp, Service)> {
     let events = states.len() as u64;
     let db = pool(&stack.db2, 1).await?;
     let client = db.get().await?;
     let spawned = Instant::now();
     let consumer = stack.spawn(Kind::Consumer).await?;
+    let cpu = Meter::default()
+        .with("consumer", consumer.probe())
+        .with("PostgreSQL", probes.pg2)
+        .with("Redis", probes.redis2)
+        .with("broker", probes.broker)
+        .start();
     let deadline = Instant::now() + Duration::from_secs(3600);
     loop {
         let applied: i64 = client
@@ -209,6 +253,7 @@ pub async fn catch_up(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let consumer_wall = spawned.elapsed();
+    let consumer_cpu = cpu.stop();
     let row = client
         .query_one(
             "SELECT min(applied_at), max(applied_at) FROM applied_events",
@@ -271,6 +316,10 @@ pub async fn catch_up(
             )
         })
         .collect();
+    let cpu = Meter::default()
+        .with("PostgreSQL", probes.pg2)
+        .with("client (this process)", Some(Probe::LoadGenerator))
+        .start();
     let started = Instant::now();
     for (collections, ids, versions, data, deleted, created, updated) in &batches {
         client
@@ -281,6 +330,7 @@ pub async fn catch_up(
             .await?;
     }
     let batched_insert = started.elapsed();
+    let insert_cpu = cpu.stop();
     Ok((
         CatchUp {
             events,
@@ -288,6 +338,8 @@ pub async fn catch_up(
             consumer_wall,
             batched_insert,
             batch_rows: BATCH,
+            consumer_cpu,
+            insert_cpu,
         },
         consumer,
     ))

@@ -5,7 +5,7 @@
 //! and the consumer's fetch settings.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -14,8 +14,9 @@ use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::cpu::{CpuSplit, Meter};
 use crate::load::{histogram, open_loop, record};
-use crate::stack::{Kind, PARTITIONS, Stack, http_client, send};
+use crate::stack::{Kind, PARTITIONS, Stack, http_client};
 
 /// How often a pending write is looked for in Region 2.
 pub const POLL: Duration = Duration::from_millis(2);
@@ -44,71 +45,162 @@ pub struct Lag {
     /// Raw produce → consume, µs.
     pub raw: Histogram<u64>,
     pub raw_lost: u64,
+    pub cpu: CpuSplit,
 }
 
-pub async fn run(stack: &Stack, rate: f64, duration: Duration) -> anyhow::Result<Lag> {
+/// Documents the writes go to, round robin. Each has one poller in Region 2, so looking for the
+/// writes costs `LANES / POLL` requests per second whatever the lag (a poller per pending write
+/// would add load exactly when the system falls behind, and make it fall further).
+pub const LANES: u64 = 4;
+
+/// `PUT` a document; its new version (from the `ETag`).
+async fn put(client: &reqwest::Client, url: &str, token: &str, body: bytes::Bytes) -> Option<i64> {
+    let response = client
+        .put(url)
+        .header("authorization", token)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .ok()?;
+    let version = etag(&response);
+    let ok = response.status().is_success();
+    response.bytes().await.ok()?;
+    version.filter(|_| ok)
+}
+
+/// `GET` a document; its version when it exists.
+async fn version(client: &reqwest::Client, url: &str) -> Option<i64> {
+    let response = client.get(url).send().await.ok()?;
+    let version = etag(&response);
+    let ok = response.status() == 200;
+    response.bytes().await.ok()?;
+    version.filter(|_| ok)
+}
+
+fn etag(response: &reqwest::Response) -> Option<i64> {
+    response
+        .headers()
+        .get("etag")?
+        .to_str()
+        .ok()?
+        .trim_matches('"')
+        .parse()
+        .ok()
+}
+
+pub async fn run(
+    stack: &Stack,
+    rate: f64,
+    duration: Duration,
+    meter: &Meter,
+) -> anyhow::Result<Lag> {
     let count = (rate * duration.as_secs_f64()).round() as u64;
     let run = uuid::Uuid::now_v7().simple().to_string();
-    let client = http_client(512);
-    let write = format!("{}/v1/{COLLECTION}", stack.url(Kind::Write));
-    let read = format!("{}/v1/{COLLECTION}", stack.url(Kind::Read2));
+    let client = http_client(256);
     let token = format!("Bearer {}", stack.token);
     let body = bytes::Bytes::from(crate::document_json());
-    let one = {
-        let (client, write, read, token, body) = (
-            client.clone(),
-            write.clone(),
-            read.clone(),
-            token.clone(),
-            body.clone(),
-        );
-        move |id: String| {
-            let (client, write, read, token, body) = (
-                client.clone(),
-                write.clone(),
-                read.clone(),
-                token.clone(),
-                body.clone(),
+    let lane_path = |lane: u64| format!("/v1/{COLLECTION}/{run}-{lane}");
+    let write_urls: Vec<String> = (0..LANES)
+        .map(|l| format!("{}{}", stack.url(Kind::Write), lane_path(l)))
+        .collect();
+    let read_urls: Vec<String> = (0..LANES)
+        .map(|l| format!("{}{}", stack.url(Kind::Read2), lane_path(l)))
+        .collect();
+    // Warm-up: create every lane's document and wait for it in Region 2.
+    for (write, read) in write_urls.iter().zip(&read_urls) {
+        put(&client, write, &token, body.clone())
+            .await
+            .ok_or_else(|| anyhow::anyhow!("a warm-up write failed"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while version(&client, read).await.is_none() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "a warm-up write never reached Region 2"
             );
-            async move {
-                let sent = Instant::now();
-                let put = client
-                    .put(format!("{write}/{id}"))
-                    .header("authorization", token)
-                    .header("content-type", "application/json")
-                    .body(body);
-                if !send(put, 201).await {
-                    return None;
-                }
-                let acked = Instant::now();
-                loop {
-                    if send(client.get(format!("{read}/{id}")), 200).await {
-                        return Some((acked - sent, acked.elapsed()));
-                    }
-                    if acked.elapsed() > Duration::from_secs(30) {
-                        return None;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // One poller per lane: the first moment each version is visible.
+    let seen: Arc<Vec<AtomicI64>> = Arc::new((0..LANES).map(|_| AtomicI64::new(0)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let pollers: Vec<_> = read_urls
+        .iter()
+        .enumerate()
+        .map(|(lane, url)| {
+            let (client, url, seen, stop) =
+                (client.clone(), url.clone(), seen.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut timeline: Vec<(Instant, i64)> = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(v) = version(&client, &url).await {
+                        let at = Instant::now();
+                        if timeline.last().is_none_or(|(_, last)| v > *last) {
+                            timeline.push((at, v));
+                            seen[lane].store(v, Ordering::Relaxed);
+                        }
                     }
                     tokio::time::sleep(POLL).await;
                 }
-            }
-        }
-    };
-    // Warm-up: the whole path once, a few times.
-    for i in 0..5 {
-        one(format!("{run}-warm{i}"))
-            .await
-            .ok_or_else(|| anyhow::anyhow!("a warm-up write never reached Region 2"))?;
-    }
+                timeline
+            })
+        })
+        .collect();
+
     let metrics = format!("{}/metrics", stack.url(Kind::Consumer));
     let before = scrape(&client, &metrics).await;
-    let results = open_loop(rate, count, |i| one(format!("{run}-{i}"))).await;
+    let cpu = meter.start();
+    let results = open_loop(rate, count, |i| {
+        let lane = i % LANES;
+        let (client, url, token, body) = (
+            client.clone(),
+            write_urls[lane as usize].clone(),
+            token.clone(),
+            body.clone(),
+        );
+        async move {
+            let sent = Instant::now();
+            let version = put(&client, &url, &token, body).await;
+            (lane as usize, version, sent, Instant::now())
+        }
+    })
+    .await;
+    // Wait until every acknowledged version has been seen (or give up after 30 s).
+    let mut newest = vec![0i64; LANES as usize];
+    for (lane, version, _, _) in &results {
+        if let Some(v) = version {
+            newest[*lane] = newest[*lane].max(*v);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline
+        && newest
+            .iter()
+            .enumerate()
+            .any(|(lane, v)| seen[lane].load(Ordering::Relaxed) < *v)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cpu = cpu.stop();
+    stop.store(true, Ordering::Relaxed);
+    let mut timelines = Vec::new();
+    for poller in pollers {
+        timelines.push(poller.await?);
+    }
     let after = scrape(&client, &metrics).await;
+
     let (mut ack, mut visible, mut failed) = (histogram(), histogram(), 0);
-    for result in results {
-        match result {
-            Some((a, v)) => {
-                record(&mut ack, a);
-                record(&mut visible, v);
+    for (lane, version, sent, acked) in results {
+        let first_seen = version.and_then(|v| {
+            timelines[lane]
+                .iter()
+                .find(|(_, seen)| *seen >= v)
+                .map(|(at, _)| *at)
+        });
+        match first_seen {
+            Some(at) => {
+                record(&mut ack, acked - sent);
+                record(&mut visible, at.saturating_duration_since(acked));
             }
             None => failed += 1,
         }
@@ -127,6 +219,7 @@ pub async fn run(stack: &Stack, rate: f64, duration: Duration) -> anyhow::Result
         server,
         raw,
         raw_lost,
+        cpu,
     })
 }
 

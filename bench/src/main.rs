@@ -8,6 +8,7 @@
 #![allow(clippy::print_stdout)]
 
 mod backlog;
+mod cpu;
 mod footprint;
 mod lag;
 mod load;
@@ -178,33 +179,55 @@ async fn bench(sizes: &Sizes) -> anyhow::Result<report::Report> {
     let write_api = stack.spawn(Kind::Write).await?;
     let read1 = stack.spawn(Kind::Read1).await?;
 
+    let probes = stack.probes();
+    report.extra_env = stack::extra_env();
+
     say("1. write throughput: Write API vs pgbench with the same transaction");
     write::prepare(&stack, sizes.write_keys).await?;
+    let api_meter = cpu::Meter::default()
+        .with("Write API", write_api.probe())
+        .with("PostgreSQL", probes.pg1)
+        .with("Redis", probes.redis1)
+        .with("load generator", Some(cpu::Probe::LoadGenerator));
+    let pgbench_meter = cpu::Meter::default()
+        .with("PostgreSQL", probes.pg1)
+        .with("pgbench", Some(cpu::Probe::WaitedChildren));
     for concurrency in [16, 64] {
-        report
-            .writes
-            .push(write::run(&stack, sizes, concurrency).await?);
+        report.writes.push(
+            write::run(&stack, sizes, concurrency, &api_meter, &pgbench_meter).await?,
+        );
     }
 
     say("3. read throughput: cache hits vs a bare server, cache misses vs a point SELECT");
-    report.read = Some(read::run(&stack, sizes).await?);
+    report.read = Some(read::run(&stack, sizes, &read1, &probes).await?);
 
     say("4. relay drain: outbox backlog vs a raw producer");
     // Nothing relayed the benchmark writes so far: they are not part of the backlog.
     write::clear_outbox(&stack).await?;
     let relay = stack.spawn(Kind::Relay).await?;
     wait_leader(&stack, &relay).await?;
-    let (drain, states) = backlog::relay_drain(&stack, sizes.backlog).await?;
+    let (drain, states) = backlog::relay_drain(&stack, sizes.backlog, &relay, &probes).await?;
     report.drain = Some(drain);
 
     say("5. Region 2 catch-up: consumer on the backlog vs batched INSERT … ON CONFLICT");
-    let (catch_up, consumer) = backlog::catch_up(&stack, &states).await?;
+    let (catch_up, consumer) = backlog::catch_up(&stack, &states, &probes).await?;
     drop(states);
     report.catch_up = Some(catch_up);
     let read2 = stack.spawn(Kind::Read2).await?;
 
     say("2. replication lag: open-loop writes vs a raw produce → consume round trip");
-    report.lag = Some(lag::run(&stack, sizes.lag_rate, sizes.lag_duration).await?);
+    let meter = cpu::Meter::default()
+        .with("Write API", write_api.probe())
+        .with("relay", relay.probe())
+        .with("consumer", consumer.probe())
+        .with("Read API 2 (polled)", read2.probe())
+        .with("PostgreSQL 1", probes.pg1)
+        .with("PostgreSQL 2", probes.pg2)
+        .with("Redis 1", probes.redis1)
+        .with("Redis 2", probes.redis2)
+        .with("broker", probes.broker)
+        .with("load generator", Some(cpu::Probe::LoadGenerator));
+    report.lag = Some(lag::run(&stack, sizes.lag_rate, sizes.lag_duration, &meter).await?);
 
     for service in [&write_api, &read1, &relay, &consumer, &read2] {
         report.loaded_memory(service);

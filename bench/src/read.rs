@@ -9,8 +9,9 @@ use std::time::Duration;
 use tandem_tests::{ManagedProcess, free_port, wait_for_port};
 
 use crate::Sizes;
+use crate::cpu::{CpuSplit, Meter, Probe};
 use crate::load::{Amount, Outcome, closed_loop};
-use crate::stack::{Kind, Stack, http_client, pool, send};
+use crate::stack::{Kind, Probes, Service, Stack, http_client, pool, send};
 
 pub const CONCURRENCY: usize = 64;
 const HIT: &str = "rbench";
@@ -23,9 +24,23 @@ pub struct ReadFigures {
     pub miss: Outcome,
     pub miss_sql: Outcome,
     pub body_bytes: usize,
+    pub hit_cpu: CpuSplit,
+    pub bare_cpu: CpuSplit,
+    pub miss_cpu: CpuSplit,
+    pub miss_sql_cpu: CpuSplit,
 }
 
-pub async fn run(stack: &Stack, sizes: &Sizes) -> anyhow::Result<ReadFigures> {
+pub async fn run(
+    stack: &Stack,
+    sizes: &Sizes,
+    read_api: &Service,
+    probes: &Probes,
+) -> anyhow::Result<ReadFigures> {
+    let api_meter = Meter::default()
+        .with("Read API", read_api.probe())
+        .with("PostgreSQL", probes.pg1)
+        .with("Redis", probes.redis1)
+        .with("load generator", Some(Probe::LoadGenerator));
     let read = stack.url(Kind::Read1);
     // Cached documents: written through the Write API, which stores each committed version in
     // Redis before acknowledging.
@@ -49,15 +64,20 @@ pub async fn run(stack: &Stack, sizes: &Sizes) -> anyhow::Result<ReadFigures> {
         .bytes()
         .await?;
 
-    let hit = get_random(&format!("{read}/v1/{HIT}"), docs, sizes.read_amount)
-        .await
-        .checked("Read API cache hits")?;
+    let (hit, hit_cpu) = get_random(
+        &format!("{read}/v1/{HIT}"),
+        docs,
+        sizes.read_amount,
+        &api_meter,
+    )
+    .await;
+    let hit = hit.checked("Read API cache hits")?;
 
-    let bare = {
+    let (bare, bare_cpu) = {
         let body_file = stack.dir.join("body.json");
         std::fs::write(&body_file, &body)?;
         let port = free_port();
-        let _server = ManagedProcess::start(
+        let server = ManagedProcess::start(
             "bare-server",
             &std::env::current_exe()?,
             &[
@@ -70,13 +90,17 @@ pub async fn run(stack: &Stack, sizes: &Sizes) -> anyhow::Result<ReadFigures> {
             "",
         )?;
         wait_for_port(port, Duration::from_secs(10)).await?;
-        get_random(
+        let meter = Meter::default()
+            .with("bare server", server.program_pid().map(Probe::Process))
+            .with("load generator", Some(Probe::LoadGenerator));
+        let (bare, cpu) = get_random(
             &format!("http://127.0.0.1:{port}/v1/{HIT}"),
             docs,
             sizes.read_amount,
+            &meter,
         )
-        .await
-        .checked("bare server")?
+        .await;
+        (bare.checked("bare server")?, cpu)
     };
 
     // Cache misses: documents PostgreSQL has and Redis never saw, each read once.
@@ -91,6 +115,7 @@ pub async fn run(stack: &Stack, sizes: &Sizes) -> anyhow::Result<ReadFigures> {
             &[&MISS, &crate::document_json(), &i64::try_from(misses)?],
         )
         .await?;
+    let cpu = api_meter.start();
     let miss = {
         let client = http_client(CONCURRENCY);
         let base = format!("{read}/v1/{MISS}");
@@ -101,6 +126,11 @@ pub async fn run(stack: &Stack, sizes: &Sizes) -> anyhow::Result<ReadFigures> {
         .await
         .checked("Read API cache misses")?
     };
+    let miss_cpu = cpu.stop();
+    let sql_meter = Meter::default()
+        .with("PostgreSQL", probes.pg1)
+        .with("load generator", Some(Probe::LoadGenerator));
+    let cpu = sql_meter.start();
     let miss_sql = {
         // The Read API's pool size (DATABASE_POOL_SIZE default) and its exact statement.
         let sql = pool(&stack.db1, 16).await?;
@@ -134,17 +164,22 @@ pub async fn run(stack: &Stack, sizes: &Sizes) -> anyhow::Result<ReadFigures> {
         .await
         .checked("point SELECT")?
     };
+    let miss_sql_cpu = cpu.stop();
     Ok(ReadFigures {
         hit,
         bare,
         miss,
         miss_sql,
         body_bytes: body.len(),
+        hit_cpu,
+        bare_cpu,
+        miss_cpu,
+        miss_sql_cpu,
     })
 }
 
 /// `GET base/h<random>` at [`CONCURRENCY`], after a warm-up when timed.
-async fn get_random(base: &str, docs: u64, amount: Amount) -> Outcome {
+async fn get_random(base: &str, docs: u64, amount: Amount, meter: &Meter) -> (Outcome, CpuSplit) {
     let client = http_client(CONCURRENCY);
     let run = |amount| {
         let client = client.clone();
@@ -157,7 +192,9 @@ async fn get_random(base: &str, docs: u64, amount: Amount) -> Outcome {
     if let Amount::For(_) = amount {
         run(Amount::For(Duration::from_secs(2))).await;
     }
-    run(amount).await
+    let cpu = meter.start();
+    let outcome = run(amount).await;
+    (outcome, cpu.stop())
 }
 
 /// The baseline server: `tandem-bench bare-server <port> <body file>` serves the file's bytes

@@ -38,6 +38,8 @@ pub struct Report {
     pub lag: Option<Lag>,
     /// (binary, size, Lambda zip size)
     pub binaries: Vec<(&'static str, Option<u64>, Option<u64>)>,
+    /// `TANDEM_BENCH_ENV`, when a tuning experiment set it.
+    pub extra_env: String,
 }
 
 impl Report {
@@ -281,13 +283,20 @@ impl Report {
                 run.api.ms(1.0),
                 run.concurrency,
             );
+            let _ = writeln!(
+                w,
+                "  - CPU per write: {}\n  - CPU per pgbench transaction: {}",
+                run.api_cpu.per_op(run.api.ok),
+                run.pgbench_cpu.per_op(run.pgbench_transactions),
+            );
         }
         if let Some(lag) = &self.lag {
             let _ = writeln!(
                 w,
-                "- **Replication lag**: {} writes at {:.0}/s (open loop, each a new document), \
+                "- **Replication lag**: {} writes at {:.0}/s (open loop), \
                  {} not seen within 30 s; write acknowledgement {}; Region 2 polled every {} ms \
-                 per pending write (so the figures carry up to that much extra). Raw round trip: \
+                 (one poller for each of the {} documents the writes rotate over, so the figures \
+                 carry up to that much extra). Raw round trip: \
                  the relay's producer settings and the consumer's fetch settings, {} messages, \
                  {} lost.",
                 lag.writes,
@@ -295,8 +304,14 @@ impl Report {
                 lag.failed,
                 percentiles(&lag.ack),
                 crate::lag::POLL.as_millis(),
+                crate::lag::LANES,
                 lag.writes,
                 lag.raw_lost,
+            );
+            let _ = writeln!(
+                w,
+                "  - CPU per replicated write (whole path, polling included): {}",
+                lag.cpu.per_op(lag.writes),
             );
         }
         if let Some(read) = &self.read {
@@ -314,6 +329,14 @@ impl Report {
                 read.body_bytes,
                 sizes.miss_docs,
             );
+            let _ = writeln!(
+                w,
+                "  - CPU per cache hit: {}\n  - CPU per bare-server GET: {}\n  - CPU per cache miss: {}\n  - CPU per point SELECT: {}",
+                read.hit_cpu.per_op(read.hit.ok),
+                read.bare_cpu.per_op(read.bare.ok),
+                read.miss_cpu.per_op(read.miss.ok),
+                read.miss_sql_cpu.per_op(read.miss_sql.ok),
+            );
         }
         if let Some(drain) = &self.drain {
             let _ = writeln!(
@@ -328,6 +351,12 @@ impl Report {
                 crate::stack::PARTITIONS,
                 crate::stack::KAFKA_PROPERTIES,
             );
+            let _ = writeln!(
+                w,
+                "  - CPU per relayed event: {}\n  - CPU per raw message: {}",
+                drain.relay_cpu.per_op(drain.rows),
+                drain.raw_cpu.per_op(drain.rows),
+            );
         }
         if let Some(catch_up) = &self.catch_up {
             let _ = writeln!(
@@ -340,6 +369,25 @@ impl Report {
                 catch_up.events,
                 catch_up.consumer_wall.as_secs_f64(),
                 catch_up.batch_rows,
+            );
+            let _ = writeln!(
+                w,
+                "  - CPU per applied event (from spawn): {}\n  - CPU per inserted row: {}",
+                catch_up.consumer_cpu.per_op(catch_up.events),
+                catch_up.insert_cpu.per_op(catch_up.events),
+            );
+        }
+        let _ = writeln!(
+            w,
+            "\nCPU figures come from `/proc` (process and PostgreSQL backend CPU time, 10 ms \
+             ticks); \"other\" is the rest of the machine's busy time in the same interval \
+             (other programs on this shared machine, and kernel work not charged to a process)."
+        );
+        if !self.extra_env.is_empty() {
+            let _ = writeln!(
+                w,
+                "\n**Tuning experiment**: every service ran with `TANDEM_BENCH_ENV={}`.",
+                self.extra_env
             );
         }
         let _ = writeln!(w, "\n{END}");

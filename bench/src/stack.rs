@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::cpu::{Probe, find_process, postmaster};
 use anyhow::Context;
 use tandem_tests::{Broker, ManagedProcess, Postgres, Redis, binary, free_port, scratch_dir};
 
@@ -205,7 +206,16 @@ impl Stack {
                 ("TANDEM_PRIMARY_READ_URL", self.url(Kind::Read1)),
             ]),
         }
-        env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+        let mut env: Vec<(String, String)> =
+            env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        // Tuning experiments: `TANDEM_BENCH_ENV='RELAY_BATCH_SIZE=2000;DATABASE_POOL_SIZE=32'`
+        // is given to every service (the report says so).
+        for pair in extra_env().split(';') {
+            if let Some((k, v)) = pair.split_once('=') {
+                env.push((k.trim().to_owned(), v.trim().to_owned()));
+            }
+        }
+        env
     }
 
     /// Starts a long-running service under the harness's watchdog and waits for `/healthz`.
@@ -283,6 +293,11 @@ impl Stack {
     }
 }
 
+/// `TANDEM_BENCH_ENV`: extra `KEY=value` settings (`;`-separated) for every service.
+pub fn extra_env() -> String {
+    std::env::var("TANDEM_BENCH_ENV").unwrap_or_default()
+}
+
 /// A directly spawned child, stopped (SIGTERM, then waited for) when dropped.
 struct Stopped(Child);
 
@@ -330,6 +345,37 @@ async fn healthy(client: &reqwest::Client, url: &str) -> bool {
         .send()
         .await
         .is_ok_and(|r| r.status() == 200)
+}
+
+/// CPU probes for the servers the harness started.
+#[derive(Debug, Clone, Copy)]
+pub struct Probes {
+    pub pg1: Option<Probe>,
+    pub pg2: Option<Probe>,
+    pub redis1: Option<Probe>,
+    pub redis2: Option<Probe>,
+    pub broker: Option<Probe>,
+}
+
+impl Stack {
+    pub fn probes(&self) -> Probes {
+        let pg = |pg: &Postgres| postmaster(&pg.dir.join("data")).map(Probe::Tree);
+        let redis =
+            |port: u16| find_process("redis-server", &format!(":{port}")).map(Probe::Process);
+        Probes {
+            pg1: pg(&self.pg1),
+            pg2: pg(&self.pg2),
+            redis1: redis(self.redis1.port),
+            redis2: redis(self.redis2.port),
+            broker: find_process("tansu", &format!(":{}", self.broker.port)).map(Probe::Process),
+        }
+    }
+}
+
+impl Service {
+    pub fn probe(&self) -> Option<Probe> {
+        self.process.program_pid().map(Probe::Process)
+    }
 }
 
 /// The `postgres` client pool for a database URL, `size` connections.

@@ -9,6 +9,7 @@ use anyhow::Context;
 use tandem_tests::process::pg_program;
 
 use crate::Sizes;
+use crate::cpu::{CpuSplit, Meter};
 use crate::load::{Amount, Outcome, closed_loop};
 use crate::stack::{Kind, Stack, pool};
 
@@ -21,6 +22,9 @@ pub struct WriteRun {
     pub api: Outcome,
     pub pgbench_tps: f64,
     pub pgbench_latency_ms: f64,
+    pub pgbench_transactions: u64,
+    pub api_cpu: CpuSplit,
+    pub pgbench_cpu: CpuSplit,
 }
 
 /// The documents every write replaces (both contenders take the update path).
@@ -38,7 +42,13 @@ pub async fn prepare(stack: &Stack, keys: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run(stack: &Stack, sizes: &Sizes, concurrency: usize) -> anyhow::Result<WriteRun> {
+pub async fn run(
+    stack: &Stack,
+    sizes: &Sizes,
+    concurrency: usize,
+    api_meter: &Meter,
+    pgbench_meter: &Meter,
+) -> anyhow::Result<WriteRun> {
     let amount = sizes.write_amount;
     let keys = sizes.write_keys;
     if let Amount::For(_) = amount {
@@ -51,15 +61,23 @@ pub async fn run(stack: &Stack, sizes: &Sizes, concurrency: usize) -> anyhow::Re
         )
         .await;
     }
+    let cpu = api_meter.start();
     let outcome = api(stack, concurrency, amount, keys)
         .await
         .checked("Write API PUT")?;
-    let (pgbench_tps, pgbench_latency_ms) = pgbench(stack, concurrency, amount, keys)?;
+    let api_cpu = cpu.stop();
+    let cpu = pgbench_meter.start();
+    let (pgbench_tps, pgbench_latency_ms, pgbench_transactions) =
+        pgbench(stack, concurrency, amount, keys)?;
+    let pgbench_cpu = cpu.stop();
     Ok(WriteRun {
         concurrency,
         api: outcome,
         pgbench_tps,
         pgbench_latency_ms,
+        pgbench_transactions,
+        api_cpu,
+        pgbench_cpu,
     })
 }
 
@@ -100,13 +118,13 @@ fn script(keys: u64) -> String {
     )
 }
 
-/// Runs pgbench; returns (transactions/s, average latency ms).
+/// Runs pgbench; returns (transactions/s, average latency ms, transactions).
 fn pgbench(
     stack: &Stack,
     concurrency: usize,
     amount: Amount,
     keys: u64,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<(f64, f64, u64)> {
     let path = stack.dir.join(format!("write-{concurrency}.sql"));
     std::fs::write(&path, script(keys))?;
     let database = stack
@@ -152,7 +170,16 @@ fn pgbench(
     );
     let tps = number_after("tps =").context(format!("no tps in pgbench's output:\n{text}"))?;
     let latency = number_after("latency average =").unwrap_or(f64::NAN);
-    Ok((tps, latency))
+    let transactions = text
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("number of transactions actually processed:")
+        })
+        .and_then(|rest| rest.trim().split('/').next())
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok((tps, latency, transactions))
 }
 
 /// `pgbench` from PostgreSQL's program directory (where Debian puts it), then `PATH`.
