@@ -193,9 +193,9 @@ async fn bench(sizes: &Sizes) -> anyhow::Result<report::Report> {
         .with("PostgreSQL", probes.pg1)
         .with("pgbench", Some(cpu::Probe::WaitedChildren));
     for concurrency in [16, 64] {
-        report.writes.push(
-            write::run(&stack, sizes, concurrency, &api_meter, &pgbench_meter).await?,
-        );
+        report
+            .writes
+            .push(write::run(&stack, sizes, concurrency, &api_meter, &pgbench_meter).await?);
     }
 
     say("3. read throughput: cache hits vs a bare server, cache misses vs a point SELECT");
