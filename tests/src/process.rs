@@ -111,6 +111,27 @@ impl ManagedProcess {
         }
     }
 
+    /// SIGKILLs the program and waits until it is gone (a crash, as far as it can tell).
+    pub fn kill_and_wait(&self) {
+        let pid = self.program_pid();
+        for _ in 0..100 {
+            self.signal("KILL");
+            let alive = pid.is_some_and(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                    !stat
+                        .split_whitespace()
+                        .nth(2)
+                        .is_some_and(|state| state == "Z")
+                })
+            });
+            if !alive {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("{} (pid {pid:?}) survived SIGKILL", self.name);
+    }
+
     /// Stops the program and waits for the watchdog (and its cleanup) to finish.
     pub fn stop(&mut self) {
         let _ = Command::new("kill")

@@ -128,10 +128,10 @@ async fn region2_readiness_fails_when_the_consumer_stops_reporting() {
         .expect("metrics");
     assert_eq!(metrics.status(), 200);
 
-    regions.consumers[0].signal("KILL");
+    regions.consumers[0].kill_and_wait();
     // Silent beyond the grace period plus the 5 s threshold.
     let mut failed = false;
-    for _ in 0..60 {
+    for _ in 0..120 {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let ready = regions
             .region1
