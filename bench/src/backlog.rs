@@ -47,6 +47,7 @@ pub struct Drain {
     pub message_bytes: usize,
     pub relay_cpu: CpuSplit,
     pub raw_cpu: CpuSplit,
+    pub profile: Vec<String>,
 }
 
 /// Commits `rows` outbox rows in one statement (the relay is running and waiting), waits until
@@ -83,24 +84,42 @@ pub async fn relay_drain(
         .query_one("SELECT clock_timestamp()", &[])
         .await?
         .get(0);
+    crate::profile::reset(&stack.db1).await?;
     let cpu = relay_meter.start();
+    // Done when the newest row is published: the relay publishes in `seq` order, so every
+    // older row is by then (checked once more below). A primary-key lookup: polling must not
+    // load the database it measures.
+    let newest: i64 = client
+        .query_one("SELECT max(seq) FROM outbox", &[])
+        .await?
+        .get(0);
     let deadline = Instant::now() + Duration::from_secs(1800);
     loop {
-        let left: i64 = client
+        let published: bool = client
             .query_one(
-                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-                &[],
+                "SELECT published_at IS NOT NULL FROM outbox WHERE seq = $1",
+                &[&newest],
             )
             .await?
             .get(0);
-        if left == 0 {
-            break;
+        if published {
+            let left: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+                    &[],
+                )
+                .await?
+                .get(0);
+            if left == 0 {
+                break;
+            }
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the relay did not drain the outbox ({left} rows left)"
+            "the relay did not drain the outbox:\n{}",
+            relay_service.process.log_tail()
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let last: OffsetDateTime = client
         .query_one("SELECT max(published_at) FROM outbox", &[])
@@ -108,12 +127,13 @@ pub async fn relay_drain(
         .get(0);
     let relay = Duration::try_from(last - committed).unwrap_or_default();
     let relay_cpu = cpu.stop();
+    let profile = crate::profile::top(&stack.db1, "relay drain (Region 1)").await?;
 
     // The same messages, built exactly as the relay builds them from the same rows.
     let rows_read = client
         .query(
-            "SELECT event_id, payload, created_at FROM outbox ORDER BY seq",
-            &[],
+            "SELECT event_id, payload, created_at FROM outbox WHERE collection = $1 ORDER BY seq",
+            &[&COLLECTION],
         )
         .await?;
     let mut states = Vec::with_capacity(rows_read.len());
@@ -190,6 +210,7 @@ pub async fn relay_drain(
             message_bytes,
             relay_cpu,
             raw_cpu,
+            profile,
         },
         states,
     ))
@@ -216,6 +237,7 @@ pub struct CatchUp {
     pub batch_rows: usize,
     pub consumer_cpu: CpuSplit,
     pub insert_cpu: CpuSplit,
+    pub profile: Vec<String>,
 }
 
 /// Starts the consumer on the backlog the relay published and times the apply; then inserts the
@@ -228,6 +250,7 @@ pub async fn catch_up(
     let events = states.len() as u64;
     let db = pool(&stack.db2, 1).await?;
     let client = db.get().await?;
+    crate::profile::reset(&stack.db2).await?;
     let spawned = Instant::now();
     let consumer = stack.spawn(Kind::Consumer).await?;
     let cpu = Meter::default()
@@ -236,28 +259,54 @@ pub async fn catch_up(
         .with("Redis", probes.redis2)
         .with("broker", probes.broker)
         .start();
+    // Done when the consumer's stored positions cover every message the relay published
+    // (3 rows to read: polling must not load the database it measures), then confirmed by
+    // counting the applied backlog events once.
+    let published: i64 = pool(&stack.db1, 1)
+        .await?
+        .get()
+        .await?
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
     let deadline = Instant::now() + Duration::from_secs(3600);
     loop {
-        let applied: i64 = client
-            .query_one("SELECT count(*) FROM applied_events", &[])
+        let position: i64 = client
+            .query_one(
+                "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets WHERE topic = $1",
+                &[&stack.topic],
+            )
             .await?
             .get(0);
-        if applied as u64 >= events {
-            break;
+        if position >= published {
+            let applied: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM applied_events WHERE collection = $1",
+                    &[&COLLECTION],
+                )
+                .await?
+                .get(0);
+            if applied as u64 >= events {
+                break;
+            }
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the consumer applied only {applied} of {events} events:\n{}",
+            "the consumer did not apply the backlog ({position} of {published} messages):\n{}",
             consumer.process.log_tail()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let consumer_wall = spawned.elapsed();
     let consumer_cpu = cpu.stop();
+    let profile = crate::profile::top(&stack.db2, "catch-up (Region 2)").await?;
     let row = client
         .query_one(
-            "SELECT min(applied_at), max(applied_at) FROM applied_events",
-            &[],
+            "SELECT min(applied_at), max(applied_at) FROM applied_events WHERE collection = $1",
+            &[&COLLECTION],
         )
         .await?;
     let (first, last): (OffsetDateTime, OffsetDateTime) = (row.get(0), row.get(1));
@@ -340,6 +389,7 @@ pub async fn catch_up(
             batch_rows: BATCH,
             consumer_cpu,
             insert_cpu,
+            profile,
         },
         consumer,
     ))

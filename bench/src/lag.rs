@@ -14,7 +14,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::cpu::{CpuSplit, Meter};
+use crate::cpu::{CpuSplit, Meter, Probe};
 use crate::load::{histogram, open_loop, record};
 use crate::stack::{Kind, PARTITIONS, Stack, http_client};
 
@@ -46,6 +46,8 @@ pub struct Lag {
     pub raw: Histogram<u64>,
     pub raw_lost: u64,
     pub cpu: CpuSplit,
+    pub raw_cpu: CpuSplit,
+    pub profile: Vec<String>,
 }
 
 /// Documents the writes go to, round robin. Each has one poller in Region 2, so looking for the
@@ -94,6 +96,7 @@ pub async fn run(
     rate: f64,
     duration: Duration,
     meter: &Meter,
+    broker: Option<Probe>,
 ) -> anyhow::Result<Lag> {
     let count = (rate * duration.as_secs_f64()).round() as u64;
     let run = uuid::Uuid::now_v7().simple().to_string();
@@ -149,6 +152,8 @@ pub async fn run(
 
     let metrics = format!("{}/metrics", stack.url(Kind::Consumer));
     let before = scrape(&client, &metrics).await;
+    crate::profile::reset(&stack.db1).await?;
+    crate::profile::reset(&stack.db2).await?;
     let cpu = meter.start();
     let results = open_loop(rate, count, |i| {
         let lane = i % LANES;
@@ -183,6 +188,8 @@ pub async fn run(
     }
     let cpu = cpu.stop();
     stop.store(true, Ordering::Relaxed);
+    let mut profile = crate::profile::top(&stack.db1, "replication lag run (Region 1)").await?;
+    profile.extend(crate::profile::top(&stack.db2, "replication lag run (Region 2)").await?);
     let mut timelines = Vec::new();
     for poller in pollers {
         timelines.push(poller.await?);
@@ -209,7 +216,7 @@ pub async fn run(
         (Some(before), Some(after)) => Some(after.minus(&before)),
         _ => None,
     };
-    let (raw, raw_lost) = raw_round_trip(stack, rate, count).await?;
+    let (raw, raw_lost, raw_cpu) = raw_round_trip(stack, rate, count, broker).await?;
     Ok(Lag {
         writes: count,
         rate,
@@ -220,6 +227,8 @@ pub async fn run(
         raw,
         raw_lost,
         cpu,
+        raw_cpu,
+        profile,
     })
 }
 
@@ -228,7 +237,8 @@ async fn raw_round_trip(
     stack: &Stack,
     rate: f64,
     count: u64,
-) -> anyhow::Result<(Histogram<u64>, u64)> {
+    broker: Option<Probe>,
+) -> anyhow::Result<(Histogram<u64>, u64, CpuSplit)> {
     let topic = format!("{}.rtt", stack.topic);
     let producer = crate::backlog::relay_like_producer(stack, &topic).await?;
     let settings = stack.kafka_settings(&topic);
@@ -299,6 +309,13 @@ async fn raw_round_trip(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let producer = Arc::new(producer);
+    let cpu = Meter::default()
+        .with("broker", broker)
+        .with(
+            "producer and consumer (this process)",
+            Some(Probe::LoadGenerator),
+        )
+        .start();
     let deliveries = open_loop(rate, count, |i| {
         let (key, payload) = message(true, i);
         let delivery = producer
@@ -314,12 +331,13 @@ async fn raw_round_trip(
     .await;
     let undelivered = deliveries.iter().filter(|ok| !**ok).count() as u64;
     let (latency, seen) = receiver.await?;
+    let cpu = cpu.stop();
     tokio::task::spawn_blocking(move || drop(producer)).await?;
     anyhow::ensure!(
         undelivered == 0,
         "the raw producer failed {undelivered} messages"
     );
-    Ok((latency, count - seen))
+    Ok((latency, count - seen, cpu))
 }
 
 /// A Prometheus histogram as scraped: cumulative buckets, sum and count.

@@ -270,7 +270,7 @@ impl Report {
                 "- **Write, concurrency {}**: `PUT` of a {}-byte JSON object to one of {} existing \
                  documents (random), closed loop for {}: {} ok, {} failed; latency p50 {:.2} / \
                  p90 {:.2} / p99 {:.2} / max {:.2} ms. pgbench: `-M prepared -c {} -f` with the \
-                 API's statements (`SELECT … FOR UPDATE`, `UPDATE documents`, `INSERT INTO outbox`).",
+                 API's statements (`SELECT … FOR UPDATE`, `UPDATE documents`, `INSERT INTO outbox`) and the same values as parameters.",
                 run.concurrency,
                 crate::document_json().len(),
                 sizes.write_keys,
@@ -289,6 +289,7 @@ impl Report {
                 run.api_cpu.per_op(run.api.ok),
                 run.pgbench_cpu.per_op(run.pgbench_transactions),
             );
+            lines(w, &run.profile);
         }
         if let Some(lag) = &self.lag {
             let _ = writeln!(
@@ -310,9 +311,11 @@ impl Report {
             );
             let _ = writeln!(
                 w,
-                "  - CPU per replicated write (whole path, polling included): {}",
+                "  - CPU per replicated write (whole path, polling included): {}\n  - CPU per raw round trip: {}",
                 lag.cpu.per_op(lag.writes),
+                lag.raw_cpu.per_op(lag.writes),
             );
+            lines(w, &lag.profile);
         }
         if let Some(read) = &self.read {
             let _ = writeln!(
@@ -349,7 +352,7 @@ impl Report {
                 drain.rows,
                 drain.message_bytes,
                 crate::stack::PARTITIONS,
-                crate::stack::KAFKA_PROPERTIES,
+                crate::stack::kafka_properties(),
             );
             let _ = writeln!(
                 w,
@@ -357,6 +360,7 @@ impl Report {
                 drain.relay_cpu.per_op(drain.rows),
                 drain.raw_cpu.per_op(drain.rows),
             );
+            lines(w, &drain.profile);
         }
         if let Some(catch_up) = &self.catch_up {
             let _ = writeln!(
@@ -376,6 +380,7 @@ impl Report {
                 catch_up.consumer_cpu.per_op(catch_up.events),
                 catch_up.insert_cpu.per_op(catch_up.events),
             );
+            lines(w, &catch_up.profile);
         }
         let _ = writeln!(
             w,
@@ -392,6 +397,12 @@ impl Report {
         }
         let _ = writeln!(w, "\n{END}");
         md
+    }
+}
+
+fn lines(w: &mut String, lines: &[String]) {
+    for line in lines {
+        let _ = writeln!(w, "{line}");
     }
 }
 

@@ -149,7 +149,7 @@ impl Stack {
         tandem_shared::kafka::KafkaSettings {
             brokers: self.broker.address(),
             topic: topic.to_owned(),
-            properties: KAFKA_PROPERTIES
+            properties: kafka_properties()
                 .split(',')
                 .filter_map(|p| p.split_once('='))
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -170,7 +170,7 @@ impl Stack {
         let kafka = [
             ("KAFKA_BROKERS", self.broker.address()),
             ("KAFKA_TOPIC", self.topic.clone()),
-            ("KAFKA_PROPERTIES", KAFKA_PROPERTIES.to_owned()),
+            ("KAFKA_PROPERTIES", kafka_properties()),
             ("KAFKA_TOPIC_PARTITIONS", PARTITIONS.to_string()),
             ("KAFKA_TOPIC_REPLICATION", "1".to_owned()),
             ("RUST_LOG", "info,librdkafka=warn,rdkafka=warn".to_owned()),
@@ -291,6 +291,16 @@ impl Stack {
         drop(child);
         Ok((elapsed, idle))
     }
+}
+
+/// The services' `KAFKA_PROPERTIES`: [`KAFKA_PROPERTIES`], or the one a tuning experiment sets
+/// in `TANDEM_BENCH_ENV` (the raw baselines use the same).
+pub fn kafka_properties() -> String {
+    extra_env()
+        .split(';')
+        .find_map(|pair| pair.trim().strip_prefix("KAFKA_PROPERTIES="))
+        .unwrap_or(KAFKA_PROPERTIES)
+        .to_owned()
 }
 
 /// `TANDEM_BENCH_ENV`: extra `KEY=value` settings (`;`-separated) for every service.

@@ -25,6 +25,8 @@ pub struct WriteRun {
     pub pgbench_transactions: u64,
     pub api_cpu: CpuSplit,
     pub pgbench_cpu: CpuSplit,
+    /// `TANDEM_BENCH_PROFILE` statement statistics of both runs.
+    pub profile: Vec<String>,
 }
 
 /// The documents every write replaces (both contenders take the update path).
@@ -61,15 +63,22 @@ pub async fn run(
         )
         .await;
     }
+    crate::profile::reset(&stack.db1).await?;
     let cpu = api_meter.start();
     let outcome = api(stack, concurrency, amount, keys)
         .await
         .checked("Write API PUT")?;
     let api_cpu = cpu.stop();
+    let mut profile =
+        crate::profile::top(&stack.db1, &format!("Write API, concurrency {concurrency}")).await?;
+    crate::profile::reset(&stack.db1).await?;
     let cpu = pgbench_meter.start();
     let (pgbench_tps, pgbench_latency_ms, pgbench_transactions) =
         pgbench(stack, concurrency, amount, keys)?;
     let pgbench_cpu = cpu.stop();
+    profile.extend(
+        crate::profile::top(&stack.db1, &format!("pgbench, concurrency {concurrency}")).await?,
+    );
     Ok(WriteRun {
         concurrency,
         api: outcome,
@@ -78,6 +87,7 @@ pub async fn run(
         pgbench_transactions,
         api_cpu,
         pgbench_cpu,
+        profile,
     })
 }
 
@@ -98,9 +108,23 @@ async fn api(stack: &Stack, concurrency: usize, amount: Amount, keys: u64) -> Ou
 }
 
 /// The Write API's transaction for a `PUT` that replaces a document, statement for statement
-/// (`shared/src/store.rs`): the outbox payload is the document as the API serialises it, and
-/// the event id is time-ordered like the API's UUIDv7.
+/// (`shared/src/store.rs`), with the same values sent as parameters (see [`variables`]); the
+/// event id is time-ordered like the API's UUIDv7.
 fn script(keys: u64) -> String {
+    format!(
+        "\\set n random(1, {keys})\n\
+         BEGIN;\n\
+         SELECT version, deleted, data FROM documents WHERE collection = '{COLLECTION}' AND id = 'd' || :n::text FOR UPDATE \\gset cur_\n\
+         UPDATE documents SET version = :cur_version::bigint + 1, data = :data::jsonb, deleted = false, updated_at = clock_timestamp(), created_at = CASE WHEN false THEN clock_timestamp() ELSE created_at END WHERE collection = '{COLLECTION}' AND id = 'd' || :n::text RETURNING created_at, updated_at;\n\
+         INSERT INTO outbox (event_id, collection, document_id, version, operation, payload, traceparent) VALUES ((lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0') || substr(md5(random()::text), 1, 20))::uuid, '{COLLECTION}', 'd' || :n::text, :cur_version::bigint + 1, 'upsert', :payload::jsonb, :traceparent);\n\
+         END;\n"
+    )
+}
+
+/// pgbench variables: in `-M prepared` mode they travel as parameters, as the API's values do
+/// (a literal would be parsed once at prepare time and spare PostgreSQL the JSON parsing the
+/// API's statements cost it).
+fn variables() -> Vec<String> {
     let data = crate::document_json();
     let payload = serde_json::json!({
         "collection": COLLECTION, "id": "d1", "version": 2,
@@ -108,14 +132,14 @@ fn script(keys: u64) -> String {
         "created_at": "2026-01-01T00:00:00.000000Z", "updated_at": "2026-01-01T00:00:00.000000Z",
     })
     .to_string();
-    format!(
-        "\\set n random(1, {keys})\n\
-         BEGIN;\n\
-         SELECT version, deleted, data FROM documents WHERE collection = '{COLLECTION}' AND id = 'd' || :n::text FOR UPDATE \\gset cur_\n\
-         UPDATE documents SET version = :cur_version::bigint + 1, data = '{data}'::jsonb, deleted = false, updated_at = clock_timestamp(), created_at = CASE WHEN false THEN clock_timestamp() ELSE created_at END WHERE collection = '{COLLECTION}' AND id = 'd' || :n::text RETURNING created_at, updated_at;\n\
-         INSERT INTO outbox (event_id, collection, document_id, version, operation, payload, traceparent) VALUES ((lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0') || substr(md5(random()::text), 1, 20))::uuid, '{COLLECTION}', 'd' || :n::text, :cur_version::bigint + 1, 'upsert', '{payload}'::jsonb, '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01');\n\
-         END;\n"
-    )
+    [
+        format!("data={data}"),
+        format!("payload={payload}"),
+        "traceparent=00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned(),
+    ]
+    .into_iter()
+    .flat_map(|v| ["-D".to_owned(), v])
+    .collect()
 }
 
 /// Runs pgbench; returns (transactions/s, average latency ms, transactions).
@@ -147,6 +171,7 @@ fn pgbench(
             .arg("-t")
             .arg(n.div_ceil(concurrency as u64).to_string()),
     };
+    command.args(variables());
     command.arg("-f").arg(&path).arg(database);
     let output = command
         .output()
