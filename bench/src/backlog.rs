@@ -1,8 +1,8 @@
-//! 4. Relay drain: an outbox backlog committed at once, until the relay has published every row,
+//! Measurement 4, relay drain: an outbox backlog committed at once, until the relay has published every row,
 //! against a raw rdkafka producer sending the same messages (same bytes, keys, headers and
 //! producer settings) to the same broker.
 //!
-//! 5. Region 2 catch-up: the consumer applying that backlog from Kafka, against a plain batched
+//! Measurement 5, Region 2 catch-up: the consumer applying that backlog from Kafka, against a plain batched
 //! `INSERT … ON CONFLICT` of the same document rows into the same PostgreSQL cluster.
 
 use std::time::{Duration, Instant};

@@ -1,4 +1,4 @@
-//! 6. Footprint: binary and Lambda package sizes, start-up time, idle and loaded memory; and the
+//! Measurement 6, footprint: binary and Lambda package sizes, start-up time, idle and loaded memory; and the
 //! description of the machine the figures come from.
 
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! 2. Replication lag: writes at a fixed rate (open loop) through Region 1; for each, the time
+//! Measurement 2, replication lag: writes at a fixed rate (open loop) through Region 1; for each, the time
 //! from its acknowledgement until Region 2's Read API returns it. The consumer's own histogram
 //! (event created → applied) is read from its `/metrics`. Baseline: a raw rdkafka
 //! produce → consume round trip on the same broker, at the same rate, with the relay's producer

@@ -1,4 +1,4 @@
-//! 3. Read throughput. Cache hits: `GET` of cached documents through the Read API against a bare
+//! Measurement 3, read throughput. Cache hits: `GET` of cached documents through the Read API against a bare
 //! axum server returning the same bytes (its own process, like the Read API), both driven by
 //! the same load generator. Cache misses: each document read once (Redis has never seen it)
 //! against the same point `SELECT` sent straight to PostgreSQL over as many connections as the

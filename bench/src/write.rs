@@ -1,4 +1,4 @@
-//! 1. Write throughput: `PUT` of a ~1 KiB document through the Write API (closed loop) against
+//! Measurement 1, write throughput: `PUT` of a ~1 KiB document through the Write API (closed loop) against
 //! `pgbench -f` running the same SQL transaction (lock the row, update it, insert the outbox row)
 //! at the same concurrency on the same PostgreSQL database.
 
