@@ -119,9 +119,11 @@ say "starting the Kafka-protocol broker (tansu, memory storage) on 127.0.0.1:$KA
 PIDS+=($!)
 until (echo >"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null; do sleep 0.1; done
 # tansu's memory engine needs one record per producer batch for consumers to resume
-# mid-stream; a restarted memory broker has lost everything (the consumer detects that).
+# mid-stream, and answers a waiting fetch only when fetch.wait.max.ms runs out (50 ms by
+# default) rather than when data arrives; a restarted memory broker has lost everything (the
+# consumer detects that).
 KAFKA=(KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT" KAFKA_TOPIC=tandem.documents
-       KAFKA_PROPERTIES="batch.num.messages=1,message.timeout.ms=10000"
+       KAFKA_PROPERTIES="batch.num.messages=1,message.timeout.ms=10000,fetch.wait.max.ms=5"
        KAFKA_TOPIC_PARTITIONS=3 KAFKA_TOPIC_REPLICATION=1)
 
 say "starting region1: Write API, Read API, outbox relay"

@@ -28,6 +28,7 @@ const CONSUMER_SETTINGS: &[(&str, &str)] = &[
     ("enable.auto.offset.store", "false"),
     ("auto.offset.reset", "earliest"),
     ("fetch.wait.max.ms", "50"),
+    ("queued.max.messages.kbytes", "16384"),
     ("enable.partition.eof", "false"),
 ];
 

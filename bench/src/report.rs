@@ -270,7 +270,9 @@ impl Report {
                 "- **Write, concurrency {}**: `PUT` of a {}-byte JSON object to one of {} existing \
                  documents (random), closed loop for {}: {} ok, {} failed; latency p50 {:.2} / \
                  p90 {:.2} / p99 {:.2} / max {:.2} ms. pgbench: `-M prepared -c {} -f` with the \
-                 API's statements (`SELECT … FOR UPDATE`, `UPDATE documents`, `INSERT INTO outbox`) and the same values as parameters.",
+                 API's statements (`BEGIN`, `SELECT … FOR UPDATE`, the update with its outbox \
+                 row in one statement, `COMMIT`) and the same values as parameters, one at a \
+                 time; the API pipelines them in two round trips.",
                 run.concurrency,
                 crate::document_json().len(),
                 sizes.write_keys,

@@ -11,8 +11,10 @@ use anyhow::Context;
 use tandem_tests::{Broker, ManagedProcess, Postgres, Redis, binary, free_port, scratch_dir};
 
 /// librdkafka properties the services get, as `make up` and the harness give them: tansu's
-/// memory engine needs one record per producer batch for consumers to resume mid-stream.
-pub const KAFKA_PROPERTIES: &str = "batch.num.messages=1,message.timeout.ms=10000";
+/// memory engine needs one record per producer batch for consumers to resume mid-stream, and
+/// answers a waiting fetch only when `fetch.wait.max.ms` runs out rather than when data arrives.
+pub const KAFKA_PROPERTIES: &str =
+    "batch.num.messages=1,message.timeout.ms=10000,fetch.wait.max.ms=5";
 pub const PARTITIONS: i32 = 3;
 /// The cache key prefix of both regions (the Write and Read APIs must share it).
 const KEY_PREFIX: &str = "bench";

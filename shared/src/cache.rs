@@ -118,14 +118,22 @@ pub enum CacheError {
     Malformed,
 }
 
+/// Fills any number of entries in one round trip: `KEYS` are the entries' keys, `ARGV[1]` the
+/// TTL in milliseconds, then `version, state, body` per key. Returns how many were written.
+/// A script touching several keys needs them on one node: Tandem uses a non-clustered Redis
+/// (one primary with replicas), as its Terraform provisions.
 const FILL_SCRIPT: &str = r"
-local current = redis.call('HGET', KEYS[1], 'v')
-if current and tonumber(current) >= tonumber(ARGV[1]) then
-  return 0
+local written = 0
+for i, key in ipairs(KEYS) do
+  local at = 2 + (i - 1) * 3
+  local current = redis.call('HGET', key, 'v')
+  if not current or tonumber(current) < tonumber(ARGV[at]) then
+    redis.call('HSET', key, 'v', ARGV[at], 's', ARGV[at + 1], 'b', ARGV[at + 2])
+    redis.call('PEXPIRE', key, ARGV[1])
+    written = written + 1
+  end
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 's', ARGV[2], 'b', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return 1
+return written
 ";
 
 /// A version-guarded document cache over one multiplexed Redis connection.
@@ -227,23 +235,39 @@ impl Cache {
     /// Stores an entry unless the cache already holds this or a newer version.
     /// Returns whether the entry was written.
     pub async fn put(&self, key: &DocumentKey, entry: &Entry) -> Result<bool, CacheError> {
+        Ok(self.put_many([(key, entry)]).await? == 1)
+    }
+
+    /// Stores several entries in one round trip, each unless the cache already holds this or
+    /// a newer version of it. Returns how many were written.
+    pub async fn put_many<'a>(
+        &self,
+        entries: impl IntoIterator<Item = (&'a DocumentKey, &'a Entry)>,
+    ) -> Result<usize, CacheError> {
+        let mut invocation = self.inner.fill.prepare_invoke();
+        invocation.arg(u64::try_from(self.inner.settings.ttl.as_millis()).unwrap_or(u64::MAX));
+        let mut count = 0;
+        for (key, entry) in entries {
+            let (state, body): (&str, &[u8]) = match entry {
+                Entry::Live { body, .. } => ("L", body),
+                Entry::Deleted { .. } => ("D", b""),
+            };
+            invocation
+                .key(self.key(key))
+                .arg(entry.version())
+                .arg(state)
+                .arg(body);
+            count += 1;
+        }
+        if count == 0 {
+            return Ok(0);
+        }
         let mut connection = self.connection().await?;
-        let (state, body): (&str, &[u8]) = match entry {
-            Entry::Live { body, .. } => ("L", body),
-            Entry::Deleted { .. } => ("D", b""),
-        };
-        let written: i64 = self
-            .inner
-            .fill
-            .key(self.key(key))
-            .arg(entry.version())
-            .arg(state)
-            .arg(body)
-            .arg(u64::try_from(self.inner.settings.ttl.as_millis()).unwrap_or(u64::MAX))
+        let written: usize = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(|e| self.failed(e.into()))?;
-        Ok(written == 1)
+        Ok(written)
     }
 
     /// Checks that Redis answers (for `/readyz` details; Redis is never required).

@@ -6,7 +6,7 @@ use deadpool_postgres::{Pool, PoolError, Transaction};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
-use tokio_postgres::types::Json;
+use tokio_postgres::types::{Json, ToSql};
 use uuid::Uuid;
 
 use crate::document::{Collection, Document, DocumentId, DocumentKey, Preconditions, merge_patch};
@@ -189,8 +189,127 @@ struct Current {
 }
 
 impl Current {
+    /// From a `SELECT version, deleted, data` row.
+    fn from_row(row: &tokio_postgres::Row) -> Result<Self, tokio_postgres::Error> {
+        let data: Option<Json<Map<String, Value>>> = row.try_get(2)?;
+        Ok(Self {
+            version: row.try_get(0)?,
+            deleted: row.try_get(1)?,
+            data: data.map(|Json(d)| d),
+        })
+    }
+
     fn live_version(&self) -> Option<i64> {
         (!self.deleted).then_some(self.version)
+    }
+}
+
+/// What a write does to an existing row (live or tombstone).
+struct Change {
+    version: i64,
+    /// The row was a tombstone: this write creates the document again.
+    recreated: bool,
+    /// `None` for a delete.
+    data: Option<Map<String, Value>>,
+}
+
+impl Change {
+    fn operation(&self) -> &'static str {
+        if self.data.is_some() {
+            "upsert"
+        } else {
+            "delete"
+        }
+    }
+
+    fn outcome(
+        self,
+        key: &DocumentKey,
+        event_id: Uuid,
+        created_at: OffsetDateTime,
+        updated_at: OffsetDateTime,
+    ) -> WriteOutcome {
+        WriteOutcome {
+            collection: key.collection.clone(),
+            id: key.id.clone(),
+            version: self.version,
+            created: self.recreated,
+            document: self.data.map(|data| Document {
+                collection: key.collection.clone(),
+                id: key.id.clone(),
+                version: self.version,
+                data,
+                created_at,
+                updated_at,
+            }),
+            event_id,
+            committed_at: updated_at,
+        }
+    }
+}
+
+/// An outbox payload before the database adds the row's timestamps (the pipelined path).
+#[derive(Debug, Serialize)]
+struct PartialState<'a> {
+    collection: &'a Collection,
+    id: &'a DocumentId,
+    version: i64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    deleted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a Map<String, Value>>,
+}
+
+/// A transaction driven by hand so that `BEGIN` and `COMMIT` can be pipelined with its
+/// statements. Dropped unfinished (an error, a cancelled request), it rolls back before its
+/// connection returns to the pool.
+struct PipelinedTransaction {
+    client: Option<deadpool_postgres::Object>,
+}
+
+impl PipelinedTransaction {
+    fn new(client: deadpool_postgres::Object) -> Self {
+        Self {
+            client: Some(client),
+        }
+    }
+
+    fn client(&self) -> &deadpool_postgres::Object {
+        self.client
+            .as_ref()
+            .expect("the connection stays until the transaction ends")
+    }
+
+    async fn rollback(mut self) {
+        if let Some(client) = self.client.take() {
+            if client.batch_execute("ROLLBACK").await.is_err() {
+                // Never hand a connection in an unknown state back to the pool.
+                drop(deadpool_postgres::Object::take(client));
+            }
+        }
+    }
+
+    /// The transaction ended (its `COMMIT` was answered): the connection can be reused.
+    fn finish(mut self) {
+        self.client.take();
+    }
+}
+
+impl Drop for PipelinedTransaction {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if client.batch_execute("ROLLBACK").await.is_err() {
+                        drop(deadpool_postgres::Object::take(client));
+                    }
+                });
+            }
+            Err(_) => drop(deadpool_postgres::Object::take(client)),
+        }
     }
 }
 
@@ -198,12 +317,44 @@ const SELECT_FOR_UPDATE: &str = "SELECT version, deleted, data FROM documents \
      WHERE collection = $1 AND id = $2 FOR UPDATE";
 const INSERT_FIRST_VERSION: &str = "INSERT INTO documents \
      (collection, id, version, data, deleted, created_at, updated_at) \
-     VALUES ($1, $2, 1, $3, false, clock_timestamp(), clock_timestamp()) \
+     SELECT $1::text, $2::text, 1, $3::jsonb, false, clock.t, clock.t \
+     FROM (SELECT clock_timestamp() AS t) clock \
      ON CONFLICT (collection, id) DO NOTHING RETURNING created_at, updated_at";
 const UPDATE_DOCUMENT: &str = "UPDATE documents SET version = $3, data = $4, deleted = $5, \
-     updated_at = clock_timestamp(), \
-     created_at = CASE WHEN $6 THEN clock_timestamp() ELSE created_at END \
+     updated_at = clock.t, created_at = CASE WHEN $6 THEN clock.t ELSE created_at END \
+     FROM (SELECT clock_timestamp() AS t) clock \
      WHERE collection = $1 AND id = $2 RETURNING created_at, updated_at";
+/// Version 1 and its outbox row in one statement, for the pipelined path: nothing (no row
+/// returned) when the document exists already (a concurrent creator).
+const INSERT_AND_QUEUE: &str = "WITH inserted AS ( \
+       INSERT INTO documents (collection, id, version, data, deleted, created_at, updated_at) \
+       SELECT $1::text, $2::text, 1, $3::jsonb, false, clock.t, clock.t \
+       FROM (SELECT clock_timestamp() AS t) clock \
+       ON CONFLICT (collection, id) DO NOTHING RETURNING created_at, updated_at), \
+     queued AS ( \
+       INSERT INTO outbox (event_id, collection, document_id, version, operation, payload, traceparent) \
+       SELECT $4::uuid, $1, $2, 1, 'upsert', \
+         $5::jsonb || jsonb_build_object('created_at', i.created_at, 'updated_at', i.updated_at), $6::text \
+       FROM inserted i RETURNING 1) \
+     SELECT i.created_at, i.updated_at FROM inserted i CROSS JOIN queued";
+/// The update and its outbox row in one statement, for the pipelined path
+/// ([`Store::write_pipelined`]): the payload arrives without its timestamps, which the database
+/// adds from the row it wrote (a tombstone carries no `created_at`). The `version = $3 - 1` guard
+/// makes it a no-op (no row returned) should the row not be the one locked.
+const UPDATE_AND_QUEUE: &str = "WITH updated AS ( \
+       UPDATE documents SET version = $3::bigint, data = $4::jsonb, deleted = $5::boolean, \
+         updated_at = clock.t, \
+         created_at = CASE WHEN $6::boolean THEN clock.t ELSE created_at END \
+       FROM (SELECT clock_timestamp() AS t) clock \
+       WHERE collection = $1::text AND id = $2::text AND version = $3::bigint - 1 \
+       RETURNING created_at, updated_at), \
+     queued AS ( \
+       INSERT INTO outbox (event_id, collection, document_id, version, operation, payload, traceparent) \
+       SELECT $7::uuid, $1, $2, $3, $8::text, $9::jsonb || CASE WHEN $5 \
+           THEN jsonb_build_object('updated_at', u.updated_at) \
+           ELSE jsonb_build_object('created_at', u.created_at, 'updated_at', u.updated_at) END, $10::text \
+       FROM updated u RETURNING 1) \
+     SELECT u.created_at, u.updated_at FROM updated u CROSS JOIN queued";
 const INSERT_OUTBOX: &str = "INSERT INTO outbox \
      (event_id, collection, document_id, version, operation, payload, traceparent) \
      VALUES ($1, $2, $3, $4, $5, $6, $7)";
@@ -249,6 +400,11 @@ impl Store {
     /// Applies one write atomically: document row + one outbox row (+ idempotency record).
     #[tracing::instrument(skip_all, fields(collection = %request.key.collection, id = %request.key.id))]
     pub async fn write(&self, request: WriteRequest) -> Result<WriteResult, WriteError> {
+        if request.idempotency.is_none() {
+            if let Some(outcome) = self.write_pipelined(&request).await? {
+                return Ok(WriteResult::Applied(outcome));
+            }
+        }
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
 
@@ -300,6 +456,104 @@ impl Store {
 
         tx.commit().await?;
         Ok(WriteResult::Applied(outcome))
+    }
+
+    /// A write without an `Idempotency-Key` in two round trips instead of five: `BEGIN`
+    /// travels with the row lock, and the change, its outbox row (one statement) and `COMMIT`
+    /// travel together. The rules are the general path's ([`plan_change`]); if the statement
+    /// fails, PostgreSQL answers the pipelined `COMMIT` with a rollback, so nothing is
+    /// half-written. `None` (nothing written) when a concurrent writer created the document
+    /// first: the general path then retries it as an update.
+    async fn write_pipelined(
+        &self,
+        request: &WriteRequest,
+    ) -> Result<Option<WriteOutcome>, WriteError> {
+        let client = self.pool.get().await?;
+        let lock = client.prepare_cached(SELECT_FOR_UPDATE).await?;
+        let tx = PipelinedTransaction::new(client);
+        let key = &request.key;
+        let (collection, id) = (key.collection.as_str(), key.id.as_str());
+        let lock_params: [&(dyn ToSql + Sync); 2] = [&collection, &id];
+        let (begun, row) = tokio::join!(
+            tx.client().batch_execute("BEGIN"),
+            tx.client().query_opt(&lock, &lock_params),
+        );
+        begun?;
+        let planned = match row? {
+            Some(row) => plan_change(request, &Current::from_row(&row)?),
+            None => plan_creation(request),
+        };
+        let change = match planned {
+            Ok(change) => change,
+            Err(e) => {
+                tx.rollback().await;
+                return Err(e);
+            }
+        };
+        let statement = if change.version == 1 {
+            INSERT_AND_QUEUE
+        } else {
+            UPDATE_AND_QUEUE
+        };
+        let statement = match tx.client().prepare_cached(statement).await {
+            Ok(statement) => statement,
+            Err(e) => {
+                tx.rollback().await;
+                return Err(StoreError::from(e).into());
+            }
+        };
+        let event_id = Uuid::now_v7();
+        let payload = Json(PartialState {
+            collection: &key.collection,
+            id: &key.id,
+            version: change.version,
+            deleted: change.data.is_none(),
+            data: change.data.as_ref(),
+        });
+        let data = change.data.as_ref().map(Json);
+        let deleted = change.data.is_none();
+        let operation = change.operation();
+        let traceparent = request.traceparent.as_str();
+        let update_params: [&(dyn ToSql + Sync); 10] = [
+            &collection,
+            &id,
+            &change.version,
+            &data,
+            &deleted,
+            &change.recreated,
+            &event_id,
+            &operation,
+            &payload,
+            &traceparent,
+        ];
+        let insert_params: [&(dyn ToSql + Sync); 6] =
+            [&collection, &id, &data, &event_id, &payload, &traceparent];
+        let params: &[&(dyn ToSql + Sync)] = if change.version == 1 {
+            &insert_params
+        } else {
+            &update_params
+        };
+        let (written, committed) = tokio::join!(
+            tx.client().query_opt(&statement, params),
+            tx.client().batch_execute("COMMIT"),
+        );
+        // The transaction is over either way (committed, or rolled back by that COMMIT).
+        tx.finish();
+        let row = match (written, committed) {
+            (Ok(Some(row)), Ok(())) => row,
+            (Err(e), _) | (Ok(_), Err(e)) => return Err(e.into()),
+            // Created concurrently (the insert found the row there): nothing was written.
+            (Ok(None), Ok(())) if change.version == 1 => return Ok(None),
+            (Ok(None), Ok(())) => {
+                return Err(StoreError::Internal(anyhow::anyhow!(
+                    "the locked row was not at the version read under its lock"
+                ))
+                .into());
+            }
+        };
+        let created_at: OffsetDateTime = row.try_get(0)?;
+        let updated_at: OffsetDateTime = row.try_get(1)?;
+        Ok(Some(change.outcome(key, event_id, created_at, updated_at)))
     }
 
     /// Reads one document, live or tombstone.
@@ -416,15 +670,7 @@ async fn lock_current(
     let row = tx
         .query_opt(&stmt, &[&key.collection.as_str(), &key.id.as_str()])
         .await?;
-    row.map(|row| {
-        let data: Option<Json<Map<String, Value>>> = row.try_get(2)?;
-        Ok(Current {
-            version: row.try_get(0)?,
-            deleted: row.try_get(1)?,
-            data: data.map(|Json(d)| d),
-        })
-    })
-    .transpose()
+    Ok(row.as_ref().map(Current::from_row).transpose()?)
 }
 
 /// Inserts version 1 unless a concurrent writer created the row first (`None` then).
@@ -496,6 +742,45 @@ async fn apply_command(
             StoreError::Internal(anyhow::anyhow!("document vanished under its lock")).into(),
         );
     };
+    let change = plan_change(request, &current)?;
+    let stmt = tx.prepare_cached(UPDATE_DOCUMENT).await?;
+    let row = tx
+        .query_one(
+            &stmt,
+            &[
+                &key.collection.as_str(),
+                &key.id.as_str(),
+                &change.version,
+                &change.data.as_ref().map(Json),
+                &change.data.is_none(),
+                &change.recreated,
+            ],
+        )
+        .await?;
+    let created_at: OffsetDateTime = row.try_get(0)?;
+    let updated_at: OffsetDateTime = row.try_get(1)?;
+    Ok(change.outcome(key, Uuid::now_v7(), created_at, updated_at))
+}
+
+/// Decides whether a write may create its (absent) document as version 1.
+fn plan_creation(request: &WriteRequest) -> Result<Change, WriteError> {
+    let data = match &request.command {
+        WriteCommand::Put(data) | WriteCommand::Create(data) => data,
+        WriteCommand::Patch(_) | WriteCommand::Delete => return Err(WriteError::NotFound),
+    };
+    if !request.preconditions.hold(None) {
+        return Err(WriteError::PreconditionFailed { current: None });
+    }
+    Ok(Change {
+        version: 1,
+        recreated: true,
+        data: Some(data.clone()),
+    })
+}
+
+/// Decides what a write does to the existing row `current` (locked by the caller), or why it
+/// is refused.
+fn plan_change(request: &WriteRequest, current: &Current) -> Result<Change, WriteError> {
     let live = current.live_version();
     if matches!(request.command, WriteCommand::Create(_)) {
         // A generated UUIDv7 never collides; if it did, refuse rather than overwrite.
@@ -512,10 +797,7 @@ async fn apply_command(
     if !request.preconditions.hold(live) {
         return Err(WriteError::PreconditionFailed { current: live });
     }
-
-    let version = current.version + 1;
-    let recreated = live.is_none();
-    let new_data: Option<Map<String, Value>> = match &request.command {
+    let data = match &request.command {
         WriteCommand::Put(data) | WriteCommand::Create(data) => Some(data.clone()),
         WriteCommand::Patch(patch) => {
             let mut target = Value::Object(current.data.clone().unwrap_or_default());
@@ -532,30 +814,9 @@ async fn apply_command(
         }
         WriteCommand::Delete => None,
     };
-
-    let stmt = tx.prepare_cached(UPDATE_DOCUMENT).await?;
-    let row = tx
-        .query_one(
-            &stmt,
-            &[
-                &key.collection.as_str(),
-                &key.id.as_str(),
-                &version,
-                &new_data.as_ref().map(Json),
-                &new_data.is_none(),
-                &recreated,
-            ],
-        )
-        .await?;
-    let created_at: OffsetDateTime = row.try_get(0)?;
-    let updated_at: OffsetDateTime = row.try_get(1)?;
-    let document = new_data.map(|data| Document {
-        collection: key.collection.clone(),
-        id: key.id.clone(),
-        version,
+    Ok(Change {
+        version: current.version + 1,
+        recreated: live.is_none(),
         data,
-        created_at,
-        updated_at,
-    });
-    Ok(outcome(document, version, recreated, updated_at))
+    })
 }

@@ -117,12 +117,9 @@ impl ManagedProcess {
         for _ in 0..100 {
             self.signal("KILL");
             let alive = pid.is_some_and(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-                    !stat
-                        .split_whitespace()
-                        .nth(2)
-                        .is_some_and(|state| state == "Z")
-                })
+                // A zombie (state Z) is dead: it only waits for its parent to reap it.
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|stat| stat.split_whitespace().nth(2).is_none_or(|s| s != "Z"))
             });
             if !alive {
                 return;

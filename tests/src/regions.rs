@@ -228,10 +228,11 @@ impl TwoRegions {
         [
             ("KAFKA_BROKERS", self.broker.address()),
             ("KAFKA_TOPIC", self.topic.clone()),
-            // The memory engine needs one record per batch for consumers to resume mid-stream.
+            // The memory engine needs one record per batch for consumers to resume mid-stream,
+            // and answers a waiting fetch only when fetch.wait.max.ms runs out (see README).
             (
                 "KAFKA_PROPERTIES",
-                "batch.num.messages=1,message.timeout.ms=5000".to_owned(),
+                "batch.num.messages=1,message.timeout.ms=5000,fetch.wait.max.ms=5".to_owned(),
             ),
             ("KAFKA_TOPIC_PARTITIONS", "3".to_owned()),
             ("KAFKA_TOPIC_REPLICATION", "1".to_owned()),

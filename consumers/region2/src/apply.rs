@@ -1,18 +1,19 @@
 //! Applying one Kafka message to Region 2: the transaction, the cache update, the dead-letter
 //! path and the retry policy.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Pool, Transaction};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use tandem_shared::cache::{Cache, Entry};
+use tandem_shared::document::DocumentKey;
 use tandem_shared::event::{ChangeEvent, DocumentState};
 use tandem_shared::store::{StoreError, Stored};
 use time::OffsetDateTime;
 use tokio::sync::watch;
-use tokio_postgres::types::Json;
+use tokio_postgres::types::{Json, ToSql};
 
 use crate::metrics::ConsumerMetrics;
 
@@ -55,21 +56,30 @@ impl Outcome {
     }
 }
 
-const RECORD_EVENT: &str = "INSERT INTO applied_events \
+const RECORD_EVENTS: &str = "INSERT INTO applied_events \
      (event_id, collection, document_id, version, outcome, event_time) \
-     VALUES ($1, $2, $3, $4, 'applied', $5) ON CONFLICT (event_id) DO NOTHING RETURNING 1";
-const MARK_STALE: &str = "UPDATE applied_events SET outcome = 'stale' WHERE event_id = $1";
-const UPSERT_DOCUMENT: &str = "INSERT INTO documents \
+     SELECT e, c, d, v, 'applied', t \
+     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::timestamptz[]) AS u (e, c, d, v, t) \
+     ON CONFLICT (event_id) DO NOTHING RETURNING event_id";
+/// The stored versions of the batch's documents, read before the batch writes them.
+const VERSIONS_BEFORE: &str = "SELECT d.collection, d.id, d.version FROM documents d \
+     JOIN unnest($1::text[], $2::text[]) AS k (collection, id) \
+       ON d.collection = k.collection COLLATE \"C\" AND d.id = k.id COLLATE \"C\"";
+const MARK_STALE: &str = "UPDATE applied_events SET outcome = 'stale' WHERE event_id = ANY($1)";
+/// One row per document (the batch's newest version of it): `ON CONFLICT DO UPDATE` cannot
+/// touch a row twice in one statement.
+const UPSERT_DOCUMENTS: &str = "INSERT INTO documents \
      (collection, id, version, data, deleted, created_at, updated_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7) \
+     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::jsonb[], $5::bool[], \
+       $6::timestamptz[], $7::timestamptz[]) \
      ON CONFLICT (collection, id) DO UPDATE SET \
        version = EXCLUDED.version, data = EXCLUDED.data, deleted = EXCLUDED.deleted, \
        created_at = CASE WHEN EXCLUDED.deleted THEN documents.created_at ELSE EXCLUDED.created_at END, \
        updated_at = EXCLUDED.updated_at \
      WHERE documents.version < EXCLUDED.version \
-     RETURNING 1";
-const STORE_OFFSET: &str = "INSERT INTO consumer_offsets (topic, partition, next_offset, last_event_id, updated_at) \
-     VALUES ($1, $2, $3, $4, clock_timestamp()) \
+     RETURNING collection, id";
+const STORE_OFFSETS: &str = "INSERT INTO consumer_offsets (topic, partition, next_offset, last_event_id, updated_at) \
+     SELECT $1::text, p, n, e, clock_timestamp() FROM unnest($2::int[], $3::bigint[], $4::uuid[]) AS u (p, n, e) \
      ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, \
        last_event_id = EXCLUDED.last_event_id, updated_at = EXCLUDED.updated_at";
 const RECORD_PROGRESS: &str = "UPDATE replication_status SET \
@@ -124,6 +134,58 @@ impl Applier {
             .collect())
     }
 
+    /// Applies a batch of messages, in order; retries while the database is unavailable
+    /// (nothing is skipped). A batch that fails for another reason committed nothing: it is
+    /// split in halves, applied first half first, until the event that fails is alone, so it is
+    /// dead-lettered by itself ([`Self::apply_with_retry`]) and the rest still land in batches.
+    pub async fn apply_batch_with_retry(
+        &self,
+        batch: &[Incoming],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let mut pending = vec![batch];
+        while let Some(part) = pending.pop() {
+            if let [incoming] = part {
+                self.apply_with_retry(incoming, shutdown).await?;
+                continue;
+            }
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match self.apply_batch(part).await {
+                    Ok(outcomes) => {
+                        for (incoming, outcome) in part.iter().zip(&outcomes) {
+                            self.report(incoming, outcome);
+                        }
+                        break;
+                    }
+                    Err(StoreError::Unavailable(cause)) => {
+                        tracing::warn!(
+                            error = format!("{cause:#}"),
+                            "database unavailable; retrying the batch"
+                        );
+                    }
+                    Err(StoreError::Internal(cause)) => {
+                        tracing::warn!(
+                            error = format!("{cause:#}"),
+                            events = part.len(),
+                            "failed to apply a batch; splitting it to find the event that fails"
+                        );
+                        let (first, second) = part.split_at(part.len() / 2);
+                        pending.push(second);
+                        pending.push(first);
+                        break;
+                    }
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => anyhow::bail!("shutting down before the batch was applied"),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+        Ok(())
+    }
+
     /// Applies one message; retries while the database is unavailable (nothing is skipped),
     /// and dead-letters a message that keeps failing for a non-transient reason.
     pub async fn apply_with_retry(
@@ -134,12 +196,10 @@ impl Applier {
         let mut backoff = Duration::from_millis(50);
         let mut internal_failures = 0;
         loop {
-            let attempt = self.apply(incoming).await;
-            let error = match attempt {
-                Ok(outcome) => {
-                    self.metrics.record(outcome.label());
-                    if let Outcome::DeadLettered(reason) = &outcome {
-                        tracing::warn!(topic = %incoming.topic, partition = incoming.partition, offset = incoming.offset, reason, "poison event dead-lettered");
+            let error = match self.apply_batch(std::slice::from_ref(incoming)).await {
+                Ok(outcomes) => {
+                    if let Some(outcome) = outcomes.first() {
+                        self.report(incoming, outcome);
                     }
                     return Ok(());
                 }
@@ -177,101 +237,202 @@ impl Applier {
         }
     }
 
-    /// One transaction: the effect, the event id, the Kafka position, the progress.
-    pub async fn apply(&self, incoming: &Incoming) -> Result<Outcome, StoreError> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let (outcome, event) = match ChangeEvent::decode(&incoming.payload) {
-            Ok(event) => {
-                let outcome = self.apply_event(&tx, &event).await?;
-                (outcome, Some(event))
-            }
-            Err(reason) => {
-                let reason = reason.to_string();
-                insert_dead_letter(&tx, incoming, &reason).await?;
-                (Outcome::DeadLettered(reason), None)
-            }
-        };
-        let stmt = tx.prepare_cached(STORE_OFFSET).await?;
-        tx.execute(
-            &stmt,
-            &[
-                &incoming.topic,
-                &incoming.partition,
-                &(incoming.offset + 1),
-                &event.as_ref().map(|e| e.id),
-            ],
-        )
-        .await?;
-        if let Some(event) = &event {
-            let stmt = tx.prepare_cached(RECORD_PROGRESS).await?;
-            tx.execute(&stmt, &[&event.time]).await?;
+    fn report(&self, incoming: &Incoming, outcome: &Outcome) {
+        self.metrics.record(outcome.label());
+        if let Outcome::DeadLettered(reason) = outcome {
+            tracing::warn!(topic = %incoming.topic, partition = incoming.partition, offset = incoming.offset, reason, "poison event dead-lettered");
         }
-        tx.commit().await?;
-        if let (Outcome::Applied, Some(event)) = (&outcome, &event) {
-            let lag = (OffsetDateTime::now_utc() - event.time)
-                .as_seconds_f64()
-                .max(0.0);
-            self.metrics.observe_lag(lag);
-        }
-        Ok(outcome)
     }
 
-    async fn apply_event(
+    /// One transaction for the whole batch: the effects, the event ids, the Kafka positions
+    /// and the progress, so a crash leaves either all of it or none. Returns each message's
+    /// outcome, in order.
+    pub async fn apply_batch(&self, batch: &[Incoming]) -> Result<Vec<Outcome>, StoreError> {
+        let decoded: Vec<Result<ChangeEvent, String>> = batch
+            .iter()
+            .map(|m| ChangeEvent::decode(&m.payload).map_err(|e| e.to_string()))
+            .collect();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        for (incoming, event) in batch.iter().zip(&decoded) {
+            if let Err(reason) = event {
+                insert_dead_letter(&tx, incoming, reason).await?;
+            }
+        }
+        let events: Vec<&ChangeEvent> = decoded.iter().filter_map(|d| d.as_ref().ok()).collect();
+        let mut applied = self.apply_events(&tx, &events).await?.into_iter();
+        let outcomes: Vec<Outcome> = decoded
+            .iter()
+            .map(|d| match d {
+                Ok(_) => applied.next().unwrap_or(Outcome::Duplicate),
+                Err(reason) => Outcome::DeadLettered(reason.clone()),
+            })
+            .collect();
+
+        // The next position per partition: after the batch's last message there.
+        let mut positions: BTreeMap<i32, (i64, Option<uuid::Uuid>)> = BTreeMap::new();
+        for (incoming, event) in batch.iter().zip(&decoded) {
+            let next = incoming.offset + 1;
+            let id = event.as_ref().ok().map(|e| e.id);
+            let slot = positions.entry(incoming.partition).or_insert((next, id));
+            if next >= slot.0 {
+                *slot = (next, id);
+            }
+        }
+        let topic = batch.first().map_or("", |m| m.topic.as_str());
+        let partitions: Vec<i32> = positions.keys().copied().collect();
+        let next_offsets: Vec<i64> = positions.values().map(|p| p.0).collect();
+        let last_ids: Vec<Option<uuid::Uuid>> = positions.values().map(|p| p.1).collect();
+        let store = tx.prepare_cached(STORE_OFFSETS).await?;
+        let progress = tx.prepare_cached(RECORD_PROGRESS).await?;
+        let store_params: [&(dyn ToSql + Sync); 4] =
+            [&topic, &partitions, &next_offsets, &last_ids];
+        let newest = events.iter().map(|e| e.time).max();
+        let (stored, recorded) = tokio::join!(tx.execute(&store, &store_params), async {
+            match &newest {
+                Some(newest) => tx.execute(&progress, &[newest]).await.map(|_| ()),
+                None => Ok(()),
+            }
+        });
+        stored?;
+        recorded?;
+        tx.commit().await?;
+        let now = OffsetDateTime::now_utc();
+        for (outcome, event) in outcomes.iter().zip(&decoded) {
+            if let (Outcome::Applied, Ok(event)) = (outcome, event) {
+                self.metrics
+                    .observe_lag((now - event.time).as_seconds_f64().max(0.0));
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Applies decoded events inside `tx` and returns their outcomes, in order. An event seen
+    /// before is a duplicate; a fresh one is applied when its version is newer than what Region
+    /// 2 held before this batch, else it is stale (it arrived out of order). Per document only
+    /// the batch's newest version is written (the versions before it in the batch are applied
+    /// and superseded in the same transaction, which no reader can tell apart from applying
+    /// them one by one). Redis gets the written states, version-guarded, in one round trip
+    /// before the commit: the writes are already committed in Region 1, and the guard keeps
+    /// an older state from replacing a newer one.
+    async fn apply_events(
         &self,
         tx: &Transaction<'_>,
-        event: &ChangeEvent,
-    ) -> Result<Outcome, StoreError> {
-        let state = &event.data;
-        let stmt = tx.prepare_cached(RECORD_EVENT).await?;
-        let fresh = tx
-            .query_opt(
-                &stmt,
-                &[
-                    &event.id,
-                    &state.collection.as_str(),
-                    &state.id.as_str(),
-                    &state.version,
-                    &event.time,
-                ],
-            )
-            .await?;
-        if fresh.is_none() {
-            return Ok(Outcome::Duplicate);
+        events: &[&ChangeEvent],
+    ) -> Result<Vec<Outcome>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
         }
-        if !upsert_document(tx, state).await? {
+        let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
+        let collections: Vec<&str> = events.iter().map(|e| e.data.collection.as_str()).collect();
+        let document_ids: Vec<&str> = events.iter().map(|e| e.data.id.as_str()).collect();
+        let versions: Vec<i64> = events.iter().map(|e| e.data.version).collect();
+        let times: Vec<OffsetDateTime> = events.iter().map(|e| e.time).collect();
+        // The newest state per document. A duplicate may be the newest: writing it again is a
+        // no-op under the version guard (Region 2 holds it already), so freshness need not be
+        // known before the write, and the three statements below travel together.
+        let mut newest: HashMap<(&str, &str), &DocumentState> = HashMap::new();
+        for event in events {
+            let key = (event.data.collection.as_str(), event.data.id.as_str());
+            let slot = newest.entry(key).or_insert(&event.data);
+            if slot.version < event.data.version {
+                *slot = &event.data;
+            }
+        }
+        let states: Vec<&DocumentState> = newest.into_values().collect();
+        let keys: (Vec<&str>, Vec<&str>) = states
+            .iter()
+            .map(|s| (s.collection.as_str(), s.id.as_str()))
+            .unzip();
+        // Prepared first, so that the three statements go out in this order and the versions
+        // are read before the upsert changes them.
+        let record = tx.prepare_cached(RECORD_EVENTS).await?;
+        let before = tx.prepare_cached(VERSIONS_BEFORE).await?;
+        let upsert = tx.prepare_cached(UPSERT_DOCUMENTS).await?;
+        let record_params: [&(dyn ToSql + Sync); 5] =
+            [&ids, &collections, &document_ids, &versions, &times];
+        let before_params: [&(dyn ToSql + Sync); 2] = [&keys.0, &keys.1];
+        let (fresh, before, written) = tokio::join!(
+            tx.query(&record, &record_params),
+            tx.query(&before, &before_params),
+            upsert_documents(tx, &upsert, &states),
+        );
+        let mut fresh: HashSet<uuid::Uuid> = fresh?.iter().map(|row| row.get(0)).collect();
+        let before: HashMap<(String, String), i64> = before?
+            .iter()
+            .map(|row| ((row.get(0), row.get(1)), row.get(2)))
+            .collect();
+        let written = written?;
+
+        let mut outcomes = Vec::with_capacity(events.len());
+        let mut stale = Vec::new();
+        for event in events {
+            // The first occurrence of a fresh id is the fresh event (an id can repeat).
+            let outcome = if !fresh.remove(&event.id) {
+                Outcome::Duplicate
+            } else {
+                let key = (
+                    event.data.collection.as_str().to_owned(),
+                    event.data.id.as_str().to_owned(),
+                );
+                if before
+                    .get(&key)
+                    .is_some_and(|&held| held >= event.data.version)
+                {
+                    stale.push(event.id);
+                    Outcome::Stale
+                } else {
+                    Outcome::Applied
+                }
+            };
+            outcomes.push(outcome);
+        }
+        if !stale.is_empty() {
             let stmt = tx.prepare_cached(MARK_STALE).await?;
-            tx.execute(&stmt, &[&event.id]).await?;
-            return Ok(Outcome::Stale);
+            tx.execute(&stmt, &[&stale]).await?;
         }
-        // The database accepted this version; the cache may now hold it (guarded), even a few
-        // milliseconds before the commit: the write is already committed in Region 1.
-        let entry = match state.to_stored() {
-            Stored::Live(document) => Entry::Live {
-                version: document.version,
-                body: document.to_body(),
-            },
-            Stored::Deleted { version } => Entry::Deleted { version },
-        };
-        if let Err(e) = self.cache.put(&state.key(), &entry).await {
-            self.metrics.record("cache_update_failed");
-            tracing::warn!(error = %e, "cache update failed; the entry expires with its TTL");
+
+        let entries: Vec<(DocumentKey, Entry)> = states
+            .iter()
+            .filter(|s| {
+                written.contains(&(s.collection.as_str().to_owned(), s.id.as_str().to_owned()))
+            })
+            .map(|state| {
+                let entry = match state.to_stored() {
+                    Stored::Live(document) => Entry::Live {
+                        version: document.version,
+                        body: document.to_body(),
+                    },
+                    Stored::Deleted { version } => Entry::Deleted { version },
+                };
+                (state.key(), entry)
+            })
+            .collect();
+        if let Err(e) = self
+            .cache
+            .put_many(entries.iter().map(|(k, e)| (k, e)))
+            .await
+        {
+            for _ in &entries {
+                self.metrics.record("cache_update_failed");
+            }
+            tracing::warn!(error = %e, "cache update failed; the entries expire with their TTL");
         }
-        Ok(Outcome::Applied)
+        Ok(outcomes)
     }
 
     async fn dead_letter(&self, incoming: &Incoming, reason: &str) -> Result<(), StoreError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         insert_dead_letter(&tx, incoming, reason).await?;
-        let stmt = tx.prepare_cached(STORE_OFFSET).await?;
+        let stmt = tx.prepare_cached(STORE_OFFSETS).await?;
         tx.execute(
             &stmt,
             &[
                 &incoming.topic,
-                &incoming.partition,
-                &(incoming.offset + 1),
-                &None::<uuid::Uuid>,
+                &vec![incoming.partition],
+                &vec![incoming.offset + 1],
+                &vec![None::<uuid::Uuid>],
             ],
         )
         .await?;
@@ -333,9 +494,12 @@ impl Applier {
                 Ok(event) => {
                     let mut client = self.pool.get().await?;
                     let tx = client.transaction().await?;
-                    let outcome = self.apply_event(&tx, &event).await?;
+                    let outcomes = self.apply_events(&tx, &[&event]).await?;
                     tx.commit().await?;
-                    outcome.label().to_owned()
+                    outcomes
+                        .first()
+                        .map_or("duplicate", Outcome::label)
+                        .to_owned()
                 }
             };
             client
@@ -350,24 +514,42 @@ impl Applier {
     }
 }
 
-async fn upsert_document(tx: &Transaction<'_>, state: &DocumentState) -> Result<bool, StoreError> {
-    let stmt = tx.prepare_cached(UPSERT_DOCUMENT).await?;
-    let created_at = state.created_at.unwrap_or(state.updated_at);
-    let row = tx
-        .query_opt(
-            &stmt,
+/// Upserts the states (at most one per document) where they are newer than the stored
+/// version; returns the `(collection, id)` of the documents that changed.
+async fn upsert_documents(
+    tx: &Transaction<'_>,
+    stmt: &tokio_postgres::Statement,
+    states: &[&DocumentState],
+) -> Result<HashSet<(String, String)>, StoreError> {
+    if states.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let collections: Vec<&str> = states.iter().map(|s| s.collection.as_str()).collect();
+    let ids: Vec<&str> = states.iter().map(|s| s.id.as_str()).collect();
+    let versions: Vec<i64> = states.iter().map(|s| s.version).collect();
+    let data: Vec<Option<Json<&serde_json::Map<String, serde_json::Value>>>> =
+        states.iter().map(|s| s.data.as_ref().map(Json)).collect();
+    let deleted: Vec<bool> = states.iter().map(|s| s.deleted).collect();
+    let created_at: Vec<OffsetDateTime> = states
+        .iter()
+        .map(|s| s.created_at.unwrap_or(s.updated_at))
+        .collect();
+    let updated_at: Vec<OffsetDateTime> = states.iter().map(|s| s.updated_at).collect();
+    let rows = tx
+        .query(
+            stmt,
             &[
-                &state.collection.as_str(),
-                &state.id.as_str(),
-                &state.version,
-                &state.data.as_ref().map(Json),
-                &state.deleted,
+                &collections,
+                &ids,
+                &versions,
+                &data,
+                &deleted,
                 &created_at,
-                &state.updated_at,
+                &updated_at,
             ],
         )
         .await?;
-    Ok(row.is_some())
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 async fn insert_dead_letter(

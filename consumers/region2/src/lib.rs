@@ -26,7 +26,7 @@ use anyhow::Context;
 use deadpool_postgres::Pool;
 use futures_util::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tandem_shared::cache::{Cache, CacheSettings};
 use tandem_shared::config::{self, ConfigError, ServiceSettings};
@@ -72,6 +72,8 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     // recreated) restarts from the beginning; duplicates are harmless.
     ("auto.offset.reset", "earliest"),
     ("fetch.wait.max.ms", "50"),
+    // librdkafka pre-fetches up to 64 MiB per client by default; a few batches ahead is enough.
+    ("queued.max.messages.kbytes", "16384"),
     ("enable.partition.eof", "false"),
 ];
 
@@ -242,8 +244,9 @@ impl Region2Consumer {
             partitions.clone(),
         ));
         let result = async {
+            let mut batch: Vec<Incoming> = Vec::with_capacity(MAX_BATCH);
             loop {
-                let message = tokio::select! {
+                let first = tokio::select! {
                     message = consumer.recv() => message,
                     _ = shutdown.changed() => return Ok(()),
                     () = tokio::time::sleep(Duration::from_secs(2)) => {
@@ -251,61 +254,49 @@ impl Region2Consumer {
                         continue;
                     }
                 };
-                let message = match message {
-                    Ok(message) => message,
-                    Err(e) => {
-                        if is_connection_loss(&e) {
-                            // The broker may come back without its data (and librdkafka's
-                            // metadata cache has been seen to crash on such a broker): start
-                            // over with a fresh client, resuming one record early so the
-                            // partitions are checked again.
-                            anyhow::bail!("lost the broker connection ({e}); reconnecting");
+                // Then whatever else is already waiting, without waiting for more: a quiet
+                // stream applies events one by one as they come, a backlog in large batches.
+                let mut next = Some(first);
+                while let Some(received) = next.take() {
+                    let message = match received {
+                        Ok(message) => message,
+                        Err(e) => {
+                            if is_connection_loss(&e) {
+                                // The broker may come back without its data (and librdkafka's
+                                // metadata cache has been seen to crash on such a broker):
+                                // start over with a fresh client, resuming one record early
+                                // so the partitions are checked again.
+                                anyhow::bail!("lost the broker connection ({e}); reconnecting");
+                            }
+                            tracing::warn!(error = %e, "kafka receive error");
+                            break;
                         }
-                        tracing::warn!(error = %e, "kafka receive error");
-                        continue;
+                    };
+                    match self.admit(&consumer, &topic, &partitions, &mut expected, &message)? {
+                        Admitted::Apply(incoming) => batch.push(incoming),
+                        Admitted::Skip => {}
+                        // The rest of what is queued may come from the old positions.
+                        Admitted::Reassigned => break,
                     }
-                };
-                if let Some((offset, event_id)) = expected.remove(&message.partition()) {
-                    let same = message.offset() == offset
-                        && apply::header(&message, tandem_shared::event::HEADER_EVENT_ID)
-                            .and_then(|id| uuid::Uuid::parse_str(&id).ok())
-                            == Some(event_id);
-                    if !same {
-                        tracing::warn!(
-                            partition = message.partition(),
-                            expected_offset = offset,
-                            "the partition no longer holds the applied events (the broker lost its data); reading it from the beginning"
-                        );
-                        let mut restart = TopicPartitionList::new();
-                        for partition in &partitions {
-                            let offset = if *partition == message.partition() {
-                                Offset::Beginning
-                            } else {
-                                consumer
-                                    .position()
-                                    .ok()
-                                    .and_then(|p| p.find_partition(&topic, *partition).map(|e| e.offset()))
-                                    .filter(|o| matches!(o, Offset::Offset(_)))
-                                    .unwrap_or(Offset::Stored)
-                            };
-                            restart.add_partition_offset(&topic, *partition, offset)?;
-                        }
-                        consumer.assign(&restart).context("Failed to reassign partitions")?;
+                    if batch.len() < MAX_BATCH {
+                        next = consumer.recv().now_or_never();
                     }
-                    // Either the record already applied (skip it) or one from a stale position.
+                }
+                if batch.is_empty() {
                     continue;
                 }
-                let incoming = Incoming {
-                    topic: message.topic().to_owned(),
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                    headers: apply::headers_json(&message),
-                };
-                self.applier.apply_with_retry(&incoming, shutdown).await?;
-                // Informational only: the database holds the true position.
-                let _ = consumer.commit_message(&message, CommitMode::Async);
+                self.applier.apply_batch_with_retry(&batch, shutdown).await?;
+                // Informational only: the database holds the true positions.
+                let mut positions = TopicPartitionList::new();
+                for incoming in &batch {
+                    let _ = positions.add_partition_offset(
+                        &incoming.topic,
+                        incoming.partition,
+                        Offset::Offset(incoming.offset + 1),
+                    );
+                }
+                let _ = consumer.commit(&positions, CommitMode::Async);
+                batch.clear();
             }
         }
         .await;
@@ -316,7 +307,74 @@ impl Region2Consumer {
     }
 }
 
+/// What to do with a received message.
+enum Admitted {
+    Apply(Incoming),
+    /// The record at a resumed position, already applied.
+    Skip,
+    /// The partition was recreated and is being re-read: stop the batch here.
+    Reassigned,
+}
+
+/// The most messages applied in one transaction.
+const MAX_BATCH: usize = 500;
+
 impl Region2Consumer {
+    /// Checks a message against the resume proof of its partition (see [`Self::assignment`]):
+    /// the first record of a resumed partition must be the event applied last, else the
+    /// partition is re-read from the beginning.
+    fn admit(
+        &self,
+        consumer: &StreamConsumer,
+        topic: &str,
+        partitions: &[i32],
+        expected: &mut HashMap<i32, (i64, uuid::Uuid)>,
+        message: &BorrowedMessage<'_>,
+    ) -> anyhow::Result<Admitted> {
+        let Some((offset, event_id)) = expected.remove(&message.partition()) else {
+            return Ok(Admitted::Apply(Incoming {
+                topic: message.topic().to_owned(),
+                partition: message.partition(),
+                offset: message.offset(),
+                key: message
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned()),
+                payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                headers: apply::headers_json(message),
+            }));
+        };
+        let same = message.offset() == offset
+            && apply::header(message, tandem_shared::event::HEADER_EVENT_ID)
+                .and_then(|id| uuid::Uuid::parse_str(&id).ok())
+                == Some(event_id);
+        if same {
+            return Ok(Admitted::Skip);
+        }
+        tracing::warn!(
+            partition = message.partition(),
+            expected_offset = offset,
+            "the partition no longer holds the applied events (the broker lost its data); reading it from the beginning"
+        );
+        let mut restart = TopicPartitionList::new();
+        for partition in partitions {
+            let offset = if *partition == message.partition() {
+                Offset::Beginning
+            } else {
+                consumer
+                    .position()
+                    .ok()
+                    .and_then(|p| p.find_partition(topic, *partition).map(|e| e.offset()))
+                    .filter(|o| matches!(o, Offset::Offset(_)))
+                    .unwrap_or(Offset::Stored)
+            };
+            restart.add_partition_offset(topic, *partition, offset)?;
+        }
+        consumer
+            .assign(&restart)
+            .context("Failed to reassign partitions")?;
+        Ok(Admitted::Reassigned)
+    }
+
     /// Where to resume each partition: one record before the stored position, remembering the
     /// event applied there, so the first record read proves the partition is the one the
     /// position belongs to. A broker that lost its data and recreated the topic fails that

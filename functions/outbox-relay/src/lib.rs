@@ -90,6 +90,8 @@ const MARK_PUBLISHED: &str =
 const PRUNE_PUBLISHED: &str = "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox \
      WHERE published_at < now() - make_interval(secs => $1) LIMIT 10000)";
 const COUNT_UNPUBLISHED: &str = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
+/// How often the leader counts a backlog that outlasts one batch.
+const BACKLOG_COUNT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The relay's shared parts.
 #[derive(Clone)]
@@ -218,6 +220,7 @@ impl Relay {
             .context("Failed to LISTEN")?;
         let mut backoff = Duration::from_millis(100);
         let mut producer = self.create_producer().await?;
+        let mut last_count = Instant::now() - BACKLOG_COUNT_INTERVAL;
         loop {
             if *shutdown.borrow() {
                 producer.flush(Duration::from_secs(10)).ok();
@@ -226,6 +229,10 @@ impl Relay {
             if last_prune.elapsed() >= Duration::from_secs(60) {
                 self.prune().await;
                 *last_prune = Instant::now();
+            }
+            if last_count.elapsed() >= BACKLOG_COUNT_INTERVAL {
+                self.count_backlog().await;
+                last_count = Instant::now();
             }
             match self.publish_batch(&producer).await {
                 Ok(published) if published > 0 => {
@@ -389,16 +396,26 @@ impl Relay {
         self.metrics
             .publish_seconds
             .observe(started.elapsed().as_secs_f64());
+        // A short batch drained the backlog; while it lasts, the leader loop counts it now and
+        // then (counting a large backlog after every batch cost a tenth of the drain).
         if rows.len() < self.settings.batch_size as usize {
             self.metrics.backlog.set(0);
-        } else if let Ok(row) = client.query_one(COUNT_UNPUBLISHED, &[]).await {
-            self.metrics.backlog.set(row.get(0));
         }
         match first_error {
             Some(e) => Err(anyhow::anyhow!(
                 "the broker did not acknowledge every event: {e}"
             )),
             None => Ok(acknowledged.len()),
+        }
+    }
+
+    /// Sets the `backlog` gauge to the number of unpublished rows.
+    async fn count_backlog(&self) {
+        let Ok(client) = self.pool.get().await else {
+            return;
+        };
+        if let Ok(row) = client.query_one(COUNT_UNPUBLISHED, &[]).await {
+            self.metrics.backlog.set(row.get(0));
         }
     }
 

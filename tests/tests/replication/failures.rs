@@ -216,7 +216,7 @@ async fn a_poison_event_is_dead_lettered_and_later_events_still_apply() {
     let client = regions.region2_pool.get().await.expect("db");
     let letters: Vec<(String, String)> = client
         .query(
-            "SELECT message_key, reason FROM dead_letters ORDER BY id",
+            "SELECT message_key, reason FROM dead_letters ORDER BY message_key",
             &[],
         )
         .await
@@ -272,4 +272,119 @@ async fn a_poison_event_is_dead_lettered_and_later_events_still_apply() {
         pending.iter().all(|r| r.starts_with("still poison")),
         "{pending:?}"
     );
+}
+
+/// Waits until the relay has published every outbox row of Region 1.
+async fn wait_published(regions: &TwoRegions) {
+    let client = regions.region1.pool.get().await.expect("db");
+    for _ in 0..300 {
+        let pending: i64 = client
+            .query_one(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+                &[],
+            )
+            .await
+            .expect("count")
+            .get(0);
+        if pending == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the relay did not publish the outbox within 30 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_with_bad_events_in_it_applies_in_batches_and_sets_aside_only_the_bad_ones() {
+    let mut regions = TwoRegions::start_without_workers().await;
+    regions.start_relay();
+    // Ten versions of each of twenty documents: a batch holds several versions of a document.
+    for round in 1..=10 {
+        for d in 0..20 {
+            let response = regions
+                .region1
+                .put("batch", &format!("d{d}"), &json!({"round": round}))
+                .await;
+            assert!(response.status().is_success());
+        }
+    }
+    wait_published(&regions).await;
+    // In the middle of the backlog: garbage, and an event that decodes but that PostgreSQL
+    // refuses (jsonb cannot hold a NUL character), which fails the batch it is in.
+    let refused = tandem_shared::event::ChangeEvent::new(
+        uuid::Uuid::now_v7(),
+        "region1",
+        time::OffsetDateTime::now_utc(),
+        serde_json::from_value(json!({"collection": "batch", "id": "nul", "version": 1, "data": {"text": "a\u{0}b"}, "updated_at": "2026-11-25T09:00:00Z"}))
+            .expect("state"),
+    );
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", regions.broker.address())
+        .set("batch.num.messages", "1")
+        .create()
+        .expect("producer");
+    for (key, payload) in [
+        ("batch/garbage", b"{not json".to_vec()),
+        ("batch/nul", refused.encode()),
+    ] {
+        producer
+            .send(
+                FutureRecord::to(&regions.topic).key(key).payload(&payload),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("produce");
+    }
+    for d in 0..20 {
+        let response = regions
+            .region1
+            .write(reqwest::Method::DELETE, &format!("/v1/batch/d{d}"))
+            .send()
+            .await
+            .expect("DELETE");
+        assert_eq!(response.status(), 204);
+    }
+    wait_published(&regions).await;
+
+    regions.start_consumer();
+    regions.wait_converged(Duration::from_secs(60)).await;
+    assert_each_event_applied_once(&regions).await;
+
+    let client = regions.region2_pool.get().await.expect("db");
+    let outcomes: Vec<(String, i64, i64)> = client
+        .query(
+            "SELECT outcome, count(*), count(DISTINCT xmin::text) FROM applied_events GROUP BY outcome",
+            &[],
+        )
+        .await
+        .expect("outcomes")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    // Every event arrived in order, so none was stale; 220 events took far fewer transactions.
+    assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+    let (outcome, events, transactions) = &outcomes[0];
+    assert_eq!((outcome.as_str(), *events), ("applied", 220));
+    assert!(*transactions < 110, "not batched: {outcomes:?}");
+
+    let letters: Vec<(String, String)> = client
+        .query(
+            "SELECT message_key, reason FROM dead_letters ORDER BY message_key",
+            &[],
+        )
+        .await
+        .expect("dead letters")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert_eq!(letters[0].0, "batch/garbage");
+    assert!(letters[0].1.starts_with("undecodable event"), "{letters:?}");
+    assert_eq!(letters[1].0, "batch/nul");
+    assert!(
+        letters[1].1.starts_with("could not be applied"),
+        "{letters:?}"
+    );
+    assert_eq!(regions.region2_get("/v1/batch/nul").await.status(), 404);
+    assert_eq!(regions.region2_get("/v1/batch/d7").await.status(), 404);
 }
