@@ -16,8 +16,12 @@ use axum::routing::get;
 use futures_util::future::BoxFuture;
 use serde::Serialize;
 
+use deadpool_postgres::Pool;
+
+use crate::cache::Cache;
 use crate::metrics::{HttpLabels, Metrics};
 use crate::problem::ApiError;
+use crate::store::Store;
 
 pub const REGION_HEADER: &str = "x-tandem-region";
 pub const CONSISTENCY_TOKEN_HEADER: &str = "x-consistency-token";
@@ -32,11 +36,36 @@ pub struct Readiness {
     pub checks: BTreeMap<&'static str, String>,
 }
 
+impl Readiness {
+    /// The APIs' dependencies: PostgreSQL is required; Redis is an optimisation, reported
+    /// ("degraded" when it is down) but never required.
+    pub async fn of_store_and_cache(store: &Store, cache: &Cache) -> Self {
+        let mut checks = BTreeMap::new();
+        let db = store.ping().await;
+        let ready = db.is_ok();
+        checks.insert(
+            "postgres",
+            db.map_or_else(|e| e.to_string(), |()| "ok".to_owned()),
+        );
+        let redis = cache.ping().await;
+        checks.insert(
+            "redis",
+            redis.map_or_else(|e| format!("degraded: {e}"), |()| "ok".to_owned()),
+        );
+        Self { ready, checks }
+    }
+}
+
 /// Probes dependencies for `/readyz`.
 pub type ReadyCheck = Arc<dyn Fn() -> BoxFuture<'static, Readiness> + Send + Sync>;
 
 /// Refreshes gauges (pool usage, lag) right before `/metrics` renders.
 pub type ScrapeHook = Arc<dyn Fn(&Metrics) + Send + Sync>;
+
+/// Reports the connection pool's usage on every scrape.
+pub fn pool_scrape_hook(pool: Pool) -> ScrapeHook {
+    Arc::new(move |metrics| metrics.set_pool_usage(crate::db::pool_usage(&pool)))
+}
 
 #[derive(Clone)]
 struct Ops {

@@ -153,6 +153,7 @@ impl Applier {
             loop {
                 match self.apply_batch(part).await {
                     Ok(outcomes) => {
+                        self.metrics.batch_size.observe(part.len() as f64);
                         for (incoming, outcome) in part.iter().zip(&outcomes) {
                             self.report(incoming, outcome);
                         }
@@ -198,6 +199,7 @@ impl Applier {
         loop {
             let error = match self.apply_batch(std::slice::from_ref(incoming)).await {
                 Ok(outcomes) => {
+                    self.metrics.batch_size.observe(1.0);
                     if let Some(outcome) = outcomes.first() {
                         self.report(incoming, outcome);
                     }

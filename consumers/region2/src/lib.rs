@@ -31,7 +31,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tandem_shared::cache::{Cache, CacheSettings};
 use tandem_shared::config::{self, ConfigError, ServiceSettings};
 use tandem_shared::db::DatabaseSettings;
-use tandem_shared::http::{Readiness, ReadyCheck, ScrapeHook};
+use tandem_shared::http::{ReadyCheck, ScrapeHook, pool_scrape_hook};
 use tandem_shared::kafka::KafkaSettings;
 use tandem_shared::leader::{CONSUMER_LOCK, Leadership};
 use tokio::sync::watch;
@@ -105,47 +105,16 @@ impl Region2Consumer {
         &self.applier.metrics
     }
 
+    /// `/readyz`: the database answers (leader and standby alike; the role is reported).
     pub fn ready_check(&self) -> ReadyCheck {
-        let pool = self.applier.pool.clone();
-        let metrics = self.applier.metrics.clone();
-        Arc::new(move || {
-            let pool = pool.clone();
-            let metrics = metrics.clone();
-            async move {
-                let mut checks = std::collections::BTreeMap::new();
-                let db = match pool.get().await {
-                    Ok(client) => client
-                        .simple_query("SELECT 1")
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                checks.insert(
-                    "postgres",
-                    db.clone().map_or_else(|e| e, |()| "ok".to_owned()),
-                );
-                checks.insert(
-                    "role",
-                    if metrics.is_leader() {
-                        "leader"
-                    } else {
-                        "standby"
-                    }
-                    .to_owned(),
-                );
-                Readiness {
-                    ready: db.is_ok(),
-                    checks,
-                }
-            }
-            .boxed()
-        })
+        tandem_shared::worker::ready_check(
+            self.applier.pool.clone(),
+            self.applier.metrics.role.clone(),
+        )
     }
 
     pub fn scrape_hook(&self) -> ScrapeHook {
-        let pool = self.applier.pool.clone();
-        Arc::new(move |m| m.set_pool_usage(tandem_shared::db::pool_usage(&pool)))
+        pool_scrape_hook(self.applier.pool.clone())
     }
 
     /// Runs until shutdown: wait for leadership, consume while leader, repeat.
@@ -162,32 +131,14 @@ impl Region2Consumer {
                 }
             }
         }
-        loop {
-            let metrics = self.applier.metrics.clone();
-            let Some(leadership) = Leadership::acquire(
-                &self.settings.database,
-                CONSUMER_LOCK,
-                Duration::from_secs(1),
-                &mut shutdown,
-                move || metrics.set_leader(false),
-            )
-            .await
-            else {
-                break;
-            };
-            self.applier.metrics.set_leader(true);
-            tracing::info!("this consumer is now the active one");
-            let result = self.consume(&leadership, &mut shutdown).await;
-            self.applier.metrics.set_leader(false);
-            match result {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = format!("{e:#}"), "consumption stopped; standing by");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-        tracing::info!("consumer stopped");
+        tandem_shared::worker::run_elected(
+            &self.settings.database,
+            CONSUMER_LOCK,
+            &self.applier.metrics.role,
+            &mut shutdown,
+            async |leadership, shutdown| self.consume(leadership, shutdown).await,
+        )
+        .await;
         Ok(())
     }
 

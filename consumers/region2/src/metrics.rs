@@ -1,12 +1,13 @@
 //! The consumer's own metrics, registered next to the common HTTP ones.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use tandem_shared::worker::Role;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -25,8 +26,9 @@ pub struct ConsumerMetrics {
     pub last_lag_ms: Gauge,
     pub partition_lag: Family<PartitionLabels, Gauge>,
     pub backlog: Gauge,
-    pub leader: Gauge,
-    is_leader: AtomicBool,
+    /// Events per applied transaction.
+    pub batch_size: Histogram,
+    pub role: Arc<Role>,
 }
 
 impl ConsumerMetrics {
@@ -37,8 +39,8 @@ impl ConsumerMetrics {
             last_lag_ms: Gauge::default(),
             partition_lag: Family::default(),
             backlog: Gauge::default(),
-            leader: Gauge::default(),
-            is_leader: AtomicBool::new(false),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            role: Arc::default(),
         }
     }
 
@@ -55,15 +57,6 @@ impl ConsumerMetrics {
         self.partition_lag
             .get_or_create(&PartitionLabels { partition })
             .set(lag);
-    }
-
-    pub fn set_leader(&self, leader: bool) {
-        self.is_leader.store(leader, Ordering::Relaxed);
-        self.leader.set(i64::from(leader));
-    }
-
-    pub fn is_leader(&self) -> bool {
-        self.is_leader.load(Ordering::Relaxed)
     }
 
     pub fn register(&self, metrics: &tandem_shared::metrics::Metrics) {
@@ -93,9 +86,14 @@ impl ConsumerMetrics {
             self.backlog.clone(),
         );
         metrics.register(
+            "consumer_batch_size",
+            "Events applied per transaction",
+            self.batch_size.clone(),
+        );
+        metrics.register(
             "consumer_leader",
             "1 when this replica is the active consumer",
-            self.leader.clone(),
+            self.role.gauge(),
         );
     }
 }

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
-use futures_util::FutureExt;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -30,7 +29,7 @@ use tandem_shared::event::{
     ChangeEvent, DocumentState, HEADER_COLLECTION, HEADER_EVENT_ID, HEADER_EVENT_TYPE,
     HEADER_TRACEPARENT,
 };
-use tandem_shared::http::{Readiness, ReadyCheck, ScrapeHook};
+use tandem_shared::http::{ReadyCheck, ScrapeHook, pool_scrape_hook};
 use tandem_shared::kafka::KafkaSettings;
 use tandem_shared::leader::{Leadership, RELAY_LOCK};
 use time::OffsetDateTime;
@@ -111,49 +110,13 @@ impl Relay {
         })
     }
 
-    /// `/readyz`: the database answers. Leader and standby are both ready (a standby is
-    /// exactly what a rollout needs); `/metrics` says which is which.
+    /// `/readyz`: the database answers (leader and standby alike; the role is reported).
     pub fn ready_check(&self) -> ReadyCheck {
-        let pool = self.pool.clone();
-        let metrics = self.metrics.clone();
-        Arc::new(move || {
-            let pool = pool.clone();
-            let metrics = metrics.clone();
-            async move {
-                let mut checks = std::collections::BTreeMap::new();
-                let db = match pool.get().await {
-                    Ok(client) => client
-                        .simple_query("SELECT 1")
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                checks.insert(
-                    "postgres",
-                    db.clone().map_or_else(|e| e, |()| "ok".to_owned()),
-                );
-                checks.insert(
-                    "role",
-                    if metrics.is_leader() {
-                        "leader"
-                    } else {
-                        "standby"
-                    }
-                    .to_owned(),
-                );
-                Readiness {
-                    ready: db.is_ok(),
-                    checks,
-                }
-            }
-            .boxed()
-        })
+        tandem_shared::worker::ready_check(self.pool.clone(), self.metrics.role.clone())
     }
 
     pub fn scrape_hook(&self) -> ScrapeHook {
-        let pool = self.pool.clone();
-        Arc::new(move |m| m.set_pool_usage(tandem_shared::db::pool_usage(&pool)))
+        pool_scrape_hook(self.pool.clone())
     }
 
     /// A fresh idempotent producer. Each leadership term, and each recovery from a failed batch,
@@ -177,31 +140,14 @@ impl Relay {
             );
         }
         let mut last_prune = Instant::now() - Duration::from_secs(3600);
-        loop {
-            let metrics = self.metrics.clone();
-            let Some(mut leadership) = Leadership::acquire(
-                &self.settings.database,
-                RELAY_LOCK,
-                Duration::from_secs(1),
-                &mut shutdown,
-                move || metrics.set_leader(false),
-            )
-            .await
-            else {
-                break;
-            };
-            self.metrics.set_leader(true);
-            tracing::info!("this relay is now the leader");
-            let result = self
-                .lead(&mut leadership, &mut shutdown, &mut last_prune)
-                .await;
-            self.metrics.set_leader(false);
-            match result {
-                Ok(()) => break,
-                Err(e) => tracing::warn!(error = format!("{e:#}"), "leadership lost; standing by"),
-            }
-        }
-        tracing::info!("relay stopped");
+        tandem_shared::worker::run_elected(
+            &self.settings.database,
+            RELAY_LOCK,
+            &self.metrics.role,
+            &mut shutdown,
+            async |leadership, shutdown| self.lead(leadership, shutdown, &mut last_prune).await,
+        )
+        .await;
         Ok(())
     }
 

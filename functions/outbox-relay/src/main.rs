@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tandem_outbox_relay::{Relay, Settings};
-use tandem_shared::leader::{shutdown_channel, trigger_on_signal};
 use tandem_shared::metrics::Metrics;
+use tandem_shared::worker::serve_beside;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -47,22 +47,10 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let relay = Relay::build(settings.clone()).await?;
     let metrics = Arc::new(Metrics::new("outbox-relay"));
     relay.metrics.register(&metrics);
-    let ops = tandem_shared::http::finish(
-        tandem_shared::http::ops_router(metrics.clone(), relay.ready_check(), relay.scrape_hook()),
-        metrics,
-        &settings.service.region,
-    );
-    let (sender, shutdown) = shutdown_channel();
-    trigger_on_signal(sender);
-    let listener =
-        tokio::net::TcpListener::bind((settings.service.bind_address, settings.service.port))
-            .await
-            .with_context(|| format!("Failed to bind port {}", settings.service.port))?;
-    let mut ops_shutdown = shutdown.clone();
-    let server = tokio::spawn(tandem_shared::serve::serve(listener, ops, async move {
-        let _ = ops_shutdown.wait_for(|stop| *stop).await;
-    }));
-    relay.run(shutdown).await?;
-    server.await.context("ops server task failed")??;
-    Ok(())
+    let ready = relay.ready_check();
+    let on_scrape = relay.scrape_hook();
+    serve_beside(&settings.service, metrics, ready, on_scrape, |shutdown| {
+        relay.run(shutdown)
+    })
+    .await
 }

@@ -1,10 +1,11 @@
 //! The relay's own metrics, registered next to the common HTTP ones.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use tandem_shared::worker::Role;
 
 pub struct RelayMetrics {
     pub published: Counter,
@@ -12,8 +13,7 @@ pub struct RelayMetrics {
     pub batch_size: Histogram,
     pub publish_seconds: Histogram,
     pub backlog: Gauge,
-    pub leader: Gauge,
-    is_leader: AtomicBool,
+    pub role: Arc<Role>,
 }
 
 impl RelayMetrics {
@@ -24,18 +24,8 @@ impl RelayMetrics {
             batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 8)),
             publish_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             backlog: Gauge::default(),
-            leader: Gauge::default(),
-            is_leader: AtomicBool::new(false),
+            role: Arc::default(),
         }
-    }
-
-    pub fn set_leader(&self, leader: bool) {
-        self.is_leader.store(leader, Ordering::Relaxed);
-        self.leader.set(i64::from(leader));
-    }
-
-    pub fn is_leader(&self) -> bool {
-        self.is_leader.load(Ordering::Relaxed)
     }
 
     /// Adds these metrics to a service registry.
@@ -62,13 +52,13 @@ impl RelayMetrics {
         );
         metrics.register(
             "relay_outbox_backlog",
-            "Unpublished outbox rows (0 when the last batch was not full)",
+            "Unpublished outbox rows: counted every 5 s while a backlog lasts, 0 once a batch comes back short",
             self.backlog.clone(),
         );
         metrics.register(
             "relay_leader",
             "1 when this replica is the active relay",
-            self.leader.clone(),
+            self.role.gauge(),
         );
     }
 }

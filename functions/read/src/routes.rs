@@ -16,8 +16,8 @@ use tandem_shared::cache::Entry;
 use tandem_shared::consistency::ConsistencyToken;
 use tandem_shared::document::{Collection, DocumentId, DocumentKey, EntityTagCondition, etag};
 use tandem_shared::http::{
-    CONSISTENCY_TOKEN_HEADER, REPLICATION_LAG_HEADER, Readiness, ReadyCheck, ScrapeHook, finish,
-    ops_router,
+    CONSISTENCY_TOKEN_HEADER, REPLICATION_LAG_HEADER, Readiness, ReadyCheck, finish, ops_router,
+    pool_scrape_hook,
 };
 use tandem_shared::problem::ApiError;
 use tandem_shared::store::Stored;
@@ -36,19 +36,7 @@ pub fn router(state: AppState) -> Router {
         Arc::new(move || {
             let state = state.clone();
             async move {
-                let mut checks = std::collections::BTreeMap::new();
-                let db = state.store.ping().await;
-                checks.insert(
-                    "postgres",
-                    db.as_ref()
-                        .map_or_else(|e| e.to_string(), |()| "ok".to_owned()),
-                );
-                let redis = state.cache.ping().await;
-                checks.insert(
-                    "redis",
-                    redis.map_or_else(|e| format!("degraded: {e}"), |()| "ok".to_owned()),
-                );
-                let mut ready = db.is_ok();
+                let mut readiness = Readiness::of_store_and_cache(&state.store, &state.cache).await;
                 if let Some(replica) = &state.replica {
                     let lag = replica.lag_ms(&state.store).await;
                     let limit = replica.settings.max_lag.as_millis();
@@ -61,18 +49,15 @@ pub fn router(state: AppState) -> Router {
                         ),
                         Err(e) => (false, e.to_string()),
                     };
-                    ready &= ok;
-                    checks.insert("replication_lag", line);
+                    readiness.ready &= ok;
+                    readiness.checks.insert("replication_lag", line);
                 }
-                Readiness { ready, checks }
+                readiness
             }
             .boxed()
         })
     };
-    let on_scrape: ScrapeHook = {
-        let pool = state.store.pool().clone();
-        Arc::new(move |metrics| metrics.set_pool_usage(tandem_shared::db::pool_usage(&pool)))
-    };
+    let on_scrape = pool_scrape_hook(state.store.pool().clone());
     let api = Router::new()
         .route("/v1/{collection}", get(list_documents))
         .route("/v1/{collection}/{id}", get(get_document))

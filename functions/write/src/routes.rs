@@ -20,7 +20,7 @@ use tandem_shared::document::{
 };
 use tandem_shared::http::{
     CONSISTENCY_TOKEN_HEADER, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, Readiness,
-    ReadyCheck, ScrapeHook, finish, ops_router,
+    ReadyCheck, finish, ops_router, pool_scrape_hook,
 };
 use tandem_shared::problem::ApiError;
 use tandem_shared::store::{Idempotency, WriteCommand, WriteOutcome, WriteRequest, WriteResult};
@@ -38,32 +38,10 @@ pub fn router(state: AppState) -> Router {
         let state = state.clone();
         Arc::new(move || {
             let state = state.clone();
-            async move {
-                let mut checks = std::collections::BTreeMap::new();
-                let db = state.store.ping().await;
-                checks.insert(
-                    "postgres",
-                    db.as_ref()
-                        .map_or_else(|e| e.to_string(), |()| "ok".to_owned()),
-                );
-                // Redis is an optimisation: reported, never required.
-                let redis = state.cache.ping().await;
-                checks.insert(
-                    "redis",
-                    redis.map_or_else(|e| format!("degraded: {e}"), |()| "ok".to_owned()),
-                );
-                Readiness {
-                    ready: db.is_ok(),
-                    checks,
-                }
-            }
-            .boxed()
+            async move { Readiness::of_store_and_cache(&state.store, &state.cache).await }.boxed()
         })
     };
-    let on_scrape: ScrapeHook = {
-        let pool = state.store.pool().clone();
-        Arc::new(move |metrics| metrics.set_pool_usage(tandem_shared::db::pool_usage(&pool)))
-    };
+    let on_scrape = pool_scrape_hook(state.store.pool().clone());
     let api = Router::new()
         .route("/v1/{collection}", post(create_document))
         .route(

@@ -119,21 +119,7 @@ async fn after_the_broker_loses_its_data_a_replay_makes_region2_converge() {
             .put("loss", &format!("lost{i}"), &json!({"in_flight": i}))
             .await;
     }
-    let client1 = regions.region1.pool.get().await.expect("db");
-    for _ in 0..300 {
-        let unpublished: i64 = client1
-            .query_one(
-                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-                &[],
-            )
-            .await
-            .expect("count")
-            .get(0);
-        if unpublished == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_published(&regions).await;
     // The memory broker forgets every topic, message and offset: those events are gone.
     regions
         .broker
@@ -193,20 +179,11 @@ async fn a_poison_event_is_dead_lettered_and_later_events_still_apply() {
     regions.region1.put("poison", "before", &json!({})).await;
     regions.wait_converged(Duration::from_secs(30)).await;
 
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", regions.broker.address())
-        .set("batch.num.messages", "1")
-        .create()
-        .expect("producer");
-    for (key, payload) in [
+    produce_raw(&regions, [
         ("poison/garbage", b"this is not json".to_vec()),
         ("poison/invalid", json!({"specversion": "1.0", "id": uuid::Uuid::now_v7(), "source": "/x", "type": "dev.tandem.document.upserted", "time": "2026-01-01T00:00:00Z", "subject": "poison/invalid", "datacontenttype": "application/json", "data": {"collection": "poison", "id": "invalid", "version": 0, "updated_at": "2026-01-01T00:00:00Z"}}).to_string().into_bytes()),
-    ] {
-        producer
-            .send(FutureRecord::to(&regions.topic).key(key).payload(&payload), Duration::from_secs(5))
-            .await
-            .expect("produce poison");
-    }
+    ])
+    .await;
     regions
         .region1
         .put("poison", "after", &json!({"still": "applies"}))
@@ -274,6 +251,24 @@ async fn a_poison_event_is_dead_lettered_and_later_events_still_apply() {
     );
 }
 
+/// Sends records straight to the topic, as a foreign or broken producer would.
+async fn produce_raw<const N: usize>(regions: &TwoRegions, records: [(&str, Vec<u8>); N]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", regions.broker.address())
+        .set("batch.num.messages", "1")
+        .create()
+        .expect("producer");
+    for (key, payload) in records {
+        producer
+            .send(
+                FutureRecord::to(&regions.topic).key(key).payload(&payload),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("produce");
+    }
+}
+
 /// Waits until the relay has published every outbox row of Region 1.
 async fn wait_published(regions: &TwoRegions) {
     let client = regions.region1.pool.get().await.expect("db");
@@ -318,23 +313,14 @@ async fn a_backlog_with_bad_events_in_it_applies_in_batches_and_sets_aside_only_
         serde_json::from_value(json!({"collection": "batch", "id": "nul", "version": 1, "data": {"text": "a\u{0}b"}, "updated_at": "2026-11-25T09:00:00Z"}))
             .expect("state"),
     );
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", regions.broker.address())
-        .set("batch.num.messages", "1")
-        .create()
-        .expect("producer");
-    for (key, payload) in [
-        ("batch/garbage", b"{not json".to_vec()),
-        ("batch/nul", refused.encode()),
-    ] {
-        producer
-            .send(
-                FutureRecord::to(&regions.topic).key(key).payload(&payload),
-                Duration::from_secs(5),
-            )
-            .await
-            .expect("produce");
-    }
+    produce_raw(
+        &regions,
+        [
+            ("batch/garbage", b"{not json".to_vec()),
+            ("batch/nul", refused.encode()),
+        ],
+    )
+    .await;
     for d in 0..20 {
         let response = regions
             .region1
