@@ -248,18 +248,6 @@ impl Change {
     }
 }
 
-/// An outbox payload before the database adds the row's timestamps (the pipelined path).
-#[derive(Debug, Serialize)]
-struct PartialState<'a> {
-    collection: &'a Collection,
-    id: &'a DocumentId,
-    version: i64,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    deleted: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<&'a Map<String, Value>>,
-}
-
 /// A transaction driven by hand so that `BEGIN` and `COMMIT` can be pipelined with its
 /// statements. Dropped unfinished (an error, a cancelled request), it rolls back before its
 /// connection returns to the pool.
@@ -325,21 +313,24 @@ const UPDATE_DOCUMENT: &str = "UPDATE documents SET version = $3, data = $4, del
      FROM (SELECT clock_timestamp() AS t) clock \
      WHERE collection = $1 AND id = $2 RETURNING created_at, updated_at";
 /// Version 1 and its outbox row in one statement, for the pipelined path: nothing (no row
-/// returned) when the document exists already (a concurrent creator).
+/// returned) when the document exists already (a concurrent creator). The payload (the
+/// document's state, as the general path's [`Document`] serialises it) is built from the row
+/// written, so the document travels and is parsed once.
 const INSERT_AND_QUEUE: &str = "WITH inserted AS ( \
        INSERT INTO documents (collection, id, version, data, deleted, created_at, updated_at) \
        SELECT $1::text, $2::text, 1, $3::jsonb, false, clock.t, clock.t \
        FROM (SELECT clock_timestamp() AS t) clock \
-       ON CONFLICT (collection, id) DO NOTHING RETURNING created_at, updated_at), \
+       ON CONFLICT (collection, id) DO NOTHING RETURNING data, created_at, updated_at), \
      queued AS ( \
        INSERT INTO outbox (event_id, collection, document_id, version, operation, payload, traceparent) \
-       SELECT $4::uuid, $1, $2, 1, 'upsert', \
-         $5::jsonb || jsonb_build_object('created_at', i.created_at, 'updated_at', i.updated_at), $6::text \
+       SELECT $4::uuid, $1, $2, 1, 'upsert', jsonb_build_object('collection', $1::text, \
+           'id', $2::text, 'version', 1, 'data', i.data, 'created_at', i.created_at, \
+           'updated_at', i.updated_at), $5::text \
        FROM inserted i RETURNING 1) \
      SELECT i.created_at, i.updated_at FROM inserted i CROSS JOIN queued";
 /// The update and its outbox row in one statement, for the pipelined path
-/// ([`Store::write_pipelined`]): the payload arrives without its timestamps, which the database
-/// adds from the row it wrote (a tombstone carries no `created_at`). The `version = $3 - 1` guard
+/// ([`Store::write_pipelined`]); the payload is built from the row written, as above (a
+/// tombstone's, like [`Tombstone`], has no `data` or `created_at`). The `version = $3 - 1` guard
 /// makes it a no-op (no row returned) should the row not be the one locked.
 const UPDATE_AND_QUEUE: &str = "WITH updated AS ( \
        UPDATE documents SET version = $3::bigint, data = $4::jsonb, deleted = $5::boolean, \
@@ -347,12 +338,14 @@ const UPDATE_AND_QUEUE: &str = "WITH updated AS ( \
          created_at = CASE WHEN $6::boolean THEN clock.t ELSE created_at END \
        FROM (SELECT clock_timestamp() AS t) clock \
        WHERE collection = $1::text AND id = $2::text AND version = $3::bigint - 1 \
-       RETURNING created_at, updated_at), \
+       RETURNING data, deleted, created_at, updated_at), \
      queued AS ( \
        INSERT INTO outbox (event_id, collection, document_id, version, operation, payload, traceparent) \
-       SELECT $7::uuid, $1, $2, $3, $8::text, $9::jsonb || CASE WHEN $5 \
-           THEN jsonb_build_object('updated_at', u.updated_at) \
-           ELSE jsonb_build_object('created_at', u.created_at, 'updated_at', u.updated_at) END, $10::text \
+       SELECT $7::uuid, $1, $2, $3, $8::text, CASE WHEN u.deleted \
+           THEN jsonb_build_object('collection', $1::text, 'id', $2::text, 'version', $3::bigint, \
+             'deleted', true, 'updated_at', u.updated_at) \
+           ELSE jsonb_build_object('collection', $1::text, 'id', $2::text, 'version', $3::bigint, \
+             'data', u.data, 'created_at', u.created_at, 'updated_at', u.updated_at) END, $9::text \
        FROM updated u RETURNING 1) \
      SELECT u.created_at, u.updated_at FROM updated u CROSS JOIN queued";
 const INSERT_OUTBOX: &str = "INSERT INTO outbox \
@@ -503,18 +496,11 @@ impl Store {
             }
         };
         let event_id = Uuid::now_v7();
-        let payload = Json(PartialState {
-            collection: &key.collection,
-            id: &key.id,
-            version: change.version,
-            deleted: change.data.is_none(),
-            data: change.data.as_ref(),
-        });
         let data = change.data.as_ref().map(Json);
         let deleted = change.data.is_none();
         let operation = change.operation();
         let traceparent = request.traceparent.as_str();
-        let update_params: [&(dyn ToSql + Sync); 10] = [
+        let update_params: [&(dyn ToSql + Sync); 9] = [
             &collection,
             &id,
             &change.version,
@@ -523,11 +509,10 @@ impl Store {
             &change.recreated,
             &event_id,
             &operation,
-            &payload,
             &traceparent,
         ];
-        let insert_params: [&(dyn ToSql + Sync); 6] =
-            [&collection, &id, &data, &event_id, &payload, &traceparent];
+        let insert_params: [&(dyn ToSql + Sync); 5] =
+            [&collection, &id, &data, &event_id, &traceparent];
         let params: &[&(dyn ToSql + Sync)] = if change.version == 1 {
             &insert_params
         } else {

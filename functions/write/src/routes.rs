@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
@@ -155,22 +155,23 @@ async fn execute(app: &AppState, request: WriteRequest) -> Result<Response, ApiE
         trace_id = request.traceparent.trace_id(),
     );
     let result = app.store.write(request).instrument(span).await?;
-    let outcome = result.outcome();
+    // The document's body, serialised once for the cache and the response.
+    let body = result.outcome().document.as_ref().map(|d| d.to_body());
     if matches!(result, WriteResult::Applied(_)) {
-        refresh_cache(app, outcome).await;
+        refresh_cache(app, result.outcome(), body.clone()).await;
     }
-    Ok(respond(&result))
+    Ok(respond(&result, body))
 }
 
 /// Stores the committed version in Region 1's cache before acknowledging, so no reader can
 /// afterwards fill an older version (the cache's version guard refuses it). A Redis failure
 /// is logged and counted, never fails the write: the entry's TTL bounds any staleness.
-async fn refresh_cache(app: &AppState, outcome: &WriteOutcome) {
+async fn refresh_cache(app: &AppState, outcome: &WriteOutcome, body: Option<Bytes>) {
     let key = DocumentKey::new(outcome.collection.clone(), outcome.id.clone());
-    let entry = match &outcome.document {
-        Some(document) => Entry::Live {
-            version: document.version,
-            body: document.to_body(),
+    let entry = match body {
+        Some(body) => Entry::Live {
+            version: outcome.version,
+            body,
         },
         None => Entry::Deleted {
             version: outcome.version,
@@ -182,7 +183,8 @@ async fn refresh_cache(app: &AppState, outcome: &WriteOutcome) {
     }
 }
 
-fn respond(result: &WriteResult) -> Response {
+/// `body` is the serialised document (`None` for a delete).
+fn respond(result: &WriteResult, body: Option<Bytes>) -> Response {
     let outcome = result.outcome();
     let key = DocumentKey::new(outcome.collection.clone(), outcome.id.clone());
     let token = ConsistencyToken {
@@ -192,14 +194,14 @@ fn respond(result: &WriteResult) -> Response {
             .unwrap_or(0),
     }
     .encode();
-    let mut response = match &outcome.document {
-        Some(document) => {
+    let mut response = match body {
+        Some(body) => {
             let status = if outcome.created {
                 StatusCode::CREATED
             } else {
                 StatusCode::OK
             };
-            let mut response = (status, document.to_body()).into_response();
+            let mut response = (status, body).into_response();
             response
                 .headers_mut()
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON));

@@ -155,3 +155,86 @@ async fn a_write_that_fails_inside_the_transaction_leaves_neither_row_nor_event(
         .expect("json");
     assert_eq!(read["version"], 1);
 }
+
+/// Writes without an `Idempotency-Key` build their outbox payload in SQL (pipelined path),
+/// writes with one in Rust (step-by-step path): both must describe exactly what was
+/// acknowledged, in the same shape.
+#[tokio::test]
+async fn both_write_paths_queue_the_acknowledged_state_in_the_same_shape() {
+    let app = spawn_app().await;
+    let payload = |id: &'static str, version: i64| {
+        let app = &app;
+        async move {
+            let client = app.pool.get().await.expect("db");
+            client
+                .query_one(
+                    "SELECT payload FROM outbox WHERE document_id = $1 AND version = $2",
+                    &[&id, &version],
+                )
+                .await
+                .expect("outbox row")
+                .get::<_, Value>(0)
+        }
+    };
+    let mut shapes = Vec::new();
+    for (id, key) in [("plain", None), ("keyed", Some("k-1"))] {
+        for (step, body) in [(1, json!({"n": 1, "s": "é\n"})), (2, json!({"n": 2.5}))] {
+            let mut request = app
+                .write(Method::PUT, &format!("/v1/paths/{id}"))
+                .json(&body);
+            if let Some(key) = key {
+                request = request.header("idempotency-key", format!("{key}-{step}"));
+            }
+            let response = request.send().await.expect("send");
+            assert!(response.status().is_success());
+            let acknowledged: Value = response.json().await.expect("json");
+            let queued = payload(id, step).await;
+            let state: tandem_shared::event::DocumentState =
+                serde_json::from_value(queued.clone()).expect("a document state");
+            assert_eq!(json!(state.version), acknowledged["version"]);
+            // The same instants, whichever way they were written down.
+            for field in ["created_at", "updated_at"] {
+                let parse = |v: &Value| {
+                    time::OffsetDateTime::parse(
+                        v.as_str().expect("a time"),
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                    .expect("RFC 3339")
+                };
+                assert_eq!(
+                    parse(&queued[field]),
+                    parse(&acknowledged[field]),
+                    "{field}"
+                );
+            }
+            for field in ["collection", "id", "version", "data"] {
+                assert_eq!(queued[field], acknowledged[field], "{field}");
+            }
+            let mut keys: Vec<String> = queued
+                .as_object()
+                .expect("object")
+                .keys()
+                .cloned()
+                .collect();
+            keys.sort();
+            shapes.push(keys);
+        }
+        let mut request = app.write(Method::DELETE, &format!("/v1/paths/{id}"));
+        if let Some(key) = key {
+            request = request.header("idempotency-key", format!("{key}-delete"));
+        }
+        assert_eq!(request.send().await.expect("send").status(), 204);
+        let tombstone = payload(id, 3).await;
+        assert_eq!(tombstone["deleted"], json!(true));
+        assert_eq!(tombstone["version"], json!(3));
+        let mut keys: Vec<String> = tombstone
+            .as_object()
+            .expect("object")
+            .keys()
+            .cloned()
+            .collect();
+        keys.sort();
+        shapes.push(keys);
+    }
+    assert_eq!(shapes[..3], shapes[3..]);
+}
