@@ -68,6 +68,8 @@ impl ManagedProcess {
             pidfile = shell_quote(&pidfile(log).display().to_string()),
             parent = std::process::id(),
         );
+        // A pid file left by an earlier run on the same log would name a dead process.
+        let _ = std::fs::remove_file(pidfile(log));
         let child = Command::new("bash")
             .arg("-c")
             .arg(script)
@@ -88,17 +90,20 @@ impl ManagedProcess {
         self.child.id()
     }
 
-    /// The real program's pid.
+    /// The real program's pid, as the watchdog recorded it right after starting it. (Not
+    /// "the watchdog's child": its `sleep` is one too, and once pids wrap around, which takes
+    /// seconds on a busy machine with a 32768 pid limit, it can come first.)
     pub fn program_pid(&self) -> Option<u32> {
-        let out = Command::new("pgrep")
-            .arg("-P")
-            .arg(self.pid().to_string())
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .find(|&pid: &u32| pid != 0)
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let recorded = std::fs::read_to_string(pidfile(&self.log))
+                .ok()
+                .and_then(|text| text.trim().parse().ok());
+            if recorded.is_some() || Instant::now() > deadline {
+                return recorded;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Sends a signal to the real program (`KILL`, `STOP`, `CONT`, `TERM`).
