@@ -13,6 +13,10 @@ so this script checks what can be checked from the source alone, with python-hcl
 * every `module` block with a local `source` passes only variables the module declares, passes
   every variable the module requires (no default), and passes every provider alias the module
   lists in `configuration_aliases`;
+* every reference resolves within its module directory: `var.X` to a declared variable,
+  `local.X` to a local, `module.M.O` to a module block whose (local) source declares output O,
+  `data.T.N` and `T.N` (resources of the aws, random and tls providers) to a declared block;
+  the most common `terraform validate` errors, caught without providers;
 * every call of modules/lambda sets only environment variables its binary (Write or Read, from
   var.lambda_zip_paths) reads and every one it requires, as derived from the Rust sources by
   env_contract.py (no stale, no missing setting); sets TANDEM_REGION, uses IAM database
@@ -64,6 +68,12 @@ ZIP_KEY = re.compile(r'lambda_zip_paths\[\s*"([A-Za-z0-9_-]+)"\s*\]')
 NAME_SUFFIX = re.compile(r"-([a-z0-9]+)\"?$")
 ENV_KEY = re.compile(r"\b([A-Z][A-Z0-9_]*)\s*=(?!=)")
 LOCAL_REF = re.compile(r"\blocal\.([A-Za-z0-9_]+)")
+VAR_REF = re.compile(r"(?<![\w.])var\.([A-Za-z_][A-Za-z0-9_-]*)")
+MODULE_REF = re.compile(r"(?<![\w.])module\.([A-Za-z_][A-Za-z0-9_-]*)(?:\[[^\]]*\])?(?:\.([A-Za-z_][A-Za-z0-9_-]*))?")
+DATA_REF = re.compile(r"(?<![\w.])data\.([a-z][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_-]*)")
+RESOURCE_REF = re.compile(r"(?<![\w.\"])((?:aws|random|tls)_[a-z0-9_]+)\.([A-Za-z_][A-Za-z0-9_-]*)")
+# Comments, and (harmlessly: it only hides references) the rest of a line after `//` in a URL.
+COMMENT = re.compile(r"/\*.*?\*/|(?:#|//)[^\n]*", re.S)
 
 
 @dataclass
@@ -244,6 +254,55 @@ class Checker:
                 for alias in sorted(interface.provider_aliases - passed_providers):
                     self.problem(where, f'does not pass provider "{alias}" required by {source}')
 
+    def check_references(self) -> None:
+        directories = sorted({path.parent for path in self.parsed})
+        outputs: dict[Path, set[str]] = {}
+
+        def outputs_of(directory: Path) -> set[str]:
+            if directory not in outputs:
+                outputs[directory] = {
+                    name for _, parsed in self.files_in(directory) for name, _ in labelled_blocks(parsed, "output")
+                }
+            return outputs[directory]
+
+        for directory in directories:
+            files = self.files_in(directory)
+            variables = {name for _, parsed in files for name, _ in labelled_blocks(parsed, "variable")}
+            local_names = set(self.locals_in(directory))
+            modules = {
+                name: unquote(body.get("source", ""))
+                for _, parsed in files
+                for name, body in labelled_blocks(parsed, "module")
+            }
+            declared: dict[str, set[tuple[str, str]]] = {"resource": set(), "data": set()}
+            for kind in declared:
+                for _, parsed in files:
+                    for entry in parsed.get(kind, []):
+                        for type_name, named in entry.items():
+                            if isinstance(named, dict):
+                                declared[kind] |= {
+                                    (unquote(type_name), unquote(n)) for n in named if not n.startswith("__")
+                                }
+            for path, _ in files:
+                text = COMMENT.sub("", path.read_text(encoding="utf-8"))
+                for name in sorted(set(VAR_REF.findall(text)) - variables):
+                    self.problem(path, f"var.{name} is not declared")
+                for name in sorted(set(LOCAL_REF.findall(text)) - local_names):
+                    self.problem(path, f"local.{name} is not defined")
+                for name, output in sorted(set(MODULE_REF.findall(text))):
+                    if name not in modules:
+                        self.problem(path, f"module.{name} is not declared")
+                        continue
+                    source = modules[name]
+                    if output and source.startswith(("./", "../")):
+                        target = (directory / source).resolve()
+                        if output not in outputs_of(target):
+                            self.problem(path, f"module.{name}.{output}: {source} has no such output")
+                for kind, pattern in (("data", DATA_REF), ("resource", RESOURCE_REF)):
+                    for ref in sorted(set(pattern.findall(text)) - declared[kind]):
+                        prefix = "data." if kind == "data" else ""
+                        self.problem(path, f"{prefix}{ref[0]}.{ref[1]} is not declared")
+
     def locals_in(self, directory: Path) -> dict:
         values: dict = {}
         for _, parsed in self.files_in(directory):
@@ -284,6 +343,7 @@ class Checker:
         self.check_variables_and_outputs()
         self.check_module_directories()
         self.check_module_calls()
+        self.check_references()
         self.check_lambda_environments()
         print(
             f"check_terraform: {len(self.parsed)} files, {self.checked_modules} modules, "
