@@ -309,9 +309,10 @@ impl Applier {
         Ok(outcomes)
     }
 
-    /// Applies decoded events inside `tx` and returns their outcomes, in order. An event seen
-    /// before is a duplicate; a fresh one is applied when its version is newer than what Region
-    /// 2 held before this batch, else it is stale (it arrived out of order). Per document only
+    /// Applies decoded events inside `tx` and returns their outcomes, in order: those applying
+    /// them one by one would have had. An event seen before is a duplicate; a fresh one is
+    /// applied when its version is newer than what Region 2 held when it came (before the batch
+    /// or after an earlier event of it), else it is stale (it arrived out of order). Per document only
     /// the batch's newest version is written (the versions before it in the batch are applied
     /// and superseded in the same transaction, which no reader can tell apart from applying
     /// them one by one). Redis gets the written states, version-guarded, in one round trip
@@ -360,12 +361,14 @@ impl Applier {
             upsert_documents(tx, &upsert, &states),
         );
         let mut fresh: HashSet<uuid::Uuid> = fresh?.iter().map(|row| row.get(0)).collect();
-        let before: HashMap<(String, String), i64> = before?
+        let mut held: HashMap<(String, String), i64> = before?
             .iter()
             .map(|row| ((row.get(0), row.get(1)), row.get(2)))
             .collect();
         let written = written?;
 
+        // The outcomes applying the events one by one, in order, would have had: `held` is
+        // the version Region 2 holds after each event.
         let mut outcomes = Vec::with_capacity(events.len());
         let mut stale = Vec::new();
         for event in events {
@@ -377,13 +380,12 @@ impl Applier {
                     event.data.collection.as_str().to_owned(),
                     event.data.id.as_str().to_owned(),
                 );
-                if before
-                    .get(&key)
-                    .is_some_and(|&held| held >= event.data.version)
-                {
+                let version_held = held.entry(key).or_insert(0);
+                if *version_held >= event.data.version {
                     stale.push(event.id);
                     Outcome::Stale
                 } else {
+                    *version_held = event.data.version;
                     Outcome::Applied
                 }
             };

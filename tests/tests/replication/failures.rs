@@ -374,3 +374,71 @@ async fn a_backlog_with_bad_events_in_it_applies_in_batches_and_sets_aside_only_
     assert_eq!(regions.region2_get("/v1/batch/nul").await.status(), 404);
     assert_eq!(regions.region2_get("/v1/batch/d7").await.status(), 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_older_than_what_region2_holds_change_nothing_even_within_one_batch() {
+    let mut regions = TwoRegions::start().await;
+    regions.region1.put("order", "doc", &json!({"v": 1})).await;
+    regions.wait_converged(Duration::from_secs(30)).await;
+    // With the consumer down, so that they are applied as one batch: a tombstone at version 5,
+    // then upserts at versions 4 and 3 of the same document (arriving out of order).
+    regions.consumers[0].kill_and_wait();
+    let event = |version: i64, deleted: bool| {
+        let data = (!deleted).then(|| json!({"v": version}));
+        tandem_shared::event::ChangeEvent::new(
+            uuid::Uuid::now_v7(),
+            "region1",
+            time::OffsetDateTime::now_utc(),
+            serde_json::from_value(json!({"collection": "order", "id": "doc", "version": version, "deleted": deleted, "data": data, "updated_at": "2026-11-25T10:00:00Z"}))
+                .expect("state"),
+        )
+    };
+    let events = [event(5, true), event(4, false), event(3, false)];
+    produce_raw(
+        &regions,
+        [
+            ("order/doc", events[0].encode()),
+            ("order/doc", events[1].encode()),
+            ("order/doc", events[2].encode()),
+        ],
+    )
+    .await;
+    regions.start_consumer();
+
+    let client = regions.region2_pool.get().await.expect("db");
+    let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
+    let mut outcomes = Vec::new();
+    for _ in 0..300 {
+        outcomes = client
+            .query(
+                "SELECT version, outcome FROM applied_events WHERE event_id = ANY($1) ORDER BY version DESC",
+                &[&ids],
+            )
+            .await
+            .expect("outcomes")
+            .iter()
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
+            .collect();
+        if outcomes.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        outcomes,
+        [
+            (5, "applied".to_owned()),
+            (4, "stale".to_owned()),
+            (3, "stale".to_owned())
+        ]
+    );
+    let row = client
+        .query_one(
+            "SELECT version, deleted FROM documents WHERE collection = 'order' AND id = 'doc'",
+            &[],
+        )
+        .await
+        .expect("document");
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, bool>(1)), (5, true));
+    assert_eq!(regions.region2_get("/v1/order/doc").await.status(), 404);
+}
