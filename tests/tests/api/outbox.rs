@@ -156,6 +156,13 @@ async fn a_write_that_fails_inside_the_transaction_leaves_neither_row_nor_event(
     assert_eq!(read["version"], 1);
 }
 
+/// The sorted keys of a JSON object.
+fn keys_of(value: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = value.as_object().expect("object").keys().cloned().collect();
+    keys.sort();
+    keys
+}
+
 /// Writes without an `Idempotency-Key` build their outbox payload in SQL (pipelined path),
 /// writes with one in Rust (step-by-step path): both must describe exactly what was
 /// acknowledged, in the same shape.
@@ -210,14 +217,7 @@ async fn both_write_paths_queue_the_acknowledged_state_in_the_same_shape() {
             for field in ["collection", "id", "version", "data"] {
                 assert_eq!(queued[field], acknowledged[field], "{field}");
             }
-            let mut keys: Vec<String> = queued
-                .as_object()
-                .expect("object")
-                .keys()
-                .cloned()
-                .collect();
-            keys.sort();
-            shapes.push(keys);
+            shapes.push(keys_of(&queued));
         }
         let mut request = app.write(Method::DELETE, &format!("/v1/paths/{id}"));
         if let Some(key) = key {
@@ -227,14 +227,7 @@ async fn both_write_paths_queue_the_acknowledged_state_in_the_same_shape() {
         let tombstone = payload(id, 3).await;
         assert_eq!(tombstone["deleted"], json!(true));
         assert_eq!(tombstone["version"], json!(3));
-        let mut keys: Vec<String> = tombstone
-            .as_object()
-            .expect("object")
-            .keys()
-            .cloned()
-            .collect();
-        keys.sort();
-        shapes.push(keys);
+        shapes.push(keys_of(&tombstone));
     }
     assert_eq!(shapes[..3], shapes[3..]);
 }

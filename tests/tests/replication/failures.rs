@@ -78,19 +78,7 @@ async fn a_ten_second_broker_outage_does_not_stop_writes_and_region2_catches_up(
         .await
         .expect("writes kept succeeding while the broker was down");
     assert!(writes > 20, "only {writes} writes in 10 s");
-    let waiting: i64 = regions
-        .region1
-        .pool
-        .get()
-        .await
-        .expect("db")
-        .query_one(
-            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-            &[],
-        )
-        .await
-        .expect("count")
-        .get(0);
+    let waiting = unpublished(&regions).await;
     assert!(waiting > 0, "the outbox buffers while the broker is down");
     regions.broker.pause(false);
     regions.wait_converged(Duration::from_secs(90)).await;
@@ -191,16 +179,7 @@ async fn a_poison_event_is_dead_lettered_and_later_events_still_apply() {
     regions.wait_converged(Duration::from_secs(30)).await;
 
     let client = regions.region2_pool.get().await.expect("db");
-    let letters: Vec<(String, String)> = client
-        .query(
-            "SELECT message_key, reason FROM dead_letters ORDER BY message_key",
-            &[],
-        )
-        .await
-        .expect("dead letters")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let letters = dead_letters(&client).await;
     assert_eq!(letters.len(), 2, "{letters:?}");
     assert!(letters[0].1.starts_with("undecodable event"), "{letters:?}");
     assert!(
@@ -269,19 +248,37 @@ async fn produce_raw<const N: usize>(regions: &TwoRegions, records: [(&str, Vec<
     }
 }
 
+/// `(message key, reason)` of every dead letter, by key.
+async fn dead_letters(client: &tokio_postgres::Client) -> Vec<(String, String)> {
+    client
+        .query(
+            "SELECT message_key, reason FROM dead_letters ORDER BY message_key",
+            &[],
+        )
+        .await
+        .expect("dead letters")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Region 1's outbox rows not yet published.
+async fn unpublished(regions: &TwoRegions) -> i64 {
+    let client = regions.region1.pool.get().await.expect("db");
+    client
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0)
+}
+
 /// Waits until the relay has published every outbox row of Region 1.
 async fn wait_published(regions: &TwoRegions) {
-    let client = regions.region1.pool.get().await.expect("db");
     for _ in 0..300 {
-        let pending: i64 = client
-            .query_one(
-                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-                &[],
-            )
-            .await
-            .expect("count")
-            .get(0);
-        if pending == 0 {
+        if unpublished(regions).await == 0 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -353,16 +350,7 @@ async fn a_backlog_with_bad_events_in_it_applies_in_batches_and_sets_aside_only_
     assert_eq!((outcome.as_str(), *events), ("applied", 220));
     assert!(*transactions < 110, "not batched: {outcomes:?}");
 
-    let letters: Vec<(String, String)> = client
-        .query(
-            "SELECT message_key, reason FROM dead_letters ORDER BY message_key",
-            &[],
-        )
-        .await
-        .expect("dead letters")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let letters = dead_letters(&client).await;
     assert_eq!(letters.len(), 2, "{letters:?}");
     assert_eq!(letters[0].0, "batch/garbage");
     assert!(letters[0].1.starts_with("undecodable event"), "{letters:?}");
