@@ -43,6 +43,9 @@ trap stop_all INT TERM EXIT
 as_pg() {
   if [ "$(id -u)" = 0 ]; then setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"; else "$@"; fi
 }
+exec_as_pg() { # the same, replacing the calling (sub)shell
+  if [ "$(id -u)" = 0 ]; then exec setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"; else exec "$@"; fi
+}
 
 start_postgres() { # name port
   local dir="$STATE/$1"
@@ -53,7 +56,8 @@ start_postgres() { # name port
     as_pg "$PG_BIN/initdb" --auth=trust --username=postgres --encoding=UTF8 --locale=C -D "$dir/data" >"$STATE/logs/$1-initdb.log"
   fi
   [ "$(id -u)" = 0 ] && chown -R postgres:postgres "$dir"
-  as_pg "$PG_BIN/postgres" -D "$dir/data" -p "$2" -k "$dir" -c listen_addresses=127.0.0.1 >"$STATE/logs/$1.log" 2>&1 &
+  # exec: the pid recorded is postgres itself, not a subshell that would outlive a TERM.
+  (exec_as_pg "$PG_BIN/postgres" -D "$dir/data" -p "$2" -k "$dir" -c listen_addresses=127.0.0.1) >"$STATE/logs/$1.log" 2>&1 &
   PIDS+=($!)
   until "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$2" -U postgres; do sleep 0.1; done
 }
