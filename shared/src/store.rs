@@ -315,7 +315,8 @@ const UPDATE_DOCUMENT: &str = "UPDATE documents SET version = $3, data = $4, del
 /// Version 1 and its outbox row in one statement, for the pipelined path: nothing (no row
 /// returned) when the document exists already (a concurrent creator). The payload (the
 /// document's state, as the general path's [`Document`] serialises it) is built from the row
-/// written, so the document travels and is parsed once.
+/// written, so the document travels and is parsed once; its times are written in UTC (`Z`, ISO 8601 as `to_jsonb` writes a timestamp)
+/// whatever the session's `TimeZone`, as Rust writes them.
 const INSERT_AND_QUEUE: &str = "WITH inserted AS ( \
        INSERT INTO documents (collection, id, version, data, deleted, created_at, updated_at) \
        SELECT $1::text, $2::text, 1, $3::jsonb, false, clock.t, clock.t \
@@ -324,8 +325,8 @@ const INSERT_AND_QUEUE: &str = "WITH inserted AS ( \
      queued AS ( \
        INSERT INTO outbox (event_id, collection, document_id, version, operation, payload, traceparent) \
        SELECT $4::uuid, $1, $2, 1, 'upsert', jsonb_build_object('collection', $1::text, \
-           'id', $2::text, 'version', 1, 'data', i.data, 'created_at', i.created_at, \
-           'updated_at', i.updated_at), $5::text \
+           'id', $2::text, 'version', 1, 'data', i.data, 'created_at', ((to_jsonb(i.created_at AT TIME ZONE 'UTC') #>> '{}') || 'Z'), \
+           'updated_at', ((to_jsonb(i.updated_at AT TIME ZONE 'UTC') #>> '{}') || 'Z')), $5::text \
        FROM inserted i RETURNING 1) \
      SELECT i.created_at, i.updated_at FROM inserted i CROSS JOIN queued";
 /// The update and its outbox row in one statement, for the pipelined path
@@ -343,9 +344,10 @@ const UPDATE_AND_QUEUE: &str = "WITH updated AS ( \
        INSERT INTO outbox (event_id, collection, document_id, version, operation, payload, traceparent) \
        SELECT $7::uuid, $1, $2, $3, $8::text, CASE WHEN u.deleted \
            THEN jsonb_build_object('collection', $1::text, 'id', $2::text, 'version', $3::bigint, \
-             'deleted', true, 'updated_at', u.updated_at) \
+             'deleted', true, 'updated_at', ((to_jsonb(u.updated_at AT TIME ZONE 'UTC') #>> '{}') || 'Z')) \
            ELSE jsonb_build_object('collection', $1::text, 'id', $2::text, 'version', $3::bigint, \
-             'data', u.data, 'created_at', u.created_at, 'updated_at', u.updated_at) END, $9::text \
+             'data', u.data, 'created_at', ((to_jsonb(u.created_at AT TIME ZONE 'UTC') #>> '{}') || 'Z'), \
+             'updated_at', ((to_jsonb(u.updated_at AT TIME ZONE 'UTC') #>> '{}') || 'Z')) END, $9::text \
        FROM updated u RETURNING 1) \
      SELECT u.created_at, u.updated_at FROM updated u CROSS JOIN queued";
 const INSERT_OUTBOX: &str = "INSERT INTO outbox \
@@ -467,7 +469,9 @@ impl Store {
         let key = &request.key;
         let (collection, id) = (key.collection.as_str(), key.id.as_str());
         let lock_params: [&(dyn ToSql + Sync); 2] = [&collection, &id];
+        // `biased`: polled in this order, so the requests go out in this order.
         let (begun, row) = tokio::join!(
+            biased;
             tx.client().batch_execute("BEGIN"),
             tx.client().query_opt(&lock, &lock_params),
         );
@@ -519,6 +523,7 @@ impl Store {
             &update_params
         };
         let (written, committed) = tokio::join!(
+            biased;
             tx.client().query_opt(&statement, params),
             tx.client().batch_execute("COMMIT"),
         );

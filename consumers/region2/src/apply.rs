@@ -380,8 +380,11 @@ impl Applier {
                     event.data.collection.as_str().to_owned(),
                     event.data.id.as_str().to_owned(),
                 );
+                // Not written: the database held the batch's newest version or a newer one
+                // (a concurrent writer, such as a redrive), so every fresh event of it is stale.
+                let newest_written = written.contains(&key);
                 let version_held = held.entry(key).or_insert(0);
-                if *version_held >= event.data.version {
+                if !newest_written || *version_held >= event.data.version {
                     stale.push(event.id);
                     Outcome::Stale
                 } else {

@@ -196,12 +196,15 @@ impl Region2Consumer {
         ));
         let result = async {
             let mut batch: Vec<Incoming> = Vec::with_capacity(MAX_BATCH);
+            let mut committed: HashMap<i32, i64> = HashMap::new();
+            let mut last_commit = std::time::Instant::now();
             loop {
                 let first = tokio::select! {
                     message = consumer.recv() => message,
                     _ = shutdown.changed() => return Ok(()),
                     () = tokio::time::sleep(Duration::from_secs(2)) => {
                         anyhow::ensure!(leadership.is_held().await, "the consumer's leader session ended");
+                        commit_positions(&consumer, &topic, &mut committed);
                         continue;
                     }
                 };
@@ -230,24 +233,24 @@ impl Region2Consumer {
                         Admitted::Reassigned => break,
                     }
                     if batch.len() < MAX_BATCH {
-                        next = consumer.recv().now_or_never();
+                        // A poll that only consumed a client event (an offset commit's
+                        // report, say) comes back empty: look twice more before ending.
+                        next = (0..3).find_map(|_| consumer.recv().now_or_never());
                     }
                 }
                 if batch.is_empty() {
                     continue;
                 }
                 self.applier.apply_batch_with_retry(&batch, shutdown).await?;
-                // Informational only: the database holds the true positions.
-                let mut positions = TopicPartitionList::new();
                 for incoming in &batch {
-                    let _ = positions.add_partition_offset(
-                        &incoming.topic,
-                        incoming.partition,
-                        Offset::Offset(incoming.offset + 1),
-                    );
+                    let next = committed.entry(incoming.partition).or_insert(0);
+                    *next = (*next).max(incoming.offset + 1);
                 }
-                let _ = consumer.commit(&positions, CommitMode::Async);
                 batch.clear();
+                if last_commit.elapsed() >= Duration::from_secs(1) {
+                    last_commit = std::time::Instant::now();
+                    commit_positions(&consumer, &topic, &mut committed);
+                }
             }
         }
         .await;
@@ -390,6 +393,21 @@ impl Region2Consumer {
         }
         Ok(assignment)
     }
+}
+
+/// Commits the positions applied since the last call to Kafka, asynchronously. Informational
+/// only (Kafka's lag tooling; the database holds the true positions), so it is done at most once
+/// a second, and when the stream is idle.
+fn commit_positions(consumer: &StreamConsumer, topic: &str, pending: &mut HashMap<i32, i64>) {
+    if pending.is_empty() {
+        return;
+    }
+    let mut positions = TopicPartitionList::new();
+    for (&partition, &next) in pending.iter() {
+        let _ = positions.add_partition_offset(topic, partition, Offset::Offset(next));
+    }
+    let _ = consumer.commit(&positions, CommitMode::Async);
+    pending.clear();
 }
 
 /// Errors after which the broker may have restarted.

@@ -199,7 +199,7 @@ async fn both_write_paths_queue_the_acknowledged_state_in_the_same_shape() {
             let state: tandem_shared::event::DocumentState =
                 serde_json::from_value(queued.clone()).expect("a document state");
             assert_eq!(json!(state.version), acknowledged["version"]);
-            // The same instants, whichever way they were written down.
+            // The same instants, written in UTC whatever the session's TimeZone.
             for field in ["created_at", "updated_at"] {
                 let parse = |v: &Value| {
                     time::OffsetDateTime::parse(
@@ -212,6 +212,10 @@ async fn both_write_paths_queue_the_acknowledged_state_in_the_same_shape() {
                     parse(&queued[field]),
                     parse(&acknowledged[field]),
                     "{field}"
+                );
+                assert!(
+                    queued[field].as_str().is_some_and(|t| t.ends_with('Z')),
+                    "{queued}"
                 );
             }
             for field in ["collection", "id", "version", "data"] {
