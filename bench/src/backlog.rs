@@ -23,14 +23,8 @@ use crate::stack::{Kind, Probes, Service, Stack, pool};
 
 const COLLECTION: &str = "drain";
 
-/// The relay's producer settings (`functions/outbox-relay`), before `KAFKA_PROPERTIES`.
-const RELAY_PRODUCER: &[(&str, &str)] = &[
-    ("enable.idempotence", "true"),
-    ("acks", "all"),
-    ("linger.ms", "2"),
-    ("message.timeout.ms", "30000"),
-    ("compression.type", "lz4"),
-];
+/// The relay's producer settings, before `KAFKA_PROPERTIES`.
+const RELAY_PRODUCER: &[(&str, &str)] = tandem_outbox_relay::PRODUCER_DEFAULTS;
 
 /// A producer configured as the relay's is.
 pub async fn relay_like_producer(stack: &Stack, topic: &str) -> anyhow::Result<FutureProducer> {

@@ -22,15 +22,8 @@ use crate::stack::{Kind, PARTITIONS, Stack, http_client};
 pub const POLL: Duration = Duration::from_millis(2);
 const COLLECTION: &str = "lag";
 
-/// The consumer's fetch settings (`consumers/region2`), before `KAFKA_PROPERTIES`.
-const CONSUMER_SETTINGS: &[(&str, &str)] = &[
-    ("enable.auto.commit", "false"),
-    ("enable.auto.offset.store", "false"),
-    ("auto.offset.reset", "earliest"),
-    ("fetch.wait.max.ms", "50"),
-    ("queued.max.messages.kbytes", "16384"),
-    ("enable.partition.eof", "false"),
-];
+/// The consumer's fetch settings, before `KAFKA_PROPERTIES`.
+const CONSUMER_SETTINGS: &[(&str, &str)] = tandem_region2_consumer::CONSUMER_DEFAULTS;
 
 #[derive(Debug)]
 pub struct Lag {

@@ -70,20 +70,10 @@ impl CacheSettings {
         let Some(secret_id) = &self.auth_secret_id else {
             return Ok(());
         };
-        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        let output = aws_sdk_secretsmanager::Client::new(&sdk)
-            .get_secret_value()
-            .secret_id(secret_id)
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!("Failed to read the Redis AUTH token {secret_id}: {e}"))?;
-        let token = output
-            .secret_string()
-            .ok_or_else(|| anyhow::anyhow!("Secret {secret_id} has no SecretString"))?
-            .trim();
+        let token = crate::secrets::read_string(secret_id, "the Redis AUTH token").await?;
         let mut url =
             url::Url::parse(&self.url).map_err(|e| anyhow::anyhow!("REDIS_URL is invalid: {e}"))?;
-        url.set_password(Some(token))
+        url.set_password(Some(token.trim()))
             .map_err(|()| anyhow::anyhow!("REDIS_URL cannot carry a password"))?;
         self.url = url.to_string();
         Ok(())

@@ -272,20 +272,8 @@ async fn resolve_config(source: &CredentialSource) -> anyhow::Result<tokio_postg
             .parse()
             .context("DATABASE_URL is not a valid PostgreSQL connection string"),
         CredentialSource::SecretsManager { secret_id } => {
-            let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-            let client = aws_sdk_secretsmanager::Client::new(&sdk);
-            let output = client
-                .get_secret_value()
-                .secret_id(secret_id)
-                .send()
-                .await
-                .with_context(|| {
-                    format!("Failed to read secret {secret_id} from Secrets Manager")
-                })?;
-            let text = output
-                .secret_string()
-                .with_context(|| format!("Secret {secret_id} has no SecretString"))?;
-            config_from_secret(text)
+            let text = crate::secrets::read_string(secret_id, "database credentials").await?;
+            config_from_secret(&text)
                 .with_context(|| format!("Secret {secret_id} is not an RDS secret"))
         }
         CredentialSource::Iam {

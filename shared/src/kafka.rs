@@ -124,14 +124,8 @@ struct SaslSecret {
 }
 
 async fn sasl_credentials(secret_id: &str) -> anyhow::Result<(String, String)> {
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let output = aws_sdk_secretsmanager::Client::new(&sdk)
-        .get_secret_value()
-        .secret_id(secret_id)
-        .send()
-        .await
-        .with_context(|| format!("Failed to read Kafka credentials {secret_id}"))?;
-    let secret: SaslSecret = serde_json::from_str(output.secret_string().unwrap_or_default())
+    let text = crate::secrets::read_string(secret_id, "Kafka credentials").await?;
+    let secret: SaslSecret = serde_json::from_str(&text)
         .with_context(|| format!("Secret {secret_id} is not {{\"username\",\"password\"}}"))?;
     Ok((secret.username, secret.password))
 }

@@ -17,6 +17,7 @@ pub mod leader;
 pub mod metrics;
 pub mod migrations;
 pub mod problem;
+pub mod secrets;
 pub mod serve;
 pub mod store;
 pub mod telemetry;

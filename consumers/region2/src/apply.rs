@@ -104,18 +104,6 @@ impl Applier {
         }
     }
 
-    /// The next offset to read per partition, as committed with the effects.
-    pub async fn stored_offsets(&self, topic: &str) -> anyhow::Result<HashMap<i32, i64>> {
-        let client = self.pool.get().await?;
-        let rows = client
-            .query(
-                "SELECT partition, next_offset FROM consumer_offsets WHERE topic = $1",
-                &[&topic],
-            )
-            .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-    }
-
     /// `(partition, next_offset, last_event_id)` per partition.
     pub async fn stored_positions(
         &self,

@@ -64,8 +64,9 @@ impl Settings {
     }
 }
 
-/// Consumer defaults, overridable through `KAFKA_PROPERTIES`.
-const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
+/// Consumer defaults, overridable through `KAFKA_PROPERTIES` (the benchmark's raw baseline uses
+/// them too).
+pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("enable.auto.commit", "false"),
     ("enable.auto.offset.store", "false"),
     // A stored position past the end (the broker lost its data and the partition was
@@ -351,23 +352,8 @@ impl Region2Consumer {
             .map(|(partition, next, last)| (partition, (next, last)))
             .collect();
         // A partition now shorter than the stored position was recreated: read it all.
-        let high_watermarks: HashMap<i32, i64> = {
-            let consumer = consumer.clone();
-            let topic = topic.to_owned();
-            let partitions = partitions.to_vec();
-            tokio::task::spawn_blocking(move || {
-                partitions
-                    .iter()
-                    .filter_map(|&p| {
-                        let (_, high) = consumer
-                            .fetch_watermarks(&topic, p, Duration::from_secs(5))
-                            .ok()?;
-                        Some((p, high))
-                    })
-                    .collect()
-            })
-            .await?
-        };
+        let high_watermarks =
+            high_watermarks(consumer, topic, partitions, Duration::from_secs(5)).await;
         let mut assignment = TopicPartitionList::new();
         for partition in partitions {
             let stored = stored.get(partition).copied();
@@ -419,6 +405,30 @@ fn is_connection_loss(error: &rdkafka::error::KafkaError) -> bool {
     )
 }
 
+/// The high watermark of each partition that answers within `timeout`. Each is a broker round
+/// trip (a blocking call), so they are fetched off the runtime.
+async fn high_watermarks(
+    consumer: &Arc<StreamConsumer>,
+    topic: &str,
+    partitions: &[i32],
+    timeout: Duration,
+) -> HashMap<i32, i64> {
+    let consumer = consumer.clone();
+    let topic = topic.to_owned();
+    let partitions = partitions.to_vec();
+    tokio::task::spawn_blocking(move || {
+        partitions
+            .iter()
+            .filter_map(|&partition| {
+                let (_, high) = consumer.fetch_watermarks(&topic, partition, timeout).ok()?;
+                Some((partition, high))
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
+}
+
 /// Every second: publish liveness and the consumer lag for the Read API and `/metrics`.
 async fn heartbeat(
     consumer: Arc<StreamConsumer>,
@@ -430,33 +440,21 @@ async fn heartbeat(
     let mut last_prune = std::time::Instant::now();
     loop {
         every.tick().await;
-        // Watermarks are a broker round trip (a blocking call): keep them off the runtime.
-        let lags = {
-            let consumer = consumer.clone();
-            let topic = topic.clone();
-            let partitions = partitions.clone();
-            tokio::task::spawn_blocking(move || {
-                let positions = consumer.position().ok();
-                partitions
-                    .iter()
-                    .filter_map(|&partition| {
-                        let (_, high) = consumer
-                            .fetch_watermarks(&topic, partition, Duration::from_secs(1))
-                            .ok()?;
-                        let position = positions
-                            .as_ref()
-                            .and_then(|p| p.find_partition(&topic, partition))
-                            .and_then(|e| match e.offset() {
-                                Offset::Offset(o) => Some(o),
-                                _ => None,
-                            })?;
-                        Some((partition, (high - position).max(0)))
-                    })
-                    .collect::<Vec<_>>()
+        let highs = high_watermarks(&consumer, &topic, &partitions, Duration::from_secs(1)).await;
+        let positions = consumer.position().ok();
+        let lags: Vec<(i32, i64)> = highs
+            .into_iter()
+            .filter_map(|(partition, high)| {
+                let position = positions
+                    .as_ref()
+                    .and_then(|p| p.find_partition(&topic, partition))
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    })?;
+                Some((partition, (high - position).max(0)))
             })
-            .await
-            .unwrap_or_default()
-        };
+            .collect();
         if last_prune.elapsed() >= Duration::from_secs(600) {
             last_prune = std::time::Instant::now();
             match applier.prune_applied_events().await {

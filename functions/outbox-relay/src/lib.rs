@@ -66,8 +66,9 @@ impl Settings {
     }
 }
 
-/// Producer defaults, overridable through `KAFKA_PROPERTIES`.
-const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+/// Producer defaults, overridable through `KAFKA_PROPERTIES` (the benchmark's raw baseline uses
+/// them too).
+pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("enable.idempotence", "true"),
     ("acks", "all"),
     ("linger.ms", "2"),
