@@ -16,6 +16,28 @@ fn moto_server() -> std::path::PathBuf {
 
 #[tokio::test]
 async fn the_read_binary_connects_with_credentials_from_secrets_manager() {
+    // The Redis AUTH token comes from Secrets Manager too: a user of the shared Redis that only
+    // that token opens (the default user stays as it is for the other tests).
+    let redis = tandem_tests::Redis::shared();
+    let redis_user = format!("secrets-{}", uuid::Uuid::now_v7().simple());
+    let redis_token = uuid::Uuid::now_v7().simple().to_string();
+    let mut admin = redis::Client::open(redis.url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&redis_user)
+        .arg("on")
+        .arg(format!(">{redis_token}"))
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query_async(&mut admin)
+        .await
+        .expect("ACL SETUSER");
+
     // Region 1 data, written through the API.
     let app = spawn_app().await;
     app.put("secrets", "s1", &json!({"via": "secrets manager"}))
@@ -64,21 +86,27 @@ async fn the_read_binary_connects_with_credentials_from_secrets_manager() {
         "port": Postgres::shared().port,
         "dbname": database,
     });
-    let created = app
-        .client
-        .post(&endpoint)
-        .header("content-type", "application/x-amz-json-1.1")
-        .header("x-amz-target", "secretsmanager.CreateSecret")
-        .header("authorization", "AWS4-HMAC-SHA256 Credential=testing/20260101/eu-west-1/secretsmanager/aws4_request, SignedHeaders=host, Signature=0")
-        .body(json!({"Name": "tandem/region1/db", "SecretString": secret.to_string()}).to_string())
-        .send()
-        .await
-        .expect("CreateSecret");
-    assert!(
-        created.status().is_success(),
-        "{}",
-        created.text().await.unwrap_or_default()
-    );
+    for (name, value) in [
+        ("tandem/region1/db", secret.to_string()),
+        // As a console paste often leaves it: with a trailing newline.
+        ("tandem/region1/redis", format!("{redis_token}\n")),
+    ] {
+        let created = app
+            .client
+            .post(&endpoint)
+            .header("content-type", "application/x-amz-json-1.1")
+            .header("x-amz-target", "secretsmanager.CreateSecret")
+            .header("authorization", "AWS4-HMAC-SHA256 Credential=testing/20260101/eu-west-1/secretsmanager/aws4_request, SignedHeaders=host, Signature=0")
+            .body(json!({"Name": name, "SecretString": value}).to_string())
+            .send()
+            .await
+            .expect("CreateSecret");
+        assert!(
+            created.status().is_success(),
+            "{}",
+            created.text().await.unwrap_or_default()
+        );
+    }
 
     let port = free_port();
     let mut envs: Vec<(String, String)> = aws_env
@@ -88,7 +116,11 @@ async fn the_read_binary_connects_with_credentials_from_secrets_manager() {
     envs.extend(
         [
             ("DATABASE_SECRET_ID", "tandem/region1/db".to_owned()),
-            ("REDIS_URL", tandem_tests::Redis::shared().url()),
+            (
+                "REDIS_URL",
+                format!("redis://{redis_user}@127.0.0.1:{}", redis.port),
+            ),
+            ("REDIS_AUTH_SECRET_ID", "tandem/region1/redis".to_owned()),
             ("REDIS_KEY_PREFIX", format!("secrets-{port}")),
             ("PORT", port.to_string()),
             ("BIND_ADDRESS", "127.0.0.1".to_owned()),
@@ -117,6 +149,29 @@ async fn the_read_binary_connects_with_credentials_from_secrets_manager() {
     assert_eq!(response.status(), 200, "{}", read.log_tail());
     let body: serde_json::Value = response.json().await.expect("json");
     assert_eq!(body["data"]["via"], "secrets manager");
+    // The first read filled Redis through the authenticated connection; the second hits it.
+    let again = app
+        .client
+        .get(format!("http://127.0.0.1:{port}/v1/secrets/s1"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(again.status(), 200);
+    let metrics = app
+        .client
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains(r#"tandem_cache_requests_total{result="hit"} 1"#)
+            && !metrics.contains(r#"result="bypass""#),
+        "Redis was not used with the token from Secrets Manager:\n{metrics}\n{}",
+        read.log_tail()
+    );
 }
 
 #[tokio::test]
