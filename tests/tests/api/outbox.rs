@@ -154,6 +154,18 @@ async fn a_write_that_fails_inside_the_transaction_leaves_neither_row_nor_event(
         .await
         .expect("json");
     assert_eq!(read["version"], 1);
+
+    // No connection went back to the pool inside the failed transactions: with the cause gone,
+    // every connection of the pool (16) writes again.
+    client
+        .batch_execute("DROP TRIGGER fail_outbox ON outbox")
+        .await
+        .expect("drop trigger");
+    for i in 0..40 {
+        let response = app.put("ledger", "existing", &json!({"v": i})).await;
+        assert_eq!(response.status(), 200, "write {i} after the failures");
+    }
+    assert_eq!(app.count("outbox").await, 41);
 }
 
 /// The sorted keys of a JSON object.
