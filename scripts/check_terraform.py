@@ -22,7 +22,13 @@ so this script checks what can be checked from the source alone, with python-hcl
   env_contract.py (no stale, no missing setting); sets TANDEM_REGION, uses IAM database
   authentication, and sets none that Lambda reserves or ignores (AWS_REGION, AWS_DEFAULT_REGION,
   PORT, BIND_ADDRESS), no DATABASE_CA_FILE (nothing in the package to point it at; RDS Proxy needs
-  no extra CA) and not the local-only TANDEM_JWT_HS256_SECRET.
+  no extra CA) and not the local-only TANDEM_JWT_HS256_SECRET;
+* the GitHub workflows next to the tree (.github/workflows) that run `terraform plan` never
+  upload the binary plan (a saved plan holds every sensitive value it read: database password,
+  Redis AUTH token, SCRAM passwords; only `terraform show` text may leave the job), delete it in
+  the step that writes it, never trigger on pull_request_target, and every job that can get an
+  OIDC token on a pull request runs only for branches of this repository and in an environment
+  (the subject the cloud role trusts).
 
 Usage: check_terraform.py [TERRAFORM_DIR]   (default: terraform/ next to this script's parent)
 Exit status 0 when clean, 1 when any problem was found, 2 on usage errors.
@@ -36,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import hcl2
+import yaml
 
 import env_contract
 
@@ -72,6 +79,9 @@ VAR_REF = re.compile(r"(?<![\w.])var\.([A-Za-z_][A-Za-z0-9_-]*)")
 MODULE_REF = re.compile(r"(?<![\w.])module\.([A-Za-z_][A-Za-z0-9_-]*)(?:\[[^\]]*\])?(?:\.([A-Za-z_][A-Za-z0-9_-]*))?")
 DATA_REF = re.compile(r"(?<![\w.])data\.([a-z][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_-]*)")
 RESOURCE_REF = re.compile(r"(?<![\w.\"])((?:aws|random|tls)_[a-z0-9_]+)\.([A-Za-z_][A-Za-z0-9_-]*)")
+# `terraform plan ... -out=FILE` (or `-out FILE`) in a workflow step.
+PLAN_OUT = re.compile(r"terraform\s+plan\b[^\n]*?-out[= ]\s*([^\s;|&]+)")
+SAME_REPOSITORY = "github.event.pull_request.head.repo.full_name == github.repository"
 # Comments, and (harmlessly: it only hides references) the rest of a line after `//` in a URL.
 COMMENT = re.compile(r"/\*.*?\*/|(?:#|//)[^\n]*", re.S)
 
@@ -131,6 +141,88 @@ def lambda_binary(body: dict) -> str | None:
     return LAMBDA_BINARIES.get(match.group(1)) if match else None
 
 
+def workflow_triggers(workflow: dict) -> set[str]:
+    """The events of a workflow's `on:` (PyYAML reads the bare key `on` as the boolean True)."""
+    on = workflow.get("on", workflow.get(True))
+    if isinstance(on, str):
+        return {on}
+    if isinstance(on, list):
+        return {str(event) for event in on}
+    if isinstance(on, dict):
+        return {str(event) for event in on}
+    return set()
+
+
+def plan_workflow_problems(workflow: dict, repository: Path | None = None) -> list[str]:
+    """What is wrong with a GitHub workflow, as far as Terraform plans and their role go
+    (`repository`: the checkout, to tell a literal directory upload from a file)."""
+    problems: list[str] = []
+    triggers = workflow_triggers(workflow)
+    if "pull_request_target" in triggers:
+        problems.append(
+            "triggers on pull_request_target, which runs with the base repository's secrets and "
+            "OIDC token for pull requests from forks"
+        )
+    top_permissions = workflow.get("permissions") or {}
+    for job_name, job in (workflow.get("jobs") or {}).items():
+        if not isinstance(job, dict):
+            continue
+        permissions = job.get("permissions", top_permissions) or {}
+        oidc = isinstance(permissions, dict) and permissions.get("id-token") == "write"
+        oidc = oidc or permissions == "write-all"
+        if oidc and triggers & {"pull_request", "pull_request_target"}:
+            if SAME_REPOSITORY not in str(job.get("if", "")):
+                problems.append(
+                    f"job {job_name!r} can get an OIDC token on a pull request but its `if` does not "
+                    f"require `{SAME_REPOSITORY}`"
+                )
+            if not job.get("environment"):
+                problems.append(
+                    f"job {job_name!r} can get an OIDC token on a pull request but names no "
+                    "environment (the subject the plan role trusts, gated by its protection rules)"
+                )
+        steps = [step for step in job.get("steps") or [] if isinstance(step, dict)]
+        plan_files: set[str] = set()
+        for step in steps:
+            script = str(step.get("run", ""))
+            for plan_file in PLAN_OUT.findall(script):
+                plan_file = plan_file.strip("'\"")
+                plan_files.add(plan_file)
+                if not re.search(rf"\brm\s+(?:-[a-z]+\s+)*[^\n]*(?<![\w.-]){re.escape(plan_file)}(?![\w.-])", script):
+                    problems.append(
+                        f"job {job_name!r}: the step writing the binary plan {plan_file!r} does not delete it "
+                        f"(rm it in the same step, e.g. trap 'rm -f {plan_file}' EXIT)"
+                    )
+        if not plan_files:
+            continue
+        for step in steps:
+            if not str(step.get("uses", "")).startswith("actions/upload-artifact"):
+                continue
+            paths = str((step.get("with") or {}).get("path", ""))
+            for entry in (line.strip() for line in paths.splitlines()):
+                if not entry or entry.startswith("#"):
+                    continue
+                if entry.startswith("!"):  # an exclusion uploads nothing
+                    continue
+                last = entry.rstrip("/").rsplit("/", 1)[-1]
+                if last in plan_files:
+                    problems.append(
+                        f"job {job_name!r} uploads the binary plan {entry!r}: it holds every sensitive value "
+                        "the plan read; upload `terraform show -no-color` text instead"
+                    )
+                elif (
+                    entry.endswith("/")
+                    or any(c in last for c in "*?[")
+                    or last.startswith("${{")
+                    or (repository is not None and (repository / entry).is_dir())
+                ):
+                    problems.append(
+                        f"job {job_name!r} uploads {entry!r}, which is not a single named file and could include "
+                        f"the binary plan ({', '.join(sorted(plan_files))}); name the text files to upload"
+                    )
+    return problems
+
+
 class Checker:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -138,6 +230,7 @@ class Checker:
         self.parsed: dict[Path, dict] = {}
         self.checked_modules = 0
         self.checked_calls = 0
+        self.checked_workflows = 0
 
     def problem(self, where: Path | str, message: str) -> None:
         location = where.relative_to(self.root.parent) if isinstance(where, Path) else where
@@ -338,6 +431,22 @@ class Checker:
                 for message in lambda_env_problems(binary, keys):
                     self.problem(where, f"{binary}: {message}")
 
+    # -- the CI workflows that plan --------------------------------------------------------
+
+    def check_plan_workflows(self) -> None:
+        workflows = self.root.parent / ".github" / "workflows"
+        if not workflows.is_dir():
+            return
+        for path in sorted([*workflows.glob("*.yml"), *workflows.glob("*.yaml")]):
+            self.checked_workflows += 1
+            try:
+                workflow = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as error:
+                self.problem(path, f"does not parse: {error}")
+                continue
+            for message in plan_workflow_problems(workflow, self.root.parent):
+                self.problem(path, message)
+
     def run(self) -> int:
         self.parse_all()
         self.check_variables_and_outputs()
@@ -345,9 +454,10 @@ class Checker:
         self.check_module_calls()
         self.check_references()
         self.check_lambda_environments()
+        self.check_plan_workflows()
         print(
             f"check_terraform: {len(self.parsed)} files, {self.checked_modules} modules, "
-            f"{self.checked_calls} module calls checked"
+            f"{self.checked_calls} module calls, {self.checked_workflows} workflows checked"
         )
         for line in self.problems:
             print(f"  FAIL {line}")
