@@ -23,6 +23,10 @@ so this script checks what can be checked from the source alone, with python-hcl
   authentication, and sets none that Lambda reserves or ignores (AWS_REGION, AWS_DEFAULT_REGION,
   PORT, BIND_ADDRESS), no DATABASE_CA_FILE (nothing in the package to point it at; RDS Proxy needs
   no extra CA) and not the local-only TANDEM_JWT_HS256_SECRET;
+* every `aws_lb_listener` whose default action forwards has an unconditional (no count or
+  for_each) `aws_lb_listener_rule` that answers a fixed 404 for the path patterns /metrics and
+  /metrics/* with a lower priority number than every other rule of that listener: the services
+  serve Prometheus metrics on the API port, which must not be reachable from the internet;
 * the GitHub workflows next to the tree (.github/workflows) that run `terraform plan` never
   upload the binary plan (a saved plan holds every sensitive value it read: database password,
   Redis AUTH token, SCRAM passwords; only `terraform show` text may leave the job), delete it in
@@ -79,6 +83,10 @@ VAR_REF = re.compile(r"(?<![\w.])var\.([A-Za-z_][A-Za-z0-9_-]*)")
 MODULE_REF = re.compile(r"(?<![\w.])module\.([A-Za-z_][A-Za-z0-9_-]*)(?:\[[^\]]*\])?(?:\.([A-Za-z_][A-Za-z0-9_-]*))?")
 DATA_REF = re.compile(r"(?<![\w.])data\.([a-z][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_-]*)")
 RESOURCE_REF = re.compile(r"(?<![\w.\"])((?:aws|random|tls)_[a-z0-9_]+)\.([A-Za-z_][A-Za-z0-9_-]*)")
+# Paths a public listener must never forward (the services' Prometheus endpoint).
+INTERNAL_PATHS = ("/metrics", "/metrics/*")
+LOCAL_ONLY = re.compile(r"^\$\{local\.([A-Za-z0-9_]+)\}$")
+LISTENER_ARN = re.compile(r"^\$\{aws_lb_listener\.([A-Za-z0-9_-]+)\.arn\}$")
 # `terraform plan ... -out=FILE` (or `-out FILE`) in a workflow step.
 PLAN_OUT = re.compile(r"terraform\s+plan\b[^\n]*?-out[= ]\s*([^\s;|&]+)")
 SAME_REPOSITORY = "github.event.pull_request.head.repo.full_name == github.repository"
@@ -123,6 +131,26 @@ def labelled_blocks(parsed: dict, kind: str) -> list[tuple[str, dict]]:
 
 def body_keys(body: dict) -> set[str]:
     return {key for key in body if not key.startswith("__")}
+
+
+def first_block(body: dict, key: str) -> dict:
+    """The first `key { ... }` block of a body (python-hcl2 gives blocks as lists of dicts)."""
+    value = body.get(key)
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return value[0]
+    return value if isinstance(value, dict) else {}
+
+
+def string_list(value: object, local_values: dict) -> list[str] | None:
+    """A list of string literals, directly or through `local.X`; None when not literal."""
+    if isinstance(value, str):
+        match = LOCAL_ONLY.match(value)
+        if not match:
+            return None
+        value = local_values.get(match.group(1))
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        return None
+    return [unquote(item) for item in value]
 
 
 def lambda_env_problems(binary: str, keys: set[str]) -> list[str]:
@@ -431,6 +459,78 @@ class Checker:
                 for message in lambda_env_problems(binary, keys):
                     self.problem(where, f"{binary}: {message}")
 
+    # -- load balancers ----------------------------------------------------------------------
+
+    def check_listener_internal_paths(self) -> None:
+        for directory in sorted({path.parent for path in self.parsed}):
+            files = self.files_in(directory)
+            local_values = self.locals_in(directory)
+            listeners: list[tuple[Path, str, dict]] = []
+            rules: dict[str, list[tuple[str, dict]]] = {}
+            for path, parsed in files:
+                for entry in parsed.get("resource", []):
+                    for type_name, named in entry.items():
+                        if not isinstance(named, dict):
+                            continue
+                        kind = unquote(type_name)
+                        for name, body in named.items():
+                            if name.startswith("__") or not isinstance(body, dict):
+                                continue
+                            if kind == "aws_lb_listener":
+                                listeners.append((path, unquote(name), body))
+                            elif kind == "aws_lb_listener_rule":
+                                match = LISTENER_ARN.match(str(body.get("listener_arn", "")))
+                                if match:
+                                    rules.setdefault(match.group(1), []).append((unquote(name), body))
+            for path, listener, body in listeners:
+                action = first_block(body, "default_action")
+                if unquote(action.get("type", "")) != "forward" and "forward" not in action:
+                    continue
+                where = f'{path.relative_to(self.root.parent)} aws_lb_listener "{listener}"'
+                guards = [
+                    (name, rule)
+                    for name, rule in rules.get(listener, [])
+                    if self.answers_internal_paths_with_404(rule, local_values)
+                ]
+                if not guards:
+                    self.problem(
+                        where,
+                        f"forwards by default but has no aws_lb_listener_rule answering a fixed 404 for "
+                        f"{' and '.join(INTERNAL_PATHS)} (the services' metrics must not be public)",
+                    )
+                    continue
+                for name, rule in guards:
+                    if "count" in rule or "for_each" in rule:
+                        self.problem(where, f'rule "{name}" guarding {INTERNAL_PATHS[0]} must not have count or for_each')
+                guard_priorities = [rule.get("priority") for _, rule in guards]
+                if not all(isinstance(priority, int) for priority in guard_priorities):
+                    self.problem(where, "the rule guarding /metrics needs a literal priority")
+                    continue
+                best = min(guard_priorities)
+                for name, rule in rules.get(listener, []):
+                    if any(rule is guard for _, guard in guards):
+                        continue
+                    priority = rule.get("priority")
+                    if not isinstance(priority, int) or priority <= best:
+                        self.problem(
+                            where,
+                            f'rule "{name}" (priority {priority}) is evaluated before the /metrics guard '
+                            f"(priority {best}); the guard needs the lowest priority number",
+                        )
+
+    @staticmethod
+    def answers_internal_paths_with_404(rule: dict, local_values: dict) -> bool:
+        action = first_block(rule, "action")
+        if unquote(action.get("type", "")) != "fixed-response":
+            return False
+        if unquote(first_block(action, "fixed_response").get("status_code", "")) != "404":
+            return False
+        conditions = rule.get("condition", [])
+        if not isinstance(conditions, list) or len(conditions) != 1:
+            return False  # conditions are ANDed: any other condition narrows the guard
+        values = string_list(first_block(conditions[0], "path_pattern").get("values"), local_values)
+        return values is not None and all(path in values for path in INTERNAL_PATHS)
+
     # -- the CI workflows that plan --------------------------------------------------------
 
     def check_plan_workflows(self) -> None:
@@ -454,6 +554,7 @@ class Checker:
         self.check_module_calls()
         self.check_references()
         self.check_lambda_environments()
+        self.check_listener_internal_paths()
         self.check_plan_workflows()
         print(
             f"check_terraform: {len(self.parsed)} files, {self.checked_modules} modules, "

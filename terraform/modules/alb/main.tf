@@ -10,6 +10,11 @@ locals {
   write_methods = ["POST", "PUT", "PATCH", "DELETE"]
   read_methods  = ["GET", "HEAD"]
 
+  # Paths the services serve on their port for operators only (Prometheus
+  # text): never forwarded from the internet. ALB path patterns are
+  # case-sensitive, like the services' routes.
+  internal_paths = ["/metrics", "/metrics/*"]
+
   # try(): the write target group does not exist in a read-only region.
   write_target_group_arn = var.backend == "eks" ? try(aws_lb_target_group.pods["write"].arn, null) : lookup(var.lambda_target_group_arns, "write", null)
   read_target_group_arn  = var.backend == "eks" ? aws_lb_target_group.pods["read"].arn : lookup(var.lambda_target_group_arns, "read", null)
@@ -287,8 +292,39 @@ resource "aws_lb_listener" "https" {
 }
 
 ################################################################################
-# Listener rules: route by HTTP method
+# Listener rules: internal paths first, then route by HTTP method
 ################################################################################
+
+# /metrics is served on the same port as the API (scraped in the cluster at
+# the pod IP); through the load balancer it answers what the services answer
+# for a path no route matches. Priority 1, so no later rule can forward it.
+resource "aws_lb_listener_rule" "internal_paths" {
+  listener_arn = aws_lb_listener.https.arn
+  priority     = 1
+
+  condition {
+    path_pattern {
+      values = local.internal_paths
+    }
+  }
+
+  action {
+    type = "fixed-response"
+
+    fixed_response {
+      status_code  = "404"
+      content_type = "application/json"
+      message_body = jsonencode({
+        type   = "/problems/no-route"
+        title  = "Not found"
+        status = 404
+        detail = "the route does not exist"
+      })
+    }
+  }
+
+  tags = var.tags
+}
 
 # Only in the region that serves writes; elsewhere writes fall through to the
 # default action (the Read API answers 405).
