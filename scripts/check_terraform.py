@@ -27,6 +27,10 @@ so this script checks what can be checked from the source alone, with python-hcl
   for_each) `aws_lb_listener_rule` that answers a fixed 404 for the path patterns /metrics and
   /metrics/* with a lower priority number than every other rule of that listener: the services
   serve Prometheus metrics on the API port, which must not be reachable from the internet;
+* every identity-policy statement (an `aws_iam_policy_document` statement without principals)
+  that allows kms:Decrypt (or a wildcard covering it) has a kms:ViaService condition, so a role
+  can decrypt only through the service it reads (Secrets Manager), never by calling KMS itself;
+  the few service roles that must call KMS directly are listed in KMS_DECRYPT_UNSCOPED with why;
 * the GitHub workflows next to the tree (.github/workflows) that run `terraform plan` never
   upload the binary plan (a saved plan holds every sensitive value it read: database password,
   Redis AUTH token, SCRAM passwords; only `terraform show` text may leave the job), delete it in
@@ -83,6 +87,15 @@ VAR_REF = re.compile(r"(?<![\w.])var\.([A-Za-z_][A-Za-z0-9_-]*)")
 MODULE_REF = re.compile(r"(?<![\w.])module\.([A-Za-z_][A-Za-z0-9_-]*)(?:\[[^\]]*\])?(?:\.([A-Za-z_][A-Za-z0-9_-]*))?")
 DATA_REF = re.compile(r"(?<![\w.])data\.([a-z][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_-]*)")
 RESOURCE_REF = re.compile(r"(?<![\w.\"])((?:aws|random|tls)_[a-z0-9_]+)\.([A-Za-z_][A-Za-z0-9_-]*)")
+# aws_iam_policy_document blocks (module directory, data source name) that may allow kms:Decrypt
+# without kms:ViaService, and why. Workload roles (IRSA, Lambda, RDS Proxy) never belong here.
+KMS_DECRYPT_UNSCOPED = {
+    ("eks", "cluster_kms"): "the EKS cluster role: the control plane calls KMS itself for envelope "
+    "encryption of Kubernetes secrets",
+    ("ecr", "template"): "assumed by ECR itself (repository creation template) to encrypt the "
+    "replicated repositories with the replica key",
+}
+KMS_DECRYPT_ACTIONS = {"*", "kms:*", "kms:decrypt", "kms:decrypt*", "kms:de*", "kms:d*"}
 # Paths a public listener must never forward (the services' Prometheus endpoint).
 INTERNAL_PATHS = ("/metrics", "/metrics/*")
 LOCAL_ONLY = re.compile(r"^\$\{local\.([A-Za-z0-9_]+)\}$")
@@ -139,6 +152,16 @@ def first_block(body: dict, key: str) -> dict:
     if isinstance(value, list) and value and isinstance(value[0], dict):
         return value[0]
     return value if isinstance(value, dict) else {}
+
+
+def policy_statements(body: dict) -> list[dict]:
+    """The statements of an aws_iam_policy_document body, dynamic ones included."""
+    statements = [s for s in body.get("statement", []) if isinstance(s, dict)]
+    for dynamic in body.get("dynamic", []):
+        for label, block in dynamic.items():
+            if unquote(label) == "statement" and isinstance(block, dict):
+                statements += [s for s in block.get("content", []) if isinstance(s, dict)]
+    return statements
 
 
 def string_list(value: object, local_values: dict) -> list[str] | None:
@@ -459,6 +482,45 @@ class Checker:
                 for message in lambda_env_problems(binary, keys):
                     self.problem(where, f"{binary}: {message}")
 
+    # -- IAM -----------------------------------------------------------------------------------
+
+    def check_kms_decrypt_scoped(self) -> None:
+        for path, parsed in self.parsed.items():
+            directory = path.parent.name
+            for entry in parsed.get("data", []):
+                for type_name, named in entry.items():
+                    if unquote(type_name) != "aws_iam_policy_document" or not isinstance(named, dict):
+                        continue
+                    for name, body in named.items():
+                        if name.startswith("__") or not isinstance(body, dict):
+                            continue
+                        name = unquote(name)
+                        if (directory, name) in KMS_DECRYPT_UNSCOPED:
+                            continue
+                        for statement in policy_statements(body):
+                            if statement.get("principals") or unquote(statement.get("effect", "Allow")) == "Deny":
+                                continue  # a resource policy (key policy), or a deny
+                            actions = statement.get("actions", [])
+                            if not isinstance(actions, list):
+                                continue
+                            if not {unquote(a).lower() for a in actions} & KMS_DECRYPT_ACTIONS:
+                                continue
+                            conditions = statement.get("condition", [])
+                            scoped = isinstance(conditions, list) and any(
+                                isinstance(c, dict)
+                                and unquote(c.get("variable", "")) == "kms:ViaService"
+                                and unquote(c.get("test", "")) in ("StringEquals", "StringLike")
+                                and c.get("values")
+                                for c in conditions
+                            )
+                            if not scoped:
+                                sid = unquote(statement.get("sid", "")) or "(no sid)"
+                                self.problem(
+                                    path,
+                                    f'data "aws_iam_policy_document" "{name}" statement {sid} allows kms:Decrypt '
+                                    "without a kms:ViaService condition (e.g. secretsmanager.<region>.amazonaws.com)",
+                                )
+
     # -- load balancers ----------------------------------------------------------------------
 
     def check_listener_internal_paths(self) -> None:
@@ -554,6 +616,7 @@ class Checker:
         self.check_module_calls()
         self.check_references()
         self.check_lambda_environments()
+        self.check_kms_decrypt_scoped()
         self.check_listener_internal_paths()
         self.check_plan_workflows()
         print(

@@ -4,6 +4,8 @@
 
 data "aws_partition" "current" {}
 
+data "aws_region" "current" {}
+
 locals {
   partition = data.aws_partition.current.partition
 }
@@ -92,10 +94,20 @@ data "aws_iam_policy_document" "function" {
     resources = var.secret_arns
   }
 
+  # Only for reading the secrets above: Secrets Manager decrypts them with the
+  # key on the function's behalf. The environment variables need no IAM
+  # permission (Lambda decrypts them through the grant it creates on the key
+  # for the execution role), and the function's own code never calls KMS.
   statement {
-    sid       = "DecryptEnvironmentAndSecrets"
+    sid       = "DecryptSecretsOnly"
     actions   = ["kms:Decrypt"]
     resources = [var.kms_key_arn]
+
+    condition {
+      test     = "StringEquals"
+      variable = "kms:ViaService"
+      values   = ["secretsmanager.${data.aws_region.current.name}.amazonaws.com"]
+    }
   }
 
   statement {
