@@ -226,7 +226,7 @@ resource "aws_lb" "this" {
 ################################################################################
 
 resource "aws_lb_target_group" "pods" {
-  # checkov:skip=CKV_AWS_378:TLS terminates at the ALB; the services speak plain HTTP on the in-VPC hop, restricted by security group and NetworkPolicy.
+  # checkov:skip=CKV_AWS_378:TLS terminates at the ALB; traffic from the ALB to the pods is plain, unencrypted HTTP inside the VPC (the pods serve no TLS), limited to the service port by the ALB and pod security groups and by the pods' NetworkPolicy.
   for_each = toset(var.serve_writes ? ["write", "read"] : ["read"])
 
   name                 = "${var.name}-${each.key}"

@@ -34,9 +34,11 @@ resource "aws_vpc_security_group_ingress_rule" "redis" {
 # AUTH token in Secrets Manager
 #
 # The services read the token from REDIS_AUTH_SECRET_ID (a plain-string
-# secret) and connect with rediss://. To rotate: taint random_password.auth and
-# apply; auth_token_update_strategy = ROTATE keeps the old and the new token
-# valid together while the pods re-read the secret.
+# secret) and connect with rediss://. Nothing rotates it automatically. To
+# rotate (docs/deploy.md, Day 2): replace random_password.auth and apply;
+# auth_token_update_strategy = ROTATE adds the new token and keeps the old one
+# valid while the pods restart and re-read the secret; then modify the group
+# with the SET strategy and the new token, which makes the old one invalid.
 ################################################################################
 
 resource "random_password" "auth" {
@@ -45,7 +47,7 @@ resource "random_password" "auth" {
 }
 
 resource "aws_secretsmanager_secret" "auth" {
-  # checkov:skip=CKV2_AWS_57:Secrets Manager has no rotation function for ElastiCache AUTH tokens; rotation is the Terraform runbook above (ROTATE strategy keeps both tokens valid during the switch).
+  # checkov:skip=CKV2_AWS_57:Rotation is not enabled: no rotation function is configured (Secrets Manager has none for ElastiCache AUTH tokens). The operator must rotate by hand as docs/deploy.md section 15 says: replace random_password.auth and apply, restart the workloads, then modify the replication group with the SET strategy, until which the old token stays valid.
   name                    = "${var.name}/redis/auth-token"
   description             = "AUTH token of the ElastiCache replication group ${var.name}"
   kms_key_id              = var.kms_key_arn

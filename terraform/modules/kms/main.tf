@@ -26,7 +26,7 @@ locals {
 
 data "aws_iam_policy_document" "key" {
   # checkov:skip=CKV_AWS_109:A key policy's "*" resource means this key only; the root statement delegates to IAM policies exactly like AWS's default key policy.
-  # checkov:skip=CKV_AWS_111:A key policy's "*" resource means this key only; write access is granted per role in IAM, scoped by kms:ViaService.
+  # checkov:skip=CKV_AWS_111:The "*" resource means this key only. EnableIamPolicies gives the account kms:* on it without conditions (AWS's default key policy): every IAM principal whose IAM policy allows kms actions on this key, administrators included, can use and manage it; the constraints are in those IAM policies (workload roles get kms:Decrypt only with kms:ViaService). AllowCloudWatchLogs lets the regional Logs service encrypt and decrypt only for this account's log groups.
   # checkov:skip=CKV_AWS_356:A key policy's "*" resource means this key only; key policies cannot name the key's own ARN before it exists.
   # Delegate to IAM: workload roles get kms:Decrypt in their own policies,
   # scoped with kms:ViaService where the call always goes through a service.

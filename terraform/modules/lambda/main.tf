@@ -136,7 +136,7 @@ resource "aws_cloudwatch_log_group" "function" {
 
 resource "aws_lambda_function" "this" {
   # checkov:skip=CKV_AWS_116:Invoked synchronously by the ALB; a failed request is answered to the client, there is no async event to dead-letter.
-  # checkov:skip=CKV_AWS_272:The zip is built by the release workflow from a reviewed commit; Lambda code signing would need AWS Signer profiles and S3-hosted signed artifacts, not set up for this project yet.
+  # checkov:skip=CKV_AWS_272:Code signing is not configured: Lambda runs whatever zip terraform apply uploads from lambda_zip_paths, or anyone with lambda:UpdateFunctionCode deploys; nothing verifies it came from the release workflow. Enabling it needs an AWS Signer profile, signed packages in S3 and an aws_lambda_code_signing_config.
   function_name = var.function_name
   description   = var.description
   role          = aws_iam_role.function.arn
