@@ -12,14 +12,21 @@
   Deployments mount it from the operator-created ConfigMap tandem-rds-ca.
 * Each Deployment probes /healthz (liveness) and /readyz (readiness) and has a preStop sleep
   shorter than its termination grace period.
-* With --overlay: no `set-by-overlay` placeholder is left, images name a registry and a tag, and
-  IRSA annotations and target group ARNs look like real ARNs.
+* No NetworkPolicy ingress rule admits everything: each names its sources (`from`), no ipBlock
+  is wider than a /16 (a VPC's largest size: 0.0.0.0/0 and 10.0.0.0/8 are refused) and no
+  namespaceSelector is empty (every namespace). The API pods take traffic from the load balancer
+  subnets only, which each overlay appends as ipBlocks (patches/network-policies.yaml).
+* With --overlay: no `set-by-overlay` placeholder is left, images name a registry and a tag,
+  IRSA annotations and target group ARNs look like real ARNs, and the pods behind every
+  TargetGroupBinding admit some ipBlock (the load balancer subnets) on the Service's target port,
+  or the ALB could not reach them.
 
 Usage: check_manifests.py [--overlay] RENDERED.yaml...
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import sys
 from pathlib import Path
@@ -30,6 +37,9 @@ import yaml
 import env_contract
 
 PLACEHOLDER = "set-by-overlay"
+# No subnet of an AWS VPC is larger than the VPC's largest size, /16; a wider ingress ipBlock
+# admits addresses that are not the load balancer's (0.0.0.0/0, 10.0.0.0/8, 172.16.0.0/12).
+MIN_INGRESS_PREFIX = 16
 
 TARGET_GROUP_ARN = r"^arn:aws[a-z-]*:elasticloadbalancing:[a-z0-9-]+:[0-9]{12}:targetgroup/[A-Za-z0-9-]{1,32}/[0-9a-f]{16}$"
 ROLE_ARN = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]+$"
@@ -97,6 +107,8 @@ class Checker:
             if doc.get("kind") == "ConfigMap"
         }
         services = {doc["metadata"]["name"] for doc in docs if doc.get("kind") == "Service"}
+        if self.overlay:
+            self.check_load_balancer_reachability(source, docs)
         for doc in docs:
             if self.overlay and PLACEHOLDER in yaml.safe_dump(doc):
                 self.problem(source, doc, f"still contains the placeholder {PLACEHOLDER!r}")
@@ -105,11 +117,91 @@ class Checker:
                 self.check_target_group_binding(source, doc, services)
             elif kind == "Deployment":
                 self.check_deployment(source, doc, config_maps)
+            elif kind == "NetworkPolicy":
+                self.check_network_policy(source, doc)
             elif kind == "ServiceAccount" and self.overlay:
                 arn = doc.get("metadata", {}).get("annotations", {}).get("eks.amazonaws.com/role-arn")
                 if arn is None or not re.match(ROLE_ARN, arn):
                     self.problem(source, doc, f"eks.amazonaws.com/role-arn is not an IAM role ARN: {arn!r}")
         return len(docs)
+
+    def check_network_policy(self, source: str, doc: dict) -> None:
+        for number, rule in enumerate(doc.get("spec", {}).get("ingress") or [], start=1):
+            peers = (rule or {}).get("from") or []
+            if not peers:
+                self.problem(source, doc, f"ingress rule {number} has no `from`: it admits every source")
+                continue
+            for peer in peers:
+                block = peer.get("ipBlock")
+                if block is not None:
+                    try:
+                        network = ipaddress.ip_network(str(block.get("cidr")), strict=False)
+                    except ValueError:
+                        self.problem(source, doc, f"ingress rule {number}: ipBlock {block.get('cidr')!r} is not a CIDR")
+                        continue
+                    if network.prefixlen < MIN_INGRESS_PREFIX:
+                        self.problem(
+                            source,
+                            doc,
+                            f"ingress rule {number} admits {network} (wider than /{MIN_INGRESS_PREFIX}); admit the "
+                            "load balancer subnets only (terraform output load_balancer_subnet_cidrs)",
+                        )
+                if "namespaceSelector" in peer and not (peer["namespaceSelector"] or {}):
+                    self.problem(source, doc, f"ingress rule {number} has an empty namespaceSelector: every namespace")
+
+    def check_load_balancer_reachability(self, source: str, docs: list[dict]) -> None:
+        """Overlay rule: the pods behind each TargetGroupBinding admit an ipBlock on the target port."""
+        by_kind: dict[str, dict[str, dict]] = {}
+        for doc in docs:
+            by_kind.setdefault(doc.get("kind", ""), {})[doc.get("metadata", {}).get("name", "")] = doc
+        policies = list(by_kind.get("NetworkPolicy", {}).values())
+        for binding in by_kind.get("TargetGroupBinding", {}).values():
+            ref = binding.get("spec", {}).get("serviceRef", {})
+            service = by_kind.get("Service", {}).get(ref.get("name"))
+            if service is None:
+                continue  # reported by check_target_group_binding
+            selector = service.get("spec", {}).get("selector") or {}
+            port = next(
+                (p for p in service["spec"].get("ports", []) if ref.get("port") in (p.get("port"), p.get("name"))),
+                None,
+            )
+            if port is None:
+                self.problem(source, binding, f"serviceRef port {ref.get('port')!r} is not a port of Service {ref.get('name')}")
+                continue
+            target = port.get("targetPort", port.get("port"))
+            # The pod template labels and the container port the target port names.
+            pods = [
+                d["spec"]["template"]
+                for d in by_kind.get("Deployment", {}).values()
+                if selector and selector.items() <= (d["spec"]["template"]["metadata"].get("labels") or {}).items()
+            ]
+            for template in pods:
+                labels = template["metadata"].get("labels") or {}
+                numbers = {target} | {
+                    c_port.get("containerPort")
+                    for container in template["spec"].get("containers", [])
+                    for c_port in container.get("ports", [])
+                    if c_port.get("name") == target
+                }
+                admitted = False
+                for policy in policies:
+                    match = policy.get("spec", {}).get("podSelector", {}).get("matchLabels") or {}
+                    if not match.items() <= labels.items():
+                        continue
+                    for rule in policy["spec"].get("ingress") or []:
+                        if not any("ipBlock" in peer for peer in rule.get("from") or []):
+                            continue
+                        ports = rule.get("ports") or []
+                        if not ports or any(p.get("port") in numbers for p in ports):
+                            admitted = True
+                if not admitted:
+                    self.problem(
+                        source,
+                        binding,
+                        f"no NetworkPolicy admits the load balancer (an ipBlock ingress on port {target}) to the pods "
+                        f"of Service {service['metadata']['name']}: add the load balancer subnets "
+                        "(patches/network-policies.yaml in the overlay)",
+                    )
 
     def check_target_group_binding(self, source: str, doc: dict, services: set[str]) -> None:
         for error in jsonschema.Draft202012Validator(TARGET_GROUP_BINDING_SCHEMA).iter_errors(doc):

@@ -100,6 +100,14 @@ output "target_group_arns" {
   }
 }
 
+output "load_balancer_subnet_cidrs" {
+  description = "Public subnet CIDRs per region, where the ALB's addresses are: the only address ranges the API pods' NetworkPolicies admit (eks/overlays/regionN/patches/network-policies.yaml)."
+  value = {
+    region1 = var.region1_network.public_subnet_cidrs
+    region2 = var.region2_network.public_subnet_cidrs
+  }
+}
+
 output "overlay_values" {
   description = "Every environment value the overlays need, per region (ConfigMap literals)."
   value = {
