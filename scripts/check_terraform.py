@@ -15,7 +15,7 @@ so this script checks what can be checked from the source alone, with python-hcl
   lists in `configuration_aliases`;
 * every reference resolves within its module directory: `var.X` to a declared variable,
   `local.X` to a local, `module.M.O` to a module block whose (local) source declares output O,
-  `data.T.N` and `T.N` (resources of the aws, random and tls providers) to a declared block;
+  `data.T.N` and `T.N` (resources of the aws, random, tls and kafka providers) to a declared block;
   the most common `terraform validate` errors, caught without providers;
 * every call of modules/lambda sets only environment variables its binary (Write or Read, from
   var.lambda_zip_paths) reads and every one it requires, as derived from the Rust sources by
@@ -31,6 +31,15 @@ so this script checks what can be checked from the source alone, with python-hcl
   that allows kms:Decrypt (or a wildcard covering it) has a kms:ViaService condition, so a role
   can decrypt only through the service it reads (Secrets Manager), never by calling KMS itself;
   the few service roles that must call KMS directly are listed in KMS_DECRYPT_UNSCOPED with why;
+* every `aws_msk_configuration` sets message.max.bytes and replica.fetch.max.bytes from the same
+  variable, whose default is a literal number (modules/msk: max_message_bytes, which must equal
+  KAFKA_MAX_MESSAGE_BYTES in shared/src/limits.rs, a Rust test compares them), and sets
+  allow.everyone.if.no.acl.found to false: literally, or through a bootstrap variable whose
+  default is false in the module and in every deployment that passes it, and that no committed
+  .tfvars turns on;
+* the Kafka topic and consumer group the ACLs name (variables kafka_topic and consumer_group)
+  default to what the Kubernetes manifests set (KAFKA_TOPIC, KAFKA_GROUP_ID in eks/): an ACL for
+  another name would lock the relay or the consumer out;
 * the GitHub workflows next to the tree (.github/workflows) that run `terraform plan` never
   upload the binary plan (a saved plan holds every sensitive value it read: database password,
   Redis AUTH token, SCRAM passwords; only `terraform show` text may leave the job), delete it in
@@ -86,7 +95,7 @@ LOCAL_REF = re.compile(r"\blocal\.([A-Za-z0-9_]+)")
 VAR_REF = re.compile(r"(?<![\w.])var\.([A-Za-z_][A-Za-z0-9_-]*)")
 MODULE_REF = re.compile(r"(?<![\w.])module\.([A-Za-z_][A-Za-z0-9_-]*)(?:\[[^\]]*\])?(?:\.([A-Za-z_][A-Za-z0-9_-]*))?")
 DATA_REF = re.compile(r"(?<![\w.])data\.([a-z][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_-]*)")
-RESOURCE_REF = re.compile(r"(?<![\w.\"])((?:aws|random|tls)_[a-z0-9_]+)\.([A-Za-z_][A-Za-z0-9_-]*)")
+RESOURCE_REF = re.compile(r"(?<![\w.\"])((?:aws|random|tls|kafka)_[a-z0-9_]+)\.([A-Za-z_][A-Za-z0-9_-]*)")
 # aws_iam_policy_document blocks (module directory, data source name) that may allow kms:Decrypt
 # without kms:ViaService, and why. Workload roles (IRSA, Lambda, RDS Proxy) never belong here.
 KMS_DECRYPT_UNSCOPED = {
@@ -96,6 +105,14 @@ KMS_DECRYPT_UNSCOPED = {
     "replicated repositories with the replica key",
 }
 KMS_DECRYPT_ACTIONS = {"*", "kms:*", "kms:decrypt", "kms:decrypt*", "kms:de*", "kms:d*"}
+# server.properties lines of an MSK configuration: `key=value`.
+PROPERTY = re.compile(r"^\s*([A-Za-z0-9._-]+)\s*=\s*(.*?)\s*$", re.M)
+VAR_ONLY = re.compile(r"^\$\{var\.([A-Za-z_][A-Za-z0-9_-]*)\}$")
+# `${var.X ? "true" : "false"}`: true only while var.X is.
+VAR_SWITCH = re.compile(r'^\$\{var\.([A-Za-z_][A-Za-z0-9_-]*)\s*\?\s*"true"\s*:\s*"false"\s*\}$')
+SAME_SIZE_PROPERTIES = ("message.max.bytes", "replica.fetch.max.bytes")
+# Terraform variable holding a Kafka name -> the manifest variable that must match its default.
+KAFKA_NAME_VARIABLES = {"kafka_topic": "KAFKA_TOPIC", "topic": "KAFKA_TOPIC", "consumer_group": "KAFKA_GROUP_ID"}
 # Paths a public listener must never forward (the services' Prometheus endpoint).
 INTERNAL_PATHS = ("/metrics", "/metrics/*")
 LOCAL_ONLY = re.compile(r"^\$\{local\.([A-Za-z0-9_]+)\}$")
@@ -152,6 +169,26 @@ def first_block(body: dict, key: str) -> dict:
     if isinstance(value, list) and value and isinstance(value[0], dict):
         return value[0]
     return value if isinstance(value, dict) else {}
+
+
+REQUIRED = object()  # a variable without a default
+
+
+def manifest_literals(eks: Path) -> dict[str, list[tuple[str, str]]]:
+    """KEY -> [(file, value)] of every configMapGenerator literal under eks/ (kustomizations)."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    if not eks.is_dir():
+        return found
+    for path in sorted(eks.rglob("kustomization.yaml")):
+        try:
+            document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            continue
+        for generator in document.get("configMapGenerator") or []:
+            for literal in generator.get("literals") or []:
+                key, _, value = str(literal).partition("=")
+                found.setdefault(key, []).append((str(path.relative_to(eks.parent)), value))
+    return found
 
 
 def policy_statements(body: dict) -> list[dict]:
@@ -521,6 +558,106 @@ class Checker:
                                     "without a kms:ViaService condition (e.g. secretsmanager.<region>.amazonaws.com)",
                                 )
 
+    # -- Kafka ---------------------------------------------------------------------------------
+
+    def variable_defaults(self, directory: Path) -> dict[str, object]:
+        """name -> default (a marker object when the variable has none) of a directory's variables."""
+        defaults: dict[str, object] = {}
+        for _, parsed in self.files_in(directory):
+            for name, body in labelled_blocks(parsed, "variable"):
+                defaults[name] = body.get("default", REQUIRED)
+        return defaults
+
+    def module_calls_of(self, directory: Path) -> list[tuple[Path, str, dict]]:
+        """(file, name, body) of every module block whose local source is `directory`."""
+        calls = []
+        for path, parsed in self.parsed.items():
+            for name, body in labelled_blocks(parsed, "module"):
+                source = unquote(body.get("source", ""))
+                if source.startswith(("./", "../")) and (path.parent / source).resolve() == directory.resolve():
+                    calls.append((path, name, body))
+        return calls
+
+    def check_msk_configurations(self) -> None:
+        for path, parsed in self.parsed.items():
+            for entry in parsed.get("resource", []):
+                for type_name, named in entry.items():
+                    if unquote(type_name) != "aws_msk_configuration" or not isinstance(named, dict):
+                        continue
+                    for name, body in named.items():
+                        if name.startswith("__") or not isinstance(body, dict):
+                            continue
+                        where = f'{path.relative_to(self.root.parent)} aws_msk_configuration "{unquote(name)}"'
+                        text = str(body.get("server_properties", ""))
+                        properties = {key: value for key, value in PROPERTY.findall(text)}
+                        self.check_msk_sizes(where, path.parent, properties)
+                        self.check_msk_acl_default(where, path.parent, properties)
+
+    def check_msk_sizes(self, where: str, directory: Path, properties: dict[str, str]) -> None:
+        values = {key: properties.get(key) for key in SAME_SIZE_PROPERTIES}
+        missing = [key for key, value in values.items() if value is None]
+        if missing:
+            self.problem(where, f"server_properties does not set {', '.join(missing)}")
+            return
+        if len(set(values.values())) != 1:
+            self.problem(where, f"{' and '.join(SAME_SIZE_PROPERTIES)} differ ({values}); set both from one variable")
+            return
+        match = VAR_ONLY.match(next(iter(values.values())))
+        if not match:
+            self.problem(where, f"{SAME_SIZE_PROPERTIES[0]} is not a single variable (${{var.max_message_bytes}})")
+            return
+        default = self.variable_defaults(directory).get(match.group(1), REQUIRED)
+        if not isinstance(default, int):
+            self.problem(where, f"var.{match.group(1)} needs a literal numeric default (KAFKA_MAX_MESSAGE_BYTES)")
+
+    def check_msk_acl_default(self, where: str, directory: Path, properties: dict[str, str]) -> None:
+        key = "allow.everyone.if.no.acl.found"
+        value = properties.get(key)
+        if value is None:
+            self.problem(where, f"server_properties does not set {key}=false (MSK's default lets every SCRAM user use every topic)")
+            return
+        if value == "false":
+            return
+        switch = VAR_SWITCH.match(value)
+        if not switch:
+            self.problem(where, f'{key}={value}: must be false, or ${{var.X ? "true" : "false"}} for a bootstrap switch')
+            return
+        variable = switch.group(1)
+        if self.variable_defaults(directory).get(variable) is not False:
+            self.problem(where, f"{key} follows var.{variable}, whose default must be false")
+        for path, call, body in self.module_calls_of(directory):
+            call_where = f'{path.relative_to(self.root.parent)} module "{call}"'
+            if variable not in body or body[variable] is False:
+                continue
+            passed = VAR_ONLY.match(str(body[variable]))
+            if not passed:
+                self.problem(call_where, f"{variable} must be false or a variable defaulting to false, not {body[variable]!r}")
+                continue
+            root_variable = passed.group(1)
+            if self.variable_defaults(path.parent).get(root_variable) is not False:
+                self.problem(call_where, f"passes var.{root_variable} as {variable}: its default must be false")
+            for tfvars in sorted(path.parent.glob("*.tfvars")):
+                if re.search(rf"^\s*{re.escape(root_variable)}\s*=\s*true\b", tfvars.read_text(encoding="utf-8"), re.M):
+                    self.problem(tfvars, f"sets {root_variable} = true: the cluster would let every SCRAM user use what no ACL covers")
+
+    def check_kafka_names(self) -> None:
+        manifests = manifest_literals(self.root.parent / "eks")
+        if not manifests:
+            return
+        for path, parsed in self.parsed.items():
+            for name, body in labelled_blocks(parsed, "variable"):
+                setting = KAFKA_NAME_VARIABLES.get(name)
+                if setting is None or setting not in manifests or "default" not in body:
+                    continue
+                default = unquote(body["default"])
+                for source, value in manifests[setting]:
+                    if value != default:
+                        self.problem(
+                            path,
+                            f'variable "{name}" defaults to {default!r} but {source} sets {setting}={value}: '
+                            "the Kafka ACLs would name another resource than the workloads use",
+                        )
+
     # -- load balancers ----------------------------------------------------------------------
 
     def check_listener_internal_paths(self) -> None:
@@ -617,6 +754,8 @@ class Checker:
         self.check_references()
         self.check_lambda_environments()
         self.check_kms_decrypt_scoped()
+        self.check_msk_configurations()
+        self.check_kafka_names()
         self.check_listener_internal_paths()
         self.check_plan_workflows()
         print(

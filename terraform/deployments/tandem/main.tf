@@ -304,7 +304,8 @@ module "msk" {
   kafka_version          = var.kafka_version
   broker_instance_type   = var.msk_broker_instance_type
   broker_volume_size_gib = var.msk_broker_volume_size_gib
-  scram_users            = ["relay", "consumer"]
+  scram_users            = ["relay", "consumer", "admin"]
+  acl_bootstrap          = var.kafka_acl_bootstrap
   replica_region         = var.region2
   replica_kms_key_arn    = module.kms_region2.key_arn
   replicated_users       = ["consumer"]

@@ -141,6 +141,23 @@ output "overlay_values" {
   }
 }
 
+################################################################################
+# Input of terraform/deployments/tandem-kafka-acls (read through remote state)
+################################################################################
+
+output "kafka_acl_inputs" {
+  description = "What the Kafka ACL deployment (terraform/deployments/tandem-kafka-acls) needs: the MSK cluster, its SASL/SCRAM bootstrap brokers, the topic, the principal per SCRAM user and the admin's secret."
+  value = {
+    region            = var.region1
+    cluster_name      = module.msk.cluster_name
+    bootstrap_brokers = module.msk.bootstrap_brokers_sasl_scram
+    kafka_version     = var.kafka_version
+    topic             = var.kafka_topic
+    principals        = module.msk.scram_principals
+    admin_secret_arn  = module.msk.scram_secret_arns["admin"]
+  }
+}
+
 output "database_master_secret_arns" {
   description = "RDS-managed master secret per region (bootstrap SQL only; never given to a workload)."
   value = {

@@ -173,6 +173,12 @@ variable "kafka_topic" {
   default     = "tandem.documents"
 }
 
+variable "kafka_acl_bootstrap" {
+  type        = bool
+  description = "true only while a new MSK cluster (or one created before ACLs were enforced) gets its first ACLs: MSK then allows what no ACL covers, so the admin user can create them. Apply, apply terraform/deployments/tandem-kafka-acls, then remove it and apply again (docs/deploy.md, \"Kafka ACLs\")."
+  default     = false
+}
+
 ################################################################################
 # Compute mode of the Write and Read APIs
 ################################################################################

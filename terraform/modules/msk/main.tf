@@ -18,6 +18,10 @@ data "aws_partition" "current" {}
 
 locals {
   sasl_scram_port = 9096
+
+  # SCRAM user names, and the principals Kafka's authorizer sees for them
+  # (the ACLs of modules/msk_acls name these).
+  scram_usernames = { for user in var.scram_users : user => "tandem-${user}" }
 }
 
 ################################################################################
@@ -46,20 +50,36 @@ resource "aws_vpc_security_group_ingress_rule" "clients" {
 # Broker configuration
 ################################################################################
 
+# Topics are created explicitly (the relay calls CreateTopics at start-up),
+# never implicitly by a produce or fetch with a mistyped name.
+#
+# allow.everyone.if.no.acl.found=false: a principal may use a topic, a group
+# or the cluster only where a Kafka ACL allows it (MSK's default, true, lets
+# every authenticated SCRAM user do anything that has no ACL yet). The ACLs
+# are applied by terraform/deployments/tandem-kafka-acls (modules/msk_acls):
+# relay, consumer and the admin that manages them. MSK's brokers are super
+# users and need none. acl_bootstrap leaves it true for the first apply of a
+# new cluster only, because nobody can create the first ACL on a cluster that
+# already denies by default (docs/deploy.md, "Kafka ACLs").
+#
+# message.max.bytes and replica.fetch.max.bytes come from one value, which
+# must equal KAFKA_MAX_MESSAGE_BYTES in shared/src/limits.rs (the producer's,
+# the topic's and the consumer's limit).
 resource "aws_msk_configuration" "this" {
   name           = "${var.name}-config"
   kafka_versions = [var.kafka_version]
-  description    = "Tandem: explicit topics, three replicas, two in sync"
+  description    = "Tandem: explicit topics, ACLs enforced, three replicas, two in sync"
 
-  # Topics are created explicitly (the relay calls CreateTopics at start-up),
-  # never implicitly by a produce or fetch with a mistyped name.
   server_properties = <<-EOT
     auto.create.topics.enable=false
+    allow.everyone.if.no.acl.found=${var.acl_bootstrap ? "true" : "false"}
     default.replication.factor=3
     min.insync.replicas=2
     num.partitions=6
     unclean.leader.election.enable=false
     log.retention.hours=168
+    message.max.bytes=${var.max_message_bytes}
+    replica.fetch.max.bytes=${var.max_message_bytes}
   EOT
 }
 
@@ -131,7 +151,9 @@ resource "aws_msk_cluster" "this" {
 # SASL/SCRAM credentials
 #
 # MSK reads SCRAM users only from secrets whose name starts with AmazonMSK_ and
-# that are encrypted with a customer managed key.
+# that are encrypted with a customer managed key. One user per workload (relay,
+# consumer) and one, admin, that only manages the ACLs (Alter on the cluster);
+# no workload role may read the admin secret.
 ################################################################################
 
 resource "random_password" "scram" {
@@ -168,7 +190,7 @@ resource "aws_secretsmanager_secret_version" "scram" {
 
   secret_id = aws_secretsmanager_secret.scram[each.key].id
   secret_string = jsonencode({
-    username = "tandem-${each.key}"
+    username = local.scram_usernames[each.key]
     password = random_password.scram[each.key].result
   })
 }

@@ -18,6 +18,16 @@ output "scram_secret_names" {
   value       = { for user, secret in aws_secretsmanager_secret.scram : user => secret.name }
 }
 
+output "scram_principals" {
+  description = "Kafka principal (User:<SCRAM user name>) per SCRAM user: what the ACLs of modules/msk_acls name."
+  value       = { for user, name in local.scram_usernames : user => "User:${name}" }
+}
+
+output "cluster_name" {
+  description = "Name of the MSK cluster."
+  value       = aws_msk_cluster.this.cluster_name
+}
+
 output "replica_secret_arns" {
   description = "ARN pattern of the replicated secret per replicated SCRAM user in replica_region (replicas keep the name and the random suffix, so a ?????? wildcard matches exactly one secret)."
   value = var.replica_region == null ? {} : {

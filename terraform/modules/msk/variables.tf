@@ -44,8 +44,32 @@ variable "broker_volume_size_gib" {
 
 variable "scram_users" {
   type        = list(string)
-  description = "SASL/SCRAM users to create, one per workload that talks to Kafka (relay, consumer). Each gets its own AmazonMSK_ secret."
-  default     = ["relay", "consumer"]
+  description = "SASL/SCRAM users to create, one per workload that talks to Kafka (relay, consumer) plus admin, the principal that manages the Kafka ACLs. Each gets its own AmazonMSK_ secret and the user name tandem-<user>."
+  default     = ["relay", "consumer", "admin"]
+
+  validation {
+    condition     = contains(var.scram_users, "admin")
+    error_message = "scram_users must contain admin: with allow.everyone.if.no.acl.found=false only an ACL admin can create and change the ACLs."
+  }
+}
+
+variable "acl_bootstrap" {
+  type        = bool
+  description = "true only while a new cluster gets its first ACLs: sets allow.everyone.if.no.acl.found=true so the admin user may create them (no principal can create the first ACL on a cluster that denies by default). Apply terraform/deployments/tandem-kafka-acls, then set false and apply again (docs/deploy.md, \"Kafka ACLs\")."
+  default     = false
+}
+
+variable "max_message_bytes" {
+  type        = number
+  description = "Largest record batch the brokers accept and replicate (message.max.bytes and replica.fetch.max.bytes); must equal KAFKA_MAX_MESSAGE_BYTES in shared/src/limits.rs."
+
+  # A Rust test reads this default and compares it with KAFKA_MAX_MESSAGE_BYTES.
+  default = 1048576
+
+  validation {
+    condition     = var.max_message_bytes >= 1024 && floor(var.max_message_bytes) == var.max_message_bytes
+    error_message = "max_message_bytes must be a whole number of bytes, at least 1024."
+  }
 }
 
 variable "replica_region" {
