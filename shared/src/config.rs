@@ -100,6 +100,9 @@ pub struct ServiceSettings {
     pub port: u16,
     /// Address to bind (`BIND_ADDRESS`), `0.0.0.0` in containers, `127.0.0.1` locally.
     pub bind_address: std::net::IpAddr,
+    /// A request still running after this long is answered 503 and its work dropped
+    /// (`TANDEM_REQUEST_TIMEOUT_MS`, default 10000).
+    pub request_timeout: Duration,
 }
 
 impl ServiceSettings {
@@ -108,6 +111,7 @@ impl ServiceSettings {
             region: optional("TANDEM_REGION").unwrap_or_else(|| "region1".to_owned()),
             port: parsed_or("PORT", 8080)?,
             bind_address: parsed_or("BIND_ADDRESS", std::net::IpAddr::from([0, 0, 0, 0]))?,
+            request_timeout: millis_or("TANDEM_REQUEST_TIMEOUT_MS", Duration::from_secs(10))?,
         })
     }
 }

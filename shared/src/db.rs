@@ -64,6 +64,65 @@ pub struct DatabaseSettings {
     pub pool_timeout: Duration,
     /// How often rotating credentials are re-read (`DATABASE_CREDENTIALS_REFRESH_SECONDS`).
     pub refresh_every: Duration,
+    /// Time bounds every connection carries, so that no statement, lock wait or forgotten
+    /// transaction holds a connection (and the rows it locked) for long.
+    pub limits: SessionLimits,
+}
+
+/// PostgreSQL session settings applied to every connection (pooled and dedicated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// `statement_timeout` (`DATABASE_STATEMENT_TIMEOUT_MS`, default 15000).
+    pub statement_timeout: Duration,
+    /// `lock_timeout` (`DATABASE_LOCK_TIMEOUT_MS`, default 5000): a write waiting this long
+    /// for a row lock answers 503 instead of holding its connection.
+    pub lock_timeout: Duration,
+    /// `idle_in_transaction_session_timeout`
+    /// (`DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS`, default 30000).
+    pub idle_in_transaction: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            statement_timeout: Duration::from_secs(15),
+            lock_timeout: Duration::from_secs(5),
+            idle_in_transaction: Duration::from_secs(30),
+        }
+    }
+}
+
+impl SessionLimits {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let default = Self::default();
+        Ok(Self {
+            statement_timeout: config::millis_or(
+                "DATABASE_STATEMENT_TIMEOUT_MS",
+                default.statement_timeout,
+            )?,
+            lock_timeout: config::millis_or("DATABASE_LOCK_TIMEOUT_MS", default.lock_timeout)?,
+            idle_in_transaction: config::millis_or(
+                "DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+                default.idle_in_transaction,
+            )?,
+        })
+    }
+
+    /// Adds the limits to a connection's startup options.
+    fn apply(&self, config: &mut tokio_postgres::Config) {
+        let mut options = config.get_options().unwrap_or_default().to_owned();
+        for (name, value) in [
+            ("statement_timeout", self.statement_timeout),
+            ("lock_timeout", self.lock_timeout),
+            ("idle_in_transaction_session_timeout", self.idle_in_transaction),
+        ] {
+            if !options.is_empty() {
+                options.push(' ');
+            }
+            options.push_str(&format!("-c {name}={}", value.as_millis()));
+        }
+        config.options(&options);
+    }
 }
 
 impl DatabaseSettings {
@@ -117,6 +176,7 @@ impl DatabaseSettings {
                 "DATABASE_CREDENTIALS_REFRESH_SECONDS",
                 600,
             )?),
+            limits: SessionLimits::from_env()?,
         })
     }
 
@@ -129,6 +189,7 @@ impl DatabaseSettings {
             pool_size: 16,
             pool_timeout: Duration::from_secs(2),
             refresh_every: Duration::from_secs(600),
+            limits: SessionLimits::default(),
         }
     }
 }
@@ -206,16 +267,12 @@ impl deadpool_postgres::Connect for RefreshingConnect {
 /// Fails only on bad settings or when the first credentials cannot be fetched; an unreachable
 /// database is not an error here (`/readyz` reports it and requests answer 503).
 pub async fn connect_pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
-    let initial = resolve_config(&settings.source)
+    let initial = resolve_limited(settings)
         .await
         .context("Failed to resolve the database connection settings")?;
     let slot: ConfigSlot = Arc::new(RwLock::new(initial.clone()));
     if !matches!(settings.source, CredentialSource::Url(_)) {
-        spawn_refresher(
-            settings.source.clone(),
-            slot.clone(),
-            settings.refresh_every,
-        );
+        spawn_refresher(settings.clone(), slot.clone());
     }
     let tls = match settings.tls {
         TlsMode::Disable => Tls::None,
@@ -236,6 +293,16 @@ pub async fn connect_pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
         .recycle_timeout(Some(settings.pool_timeout))
         .build()
         .context("Failed to build the database pool")
+}
+
+/// A pool of one connection for readiness probes, so that `/readyz` never queues behind the
+/// requests of a saturated pool (which would mark every replica unready at once): it answers
+/// within about a second whatever the request pool is doing.
+pub async fn connect_probe(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
+    let mut settings = settings.clone();
+    settings.pool_size = 1;
+    settings.pool_timeout = settings.pool_timeout.min(Duration::from_secs(1));
+    connect_pool(&settings).await
 }
 
 /// A pool for a plain URL (tools and tests).
@@ -263,6 +330,13 @@ fn rustls_connector(ca_file: Option<&str>) -> anyhow::Result<MakeRustlsConnect> 
     .with_root_certificates(roots)
     .with_no_client_auth();
     Ok(MakeRustlsConnect::new(config))
+}
+
+/// The connection settings with the session limits applied.
+async fn resolve_limited(settings: &DatabaseSettings) -> anyhow::Result<tokio_postgres::Config> {
+    let mut config = resolve_config(&settings.source).await?;
+    settings.limits.apply(&mut config);
+    Ok(config)
 }
 
 async fn resolve_config(source: &CredentialSource) -> anyhow::Result<tokio_postgres::Config> {
@@ -332,13 +406,13 @@ pub fn config_from_secret(text: &str) -> anyhow::Result<tokio_postgres::Config> 
     Ok(config)
 }
 
-fn spawn_refresher(source: CredentialSource, slot: ConfigSlot, every: Duration) {
+fn spawn_refresher(settings: DatabaseSettings, slot: ConfigSlot) {
     tokio::spawn(async move {
-        let mut interval = tokio::time::interval(every);
+        let mut interval = tokio::time::interval(settings.refresh_every);
         interval.tick().await;
         loop {
             interval.tick().await;
-            match resolve_config(&source).await {
+            match resolve_limited(&settings).await {
                 Ok(config) => {
                     if let Ok(mut guard) = slot.write() {
                         *guard = config;
@@ -383,7 +457,7 @@ pub struct SessionConnection {
 
 /// Opens a [`SessionConnection`] with the same credentials and TLS as the pool.
 pub async fn connect_session(settings: &DatabaseSettings) -> anyhow::Result<SessionConnection> {
-    let mut config = resolve_config(&settings.source).await?;
+    let mut config = resolve_limited(settings).await?;
     // Notice a dead peer within seconds: a lost session means lost leadership.
     config
         .keepalives(true)

@@ -86,6 +86,51 @@ pub struct ChangeEvent {
     pub data: DocumentState,
 }
 
+/// The envelope's attributes without `data`: what the relay writes around a stored payload.
+#[derive(Serialize)]
+struct EnvelopeHead<'a> {
+    specversion: &'a str,
+    id: Uuid,
+    source: String,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(with = "time::serde::rfc3339")]
+    time: OffsetDateTime,
+    subject: String,
+    datacontenttype: &'a str,
+}
+
+/// Encodes the envelope of a stored outbox row around its payload, which is passed through
+/// as the JSON text PostgreSQL rendered: never parsed, so no depth limit or number format can
+/// trip the relay, and no `serde_json::Value` is built per row. The result decodes as a
+/// [`ChangeEvent`] exactly as [`ChangeEvent::encode`]'s does.
+pub fn encode_envelope(
+    id: Uuid,
+    source_region: &str,
+    time: OffsetDateTime,
+    deleted: bool,
+    key: &DocumentKey,
+    payload_json: &str,
+) -> Vec<u8> {
+    let head = EnvelopeHead {
+        specversion: SPEC_VERSION,
+        id,
+        source: format!("/tandem/{source_region}"),
+        kind: if deleted { TYPE_DELETED } else { TYPE_UPSERTED },
+        time,
+        subject: format!("{}/{}", key.collection, key.id),
+        datacontenttype: "application/json",
+    };
+    let mut out = serde_json::to_vec(&head).unwrap_or_default();
+    // `{…}` → `{…,"data":<payload>}`
+    out.pop();
+    out.reserve(payload_json.len() + 9);
+    out.extend_from_slice(b",\"data\":");
+    out.extend_from_slice(payload_json.as_bytes());
+    out.push(b'}');
+    out
+}
+
 /// Why an event cannot be applied: it goes to the dead-letter store with this reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PoisonReason {
@@ -171,6 +216,28 @@ mod tests {
             data: (!deleted).then(|| Map::from_iter([("a".to_owned(), Value::from(1))])),
             created_at: None,
             updated_at: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn a_passed_through_payload_decodes_like_an_encoded_event() {
+        for deleted in [false, true] {
+            let event = ChangeEvent::new(
+                Uuid::now_v7(),
+                "region1",
+                OffsetDateTime::UNIX_EPOCH,
+                state(deleted),
+            );
+            let payload = serde_json::to_string(&event.data).expect("json");
+            let bytes = encode_envelope(
+                event.id,
+                "region1",
+                event.time,
+                deleted,
+                &event.data.key(),
+                &payload,
+            );
+            assert_eq!(ChangeEvent::decode(&bytes), Ok(event));
         }
     }
 

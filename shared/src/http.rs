@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -125,12 +125,23 @@ async fn render_metrics(State(ops): State<Ops>) -> impl IntoResponse {
 }
 
 /// Wraps a service's routes with everything every service needs. Call it last, on the complete
-/// Router, so that the layers see every route and the fallback.
-pub fn finish(router: Router, metrics: Arc<Metrics>, region: &str) -> Router {
+/// Router, so that the layers see every route and the fallback. A request still running after
+/// `timeout` is answered 503 (`request-timeout`) and its work dropped (a write's transaction
+/// then rolls back: it commits entirely or not at all).
+pub fn finish(router: Router, metrics: Arc<Metrics>, region: &str, timeout: Duration) -> Router {
     let region =
         HeaderValue::from_str(region).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
     router
         .fallback(|| async { ApiError::NoRoute })
+        .layer(middleware::from_fn(move |request: Request, next: Next| async move {
+            match tokio::time::timeout(timeout, next.run(request)).await {
+                Ok(response) => response,
+                Err(_) => ApiError::Timeout {
+                    after_ms: timeout.as_millis(),
+                }
+                .into_response(),
+            }
+        }))
         .layer(middleware::map_response(problem_for_bare_errors))
         .layer(middleware::from_fn_with_state(metrics, track))
         .layer(middleware::map_response(move |mut response: Response| {
@@ -155,7 +166,14 @@ async fn track(State(metrics): State<Arc<Metrics>>, request: Request, next: Next
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    // Only the methods HTTP defines get a label of their own: a client inventing methods must
+    // not be able to add time series.
+    let method = match request.method().as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS" | "TRACE"
+        | "CONNECT") => m,
+        _ => "OTHER",
+    }
+    .to_owned();
     let response = next.run(request).await;
     let labels = HttpLabels {
         route,

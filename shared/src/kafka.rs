@@ -69,17 +69,20 @@ impl KafkaSettings {
         Ok(config)
     }
 
-    /// Creates the topic unless it exists.
+    /// Creates the topic unless it exists, with `max.message.bytes` =
+    /// [`crate::limits::KAFKA_MAX_MESSAGE_BYTES`] (an existing topic keeps its settings).
     pub async fn ensure_topic(&self) -> anyhow::Result<()> {
         let config = self.client_config(&[]).await?;
         let admin: AdminClient<DefaultClientContext> = config
             .create()
             .context("Failed to create a Kafka admin client")?;
+        let max_message_bytes = crate::limits::KAFKA_MAX_MESSAGE_BYTES.to_string();
         let topic = NewTopic::new(
             &self.topic,
             self.partitions,
             TopicReplication::Fixed(self.replication),
-        );
+        )
+        .set("max.message.bytes", &max_message_bytes);
         let options = AdminOptions::new()
             .operation_timeout(Some(Duration::from_secs(10)))
             .request_timeout(Some(Duration::from_secs(10)));

@@ -14,6 +14,7 @@ pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod leader;
+pub mod limits;
 pub mod metrics;
 pub mod migrations;
 pub mod problem;

@@ -20,6 +20,13 @@ pub async fn run(pool: &Pool) -> anyhow::Result<()> {
         .get()
         .await
         .context("Failed to get a connection for migrations")?;
+    // A migration may rewrite a large table, and the lock waits for another replica's run:
+    // neither is bounded by the pool's statement and lock timeouts. The connection returns to
+    // the pool with its defaults restored.
+    client
+        .batch_execute("SET statement_timeout = 0; SET lock_timeout = 0")
+        .await
+        .context("Failed to lift the session's timeouts for migrations")?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
@@ -34,6 +41,10 @@ pub async fn run(pool: &Pool) -> anyhow::Result<()> {
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
         .await
         .context("Failed to release the migration lock");
+    client
+        .batch_execute("RESET statement_timeout; RESET lock_timeout")
+        .await
+        .ok();
     let report = result?;
     unlock?;
     for migration in report.applied_migrations() {

@@ -32,6 +32,14 @@ pub enum ApiError {
     UnsupportedMediaType { expected: &'static str },
     #[error("the request body exceeds {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("the document nests objects and arrays deeper than {limit} levels")]
+    TooDeep { limit: usize },
+    #[error(
+        "the document as stored would exceed {limit} bytes (its JSON text as PostgreSQL stores it, with numbers written out in full)"
+    )]
+    DocumentTooLarge { limit: usize },
+    #[error("the response would exceed {limit} bytes, more than the Lambda transport carries")]
+    ResponseTooLarge { limit: usize },
     #[error("{detail}")]
     BadRequest { title: &'static str, detail: String },
     #[error(transparent)]
@@ -52,6 +60,9 @@ pub enum ApiError {
         #[source]
         source: Option<anyhow::Error>,
     },
+    /// The request ran longer than `TANDEM_REQUEST_TIMEOUT_MS`.
+    #[error("the request did not complete within {after_ms} ms")]
+    Timeout { after_ms: u128 },
     /// Region 2 could not show a write the client has seen; read it from Region 1 instead.
     #[error("this region has not yet replicated the requested write")]
     Lagging {
@@ -80,6 +91,12 @@ impl From<WriteError> for ApiError {
             WriteError::NotFound => Self::NotFound,
             WriteError::PreconditionFailed { current } => Self::PreconditionFailed { current },
             WriteError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
+            WriteError::DocumentTooLarge => Self::DocumentTooLarge {
+                limit: crate::limits::MAX_DOCUMENT_BYTES,
+            },
+            WriteError::TooDeep => Self::TooDeep {
+                limit: crate::limits::MAX_JSON_DEPTH,
+            },
             WriteError::Store(e) => e.into(),
         }
     }
@@ -125,6 +142,21 @@ impl ApiError {
                 "payload-too-large",
                 "Payload too large",
             ),
+            Self::TooDeep { .. } => (
+                S::UNPROCESSABLE_ENTITY,
+                "too-deep",
+                "Document nested too deeply",
+            ),
+            Self::DocumentTooLarge { .. } => (
+                S::PAYLOAD_TOO_LARGE,
+                "document-too-large",
+                "Document too large",
+            ),
+            Self::ResponseTooLarge { .. } => (
+                S::PAYLOAD_TOO_LARGE,
+                "response-too-large",
+                "Response too large",
+            ),
             Self::BadRequest { title, .. } => (S::BAD_REQUEST, "bad-request", title),
             Self::Auth(AuthError::Missing | AuthError::Invalid(_)) => {
                 (S::UNAUTHORIZED, "unauthorized", "Authentication required")
@@ -163,6 +195,11 @@ impl ApiError {
                 S::SERVICE_UNAVAILABLE,
                 "dependency-unavailable",
                 "Service unavailable",
+            ),
+            Self::Timeout { .. } => (
+                S::SERVICE_UNAVAILABLE,
+                "request-timeout",
+                "Request timed out",
             ),
             Self::Lagging { .. } => (
                 S::SERVICE_UNAVAILABLE,
@@ -259,7 +296,9 @@ impl IntoResponse for ApiError {
                     headers.insert(header::WWW_AUTHENTICATE, v);
                 }
             }
-            Self::Unavailable { .. } | Self::Auth(AuthError::KeysUnavailable(_)) => {
+            Self::Unavailable { .. }
+            | Self::Timeout { .. }
+            | Self::Auth(AuthError::KeysUnavailable(_)) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
             }
             Self::Lagging {

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::config::ServiceSettings;
+use crate::limits::LAMBDA_MAX_RESPONSE_BYTES;
 
 /// Runs the router until SIGTERM/Ctrl-C (HTTP) or for the Lambda sandbox's lifetime.
 pub async fn run(router: Router, settings: &ServiceSettings) -> anyhow::Result<()> {
@@ -51,7 +52,31 @@ pub fn lambda_service(
     Error = Infallible,
     Future = impl Send,
 > + Clone {
-    router.map_request(strip_stage)
+    router.map_request(strip_stage).map_response(cap_response)
+}
+
+/// The ALB passes at most [`LAMBDA_MAX_RESPONSE_BYTES`] from a Lambda function (headers
+/// included) and answers a bigger response with a bare 502. The document and page limits keep
+/// every response below it; should one still be larger, the client gets a problem naming the
+/// limit instead.
+fn cap_response(response: axum::response::Response) -> axum::response::Response {
+    use axum::body::HttpBody as _;
+    use axum::response::IntoResponse as _;
+    let hint = response.body().size_hint();
+    let body = hint.exact().unwrap_or_else(|| hint.lower());
+    let headers: u64 = response
+        .headers()
+        .iter()
+        .map(|(name, value)| (name.as_str().len() + value.len() + 4) as u64)
+        .sum();
+    if body + headers > LAMBDA_MAX_RESPONSE_BYTES as u64 {
+        tracing::error!(bytes = body + headers, "response too large for the Lambda transport");
+        return crate::problem::ApiError::ResponseTooLarge {
+            limit: LAMBDA_MAX_RESPONSE_BYTES,
+        }
+        .into_response();
+    }
+    response
 }
 
 fn strip_stage(mut request: lambda_http::Request) -> lambda_http::Request {
@@ -106,4 +131,24 @@ pub async fn shutdown_signal() {
         () = terminate => {},
     }
     tracing::info!("shutdown signal received; draining");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::StatusCode;
+
+    #[test]
+    fn a_response_over_the_lambda_limit_becomes_a_problem() {
+        let small = axum::response::Response::new(Body::from(vec![b'x'; 1000]));
+        assert_eq!(cap_response(small).status(), StatusCode::OK);
+        let large = axum::response::Response::new(Body::from(vec![b'x'; LAMBDA_MAX_RESPONSE_BYTES]));
+        let capped = cap_response(large);
+        assert_eq!(capped.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            capped.headers().get("content-type").map(|v| v.as_bytes()),
+            Some(&b"application/problem+json"[..])
+        );
+    }
 }

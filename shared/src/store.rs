@@ -10,6 +10,7 @@ use tokio_postgres::types::{Json, ToSql};
 use uuid::Uuid;
 
 use crate::document::{Collection, Document, DocumentId, DocumentKey, Preconditions, merge_patch};
+use crate::limits::{LIST_PAGE_BYTES, MAX_DOCUMENT_BYTES, MAX_JSON_DEPTH, json_depth};
 use crate::traceparent::TraceParent;
 
 /// How long an idempotency key is remembered.
@@ -29,15 +30,7 @@ pub enum StoreError {
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
         let transient = match e.code() {
-            // Connection exceptions, shutdown, too many connections, serialisation failures.
-            Some(code) => {
-                let code = code.code();
-                code.starts_with("08")
-                    || code.starts_with("57P")
-                    || code == "53300"
-                    || code == "40001"
-                    || code == "40P01"
-            }
+            Some(code) => is_transient_sqlstate(code.code()),
             // No SQLSTATE: transient only for a closed connection or an I/O failure; a value
             // that cannot be converted, say, is a bug to report, not to retry.
             None => {
@@ -52,6 +45,23 @@ impl From<tokio_postgres::Error> for StoreError {
             Self::Internal(e.into())
         }
     }
+}
+
+/// Whether retrying later can succeed: the database or its host is in a passing state, not
+/// the request or the data at fault.
+///
+/// * `08…` connection exceptions, `57P…` shutdown / crash recovery;
+/// * `53…` insufficient resources (disk full 53100, out of memory 53200, too many
+///   connections 53300), `58…` system errors (I/O error 58030);
+/// * `57014` statement timeout or cancel, `55P03` lock not available (lock_timeout);
+/// * `25006` read-only transaction (a replica being promoted, `default_transaction_read_only`);
+/// * `40001` serialisation failure, `40P01` deadlock.
+pub fn is_transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("57P")
+        || code.starts_with("53")
+        || code.starts_with("58")
+        || matches!(code, "57014" | "55P03" | "25006" | "40001" | "40P01")
 }
 
 impl From<PoolError> for StoreError {
@@ -135,15 +145,32 @@ pub enum WriteError {
     PreconditionFailed { current: Option<i64> },
     #[error("the idempotency key was already used with a different request")]
     IdempotencyKeyReused,
+    /// The document as stored would exceed [`MAX_DOCUMENT_BYTES`] (the database measured it).
+    #[error("the stored document would exceed {MAX_DOCUMENT_BYTES} bytes")]
+    DocumentTooLarge,
+    /// A merge patch would nest the document deeper than [`MAX_JSON_DEPTH`].
+    #[error("the document would nest deeper than {MAX_JSON_DEPTH} levels")]
+    TooDeep,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
 impl From<tokio_postgres::Error> for WriteError {
     fn from(e: tokio_postgres::Error) -> Self {
-        Self::Store(e.into())
+        let size_check = e.as_db_error().is_some_and(|db| {
+            db.code() == &tokio_postgres::error::SqlState::CHECK_VIOLATION
+                && db.constraint() == Some(DOCUMENT_SIZE_CONSTRAINT)
+        });
+        if size_check {
+            Self::DocumentTooLarge
+        } else {
+            Self::Store(e.into())
+        }
     }
 }
+
+/// The CHECK constraint that holds documents to [`MAX_DOCUMENT_BYTES`] (migration V3).
+const DOCUMENT_SIZE_CONSTRAINT: &str = "documents_data_size";
 
 impl From<PoolError> for WriteError {
     fn from(e: PoolError) -> Self {
@@ -168,6 +195,14 @@ impl Stored {
             Self::Deleted { version } => *version,
         }
     }
+}
+
+/// One page of a collection listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    pub documents: Vec<Document>,
+    /// Documents follow the last one of this page.
+    pub more: bool,
 }
 
 /// The payload of a delete event.
@@ -301,8 +336,10 @@ impl Drop for PipelinedTransaction {
     }
 }
 
-const SELECT_FOR_UPDATE: &str = "SELECT version, deleted, data FROM documents \
-     WHERE collection = $1 AND id = $2 FOR UPDATE";
+/// The row lock every write takes; the document itself (`data`) is loaded only when the write
+/// needs it (`$3`: a merge patch), so replacing a large document does not read it.
+const SELECT_FOR_UPDATE: &str = "SELECT version, deleted, CASE WHEN $3::boolean THEN data END \
+     FROM documents WHERE collection = $1 AND id = $2 FOR UPDATE";
 const INSERT_FIRST_VERSION: &str = "INSERT INTO documents \
      (collection, id, version, data, deleted, created_at, updated_at) \
      SELECT $1::text, $2::text, 1, $3::jsonb, false, clock.t, clock.t \
@@ -365,29 +402,54 @@ const READ_IDEMPOTENCY_KEY: &str =
     "SELECT fingerprint, outcome FROM idempotency_keys WHERE principal = $1 AND key = $2";
 const RECORD_IDEMPOTENCY_OUTCOME: &str =
     "UPDATE idempotency_keys SET outcome = $3 WHERE principal = $1 AND key = $2";
+const SELECT_VERSION: &str = "SELECT version FROM documents WHERE collection = $1 AND id = $2";
 const SELECT_DOCUMENT: &str = "SELECT version, deleted, data, created_at, updated_at \
      FROM documents WHERE collection = $1 AND id = $2";
-const LIST_DOCUMENTS: &str = "SELECT id, version, data, created_at, updated_at FROM documents \
-     WHERE collection = $1 AND id > $2 AND NOT deleted ORDER BY id LIMIT $3";
+/// A page of live documents in id order, budgeted by bytes: rows come while the stored sizes
+/// (plus [`LIST_ITEM_OVERHEAD`] each for the metadata) add up to at most `$4`; the first row
+/// always comes, and so does the first row past the budget, without its data, to say there
+/// is more.
+const LIST_DOCUMENTS: &str = "SELECT id, version, CASE WHEN fits THEN data END, created_at, \
+       updated_at, fits FROM ( \
+       SELECT id, version, data, created_at, updated_at, \
+         running <= $4 OR running = own AS fits, running - own AS before \
+       FROM ( \
+         SELECT id, version, data, created_at, updated_at, data_bytes + $5 AS own, \
+           sum(data_bytes + $5) OVER (ORDER BY id) AS running \
+         FROM documents WHERE collection = $1 AND id > $2 AND NOT deleted \
+         ORDER BY id LIMIT $3) sized) page \
+     WHERE before <= $4 ORDER BY id";
+/// What one list item adds to its document's size in a page (collection, id, version and
+/// timestamps), counted against the page's byte budget.
+const LIST_ITEM_OVERHEAD: i32 = 400;
 
 /// Document storage over a connection pool.
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// Readiness probes' own connection ([`crate::db::connect_probe`]); the request pool when
+    /// none is set.
+    probe: Option<Pool>,
 }
 
 impl Store {
     pub fn new(pool: Pool) -> Self {
-        Self { pool }
+        Self { pool, probe: None }
+    }
+
+    /// Probes readiness on `probe` instead of the request pool.
+    pub fn with_probe(mut self, probe: Pool) -> Self {
+        self.probe = Some(probe);
+        self
     }
 
     pub fn pool(&self) -> &Pool {
         &self.pool
     }
 
-    /// Checks that the database answers (for `/readyz`).
+    /// Checks that the database answers (for `/readyz`), on the probe connection.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.probe.as_ref().unwrap_or(&self.pool).get().await?;
         client.simple_query("SELECT 1").await?;
         Ok(())
     }
@@ -468,7 +530,8 @@ impl Store {
         let tx = PipelinedTransaction::new(client);
         let key = &request.key;
         let (collection, id) = (key.collection.as_str(), key.id.as_str());
-        let lock_params: [&(dyn ToSql + Sync); 2] = [&collection, &id];
+        let needs_data = matches!(request.command, WriteCommand::Patch(_));
+        let lock_params: [&(dyn ToSql + Sync); 3] = [&collection, &id, &needs_data];
         // `biased`: polled in this order, so the requests go out in this order.
         let (begun, row) = tokio::join!(
             biased;
@@ -546,6 +609,16 @@ impl Store {
         Ok(Some(change.outcome(key, event_id, created_at, updated_at)))
     }
 
+    /// The stored version of a document (live or tombstone), without reading the document.
+    pub async fn version(&self, key: &DocumentKey) -> Result<Option<i64>, StoreError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(SELECT_VERSION).await?;
+        let row = client
+            .query_opt(&stmt, &[&key.collection.as_str(), &key.id.as_str()])
+            .await?;
+        Ok(row.map(|row| row.try_get(0)).transpose()?)
+    }
+
     /// Reads one document, live or tombstone.
     pub async fn get(&self, key: &DocumentKey) -> Result<Option<Stored>, StoreError> {
         let client = self.pool.get().await?;
@@ -569,39 +642,62 @@ impl Store {
         })))
     }
 
-    /// Lists live documents of a collection in id order, starting after `after`.
+    /// Lists live documents of a collection in id order, starting after `after`: at most
+    /// `limit`, and no more than [`LIST_PAGE_BYTES`] of them (one always). `more` says whether
+    /// documents follow.
     pub async fn list(
         &self,
         collection: &Collection,
         after: Option<&DocumentId>,
         limit: u32,
-    ) -> Result<Vec<Document>, StoreError> {
+    ) -> Result<Page, StoreError> {
+        self.list_within(collection, after, limit, LIST_PAGE_BYTES)
+            .await
+    }
+
+    /// [`Self::list`] with an explicit byte budget.
+    pub async fn list_within(
+        &self,
+        collection: &Collection,
+        after: Option<&DocumentId>,
+        limit: u32,
+        budget: usize,
+    ) -> Result<Page, StoreError> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(LIST_DOCUMENTS).await?;
+        let budget = i64::try_from(budget).unwrap_or(i64::MAX);
         let rows = client
             .query(
                 &stmt,
                 &[
                     &collection.as_str(),
                     &after.map_or("", |a| a.as_str()),
-                    &i64::from(limit),
+                    &(i64::from(limit) + 1),
+                    &budget,
+                    &LIST_ITEM_OVERHEAD,
                 ],
             )
             .await?;
-        rows.iter()
-            .map(|row| {
-                let id: String = row.try_get(0)?;
-                let Json(data): Json<Map<String, Value>> = row.try_get(2)?;
-                Ok(Document {
-                    collection: collection.clone(),
-                    id: DocumentId::parse(&id).map_err(|e| StoreError::Internal(e.into()))?,
-                    version: row.try_get(1)?,
-                    data,
-                    created_at: row.try_get(3)?,
-                    updated_at: row.try_get(4)?,
-                })
-            })
-            .collect()
+        let mut documents = Vec::with_capacity(rows.len());
+        let mut more = false;
+        for row in &rows {
+            let fits: bool = row.try_get(5)?;
+            if !fits || documents.len() == limit as usize {
+                more = true;
+                break;
+            }
+            let id: String = row.try_get(0)?;
+            let Json(data): Json<Map<String, Value>> = row.try_get(2)?;
+            documents.push(Document {
+                collection: collection.clone(),
+                id: DocumentId::parse(&id).map_err(|e| StoreError::Internal(e.into()))?,
+                version: row.try_get(1)?,
+                data,
+                created_at: row.try_get(3)?,
+                updated_at: row.try_get(4)?,
+            });
+        }
+        Ok(Page { documents, more })
     }
 
     /// Forgets expired idempotency keys; returns how many.
@@ -655,10 +751,14 @@ async fn claim_idempotency_key(
 async fn lock_current(
     tx: &Transaction<'_>,
     key: &DocumentKey,
+    needs_data: bool,
 ) -> Result<Option<Current>, WriteError> {
     let stmt = tx.prepare_cached(SELECT_FOR_UPDATE).await?;
     let row = tx
-        .query_opt(&stmt, &[&key.collection.as_str(), &key.id.as_str()])
+        .query_opt(
+            &stmt,
+            &[&key.collection.as_str(), &key.id.as_str(), &needs_data],
+        )
         .await?;
     Ok(row.as_ref().map(Current::from_row).transpose()?)
 }
@@ -706,7 +806,8 @@ async fn apply_command(
         }
     };
 
-    let mut current = lock_current(tx, key).await?;
+    let needs_data = matches!(request.command, WriteCommand::Patch(_));
+    let mut current = lock_current(tx, key, needs_data).await?;
 
     if current.is_none() {
         let data = match &request.command {
@@ -723,7 +824,7 @@ async fn apply_command(
             }
             // Lost a race with a concurrent creator: its row is committed now, so lock it and
             // continue as an update (preconditions are re-evaluated against it below).
-            None => current = lock_current(tx, key).await?,
+            None => current = lock_current(tx, key, needs_data).await?,
         }
     }
 
@@ -792,6 +893,9 @@ fn plan_change(request: &WriteRequest, current: &Current) -> Result<Change, Writ
         WriteCommand::Patch(patch) => {
             let mut target = Value::Object(current.data.clone().unwrap_or_default());
             merge_patch(&mut target, &Value::Object(patch.clone()));
+            if json_depth(&target) > MAX_JSON_DEPTH {
+                return Err(WriteError::TooDeep);
+            }
             match target {
                 Value::Object(map) => Some(map),
                 _ => {

@@ -127,6 +127,7 @@ where
         crate::http::ops_router(metrics.clone(), ready, on_scrape),
         metrics,
         &service.region,
+        service.request_timeout,
     );
     let (sender, shutdown) = shutdown_channel();
     trigger_on_signal(sender);

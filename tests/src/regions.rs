@@ -190,6 +190,7 @@ impl TwoRegions {
                 region: "region2".into(),
                 port: 0,
                 bind_address: [127, 0, 0, 1].into(),
+                request_timeout: Duration::from_secs(10),
             },
             database: DatabaseSettings::from_url(&region2_database_url),
             cache,
@@ -247,12 +248,18 @@ impl TwoRegions {
 
     /// Starts one more relay (the first becomes leader; later ones stand by).
     pub fn start_relay(&mut self) -> usize {
+        self.start_relay_with(&[])
+    }
+
+    /// Starts one more relay with extra environment (overriding the defaults).
+    pub fn start_relay_with(&mut self, extra: &[(&str, &str)]) -> usize {
         let mut env = self.kafka_env();
         env.extend([
             ("DATABASE_URL".to_owned(), self.region1.database_url.clone()),
             ("TANDEM_REGION".to_owned(), "region1".to_owned()),
             ("RELAY_POLL_INTERVAL_MS".to_owned(), "200".to_owned()),
         ]);
+        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         let port = free_port();
         env.push(("PORT".to_owned(), port.to_string()));
         self.relay_ports.push(port);
@@ -267,6 +274,11 @@ impl TwoRegions {
 
     /// Starts one more consumer.
     pub fn start_consumer(&mut self) -> usize {
+        self.start_consumer_with(&[])
+    }
+
+    /// Starts one more consumer with extra environment (overriding the defaults).
+    pub fn start_consumer_with(&mut self, extra: &[(&str, &str)]) -> usize {
         let mut env = self.kafka_env();
         env.extend([
             ("DATABASE_URL".to_owned(), self.region2_database_url.clone()),
@@ -278,6 +290,7 @@ impl TwoRegions {
             ("TANDEM_REGION".to_owned(), "region2".to_owned()),
             ("KAFKA_GROUP_ID".to_owned(), format!("group-{}", self.topic)),
         ]);
+        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         let port = free_port();
         env.push(("PORT".to_owned(), port.to_string()));
         self.consumer_ports.push(port);
@@ -363,6 +376,57 @@ impl TwoRegions {
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A metric's value from a worker's `/metrics` (the first sample whose name and labels
+    /// start with `series`).
+    pub async fn metric(&self, port: u16, series: &str) -> Option<f64> {
+        let text = self
+            .region1
+            .client
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .find(|line| line.starts_with(series))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse().ok())
+    }
+
+    /// Waits until Region 2 serves `path` at `version` or newer.
+    pub async fn wait_region2_version(&self, path: &str, version: i64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let response = self.region2_get(path).await;
+            let served = response
+                .headers()
+                .get("etag")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim_matches('"').parse::<i64>().ok());
+            if served.is_some_and(|v| v >= version) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Region 2 did not serve {path} at version {version} within {timeout:?} (serves {served:?})\nrelay logs:\n{}\nconsumer logs:\n{}",
+                self.relays
+                    .iter()
+                    .map(ManagedProcess::log_tail)
+                    .collect::<Vec<_>>()
+                    .join("\n---\n"),
+                self.consumers
+                    .iter()
+                    .map(ManagedProcess::log_tail)
+                    .collect::<Vec<_>>()
+                    .join("\n---\n"),
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

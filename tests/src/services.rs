@@ -301,6 +301,10 @@ pub struct TestAppOptions {
     pub read_requires_auth: bool,
     /// The HS256 secret (default: a random one per app).
     pub secret: Option<String>,
+    /// The APIs' `lock_timeout` (default: the product's).
+    pub lock_timeout: Option<Duration>,
+    /// The APIs' request timeout (default 10 s).
+    pub request_timeout: Option<Duration>,
 }
 
 /// The Write and Read APIs of Region 1, served over real HTTP on loopback.
@@ -344,9 +348,15 @@ pub async fn spawn_app_with(options: TestAppOptions) -> TestApp {
         region: "region1".into(),
         port: 0,
         bind_address: [127, 0, 0, 1].into(),
+        request_timeout: options
+            .request_timeout
+            .unwrap_or(Duration::from_secs(10)),
     };
     let mut database = DatabaseSettings::from_url(&database_url);
     database.pool_timeout = Duration::from_secs(1);
+    if let Some(lock_timeout) = options.lock_timeout {
+        database.limits.lock_timeout = lock_timeout;
+    }
     let write_settings = tandem_write::Settings {
         service: service.clone(),
         database: database.clone(),

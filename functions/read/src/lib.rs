@@ -53,6 +53,8 @@ pub struct AppState {
     pub auth: Authenticator,
     pub metrics: Arc<Metrics>,
     pub region: String,
+    /// `TANDEM_REQUEST_TIMEOUT_MS`.
+    pub request_timeout: std::time::Duration,
     pub replica: Option<Replica>,
 }
 
@@ -70,7 +72,8 @@ impl AppState {
                 .context("Failed to migrate the database at start-up")?;
         }
         Ok(Self {
-            store: Store::new(pool),
+            store: Store::new(pool)
+                .with_probe(tandem_shared::db::connect_probe(&settings.database).await?),
             cache: {
                 let mut cache = settings.cache.clone();
                 cache.resolve_auth().await?;
@@ -79,6 +82,7 @@ impl AppState {
             auth,
             metrics: Arc::new(Metrics::new("read")),
             region: settings.service.region.clone(),
+            request_timeout: settings.service.request_timeout,
             replica: settings.replica.clone().map(Replica::new),
         })
     }

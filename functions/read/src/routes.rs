@@ -31,6 +31,7 @@ const MAX_LIMIT: u32 = 1000;
 pub fn router(state: AppState) -> Router {
     let metrics = state.metrics.clone();
     let region = state.region.clone();
+    let timeout = state.request_timeout;
     let ready: ReadyCheck = {
         let state = state.clone();
         Arc::new(move || {
@@ -70,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         api.merge(ops_router(metrics.clone(), ready, on_scrape)),
         metrics,
         &region,
+        timeout,
     )
 }
 
@@ -81,7 +83,7 @@ async fn get_document(
     authorize(&app, &headers).await?;
     let Path((collection, id)) = path.map_err(bad_path)?;
     let key = DocumentKey::new(Collection::parse(&collection)?, DocumentId::parse(&id)?);
-    honour_consistency_token(&app, &headers, &key.path()).await?;
+    honour_consistency_token(&app, &headers, &key.path(), Some(&key)).await?;
     let Some(Entry::Live { version, body }) = lookup(&app, &key).await? else {
         return Err(ApiError::NotFound);
     };
@@ -152,20 +154,17 @@ async fn list_documents(
         Some(q) => format!("/v1/{collection}?{q}"),
         None => format!("/v1/{collection}"),
     };
-    honour_consistency_token(&app, &headers, &list_path).await?;
-    let mut documents = app
-        .store
-        .list(&collection, after.as_ref(), limit + 1)
-        .await?;
-    let next = if documents.len() > limit as usize {
-        documents.truncate(limit as usize);
-        documents
+    honour_consistency_token(&app, &headers, &list_path, None).await?;
+    let page = app.store.list(&collection, after.as_ref(), limit).await?;
+    // A page ends at `limit` documents or at the byte budget (shared::limits::LIST_PAGE_BYTES).
+    let next = if page.more {
+        page.documents
             .last()
             .map(|d| URL_SAFE_NO_PAD.encode(d.id.as_str()))
     } else {
         None
     };
-    let body = serde_json::json!({ "items": documents, "next": next });
+    let body = serde_json::json!({ "items": page.documents, "next": next });
     Ok(axum::Json(body).into_response())
 }
 
@@ -219,11 +218,14 @@ async fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> 
 }
 
 /// A read carrying `X-Consistency-Token` observes that write or a newer one. Region 1 holds
-/// every acknowledged write already; a replica waits for it, bounded.
+/// every acknowledged write already; a replica waits for it, bounded. The token must name the
+/// document read (`document`), or, for a list, a document of the listed collection: a token
+/// for something else is a 400, not a wait.
 async fn honour_consistency_token(
     app: &AppState,
     headers: &HeaderMap,
     path: &str,
+    document: Option<&DocumentKey>,
 ) -> Result<(), ApiError> {
     let Some(value) = headers.get(CONSISTENCY_TOKEN_HEADER) else {
         return Ok(());
@@ -236,6 +238,22 @@ async fn honour_consistency_token(
             title: "Invalid consistency token",
             detail: "X-Consistency-Token must be a value returned by a write".to_owned(),
         })?;
+    let names_this = match document {
+        Some(key) => token.key == *key,
+        None => path
+            .strip_prefix("/v1/")
+            .and_then(|rest| rest.split(['?', '/']).next())
+            .is_some_and(|collection| collection == token.key.collection.as_str()),
+    };
+    if !names_this {
+        return Err(ApiError::BadRequest {
+            title: "Invalid consistency token",
+            detail: format!(
+                "X-Consistency-Token names {}/{}, not the resource requested",
+                token.key.collection, token.key.id
+            ),
+        });
+    }
     match &app.replica {
         Some(replica) => replica.await_token(&app.store, &token, path).await,
         None => Ok(()),

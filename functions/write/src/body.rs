@@ -5,10 +5,10 @@ use axum::body::Body;
 use axum::http::{HeaderMap, header};
 use bytes::Bytes;
 use serde_json::{Map, Value};
+use tandem_shared::limits::{MAX_JSON_DEPTH, json_depth};
 use tandem_shared::problem::ApiError;
 
-/// The largest accepted body: 256 KiB.
-pub const MAX_BODY_BYTES: usize = 256 * 1024;
+pub use tandem_shared::limits::MAX_BODY_BYTES;
 
 pub const JSON: &str = "application/json";
 pub const MERGE_PATCH_JSON: &str = "application/merge-patch+json";
@@ -36,11 +36,17 @@ pub async fn read_limited(body: Body) -> Result<Bytes, ApiError> {
         })
 }
 
-/// Parses a JSON object that PostgreSQL can store.
+/// Parses a JSON object that PostgreSQL can store and every parser on the replication path
+/// can read: nested at most [`MAX_JSON_DEPTH`] levels, no NUL characters.
 pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(map)) => {
             let value = Value::Object(map);
+            if json_depth(&value) > MAX_JSON_DEPTH {
+                return Err(ApiError::TooDeep {
+                    limit: MAX_JSON_DEPTH,
+                });
+            }
             if contains_nul(&value) {
                 return Err(ApiError::UnstorableValue(
                     "strings and keys must not contain U+0000 (PostgreSQL jsonb cannot store it)"
@@ -53,6 +59,10 @@ pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
             }
         }
         Ok(_) => Err(ApiError::NotAnObject),
+        // Deeper than serde_json's own limit (128): certainly past ours.
+        Err(e) if e.to_string().starts_with("recursion limit exceeded") => Err(ApiError::TooDeep {
+            limit: MAX_JSON_DEPTH,
+        }),
         Err(e) => Err(ApiError::MalformedJson(e.to_string())),
     }
 }

@@ -49,6 +49,8 @@ pub struct AppState {
     pub auth: Authenticator,
     pub metrics: Arc<Metrics>,
     pub region: String,
+    /// `TANDEM_REQUEST_TIMEOUT_MS`.
+    pub request_timeout: std::time::Duration,
 }
 
 impl AppState {
@@ -67,7 +69,8 @@ impl AppState {
                 .context("Failed to migrate the database at start-up")?;
         }
         Ok(Self {
-            store: Store::new(pool),
+            store: Store::new(pool)
+                .with_probe(tandem_shared::db::connect_probe(&settings.database).await?),
             cache: {
                 let mut cache = settings.cache.clone();
                 cache.resolve_auth().await?;
@@ -76,6 +79,7 @@ impl AppState {
             auth,
             metrics: Arc::new(Metrics::new("write")),
             region: settings.service.region.clone(),
+            request_timeout: settings.service.request_timeout,
         })
     }
 

@@ -34,6 +34,7 @@ use crate::body::{JSON, MERGE_PATCH_JSON, parse_object, read_limited, require_co
 pub fn router(state: AppState) -> Router {
     let metrics = state.metrics.clone();
     let region = state.region.clone();
+    let timeout = state.request_timeout;
     let ready: ReadyCheck = {
         let state = state.clone();
         Arc::new(move || {
@@ -55,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         api.merge(ops_router(metrics.clone(), ready, on_scrape)),
         metrics,
         &region,
+        timeout,
     )
 }
 

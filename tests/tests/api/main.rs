@@ -4,6 +4,7 @@ mod bad_inputs;
 mod cache;
 mod concurrency;
 mod jwks;
+mod limits;
 mod lambda;
 mod ops;
 mod outage;
