@@ -25,13 +25,15 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tandem_shared::config::{self, ConfigError, ServiceSettings};
 use tandem_shared::db::DatabaseSettings;
+use tandem_shared::document::{Collection, DocumentId, DocumentKey};
 use tandem_shared::event::{
-    ChangeEvent, DocumentState, HEADER_COLLECTION, HEADER_EVENT_ID, HEADER_EVENT_TYPE,
-    HEADER_TRACEPARENT,
+    HEADER_COLLECTION, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_TRACEPARENT, TYPE_DELETED,
+    TYPE_UPSERTED, encode_envelope,
 };
 use tandem_shared::http::{ReadyCheck, ScrapeHook, pool_scrape_hook};
 use tandem_shared::kafka::KafkaSettings;
 use tandem_shared::leader::{Leadership, RELAY_LOCK};
+use tandem_shared::limits::MAX_EVENT_BYTES;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -45,6 +47,10 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     /// Rows per batch (`RELAY_BATCH_SIZE`, default 500).
     pub batch_size: i64,
+    /// Payload bytes per batch (`RELAY_BATCH_BYTES`, default 16 MiB): a batch stops before the
+    /// row that would pass it (one larger row travels alone), so the relay's memory is bounded
+    /// by bytes, not only by rows.
+    pub batch_bytes: i64,
     /// Poll interval when no notification arrives (`RELAY_POLL_INTERVAL_MS`, default 500).
     pub poll_interval: Duration,
     /// How long published rows are kept for replay (`OUTBOX_RETENTION_HOURS`, default 72).
@@ -58,6 +64,7 @@ impl Settings {
             database: DatabaseSettings::from_env()?,
             kafka: KafkaSettings::from_env()?,
             batch_size: config::parsed_or("RELAY_BATCH_SIZE", 500)?,
+            batch_bytes: config::parsed_or("RELAY_BATCH_BYTES", 16 * 1024 * 1024)?,
             poll_interval: config::millis_or("RELAY_POLL_INTERVAL_MS", Duration::from_millis(500))?,
             retention: Duration::from_secs(
                 config::parsed_or::<u64>("OUTBOX_RETENTION_HOURS", 72)? * 3600,
@@ -70,23 +77,44 @@ impl Settings {
 /// them too).
 pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("enable.idempotence", "true"),
+    // shared::limits::KAFKA_MAX_MESSAGE_BYTES (the topic's max.message.bytes is the same).
+    ("message.max.bytes", "1048576"),
     ("acks", "all"),
     ("linger.ms", "2"),
     ("message.timeout.ms", "30000"),
     ("compression.type", "lz4"),
 ];
 
-/// One outbox row, as published.
+/// One outbox row, as published: its envelope is built around the stored payload text.
 struct OutboxRow {
     seq: i64,
-    event: ChangeEvent,
+    event_id: uuid::Uuid,
+    key: DocumentKey,
+    deleted: bool,
+    encoded: Vec<u8>,
     traceparent: Option<String>,
 }
 
-const FETCH_UNPUBLISHED: &str = "SELECT seq, event_id, payload, traceparent, created_at FROM outbox \
-     WHERE published_at IS NULL ORDER BY seq LIMIT $1";
+/// The oldest unpublished rows, at most `$1` of them and no more than `$2` payload bytes (the
+/// first row always comes). The payload comes as the text PostgreSQL renders, passed through
+/// to Kafka unparsed.
+const FETCH_UNPUBLISHED: &str = "WITH head AS ( \
+       SELECT seq, payload_bytes, sum(payload_bytes) OVER (ORDER BY seq) - payload_bytes AS before \
+       FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1) \
+     SELECT o.seq, o.event_id, o.collection, o.document_id, o.operation, o.payload::text, \
+       o.traceparent, o.created_at, head.payload_bytes \
+     FROM head JOIN outbox o USING (seq) \
+     WHERE head.before = 0 OR head.before + head.payload_bytes <= $2 ORDER BY o.seq";
 const MARK_PUBLISHED: &str =
     "UPDATE outbox SET published_at = clock_timestamp() WHERE seq = ANY($1)";
+/// Moves rows that cannot be published aside, with their reasons, in one statement.
+const DEAD_LETTER_ROWS: &str = "WITH moved AS ( \
+       DELETE FROM outbox WHERE seq = ANY($1) AND published_at IS NULL RETURNING *) \
+     INSERT INTO relay_dead_letters (seq, event_id, collection, document_id, version, \
+       operation, payload, traceparent, created_at, reason) \
+     SELECT m.seq, m.event_id, m.collection, m.document_id, m.version, m.operation, m.payload, \
+       m.traceparent, m.created_at, r.reason \
+     FROM moved m JOIN unnest($1::bigint[], $2::text[]) AS r (seq, reason) ON r.seq = m.seq";
 const PRUNE_PUBLISHED: &str = "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox \
      WHERE published_at < now() - make_interval(secs => $1) LIMIT 10000)";
 const COUNT_UNPUBLISHED: &str = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
@@ -97,6 +125,8 @@ const BACKLOG_COUNT_INTERVAL: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Relay {
     pub pool: Pool,
+    /// `/readyz`'s own connection.
+    pub probe: Pool,
     pub settings: Settings,
     pub metrics: Arc<RelayMetrics>,
 }
@@ -106,6 +136,7 @@ impl Relay {
         let pool = tandem_shared::db::connect_pool(&settings.database).await?;
         Ok(Self {
             pool,
+            probe: tandem_shared::db::connect_probe(&settings.database).await?,
             metrics: Arc::new(RelayMetrics::new()),
             settings,
         })
@@ -113,7 +144,7 @@ impl Relay {
 
     /// `/readyz`: the database answers (leader and standby alike; the role is reported).
     pub fn ready_check(&self) -> ReadyCheck {
-        tandem_shared::worker::ready_check(self.pool.clone(), self.metrics.role.clone())
+        tandem_shared::worker::ready_check(self.probe.clone(), self.metrics.role.clone())
     }
 
     pub fn scrape_hook(&self) -> ScrapeHook {
@@ -238,7 +269,11 @@ impl Relay {
         }
     }
 
-    /// Publishes one batch of unpublished rows; returns how many were acknowledged.
+    /// Publishes one batch of unpublished rows; returns how many were acknowledged. A row
+    /// that retrying cannot publish (larger than [`MAX_EVENT_BYTES`], or refused by the broker
+    /// as too large or invalid) is moved to `relay_dead_letters` and the batch goes on: one row
+    /// never stops the relay. Transient failures (the broker unreachable) fail the batch, which
+    /// is retried.
     pub async fn publish_batch(&self, producer: &FutureProducer) -> anyhow::Result<usize> {
         let client = self
             .pool
@@ -247,7 +282,10 @@ impl Relay {
             .context("Failed to get a database connection")?;
         let stmt = client.prepare_cached(FETCH_UNPUBLISHED).await?;
         let rows = client
-            .query(&stmt, &[&self.settings.batch_size])
+            .query(
+                &stmt,
+                &[&self.settings.batch_size, &self.settings.batch_bytes],
+            )
             .await
             .context("Failed to read the outbox")?;
         if rows.is_empty() {
@@ -256,22 +294,33 @@ impl Relay {
         }
         let region = &self.settings.service.region;
         let mut batch = Vec::with_capacity(rows.len());
+        let mut refused: Vec<(i64, String)> = Vec::new();
+        let mut batch_bytes: i64 = 0;
         for row in &rows {
-            let payload: serde_json::Value = row.try_get(2)?;
-            let state: DocumentState = serde_json::from_value(payload)
-                .context("An outbox payload is not a document state")?;
-            let created_at: OffsetDateTime = row.try_get(4)?;
-            batch.push(OutboxRow {
-                seq: row.try_get(0)?,
-                event: ChangeEvent::new(row.try_get(1)?, region, created_at, state),
-                traceparent: row.try_get(3)?,
-            });
+            let seq: i64 = row.try_get(0)?;
+            let payload_bytes: i32 = row.try_get(8)?;
+            batch_bytes += i64::from(payload_bytes);
+            match outbox_row(row, region) {
+                Ok(row) if row.encoded.len() > MAX_EVENT_BYTES => refused.push((
+                    seq,
+                    format!(
+                        "the event is {} bytes; the largest the relay publishes is {MAX_EVENT_BYTES}",
+                        row.encoded.len()
+                    ),
+                )),
+                Ok(row) => batch.push(row),
+                Err(e) => refused.push((seq, format!("undecodable outbox row: {e:#}"))),
+            }
         }
+        drop(rows);
+        self.metrics
+            .largest_batch_bytes
+            .set(self.metrics.largest_batch_bytes.get().max(batch_bytes));
+        let fetched = batch.len() + refused.len();
         let started = Instant::now();
         let mut deliveries = Vec::with_capacity(batch.len());
         for row in &batch {
-            let payload = row.event.encode();
-            let event_id = row.event.id.to_string();
+            let event_id = row.event_id.to_string();
             let mut headers = OwnedHeaders::new()
                 .insert(Header {
                     key: HEADER_EVENT_ID,
@@ -279,11 +328,15 @@ impl Relay {
                 })
                 .insert(Header {
                     key: HEADER_EVENT_TYPE,
-                    value: Some(row.event.kind.as_str()),
+                    value: Some(if row.deleted {
+                        TYPE_DELETED
+                    } else {
+                        TYPE_UPSERTED
+                    }),
                 })
                 .insert(Header {
                     key: HEADER_COLLECTION,
-                    value: Some(row.event.data.collection.as_str()),
+                    value: Some(row.key.collection.as_str()),
                 });
             if let Some(tp) = &row.traceparent {
                 headers = headers.insert(Header {
@@ -291,20 +344,25 @@ impl Relay {
                     value: Some(tp.as_str()),
                 });
             }
+            let partition_key = format!("{}/{}", row.key.collection, row.key.id);
             let mut record = FutureRecord::to(&self.settings.kafka.topic)
-                .key(row.event.partition_key())
-                .payload(&payload)
+                .key(&partition_key)
+                .payload(&row.encoded)
                 .headers(headers);
             // Enqueue in seq order; when librdkafka's queue is full, wait for it to drain.
             loop {
                 match producer.send_result(record) {
                     Ok(delivery) => {
-                        deliveries.push(delivery);
+                        deliveries.push((row.seq, delivery));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                         record = returned;
                         tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) if is_permanent(&e) => {
+                        refused.push((row.seq, format!("refused by the Kafka client: {e}")));
+                        break;
                     }
                     Err((e, _)) => return Err(anyhow::anyhow!("failed to enqueue an event: {e}")),
                 }
@@ -312,6 +370,7 @@ impl Relay {
         }
         // Every delivery resolves within message.timeout.ms; the outer bound is a safety net
         // against a client that never reports back.
+        let (seqs, deliveries): (Vec<i64>, Vec<_>) = deliveries.into_iter().unzip();
         let results = tokio::time::timeout(
             Duration::from_secs(120),
             futures_util::future::join_all(deliveries),
@@ -320,9 +379,12 @@ impl Relay {
         .map_err(|_| anyhow::anyhow!("the producer reported no delivery outcome within 120 s"))?;
         let mut acknowledged = Vec::with_capacity(batch.len());
         let mut first_error = None;
-        for (row, result) in batch.iter().zip(results) {
+        for (seq, result) in seqs.into_iter().zip(results) {
             match result {
-                Ok(Ok(_)) => acknowledged.push(row.seq),
+                Ok(Ok(_)) => acknowledged.push(seq),
+                Ok(Err((e, _))) if is_permanent(&e) => {
+                    refused.push((seq, format!("refused by the broker: {e}")));
+                }
                 Ok(Err((e, _))) => {
                     first_error.get_or_insert(e.to_string());
                 }
@@ -338,6 +400,9 @@ impl Relay {
                 .await
                 .context("Failed to mark rows published")?;
         }
+        if !refused.is_empty() {
+            self.dead_letter(&client, &refused).await?;
+        }
         self.metrics.published.inc_by(acknowledged.len() as u64);
         self.metrics.batch_size.observe(acknowledged.len() as f64);
         self.metrics
@@ -345,15 +410,39 @@ impl Relay {
             .observe(started.elapsed().as_secs_f64());
         // A short batch drained the backlog; while it lasts, the leader loop counts it now and
         // then (counting a large backlog after every batch cost a tenth of the drain).
-        if rows.len() < self.settings.batch_size as usize {
+        if fetched < self.settings.batch_size as usize && first_error.is_none() {
             self.metrics.backlog.set(0);
         }
         match first_error {
             Some(e) => Err(anyhow::anyhow!(
                 "the broker did not acknowledge every event: {e}"
             )),
-            None => Ok(acknowledged.len()),
+            None => Ok(acknowledged.len() + refused.len()),
         }
+    }
+
+    /// Moves rows aside into `relay_dead_letters` with their reasons.
+    async fn dead_letter(
+        &self,
+        client: &deadpool_postgres::Object,
+        refused: &[(i64, String)],
+    ) -> anyhow::Result<()> {
+        let (seqs, reasons): (Vec<i64>, Vec<&str>) =
+            refused.iter().map(|(s, r)| (*s, r.as_str())).unzip();
+        let stmt = client.prepare_cached(DEAD_LETTER_ROWS).await?;
+        let moved = client
+            .execute(&stmt, &[&seqs, &reasons])
+            .await
+            .context("Failed to move unpublishable rows to relay_dead_letters")?;
+        self.metrics.dead_lettered.inc_by(moved);
+        for (seq, reason) in refused {
+            tracing::error!(
+                seq,
+                reason,
+                "outbox row cannot be published; moved to relay_dead_letters"
+            );
+        }
+        Ok(())
     }
 
     /// Sets the `backlog` gauge to the number of unpublished rows.
@@ -388,6 +477,50 @@ impl Relay {
     }
 }
 
+/// The envelope of one fetched outbox row (`FETCH_UNPUBLISHED`'s columns).
+fn outbox_row(row: &tokio_postgres::Row, region: &str) -> anyhow::Result<OutboxRow> {
+    let collection: &str = row.try_get(2)?;
+    let document_id: &str = row.try_get(3)?;
+    let key = DocumentKey::new(
+        Collection::parse(collection)?,
+        DocumentId::parse(document_id)?,
+    );
+    let operation: &str = row.try_get(4)?;
+    let deleted = match operation {
+        "upsert" => false,
+        "delete" => true,
+        other => anyhow::bail!("unknown operation {other:?}"),
+    };
+    let event_id: uuid::Uuid = row.try_get(1)?;
+    let payload: &str = row.try_get(5)?;
+    let created_at: OffsetDateTime = row.try_get(7)?;
+    Ok(OutboxRow {
+        seq: row.try_get(0)?,
+        event_id,
+        encoded: encode_envelope(event_id, region, created_at, deleted, &key, payload),
+        key,
+        deleted,
+        traceparent: row.try_get(6)?,
+    })
+}
+
+/// Whether a produce error is about the record itself, so that retrying cannot help: it is too
+/// large for the broker or the client, or the broker found it invalid.
+fn is_permanent(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode as Code;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            Code::MessageSizeTooLarge
+                | Code::MessageBatchTooLarge
+                | Code::InvalidMessageSize
+                | Code::InvalidMessage
+                | Code::InvalidRecord
+                | Code::BadMessage
+        )
+    )
+}
+
 /// Marks every retained row created at or after `since` as unpublished, so the active relay
 /// publishes them again (after a broker lost its data). Returns how many rows will be replayed.
 pub async fn replay_since(pool: &Pool, since: OffsetDateTime) -> anyhow::Result<u64> {
@@ -413,4 +546,19 @@ pub async fn replay_since(pool: &Pool, since: OffsetDateTime) -> anyhow::Result<
         .context("Failed to mark rows for replay")?;
     client.execute("NOTIFY tandem_outbox", &[]).await.ok();
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PRODUCER_DEFAULTS;
+    use tandem_shared::limits::KAFKA_MAX_MESSAGE_BYTES;
+
+    #[test]
+    fn the_producer_message_limit_is_the_shared_one() {
+        let set = PRODUCER_DEFAULTS
+            .iter()
+            .find(|(k, _)| *k == "message.max.bytes")
+            .map(|(_, v)| *v);
+        assert_eq!(set, Some(KAFKA_MAX_MESSAGE_BYTES.to_string().as_str()));
+    }
 }

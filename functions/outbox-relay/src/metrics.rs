@@ -10,6 +10,11 @@ use tandem_shared::worker::Role;
 pub struct RelayMetrics {
     pub published: Counter,
     pub publish_errors: Counter,
+    /// Rows moved to `relay_dead_letters` (too large, refused by the broker as invalid).
+    pub dead_lettered: Counter,
+    /// The largest batch fetched so far, in payload bytes (bounded by `RELAY_BATCH_BYTES`
+    /// unless one event alone is larger).
+    pub largest_batch_bytes: Gauge,
     pub batch_size: Histogram,
     pub publish_seconds: Histogram,
     pub backlog: Gauge,
@@ -21,6 +26,8 @@ impl RelayMetrics {
         Self {
             published: Counter::default(),
             publish_errors: Counter::default(),
+            dead_lettered: Counter::default(),
+            largest_batch_bytes: Gauge::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 8)),
             publish_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             backlog: Gauge::default(),
@@ -39,6 +46,16 @@ impl RelayMetrics {
             "relay_publish_errors",
             "Batches that failed to publish completely",
             self.publish_errors.clone(),
+        );
+        metrics.register(
+            "relay_dead_lettered",
+            "Outbox rows moved to relay_dead_letters because retrying cannot publish them",
+            self.dead_lettered.clone(),
+        );
+        metrics.register(
+            "relay_largest_batch_bytes",
+            "The largest batch fetched since start, in payload bytes",
+            self.largest_batch_bytes.clone(),
         );
         metrics.register(
             "relay_batch_size",
