@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Pool, Transaction};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{Headers, Message};
 use tandem_shared::cache::{Cache, Entry};
 use tandem_shared::document::DocumentKey;
 use tandem_shared::event::{ChangeEvent, DocumentState};
@@ -21,15 +21,58 @@ use crate::metrics::ConsumerMetrics;
 /// (`OUTBOX_RETENTION_HOURS`, 72 h), so a replay is recognised as duplicates.
 pub const APPLIED_EVENTS_RETENTION_DAYS: i32 = 7;
 
-/// A message as received, detached from the Kafka client.
+/// A message as received, detached from the Kafka client: every byte kept as it came, so a
+/// dead letter can always be written, whatever a foreign producer sent.
 #[derive(Debug, Clone)]
 pub struct Incoming {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
-    pub key: Option<String>,
+    pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
-    pub headers: serde_json::Value,
+    pub headers: Vec<KafkaHeader>,
+}
+
+impl Incoming {
+    /// Detaches a received message.
+    pub fn from_message<M: Message>(message: &M) -> Self {
+        Self {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers: read_headers(message),
+        }
+    }
+
+    /// The bytes this message holds, for the batch's byte budget.
+    pub fn size(&self) -> usize {
+        self.payload.len()
+            + self.key.as_ref().map_or(0, Vec::len)
+            + self
+                .headers
+                .iter()
+                .map(|h| {
+                    h.name.as_ref().map_or(0, String::len) + h.value.as_ref().map_or(0, Vec::len)
+                })
+                .sum::<usize>()
+    }
+
+    /// Why the headers alone make this message poison, if they do.
+    fn header_problem(&self) -> Option<String> {
+        let unreadable = self.headers.iter().filter(|h| h.name.is_none()).count();
+        (unreadable > 0)
+            .then(|| format!("{unreadable} header name(s) are not valid UTF-8 (stored as NULL)"))
+    }
+}
+
+/// One Kafka header. `name` is `None` when the producer sent a name that is not UTF-8: the
+/// Kafka client cannot read such a name (nor its value) and would panic trying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaHeader {
+    pub name: Option<String>,
+    pub value: Option<Vec<u8>>,
 }
 
 /// What applying a message did.
@@ -84,8 +127,9 @@ const STORE_OFFSETS: &str = "INSERT INTO consumer_offsets (topic, partition, nex
        last_event_id = EXCLUDED.last_event_id, updated_at = EXCLUDED.updated_at";
 const RECORD_PROGRESS: &str = "UPDATE replication_status SET \
      last_event_time = GREATEST(last_event_time, $1), last_applied_at = clock_timestamp() WHERE id = 1";
-const DEAD_LETTER: &str = "INSERT INTO dead_letters (topic, partition, \"offset\", message_key, payload, headers, reason) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (topic, partition, \"offset\") DO NOTHING";
+const DEAD_LETTER: &str = "INSERT INTO dead_letters (topic, partition, \"offset\", message_key, payload, \
+       header_names, header_values, reason) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (topic, partition, \"offset\") DO NOTHING";
 
 /// Applies events; cheap to clone.
 #[derive(Clone)]
@@ -206,9 +250,23 @@ impl Applier {
                     );
                     if internal_failures >= 5 {
                         let reason = format!("could not be applied: {cause:#}");
-                        if self.dead_letter(incoming, &reason).await.is_ok() {
-                            self.metrics.record("dead_lettered");
-                            return Ok(());
+                        match self.dead_letter(incoming, &reason).await {
+                            Ok(()) => {
+                                self.metrics.record("dead_lettered");
+                                return Ok(());
+                            }
+                            // The position stays where it is: nothing is lost, and the event
+                            // is tried again (and dead-lettered again) after the backoff.
+                            Err(e) => {
+                                self.metrics.dead_letter_failures.inc();
+                                tracing::error!(
+                                    error = format!("{e:#}"),
+                                    topic = %incoming.topic,
+                                    partition = incoming.partition,
+                                    offset = incoming.offset,
+                                    "the event can neither be applied nor dead-lettered; holding the partition's position and retrying"
+                                );
+                            }
                         }
                     }
                 }
@@ -240,7 +298,10 @@ impl Applier {
     pub async fn apply_batch(&self, batch: &[Incoming]) -> Result<Vec<Outcome>, StoreError> {
         let decoded: Vec<Result<ChangeEvent, String>> = batch
             .iter()
-            .map(|m| ChangeEvent::decode(&m.payload).map_err(|e| e.to_string()))
+            .map(|m| match m.header_problem() {
+                Some(problem) => Err(format!("invalid headers: {problem}")),
+                None => ChangeEvent::decode(&m.payload).map_err(|e| e.to_string()),
+            })
             .collect();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -484,28 +545,41 @@ impl Applier {
         for row in rows {
             let id: i64 = row.get(0);
             let payload: Option<Vec<u8>> = row.get(1);
-            let result = match ChangeEvent::decode(payload.as_deref().unwrap_or_default()) {
-                Err(reason) => format!("still poison: {reason}"),
-                Ok(event) => {
-                    let mut client = self.pool.get().await?;
-                    let tx = client.transaction().await?;
-                    let outcomes = self.apply_events(&tx, &[&event]).await?;
-                    tx.commit().await?;
-                    outcomes
-                        .first()
-                        .map_or("duplicate", Outcome::label)
-                        .to_owned()
-                }
+            // One letter failing (the database refusing it, say) does not stop the others.
+            let result = match self
+                .redrive_one(payload.as_deref().unwrap_or_default())
+                .await
+            {
+                Ok(result) => result,
+                Err(e) => format!("still poison: could not be applied: {e:#}"),
             };
-            client
+            if let Err(e) = client
                 .execute(
                     "UPDATE dead_letters SET redriven_at = CASE WHEN $2 LIKE 'still poison%' THEN NULL ELSE clock_timestamp() END, redrive_result = $2 WHERE id = $1",
                     &[&id, &result],
                 )
-                .await?;
+                .await
+            {
+                tracing::error!(id, error = %e, "failed to record a redrive result");
+            }
             results.push((id, result));
         }
         Ok(results)
+    }
+
+    async fn redrive_one(&self, payload: &[u8]) -> anyhow::Result<String> {
+        let event = match ChangeEvent::decode(payload) {
+            Err(reason) => return Ok(format!("still poison: {reason}")),
+            Ok(event) => event,
+        };
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let outcomes = self.apply_events(&tx, &[&event]).await?;
+        tx.commit().await?;
+        Ok(outcomes
+            .first()
+            .map_or("duplicate", Outcome::label)
+            .to_owned())
     }
 }
 
@@ -553,6 +627,14 @@ async fn insert_dead_letter(
     reason: &str,
 ) -> Result<(), StoreError> {
     let stmt = tx.prepare_cached(DEAD_LETTER).await?;
+    let names: Vec<Option<&str>> = incoming.headers.iter().map(|h| h.name.as_deref()).collect();
+    let values: Vec<Option<&[u8]>> = incoming
+        .headers
+        .iter()
+        .map(|h| h.value.as_deref())
+        .collect();
+    // text columns cannot hold NUL: the reason quotes payloads, so strip it there.
+    let reason = reason.replace('\0', "\\0");
     tx.execute(
         &stmt,
         &[
@@ -561,7 +643,8 @@ async fn insert_dead_letter(
             &incoming.offset,
             &incoming.key,
             &incoming.payload,
-            &incoming.headers,
+            &names,
+            &values,
             &reason,
         ],
     )
@@ -569,29 +652,38 @@ async fn insert_dead_letter(
     Ok(())
 }
 
-/// One header's value as text.
-pub fn header<M: Message>(message: &M, name: &str) -> Option<String> {
-    message
-        .headers()?
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
+/// The message's headers, each read on its own: rdkafka panics on a header name that is not
+/// UTF-8, so such a header is caught and kept as unreadable (`name: None`) instead of
+/// crashing the consumer (which would then crash again on the same record forever).
+pub fn read_headers<M: Message>(message: &M) -> Vec<KafkaHeader> {
+    let Some(headers) = message.headers() else {
+        return Vec::new();
+    };
+    (0..headers.count())
+        .filter_map(|index| {
+            let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                headers.try_get(index).map(|h| KafkaHeader {
+                    name: Some(h.key.to_owned()),
+                    value: h.value.map(<[u8]>::to_vec),
+                })
+            }));
+            match read {
+                Ok(header) => header,
+                Err(_) => Some(KafkaHeader {
+                    name: None,
+                    value: None,
+                }),
+            }
+        })
+        .collect()
 }
 
-/// Message headers as a JSON object (values as UTF-8 text, lossy), for the dead-letter store.
-pub fn headers_json(message: &BorrowedMessage<'_>) -> serde_json::Value {
-    let mut map = serde_json::Map::new();
-    if let Some(headers) = message.headers() {
-        for header in headers.iter() {
-            let value = header
-                .value
-                .map(|v| String::from_utf8_lossy(v).into_owned());
-            map.insert(
-                header.key.to_owned(),
-                value.map_or(serde_json::Value::Null, serde_json::Value::from),
-            );
-        }
-    }
-    serde_json::Value::Object(map)
+/// One header's value as text (the last one of that name).
+pub fn header(headers: &[KafkaHeader], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .rev()
+        .find(|h| h.name.as_deref() == Some(name))
+        .and_then(|h| h.value.as_deref())
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }

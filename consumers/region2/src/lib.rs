@@ -36,7 +36,7 @@ use tandem_shared::kafka::KafkaSettings;
 use tandem_shared::leader::{CONSUMER_LOCK, Leadership};
 use tokio::sync::watch;
 
-pub use apply::{Applier, Incoming, Outcome};
+pub use apply::{Applier, Incoming, KafkaHeader, Outcome};
 pub use metrics::ConsumerMetrics;
 
 /// Everything the consumer is configured with.
@@ -49,6 +49,9 @@ pub struct Settings {
     /// `KAFKA_GROUP_ID` (default `tandem-region2`): for Kafka's lag tooling; the consumer's
     /// true position lives in its database.
     pub group_id: String,
+    /// `CONSUMER_BATCH_BYTES` (default 16 MiB): a batch stops growing at this many bytes (or
+    /// 500 events), so memory is bounded by bytes, not only by counts.
+    pub batch_bytes: usize,
 }
 
 impl Settings {
@@ -60,6 +63,7 @@ impl Settings {
             kafka: KafkaSettings::from_env()?,
             group_id: config::optional("KAFKA_GROUP_ID")
                 .unwrap_or_else(|| "tandem-region2".to_owned()),
+            batch_bytes: config::parsed_or("CONSUMER_BATCH_BYTES", 16 * 1024 * 1024)?,
         })
     }
 }
@@ -76,6 +80,8 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     // librdkafka pre-fetches up to 64 MiB per client by default; a few batches ahead is enough.
     ("queued.max.messages.kbytes", "16384"),
     ("enable.partition.eof", "false"),
+    // shared::limits::KAFKA_MAX_MESSAGE_BYTES: the largest record a fetch must hold.
+    ("fetch.message.max.bytes", "1048576"),
 ];
 
 /// The consumer's shared parts.
@@ -83,6 +89,8 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
 pub struct Region2Consumer {
     pub applier: Applier,
     pub settings: Settings,
+    /// `/readyz`'s own connection.
+    pub probe: Pool,
 }
 
 impl Region2Consumer {
@@ -94,6 +102,7 @@ impl Region2Consumer {
         let cache = Cache::new(cache_settings)?;
         Ok(Self {
             applier: Applier::new(pool, cache, Arc::new(ConsumerMetrics::new())),
+            probe: tandem_shared::db::connect_probe(&settings.database).await?,
             settings,
         })
     }
@@ -108,10 +117,7 @@ impl Region2Consumer {
 
     /// `/readyz`: the database answers (leader and standby alike; the role is reported).
     pub fn ready_check(&self) -> ReadyCheck {
-        tandem_shared::worker::ready_check(
-            self.applier.pool.clone(),
-            self.applier.metrics.role.clone(),
-        )
+        tandem_shared::worker::ready_check(self.probe.clone(), self.applier.metrics.role.clone())
     }
 
     pub fn scrape_hook(&self) -> ScrapeHook {
@@ -197,6 +203,7 @@ impl Region2Consumer {
         ));
         let result = async {
             let mut batch: Vec<Incoming> = Vec::with_capacity(MAX_BATCH);
+            let mut batch_bytes = 0usize;
             let mut committed: HashMap<i32, i64> = HashMap::new();
             let mut last_commit = std::time::Instant::now();
             loop {
@@ -228,12 +235,15 @@ impl Region2Consumer {
                         }
                     };
                     match self.admit(&consumer, &topic, &partitions, &mut expected, &message)? {
-                        Admitted::Apply(incoming) => batch.push(incoming),
+                        Admitted::Apply(incoming) => {
+                            batch_bytes += incoming.size();
+                            batch.push(incoming);
+                        }
                         Admitted::Skip => {}
                         // The rest of what is queued may come from the old positions.
                         Admitted::Reassigned => break,
                     }
-                    if batch.len() < MAX_BATCH {
+                    if batch.len() < MAX_BATCH && batch_bytes < self.settings.batch_bytes {
                         // A poll that only consumed a client event (an offset commit's
                         // report, say) comes back empty: look twice more before ending.
                         next = (0..3).find_map(|_| consumer.recv().now_or_never());
@@ -242,6 +252,12 @@ impl Region2Consumer {
                 if batch.is_empty() {
                     continue;
                 }
+                let metrics = &self.applier.metrics;
+                let bytes = i64::try_from(batch_bytes).unwrap_or(i64::MAX);
+                metrics
+                    .largest_batch_bytes
+                    .set(metrics.largest_batch_bytes.get().max(bytes));
+                batch_bytes = 0;
                 self.applier.apply_batch_with_retry(&batch, shutdown).await?;
                 for incoming in &batch {
                     let next = committed.entry(incoming.partition).or_insert(0);
@@ -287,19 +303,11 @@ impl Region2Consumer {
         message: &BorrowedMessage<'_>,
     ) -> anyhow::Result<Admitted> {
         let Some((offset, event_id)) = expected.remove(&message.partition()) else {
-            return Ok(Admitted::Apply(Incoming {
-                topic: message.topic().to_owned(),
-                partition: message.partition(),
-                offset: message.offset(),
-                key: message
-                    .key()
-                    .map(|k| String::from_utf8_lossy(k).into_owned()),
-                payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                headers: apply::headers_json(message),
-            }));
+            return Ok(Admitted::Apply(Incoming::from_message(message)));
         };
+        let headers = apply::read_headers(message);
         let same = message.offset() == offset
-            && apply::header(message, tandem_shared::event::HEADER_EVENT_ID)
+            && apply::header(&headers, tandem_shared::event::HEADER_EVENT_ID)
                 .and_then(|id| uuid::Uuid::parse_str(&id).ok())
                 == Some(event_id);
         if same {
@@ -469,5 +477,20 @@ async fn heartbeat(
             backlog += lag;
         }
         applier.record_heartbeat(backlog).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CONSUMER_DEFAULTS;
+    use tandem_shared::limits::KAFKA_MAX_MESSAGE_BYTES;
+
+    #[test]
+    fn the_fetch_limit_is_the_shared_one() {
+        let set = CONSUMER_DEFAULTS
+            .iter()
+            .find(|(k, _)| *k == "fetch.message.max.bytes")
+            .map(|(_, v)| *v);
+        assert_eq!(set, Some(KAFKA_MAX_MESSAGE_BYTES.to_string().as_str()));
     }
 }

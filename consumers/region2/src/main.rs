@@ -22,11 +22,13 @@ async fn main() -> anyhow::Result<()> {
             tandem_shared::migrations::run(&pool).await
         }
         Some("redrive") => {
-            let only = match args.get(1..3) {
-                Some([flag, id]) if flag == "--id" => {
-                    Some(id.parse::<i64>().context("--id needs a number")?)
-                }
-                None | Some([]) => None,
+            let only = match &args[1..] {
+                [] => None,
+                [flag, id] if flag == "--id" => Some(
+                    id.parse::<i64>()
+                        .with_context(|| format!("--id needs a number, not {id:?}"))?,
+                ),
+                [flag] if flag == "--id" => anyhow::bail!("--id needs a number"),
                 _ => anyhow::bail!("usage: tandem-region2-consumer redrive [--id N]"),
             };
             let consumer = Region2Consumer::build(settings).await?;

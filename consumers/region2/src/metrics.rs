@@ -28,6 +28,10 @@ pub struct ConsumerMetrics {
     pub backlog: Gauge,
     /// Events per applied transaction.
     pub batch_size: Histogram,
+    /// Dead letters that could not be written (the event stays unapplied and is retried).
+    pub dead_letter_failures: Counter,
+    /// The largest batch received so far, in bytes.
+    pub largest_batch_bytes: Gauge,
     pub role: Arc<Role>,
 }
 
@@ -40,6 +44,8 @@ impl ConsumerMetrics {
             partition_lag: Family::default(),
             backlog: Gauge::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            dead_letter_failures: Counter::default(),
+            largest_batch_bytes: Gauge::default(),
             role: Arc::default(),
         }
     }
@@ -60,6 +66,16 @@ impl ConsumerMetrics {
     }
 
     pub fn register(&self, metrics: &tandem_shared::metrics::Metrics) {
+        metrics.register(
+            "consumer_dead_letter_failures",
+            "Dead letters that could not be written; the event is held and retried",
+            self.dead_letter_failures.clone(),
+        );
+        metrics.register(
+            "consumer_largest_batch_bytes",
+            "The largest batch received since start, in bytes",
+            self.largest_batch_bytes.clone(),
+        );
         metrics.register(
             "consumer_events",
             "Events processed by outcome",
