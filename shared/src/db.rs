@@ -114,7 +114,10 @@ impl SessionLimits {
         for (name, value) in [
             ("statement_timeout", self.statement_timeout),
             ("lock_timeout", self.lock_timeout),
-            ("idle_in_transaction_session_timeout", self.idle_in_transaction),
+            (
+                "idle_in_transaction_session_timeout",
+                self.idle_in_transaction,
+            ),
         ] {
             if !options.is_empty() {
                 options.push(' ');

@@ -133,15 +133,17 @@ pub fn finish(router: Router, metrics: Arc<Metrics>, region: &str, timeout: Dura
         HeaderValue::from_str(region).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
     router
         .fallback(|| async { ApiError::NoRoute })
-        .layer(middleware::from_fn(move |request: Request, next: Next| async move {
-            match tokio::time::timeout(timeout, next.run(request)).await {
-                Ok(response) => response,
-                Err(_) => ApiError::Timeout {
-                    after_ms: timeout.as_millis(),
+        .layer(middleware::from_fn(
+            move |request: Request, next: Next| async move {
+                match tokio::time::timeout(timeout, next.run(request)).await {
+                    Ok(response) => response,
+                    Err(_) => ApiError::Timeout {
+                        after_ms: timeout.as_millis(),
+                    }
+                    .into_response(),
                 }
-                .into_response(),
-            }
-        }))
+            },
+        ))
         .layer(middleware::map_response(problem_for_bare_errors))
         .layer(middleware::from_fn_with_state(metrics, track))
         .layer(middleware::map_response(move |mut response: Response| {

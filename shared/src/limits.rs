@@ -93,7 +93,7 @@ mod tests {
     fn depth_counts_containers() {
         assert_eq!(json_depth(&json!(1)), 0);
         assert_eq!(json_depth(&json!({})), 1);
-        assert_eq!(json_depth(&json!({"a": [1, {"b": []}]})), 3);
+        assert_eq!(json_depth(&json!({"a": [1, {"b": []}]})), 4);
     }
 
     #[test]
@@ -104,5 +104,45 @@ mod tests {
         }
         let value: serde_json::Value = serde_json::from_str(&text).expect("parses");
         assert_eq!(json_depth(&value), MAX_JSON_DEPTH + ENVELOPE_DEPTH);
+    }
+
+    #[test]
+    fn msk_is_configured_with_the_same_message_limit() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../terraform/modules/msk/variables.tf"
+        );
+        let text = std::fs::read_to_string(path).expect("the MSK module's variables");
+        let block = text
+            .split("variable \"max_message_bytes\"")
+            .nth(1)
+            .expect("variable max_message_bytes");
+        let default = block
+            .lines()
+            .map(str::trim)
+            .find_map(|line| line.strip_prefix("default"))
+            .and_then(|rest| rest.trim().strip_prefix('='))
+            .map(str::trim)
+            .expect("a default");
+        assert_eq!(default, KAFKA_MAX_MESSAGE_BYTES.to_string());
+        // No deployment overrides it.
+        let deployments = concat!(env!("CARGO_MANIFEST_DIR"), "/../terraform/deployments");
+        for entry in std::fs::read_dir(deployments)
+            .expect("deployments")
+            .flatten()
+        {
+            for file in std::fs::read_dir(entry.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let text = std::fs::read_to_string(file.path()).unwrap_or_default();
+                assert!(
+                    !text.contains("max_message_bytes ="),
+                    "{} overrides max_message_bytes",
+                    file.path().display()
+                );
+            }
+        }
     }
 }

@@ -70,7 +70,10 @@ fn cap_response(response: axum::response::Response) -> axum::response::Response 
         .map(|(name, value)| (name.as_str().len() + value.len() + 4) as u64)
         .sum();
     if body + headers > LAMBDA_MAX_RESPONSE_BYTES as u64 {
-        tracing::error!(bytes = body + headers, "response too large for the Lambda transport");
+        tracing::error!(
+            bytes = body + headers,
+            "response too large for the Lambda transport"
+        );
         return crate::problem::ApiError::ResponseTooLarge {
             limit: LAMBDA_MAX_RESPONSE_BYTES,
         }
@@ -143,7 +146,8 @@ mod tests {
     fn a_response_over_the_lambda_limit_becomes_a_problem() {
         let small = axum::response::Response::new(Body::from(vec![b'x'; 1000]));
         assert_eq!(cap_response(small).status(), StatusCode::OK);
-        let large = axum::response::Response::new(Body::from(vec![b'x'; LAMBDA_MAX_RESPONSE_BYTES]));
+        let large =
+            axum::response::Response::new(Body::from(vec![b'x'; LAMBDA_MAX_RESPONSE_BYTES + 1]));
         let capped = cap_response(large);
         assert_eq!(capped.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(

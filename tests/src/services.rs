@@ -348,9 +348,7 @@ pub async fn spawn_app_with(options: TestAppOptions) -> TestApp {
         region: "region1".into(),
         port: 0,
         bind_address: [127, 0, 0, 1].into(),
-        request_timeout: options
-            .request_timeout
-            .unwrap_or(Duration::from_secs(10)),
+        request_timeout: options.request_timeout.unwrap_or(Duration::from_secs(10)),
     };
     let mut database = DatabaseSettings::from_url(&database_url);
     database.pool_timeout = Duration::from_secs(1);

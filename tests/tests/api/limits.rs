@@ -100,7 +100,10 @@ async fn a_write_waiting_past_lock_timeout_answers_503_and_commits_nothing() {
     }
     tx.rollback().await.expect("release");
     let current: Value = app.get("/v1/locks/a").await.json().await.expect("json");
-    assert_eq!(current["version"], 1, "the refused writes committed nothing");
+    assert_eq!(
+        current["version"], 1,
+        "the refused writes committed nothing"
+    );
     assert_eq!(app.count("outbox").await, 1);
 }
 
@@ -195,7 +198,11 @@ async fn list_pages_stop_at_the_byte_budget_and_next_continues() {
         let response = app.get(&path).await;
         assert_eq!(response.status(), 200);
         let bytes = response.bytes().await.expect("body");
-        assert!(bytes.len() < LAMBDA_MAX_RESPONSE_BYTES, "{} bytes", bytes.len());
+        assert!(
+            bytes.len() < LAMBDA_MAX_RESPONSE_BYTES,
+            "{} bytes",
+            bytes.len()
+        );
         let page: Value = serde_json::from_slice(&bytes).expect("json");
         let items = page["items"].as_array().expect("items");
         assert!(!items.is_empty());
@@ -204,7 +211,11 @@ async fn list_pages_stop_at_the_byte_budget_and_next_continues() {
             items.len() == 1 || data_bytes <= LIST_PAGE_BYTES,
             "{data_bytes} bytes of documents"
         );
-        seen.extend(items.iter().map(|i| i["id"].as_str().unwrap_or_default().to_owned()));
+        seen.extend(
+            items
+                .iter()
+                .map(|i| i["id"].as_str().unwrap_or_default().to_owned()),
+        );
         pages += 1;
         match page["next"].as_str() {
             Some(next) => path = format!("/v1/pages?limit=1000&after={next}"),
@@ -214,7 +225,12 @@ async fn list_pages_stop_at_the_byte_budget_and_next_continues() {
     assert_eq!(seen, (0..8).map(|i| format!("d{i}")).collect::<Vec<_>>());
     assert!(pages >= 3, "8 × 200 KiB take several pages, not {pages}");
     // The count limit still holds alongside the byte budget.
-    let page: Value = app.get("/v1/pages?limit=2").await.json().await.expect("json");
+    let page: Value = app
+        .get("/v1/pages?limit=2")
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(page["items"].as_array().map(Vec::len), Some(2));
     assert!(page["next"].is_string());
 }
@@ -224,7 +240,11 @@ async fn invented_http_methods_share_one_metric_label() {
     let app = spawn_app().await;
     for n in 0..20 {
         let method = Method::from_bytes(format!("BREW{n}").as_bytes()).expect("method");
-        let response = app.write(method, "/v1/things/a").send().await.expect("sent");
+        let response = app
+            .write(method, "/v1/things/a")
+            .send()
+            .await
+            .expect("sent");
         assert_eq!(response.status(), 405);
     }
     let metrics = app
@@ -237,7 +257,10 @@ async fn invented_http_methods_share_one_metric_label() {
         .await
         .expect("body");
     assert!(!metrics.contains("BREW"), "{metrics}");
-    assert!(metrics.contains(r#"method="OTHER",status="405"} 20"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"method="OTHER",status="405"} 20"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
