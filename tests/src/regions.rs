@@ -259,7 +259,11 @@ impl TwoRegions {
             ("TANDEM_REGION".to_owned(), "region1".to_owned()),
             ("RELAY_POLL_INTERVAL_MS".to_owned(), "200".to_owned()),
         ]);
-        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
         let port = free_port();
         env.push(("PORT".to_owned(), port.to_string()));
         self.relay_ports.push(port);
@@ -290,7 +294,11 @@ impl TwoRegions {
             ("TANDEM_REGION".to_owned(), "region2".to_owned()),
             ("KAFKA_GROUP_ID".to_owned(), format!("group-{}", self.topic)),
         ]);
-        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
         let port = free_port();
         env.push(("PORT".to_owned(), port.to_string()));
         self.consumer_ports.push(port);
@@ -322,8 +330,13 @@ impl TwoRegions {
 
     /// Runs the consumer binary's `redrive` command against Region 2.
     pub fn redrive(&self) -> std::process::Output {
+        self.redrive_with(&[])
+    }
+
+    /// `redrive` with arguments (`--id N`).
+    pub fn redrive_with(&self, args: &[&str]) -> std::process::Output {
         let mut command = std::process::Command::new(binary("tandem-region2-consumer"));
-        command.arg("redrive");
+        command.arg("redrive").args(args);
         for (k, v) in self.kafka_env() {
             command.env(k, v);
         }

@@ -258,7 +258,13 @@ async fn dead_letters(client: &tokio_postgres::Client) -> Vec<(String, String)> 
         .await
         .expect("dead letters")
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| {
+            let key: Option<Vec<u8>> = r.get(0);
+            (
+                String::from_utf8_lossy(&key.unwrap_or_default()).into_owned(),
+                r.get(1),
+            )
+        })
         .collect()
 }
 

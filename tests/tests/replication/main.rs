@@ -5,6 +5,7 @@ mod consistency;
 mod edge;
 mod end_to_end;
 mod failures;
+mod hostile;
 mod load;
 
 /// Helpers shared by the replication tests.

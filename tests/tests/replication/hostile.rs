@@ -1,0 +1,584 @@
+//! Hostile input cannot stop replication: whatever the Write API accepts reaches Region 2,
+//! whatever it refuses is refused with a problem naming the limit, and rows or records that
+//! cannot be published or applied are set aside with their reason while everything behind
+//! them still flows.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use reqwest::Method;
+use serde_json::{Value, json};
+use tandem_shared::limits::{MAX_BODY_BYTES, MAX_DOCUMENT_BYTES, MAX_EVENT_BYTES, MAX_JSON_DEPTH};
+use tandem_tests::TwoRegions;
+
+/// `{"a":{"a":…1…}}` with `depth` objects.
+fn nested(depth: usize) -> String {
+    let mut text = "1".to_owned();
+    for _ in 0..depth {
+        text = format!("{{\"a\":{text}}}");
+    }
+    text
+}
+
+/// A document whose JSON text, as PostgreSQL renders it, is exactly `bytes` long: `n` copies
+/// of `1e300` (301 bytes each once PostgreSQL writes the number out) plus a padding string,
+/// tuned against the database itself rather than a guess at its formatting.
+async fn document_rendering_to(regions: &TwoRegions, bytes: usize) -> String {
+    let client = regions.region1.pool.get().await.expect("db");
+    let numbers = vec!["1e300"; 1500].join(",");
+    let candidate = |pad: usize| format!("{{\"n\":[{numbers}],\"s\":\"{}\"}}", "x".repeat(pad));
+    let rendered: i32 = client
+        .query_one(
+            "SELECT octet_length($1::text::jsonb::text)",
+            &[&candidate(0)],
+        )
+        .await
+        .expect("render")
+        .get(0);
+    let rendered = usize::try_from(rendered).expect("size");
+    assert!(
+        rendered < bytes,
+        "1500 numbers already render to {rendered} bytes"
+    );
+    let document = candidate(bytes - rendered);
+    let check: i32 = client
+        .query_one("SELECT octet_length($1::text::jsonb::text)", &[&document])
+        .await
+        .expect("render")
+        .get(0);
+    assert_eq!(usize::try_from(check).expect("size"), bytes);
+    document
+}
+
+struct Case {
+    name: &'static str,
+    /// The document written (default: one per case); the version an accepted write makes.
+    id: Option<&'static str>,
+    version: i64,
+    method: Method,
+    content_type: &'static str,
+    body: String,
+    /// The status expected, and for a refusal the problem type.
+    status: u16,
+    problem: Option<&'static str>,
+}
+
+fn case(name: &'static str, body: String, status: u16, problem: Option<&'static str>) -> Case {
+    Case {
+        name,
+        id: None,
+        version: 1,
+        method: Method::PUT,
+        content_type: "application/json",
+        body,
+        status,
+        problem,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_hostile_write_is_refused_or_replicated_and_replication_goes_on() {
+    let regions = TwoRegions::start().await;
+    let at_document_limit = document_rendering_to(&regions, MAX_DOCUMENT_BYTES).await;
+    let past_document_limit = document_rendering_to(&regions, MAX_DOCUMENT_BYTES + 1).await;
+    // A body exactly at the request limit: `{"s":"xxx…"}`.
+    let at_body_limit = format!("{{\"s\":\"{}\"}}", "x".repeat(MAX_BODY_BYTES - 8));
+    assert_eq!(at_body_limit.len(), MAX_BODY_BYTES);
+    let past_body_limit = format!("{{\"s\":\"{}\"}}", "x".repeat(MAX_BODY_BYTES - 7));
+    let quarter = "y".repeat(200 * 1024);
+
+    let mut cases = vec![
+        case("depth at the limit", nested(MAX_JSON_DEPTH), 201, None),
+        case(
+            "depth past the limit",
+            nested(MAX_JSON_DEPTH + 1),
+            422,
+            Some("too-deep"),
+        ),
+        case("the 128-level document", nested(128), 422, Some("too-deep")),
+        case(
+            "past the parser's own limit",
+            nested(5000),
+            422,
+            Some("too-deep"),
+        ),
+        case("stored size at the limit", at_document_limit, 201, None),
+        case(
+            "stored size past the limit",
+            past_document_limit,
+            413,
+            Some("document-too-large"),
+        ),
+        case(
+            "expanding numbers",
+            format!("{{\"n\":[{}]}}", vec!["1e300"; 2000].join(",")),
+            413,
+            Some("document-too-large"),
+        ),
+        case("body at the limit", at_body_limit, 201, None),
+        case(
+            "body past the limit",
+            past_body_limit,
+            413,
+            Some("payload-too-large"),
+        ),
+        case(
+            "a number out of range",
+            r#"{"n":1e400}"#.to_owned(),
+            400,
+            Some("malformed-json"),
+        ),
+        case(
+            "a 30-digit integer",
+            r#"{"n":123456789012345678901234567890}"#.to_owned(),
+            201,
+            None,
+        ),
+        case(
+            "negative zero",
+            r#"{"n":-0,"m":-0.0}"#.to_owned(),
+            201,
+            None,
+        ),
+        case(
+            "tiny and huge floats",
+            r#"{"n":[1e-300,5e-324,1.7976931348623157e308,0.1]}"#.to_owned(),
+            201,
+            None,
+        ),
+        case(
+            "control characters",
+            json!({"c": "\u{1}\u{1f}\u{7f}\u{2028}"}).to_string(),
+            201,
+            None,
+        ),
+        case(
+            "a NUL character",
+            r#"{"c":"a\u0000b"}"#.to_owned(),
+            422,
+            Some("unstorable-value"),
+        ),
+        case(
+            "a huge key",
+            json!({ "k".repeat(200 * 1024): 1 }).to_string(),
+            201,
+            None,
+        ),
+    ];
+    // Growth by PATCH: 200 KiB, then 200 KiB more (accepted), then 200 KiB more: that merge
+    // passes the stored limit although each request is small.
+    cases.push(Case {
+        id: Some("grown"),
+        ..case("200 KiB", json!({"a": quarter}).to_string(), 201, None)
+    });
+    let patch = |name, key: &str, status, problem, version| Case {
+        name,
+        id: Some("grown"),
+        version,
+        method: Method::PATCH,
+        content_type: "application/merge-patch+json",
+        body: json!({ key: quarter }).to_string(),
+        status,
+        problem,
+    };
+    cases.push(patch("grown by patch to 400 KiB", "b", 200, None, 2));
+    cases.push(patch(
+        "a patch that grows the document past the limit",
+        "c",
+        413,
+        Some("document-too-large"),
+        3,
+    ));
+
+    for (i, case) in cases.iter().enumerate() {
+        let id = case.id.map_or_else(|| format!("case{i}"), str::to_owned);
+        let response = regions
+            .region1
+            .write(case.method.clone(), &format!("/v1/hostile/{id}"))
+            .header("content-type", case.content_type)
+            .body(case.body.clone())
+            .send()
+            .await
+            .expect("write sent");
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let text = response.text().await.unwrap_or_default();
+        assert_eq!(status, case.status, "{}: {text}", case.name);
+        if let Some(problem) = case.problem {
+            assert_eq!(content_type, "application/problem+json", "{}", case.name);
+            let body: Value = serde_json::from_str(&text).expect("problem json");
+            assert_eq!(
+                body["type"],
+                format!("/problems/{problem}"),
+                "{}: {body}",
+                case.name
+            );
+            let detail = body["detail"].as_str().unwrap_or_default();
+            assert!(
+                detail.chars().any(|c| c.is_ascii_digit()),
+                "{}: the problem names the limit: {detail}",
+                case.name
+            );
+        } else {
+            // Accepted: Region 2 serves exactly what Region 1 serves.
+            regions
+                .wait_region2_version(
+                    &format!("/v1/hostile/{id}"),
+                    case.version,
+                    Duration::from_secs(30),
+                )
+                .await;
+            let one: Value = regions
+                .region1
+                .get(&format!("/v1/hostile/{id}"))
+                .await
+                .json()
+                .await
+                .expect("region1 json");
+            let two: Value = regions
+                .region2_get(&format!("/v1/hostile/{id}"))
+                .await
+                .json()
+                .await
+                .expect("region2 json");
+            assert_eq!(one["data"], two["data"], "{}", case.name);
+        }
+        // Whatever happened, an ordinary write behind it still reaches Region 2.
+        let canary = regions
+            .region1
+            .put("canary", &format!("after{i}"), &json!({"after": case.name}))
+            .await;
+        assert_eq!(canary.status(), 201, "{}", case.name);
+        regions
+            .wait_region2_version(&format!("/v1/canary/after{i}"), 1, Duration::from_secs(30))
+            .await;
+    }
+    regions.wait_converged(Duration::from_secs(30)).await;
+    let client = regions.region2_pool.get().await.expect("db");
+    let letters: i64 = client
+        .query_one("SELECT count(*) FROM dead_letters", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        letters, 0,
+        "nothing the Write API accepted was dead-lettered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_the_relay_cannot_publish_are_set_aside_and_the_next_write_still_converges() {
+    let regions = TwoRegions::start().await;
+    let client = regions.region1.pool.get().await.expect("db");
+    // Rows written before the limits existed (or by another writer): one too large for Kafka,
+    // one nested deeper than any parser on the way accepts.
+    let too_large = json!({
+        "collection": "legacy", "id": "big", "version": 1,
+        "data": {"s": "z".repeat(MAX_EVENT_BYTES)},
+        "created_at": "2026-11-01T00:00:00Z", "updated_at": "2026-11-01T00:00:00Z",
+    })
+    .to_string();
+    let too_deep = format!(
+        r#"{{"collection":"legacy","id":"deep","version":1,"data":{},"created_at":"2026-11-01T00:00:00Z","updated_at":"2026-11-01T00:00:00Z"}}"#,
+        nested(200)
+    );
+    for (id, payload) in [("big", &too_large), ("deep", &too_deep)] {
+        client
+            .execute(
+                "INSERT INTO outbox (event_id, collection, document_id, version, operation, payload) \
+                 VALUES ($1, 'legacy', $2, 1, 'upsert', $3::text::jsonb)",
+                &[&uuid::Uuid::now_v7(), &id, payload],
+            )
+            .await
+            .expect("insert legacy outbox row");
+    }
+    // The next writes of both documents are ordinary ones: replication is state-based, so they
+    // bring Region 2 up to date.
+    for id in ["big", "deep"] {
+        let response = regions
+            .region1
+            .put("legacy", id, &json!({"now": "fine"}))
+            .await;
+        assert!(response.status().is_success());
+    }
+    regions.wait_converged(Duration::from_secs(30)).await;
+
+    let moved: Vec<(String, String)> = client
+        .query(
+            "SELECT document_id, reason FROM relay_dead_letters ORDER BY document_id",
+            &[],
+        )
+        .await
+        .expect("relay dead letters")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert_eq!(moved[0].0, "big");
+    assert!(
+        moved[0].1.contains(&MAX_EVENT_BYTES.to_string()),
+        "{moved:?}"
+    );
+    let unpublished: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(unpublished, 0);
+    let counted = regions
+        .metric(regions.relay_ports[0], "tandem_relay_dead_lettered_total")
+        .await;
+    assert_eq!(counted, Some(1.0));
+    // The deep row was published as it was stored (the relay never parses payloads); Region 2
+    // could not decode it and dead-lettered it, with the reason.
+    let two = regions.region2_pool.get().await.expect("db");
+    let reasons: Vec<String> = two
+        .query("SELECT reason FROM dead_letters", &[])
+        .await
+        .expect("dead letters")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(reasons[0].contains("recursion limit"), "{reasons:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_producers_garbage_is_dead_lettered_byte_for_byte() {
+    let regions = TwoRegions::start().await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", regions.broker.address())
+        .set("batch.num.messages", "1")
+        .create()
+        .expect("producer");
+    let key: &[u8] = b"\x00\xff\xfe/\x00";
+    let payload: &[u8] = b"\x00\x00garbage\xff\xc3\x28";
+    let huge_header = vec![0u8; 200 * 1024];
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "ce_id",
+            value: Some(&b"\x00\xff"[..]),
+        })
+        .insert(Header {
+            key: "x-null",
+            value: None::<&[u8]>,
+        })
+        .insert(Header {
+            key: "x-huge",
+            value: Some(huge_header.as_slice()),
+        });
+    producer
+        .send(
+            FutureRecord::to(&regions.topic)
+                .key(key)
+                .payload(payload)
+                .headers(headers),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("produce garbage");
+    // Decodes, but PostgreSQL cannot store it (a NUL character in a string): it fails to
+    // apply, five times, and is then dead-lettered by itself.
+    let unstorable = tandem_shared::event::ChangeEvent::new(
+        uuid::Uuid::now_v7(),
+        "elsewhere",
+        time::OffsetDateTime::now_utc(),
+        serde_json::from_value(json!({"collection": "foreign", "id": "nul", "version": 1,
+            "data": {"s": "a\u{0}b"}, "updated_at": "2026-11-25T09:00:00Z"}))
+        .expect("state"),
+    );
+    producer
+        .send(
+            FutureRecord::to(&regions.topic)
+                .key("foreign/nul")
+                .payload(&unstorable.encode()),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("produce unstorable");
+    let response = regions
+        .region1
+        .put("foreign", "after", &json!({"still": "flows"}))
+        .await;
+    assert_eq!(response.status(), 201);
+    regions
+        .wait_region2_version("/v1/foreign/after", 1, Duration::from_secs(60))
+        .await;
+
+    let client = regions.region2_pool.get().await.expect("db");
+    let rows = client
+        .query(
+            "SELECT message_key, payload, header_names, header_values, reason \
+             FROM dead_letters ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("dead letters");
+    assert_eq!(rows.len(), 2, "both records were dead-lettered");
+    let stored_key: Option<Vec<u8>> = rows[0].get(0);
+    let stored_payload: Option<Vec<u8>> = rows[0].get(1);
+    let names: Vec<Option<String>> = rows[0].get(2);
+    let values: Vec<Option<Vec<u8>>> = rows[0].get(3);
+    assert_eq!(stored_key.as_deref(), Some(key));
+    assert_eq!(stored_payload.as_deref(), Some(payload));
+    assert_eq!(
+        names,
+        vec![
+            Some("ce_id".to_owned()),
+            Some("x-null".to_owned()),
+            Some("x-huge".to_owned())
+        ]
+    );
+    assert_eq!(
+        values,
+        vec![Some(b"\x00\xff".to_vec()), None, Some(huge_header)]
+    );
+    let reason: String = rows[0].get(4);
+    assert!(reason.starts_with("undecodable event"), "{reason}");
+    let reason: String = rows[1].get(4);
+    assert!(reason.contains("could not be applied"), "{reason}");
+    let absent = regions.region2_get("/v1/foreign/nul").await;
+    assert_eq!(absent.status(), 404);
+
+    // `redrive --id` without a number is an error, not "redrive everything".
+    let output = regions.redrive_with(&["--id"]);
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--id needs a number"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // A redrive goes through every letter, each with its own result.
+    let output = regions.redrive();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results: Vec<Option<String>> = client
+        .query("SELECT redrive_result FROM dead_letters ORDER BY id", &[])
+        .await
+        .expect("results")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(results.len(), 2);
+    assert!(
+        results
+            .iter()
+            .all(|r| r.as_deref().is_some_and(|r| r.starts_with("still poison"))),
+        "{results:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_that_times_out_in_region2_is_retried_never_dead_lettered() {
+    let mut regions = TwoRegions::start_without_workers().await;
+    regions.start_relay();
+    regions.start_consumer_with(&[("DATABASE_LOCK_TIMEOUT_MS", "200")]);
+    regions.wait_region2_ready(Duration::from_secs(60)).await;
+
+    // Hold the documents table for three seconds: every apply meets lock_timeout (55P03).
+    let mut holder = tokio_postgres::connect(&regions.region2_database_url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(holder.1);
+    let tx = holder.0.transaction().await.expect("begin");
+    tx.batch_execute("LOCK TABLE documents IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let response = regions
+        .region1
+        .put("locked", "doc", &json!({"waits": true}))
+        .await;
+    assert_eq!(response.status(), 201);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tx.rollback().await.expect("release");
+
+    regions
+        .wait_region2_version("/v1/locked/doc", 1, Duration::from_secs(30))
+        .await;
+    let client = regions.region2_pool.get().await.expect("db");
+    let letters: i64 = client
+        .query_one("SELECT count(*) FROM dead_letters", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        letters, 0,
+        "a transient error never dead-letters a valid event"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_and_consumer_batches_stay_within_their_byte_budgets() {
+    const BUDGET: usize = 700 * 1024;
+    let mut regions = TwoRegions::start_without_workers().await;
+    let budget = BUDGET.to_string();
+    regions.start_relay_with(&[("RELAY_BATCH_BYTES", &budget)]);
+    // A backlog of large documents waiting in Kafka for the consumer.
+    let big = "b".repeat(200 * 1024);
+    for i in 0..12 {
+        let response = regions
+            .region1
+            .put("budget", &format!("d{i}"), &json!({"s": big}))
+            .await;
+        assert_eq!(response.status(), 201);
+    }
+    for _ in 0..300 {
+        let waiting: i64 = regions
+            .region1
+            .pool
+            .get()
+            .await
+            .expect("db")
+            .query_one(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+                &[],
+            )
+            .await
+            .expect("count")
+            .get(0);
+        if waiting == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    regions.start_consumer_with(&[("CONSUMER_BATCH_BYTES", &budget)]);
+    regions.wait_converged(Duration::from_secs(60)).await;
+
+    let relay = regions
+        .metric(regions.relay_ports[0], "tandem_relay_largest_batch_bytes")
+        .await
+        .expect("relay metric");
+    assert!(
+        relay > 0.0 && relay <= BUDGET as f64,
+        "relay batch of {relay} bytes"
+    );
+    let consumer = regions
+        .metric(
+            regions.consumer_ports[0],
+            "tandem_consumer_largest_batch_bytes",
+        )
+        .await
+        .expect("consumer metric");
+    // The consumer stops adding once the budget is reached: at most one message past it.
+    assert!(
+        consumer > 0.0 && consumer < (BUDGET + MAX_EVENT_BYTES) as f64,
+        "consumer batch of {consumer} bytes"
+    );
+    assert!(
+        consumer > 2.0 * 200.0 * 1024.0,
+        "a backlog is applied in batches of several documents ({consumer} bytes)"
+    );
+}
