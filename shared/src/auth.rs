@@ -4,6 +4,13 @@
 //! Scopes come from the OAuth `scope` claim (space-separated, as Cognito issues them) or a
 //! `scp` claim (string or array). Writes need `tandem:write`; reads need `tandem:read` only when
 //! `TANDEM_READ_REQUIRES_AUTH=true`.
+//!
+//! The JWKS is fetched on the first request, re-fetched (single-flight: concurrent requests
+//! share one fetch) on the first request after `TANDEM_JWKS_REFRESH_SECONDS`, so a key the
+//! provider removed stops being trusted then, and re-fetched for a token naming an unknown key
+//! id at most once per [`AuthSettings::jwks_min_refetch`]. A failed refresh keeps the last good
+//! keys for at most [`AuthSettings::jwks_max_stale`] past the due refresh, retried every
+//! `jwks_min_refetch`; after that, requests needing a key answer 503 until a fetch succeeds.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,7 +21,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use tokio::sync::RwLock;
+use tokio::sync::{Mutex, RwLock};
 
 use crate::config::{self, ConfigError};
 
@@ -35,9 +42,16 @@ pub struct AuthSettings {
     pub audience: Option<String>,
     /// Whether reads need `tandem:read` (`TANDEM_READ_REQUIRES_AUTH`).
     pub read_requires_auth: bool,
-    /// Minimum time between two JWKS fetches caused by unknown key ids (30 s): a flood of
-    /// tokens with made-up key ids must not become a flood of requests to the provider.
+    /// How old the JWKS may get before the next request re-fetches it
+    /// (`TANDEM_JWKS_REFRESH_SECONDS`, default 300): a key removed from the JWKS is no longer
+    /// trusted after that.
+    pub jwks_refresh: Duration,
+    /// Minimum time between two JWKS fetches caused by unknown key ids, and between retries of
+    /// a failed fetch (30 s): a flood of tokens with made-up key ids must not become a flood of
+    /// requests to the provider.
     pub jwks_min_refetch: Duration,
+    /// How long past a due refresh the last good keys stay trusted while refreshes fail (1 h).
+    pub jwks_max_stale: Duration,
 }
 
 impl Default for AuthSettings {
@@ -48,19 +62,30 @@ impl Default for AuthSettings {
             issuer: None,
             audience: None,
             read_requires_auth: false,
+            jwks_refresh: Duration::from_secs(300),
             jwks_min_refetch: Duration::from_secs(30),
+            jwks_max_stale: Duration::from_secs(3600),
         }
     }
 }
 
 impl AuthSettings {
     pub fn from_env() -> Result<Self, ConfigError> {
+        let refresh_seconds = config::parsed_or::<u64>("TANDEM_JWKS_REFRESH_SECONDS", 300)?;
+        if refresh_seconds == 0 {
+            return Err(ConfigError::Invalid {
+                name: "TANDEM_JWKS_REFRESH_SECONDS",
+                value: refresh_seconds.to_string(),
+                reason: "must be at least 1".into(),
+            });
+        }
         Ok(Self {
             hs256_secret: config::secret("TANDEM_JWT_HS256_SECRET"),
             jwks_url: config::optional("TANDEM_JWKS_URL"),
             issuer: config::optional("TANDEM_JWT_ISSUER"),
             audience: config::optional("TANDEM_JWT_AUDIENCE"),
             read_requires_auth: config::flag("TANDEM_READ_REQUIRES_AUTH", false)?,
+            jwks_refresh: Duration::from_secs(refresh_seconds),
             ..Self::default()
         })
     }
@@ -120,34 +145,125 @@ impl StringOrList {
 /// Verification keys by key id.
 type KeyMap = HashMap<String, (DecodingKey, Algorithm)>;
 
-/// A JWKS, fetched lazily and re-fetched when a token names an unknown key.
+/// What the verifier knows of the JWKS.
+#[derive(Default)]
+struct JwksState {
+    keys: KeyMap,
+    /// When the keys were last fetched successfully.
+    fetched_at: Option<Instant>,
+    /// When the last fetch, successful or not, ended.
+    attempted_at: Option<Instant>,
+    /// Why the last fetch failed; `None` when it succeeded.
+    last_error: Option<String>,
+    /// Fetches ended so far: a request that waited for another request's fetch sees it changed
+    /// and uses that result instead of fetching again.
+    attempts: u64,
+}
+
+/// What a request does about a key id, given the current state.
+enum Lookup {
+    Found((DecodingKey, Algorithm)),
+    Fetch,
+    Refused(AuthError),
+}
+
+/// A JWKS, fetched lazily, refreshed when older than `refresh`, re-fetched when a token names
+/// an unknown key (at most once per `min_refetch`). One fetch at a time.
 struct Jwks {
     url: String,
     http: reqwest::Client,
-    /// The keys and when they were last fetched.
-    keys: RwLock<(KeyMap, Option<Instant>)>,
+    state: RwLock<JwksState>,
+    /// Held for the duration of a fetch (single flight).
+    flight: Mutex<()>,
+    refresh: Duration,
     min_refetch: Duration,
+    max_stale: Duration,
 }
 
 impl Jwks {
+    fn lookup(&self, state: &JwksState, kid: &str, may_fetch: bool) -> Lookup {
+        let now = Instant::now();
+        let age = state.fetched_at.map(|at| now.saturating_duration_since(at));
+        let fresh = age.is_some_and(|age| age < self.refresh);
+        let usable = age.is_some_and(|age| age < self.refresh.saturating_add(self.max_stale));
+        let failed = state.last_error.is_some();
+        let throttled = state
+            .attempted_at
+            .is_some_and(|at| now.saturating_duration_since(at) < self.min_refetch);
+        // A due refresh after a successful fetch is limited by `refresh` itself; retries after
+        // a failure and fetches for unknown key ids wait `min_refetch`.
+        let may_refresh = may_fetch && !(failed && throttled);
+        let may_refetch = may_fetch && !throttled;
+        if !usable {
+            return if may_refresh {
+                Lookup::Fetch
+            } else {
+                Lookup::Refused(self.unavailable(state))
+            };
+        }
+        match state.keys.get(kid) {
+            Some(found) if fresh || !may_refresh => Lookup::Found(found.clone()),
+            Some(_) => Lookup::Fetch,
+            None if may_refetch || (!fresh && may_refresh) => Lookup::Fetch,
+            // Whether the provider has rotated in a key we cannot fetch is unknown: 503.
+            None if failed => Lookup::Refused(self.unavailable(state)),
+            None => Lookup::Refused(AuthError::Invalid(format!("unknown key id {kid}"))),
+        }
+    }
+
+    fn unavailable(&self, state: &JwksState) -> AuthError {
+        AuthError::KeysUnavailable(anyhow::anyhow!(
+            "{}",
+            state
+                .last_error
+                .as_deref()
+                .unwrap_or("the JWKS has not been fetched successfully recently")
+        ))
+    }
+
     async fn key(&self, kid: &str) -> Result<(DecodingKey, Algorithm), AuthError> {
-        {
-            let guard = self.keys.read().await;
-            if let Some(found) = guard.0.get(kid) {
-                return Ok(found.clone());
+        let seen = {
+            let state = self.state.read().await;
+            match self.lookup(&state, kid, true) {
+                Lookup::Found(found) => return Ok(found),
+                Lookup::Refused(error) => return Err(error),
+                Lookup::Fetch => state.attempts,
             }
-            if guard.1.is_some_and(|at| at.elapsed() < self.min_refetch) {
-                return Err(AuthError::Invalid(format!("unknown key id {kid}")));
+        };
+        let _flight = self.flight.lock().await;
+        {
+            // Another request may have fetched while this one waited: use its result.
+            let state = self.state.read().await;
+            match self.lookup(&state, kid, state.attempts == seen) {
+                Lookup::Found(found) => return Ok(found),
+                Lookup::Refused(error) => return Err(error),
+                Lookup::Fetch => {}
             }
         }
-        let fetched = self.fetch().await.map_err(AuthError::KeysUnavailable)?;
-        let mut guard = self.keys.write().await;
-        *guard = (fetched, Some(Instant::now()));
-        guard
-            .0
-            .get(kid)
-            .cloned()
-            .ok_or_else(|| AuthError::Invalid(format!("unknown key id {kid}")))
+        let fetched = self.fetch().await;
+        let mut state = self.state.write().await;
+        let now = Instant::now();
+        state.attempts += 1;
+        state.attempted_at = Some(now);
+        match fetched {
+            Ok(keys) => {
+                state.keys = keys;
+                state.fetched_at = Some(now);
+                state.last_error = None;
+            }
+            Err(error) => {
+                let error = format!("{error:#}");
+                if state.fetched_at.is_some() {
+                    tracing::warn!(%error, "JWKS refresh failed; the last good keys stay trusted for a while");
+                }
+                state.last_error = Some(error);
+            }
+        }
+        match self.lookup(&state, kid, false) {
+            Lookup::Found(found) => Ok(found),
+            Lookup::Refused(error) => Err(error),
+            Lookup::Fetch => Err(self.unavailable(&state)),
+        }
     }
 
     async fn fetch(&self) -> anyhow::Result<KeyMap> {
@@ -179,7 +295,7 @@ impl Jwks {
 
 enum Keys {
     Hs256(DecodingKey),
-    Jwks(Jwks),
+    Jwks(Box<Jwks>),
     None,
 }
 
@@ -195,15 +311,18 @@ pub struct Authenticator {
 impl Authenticator {
     pub fn new(settings: &AuthSettings) -> anyhow::Result<Self> {
         let keys = match (&settings.jwks_url, &settings.hs256_secret) {
-            (Some(url), _) => Keys::Jwks(Jwks {
+            (Some(url), _) => Keys::Jwks(Box::new(Jwks {
                 url: url.clone(),
                 http: reqwest::Client::builder()
                     .timeout(Duration::from_secs(5))
                     .build()
                     .context("Failed to build the JWKS HTTP client")?,
-                keys: RwLock::new((HashMap::new(), None)),
+                state: RwLock::new(JwksState::default()),
+                flight: Mutex::new(()),
+                refresh: settings.jwks_refresh,
                 min_refetch: settings.jwks_min_refetch,
-            }),
+                max_stale: settings.jwks_max_stale,
+            })),
             (None, Some(secret)) => {
                 Keys::Hs256(DecodingKey::from_secret(secret.expose_secret().as_bytes()))
             }

@@ -1,6 +1,8 @@
 //! Production authentication: ES256 tokens verified against a JWKS served over real HTTP, the
-//! way Cognito publishes its keys, with issuer and audience checks and key rotation.
+//! way Cognito publishes its keys, with issuer and audience checks, key rotation, and how often
+//! the JWKS is fetched (single flight, unknown key ids, periodic refresh, failures).
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -186,4 +188,269 @@ async fn an_unreachable_jwks_is_a_503_not_a_401() {
         .expect("send");
     assert_eq!(response.status(), 503);
     assert!(response.headers().contains_key("retry-after"));
+}
+
+/// A JWKS endpoint over real HTTP that counts the requests it gets, can be made to fail (500)
+/// and answers after `delay`.
+struct JwksServer {
+    url: String,
+    published: Arc<Mutex<Vec<Value>>>,
+    fetches: Arc<AtomicUsize>,
+    failing: Arc<AtomicBool>,
+}
+
+impl JwksServer {
+    async fn start(keys: &[&SigningKey], delay: Duration) -> Self {
+        let published = Arc::new(Mutex::new(
+            keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>(),
+        ));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let failing = Arc::new(AtomicBool::new(false));
+        let (served, counted, fails) = (published.clone(), fetches.clone(), failing.clone());
+        let router = axum::Router::new().route(
+            "/.well-known/jwks.json",
+            get(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let keys = served.lock().expect("lock").clone();
+                let fail = fails.load(Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(delay).await;
+                    if fail {
+                        Err(axum::http::StatusCode::INTERNAL_SERVER_ERROR)
+                    } else {
+                        Ok(axum::Json(json!({ "keys": keys })))
+                    }
+                }
+            }),
+        );
+        let base = tandem_tests::serve(router).await;
+        Self {
+            url: format!("{base}/.well-known/jwks.json"),
+            published,
+            fetches,
+            failing,
+        }
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+
+    fn publish(&self, keys: &[&SigningKey]) {
+        *self.published.lock().expect("lock") = keys.iter().map(|k| k.jwk.clone()).collect();
+    }
+
+    fn authenticator(&self, settings: AuthSettings) -> Authenticator {
+        Authenticator::new(&AuthSettings {
+            jwks_url: Some(self.url.clone()),
+            issuer: Some("https://issuer.example".into()),
+            audience: Some("tandem-client".into()),
+            ..settings
+        })
+        .expect("authenticator")
+    }
+}
+
+fn bearer(key: &SigningKey, claims: Value) -> String {
+    format!("Bearer {}", token(key, claims))
+}
+
+/// The Write API over real HTTP, verifying tokens with `auth`.
+async fn write_api(auth: Authenticator) -> (tandem_tests::TestApp, String) {
+    let app = tandem_tests::spawn_app().await;
+    let mut state = app.write_state.clone();
+    state.auth = auth;
+    let base = tandem_tests::serve(tandem_write::router(state)).await;
+    (app, base)
+}
+
+async fn put(app: &tandem_tests::TestApp, base: &str, id: &str, bearer: &str) -> (u16, Value) {
+    let response = app
+        .client
+        .put(format!("{base}/v1/c/{id}"))
+        .header("authorization", bearer)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn concurrent_requests_needing_the_jwks_share_one_fetch() {
+    let key = signing_key("k1");
+    // A slow provider, so every request below arrives while the fetch is under way.
+    let jwks = JwksServer::start(&[&key], Duration::from_millis(300)).await;
+    // No rate limit on re-fetches: only the single flight keeps the count down.
+    let auth = jwks.authenticator(AuthSettings {
+        jwks_min_refetch: Duration::ZERO,
+        ..AuthSettings::default()
+    });
+    let strangers: Vec<SigningKey> = (0..25)
+        .map(|i| signing_key(&format!("ghost-{i}")))
+        .collect();
+
+    // Cold start: 25 known and 25 unknown key ids at once, one fetch.
+    let mut headers: Vec<String> = strangers
+        .iter()
+        .map(|k| bearer(k, claims("tandem:write", "tandem-client")))
+        .collect();
+    headers.extend((0..25).map(|_| bearer(&key, claims("tandem:write", "tandem-client"))));
+    let results = futures_util::future::join_all(
+        headers
+            .iter()
+            .map(|h| auth.authorize(Some(h.as_str()), WRITE_SCOPE)),
+    )
+    .await;
+    assert_eq!(jwks.fetches(), 1, "one fetch for 50 concurrent requests");
+    for (i, result) in results.iter().enumerate() {
+        if i < 25 {
+            assert!(matches!(result, Err(AuthError::Invalid(_))), "{result:?}");
+        } else {
+            assert!(result.is_ok(), "{result:?}");
+        }
+    }
+
+    // Warm: 50 concurrent tokens naming unknown key ids cause one re-fetch between them.
+    let results = futures_util::future::join_all(
+        headers[..25]
+            .iter()
+            .chain(headers[..25].iter())
+            .map(|h| auth.authorize(Some(h.as_str()), WRITE_SCOPE)),
+    )
+    .await;
+    assert_eq!(jwks.fetches(), 2, "one re-fetch for 50 unknown key ids");
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Err(AuthError::Invalid(_))))
+    );
+}
+
+#[tokio::test]
+async fn unknown_key_ids_do_not_refetch_within_the_min_interval() {
+    let known = signing_key("k1");
+    let jwks = JwksServer::start(&[&known], Duration::ZERO).await;
+    let min_refetch = Duration::from_millis(1500);
+    let auth = jwks.authenticator(AuthSettings {
+        jwks_min_refetch: min_refetch,
+        ..AuthSettings::default()
+    });
+    let verify = |key: &SigningKey| {
+        let header = bearer(key, claims("tandem:write", "tandem-client"));
+        let auth = auth.clone();
+        async move { auth.authorize(Some(&header), WRITE_SCOPE).await }
+    };
+
+    assert!(matches!(
+        verify(&signing_key("ghost-0")).await,
+        Err(AuthError::Invalid(_))
+    ));
+    assert_eq!(jwks.fetches(), 1, "the first request fetches");
+    for i in 1..20 {
+        assert!(matches!(
+            verify(&signing_key(&format!("ghost-{i}"))).await,
+            Err(AuthError::Invalid(_))
+        ));
+    }
+    // Even a key the provider has since published waits for the interval.
+    let rotated = signing_key("k2");
+    jwks.publish(&[&known, &rotated]);
+    assert!(matches!(verify(&rotated).await, Err(AuthError::Invalid(_))));
+    verify(&known).await.expect("known key");
+    assert_eq!(jwks.fetches(), 1, "no re-fetch within the interval");
+
+    tokio::time::sleep(min_refetch + Duration::from_millis(200)).await;
+    verify(&rotated)
+        .await
+        .expect("after the interval the rotated-in key is fetched");
+    assert_eq!(jwks.fetches(), 2);
+    assert!(verify(&signing_key("ghost-x")).await.is_err());
+    assert_eq!(jwks.fetches(), 2);
+}
+
+#[tokio::test]
+async fn a_key_removed_from_the_jwks_is_refused_after_the_next_refresh() {
+    let a = signing_key("key-a");
+    let b = signing_key("key-b");
+    let jwks = JwksServer::start(&[&a, &b], Duration::ZERO).await;
+    let refresh = Duration::from_secs(2);
+    let (app, base) = write_api(jwks.authenticator(AuthSettings {
+        jwks_refresh: refresh,
+        ..AuthSettings::default()
+    }))
+    .await;
+    let token_a = bearer(&a, claims("tandem:write", "tandem-client"));
+
+    let (status, body) = put(&app, &base, "doc", &token_a).await;
+    assert_eq!(status, 201, "{body}");
+    jwks.publish(&[&b]);
+    // Until the refresh is due, the cached keys are used.
+    let (status, body) = put(&app, &base, "doc", &token_a).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(jwks.fetches(), 1);
+
+    tokio::time::sleep(refresh + Duration::from_millis(200)).await;
+    let (status, body) = put(&app, &base, "doc", &token_a).await;
+    assert_eq!(status, 401, "key A is gone after the refresh: {body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unknown key id key-a"),
+        "{body}"
+    );
+    assert_eq!(jwks.fetches(), 2);
+    let (status, body) = put(
+        &app,
+        &base,
+        "doc",
+        &bearer(&b, claims("tandem:write", "tandem-client")),
+    )
+    .await;
+    assert_eq!(status, 200, "key B is still published: {body}");
+    assert_eq!(jwks.fetches(), 2);
+}
+
+#[tokio::test]
+async fn a_failed_refresh_keeps_the_last_good_keys_for_a_bounded_time() {
+    let key = signing_key("k1");
+    let jwks = JwksServer::start(&[&key], Duration::ZERO).await;
+    let refresh = Duration::from_secs(1);
+    let min_refetch = Duration::from_secs(1);
+    let max_stale = Duration::from_secs(3);
+    let auth = jwks.authenticator(AuthSettings {
+        jwks_refresh: refresh,
+        jwks_min_refetch: min_refetch,
+        jwks_max_stale: max_stale,
+        ..AuthSettings::default()
+    });
+    let header = bearer(&key, claims("tandem:write", "tandem-client"));
+    let verify = || auth.authorize(Some(&header), WRITE_SCOPE);
+
+    verify().await.expect("first fetch");
+    assert_eq!(jwks.fetches(), 1);
+    jwks.failing.store(true, Ordering::SeqCst);
+    tokio::time::sleep(refresh + Duration::from_millis(200)).await;
+    verify()
+        .await
+        .expect("the refresh failed: the last good keys are kept");
+    assert_eq!(jwks.fetches(), 2);
+    verify().await.expect("still kept");
+    assert_eq!(
+        jwks.fetches(),
+        2,
+        "a failed refresh is retried after min_refetch"
+    );
+
+    // Past refresh + max_stale since the last good fetch, the keys are no longer trusted.
+    tokio::time::sleep(max_stale).await;
+    assert!(matches!(verify().await, Err(AuthError::KeysUnavailable(_))));
+    assert_eq!(jwks.fetches(), 3);
+
+    jwks.failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(min_refetch + Duration::from_millis(200)).await;
+    verify().await.expect("the provider is back");
+    assert_eq!(jwks.fetches(), 4);
 }
