@@ -5,6 +5,9 @@
 //! `scp` claim (string or array). Writes need `tandem:write`; reads need `tandem:read` only when
 //! `TANDEM_READ_REQUIRES_AUTH=true`.
 //!
+//! `exp` is required and `nbf` is checked when present, both with [`CLOCK_LEEWAY_SECONDS`] of
+//! clock skew allowed.
+//!
 //! The JWKS is fetched on the first request, re-fetched (single-flight: concurrent requests
 //! share one fetch) on the first request after `TANDEM_JWKS_REFRESH_SECONDS`, so a key the
 //! provider removed stops being trusted then, and re-fetched for a token naming an unknown key
@@ -17,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::{ExposeSecret, SecretString};
@@ -27,6 +31,9 @@ use crate::config::{self, ConfigError};
 
 pub const WRITE_SCOPE: &str = "tandem:write";
 pub const READ_SCOPE: &str = "tandem:read";
+
+/// Clock skew allowed on `exp` and `nbf`, in seconds.
+pub const CLOCK_LEEWAY_SECONDS: u64 = 30;
 
 /// Authentication settings, read from the environment.
 #[derive(Debug, Clone)]
@@ -384,13 +391,22 @@ impl Authenticator {
         }
         let mut validation = Validation::new(algorithm);
         validation.validate_aud = false;
-        validation.leeway = 30;
+        validation.leeway = CLOCK_LEEWAY_SECONDS;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp"]);
         if let Some(issuer) = &self.issuer {
             validation.set_issuer(&[issuer]);
         }
         let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
-            .map_err(|e| AuthError::Invalid(e.to_string()))?
+            .map_err(|e| {
+                AuthError::Invalid(match e.kind() {
+                    ErrorKind::ExpiredSignature => "the token has expired (exp)".to_owned(),
+                    ErrorKind::ImmatureSignature => {
+                        "the token is not valid yet (nbf is in the future)".to_owned()
+                    }
+                    _ => e.to_string(),
+                })
+            })?
             .claims;
         if let Some(expected) = &self.audience {
             let in_aud = claims
@@ -454,4 +470,65 @@ pub fn mint_hs256(
         &EncodingKey::from_secret(secret.as_bytes()),
     )
     .context("Failed to sign the token")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signed(secret: &str, claims: &serde_json::Value) -> String {
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("sign");
+        format!("Bearer {token}")
+    }
+
+    #[tokio::test]
+    async fn nbf_and_exp_are_checked_with_the_same_leeway() {
+        let secret = "s".repeat(32);
+        let auth = Authenticator::new(&AuthSettings {
+            hs256_secret: Some(secret.clone().into()),
+            ..AuthSettings::default()
+        })
+        .expect("authenticator");
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let leeway = i64::try_from(CLOCK_LEEWAY_SECONDS).expect("small");
+        let claims = |nbf: Option<i64>, exp: i64| {
+            let mut claims = serde_json::json!({"sub": "u", "scope": WRITE_SCOPE, "exp": exp});
+            if let Some(nbf) = nbf {
+                claims["nbf"] = nbf.into();
+            }
+            claims
+        };
+        let verify = |claims: serde_json::Value| {
+            let auth = auth.clone();
+            let header = signed(&secret, &claims);
+            async move { auth.authorize(Some(&header), WRITE_SCOPE).await }
+        };
+        // Inside the leeway either way: accepted.
+        for (nbf, exp) in [
+            (None, now + 60),
+            (Some(now - 60), now + 60),
+            (Some(now + leeway - 10), now + 60),
+            (Some(now - 60), now - leeway + 10),
+        ] {
+            verify(claims(nbf, exp))
+                .await
+                .unwrap_or_else(|e| panic!("nbf {nbf:?} exp {exp}: {e}"));
+        }
+        // Beyond it: refused, saying why.
+        let early = verify(claims(Some(now + leeway + 10), now + 600)).await;
+        match early {
+            Err(AuthError::Invalid(why)) => assert!(why.contains("not valid yet"), "{why}"),
+            other => panic!("a token before its nbf: {other:?}"),
+        }
+        let late = verify(claims(None, now - leeway - 10)).await;
+        match late {
+            Err(AuthError::Invalid(why)) => assert!(why.contains("expired"), "{why}"),
+            other => panic!("an expired token: {other:?}"),
+        }
+    }
 }

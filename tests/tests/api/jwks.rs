@@ -1,6 +1,6 @@
 //! Production authentication: ES256 tokens verified against a JWKS served over real HTTP, the
-//! way Cognito publishes its keys, with issuer and audience checks, key rotation, and how often
-//! the JWKS is fetched (single flight, unknown key ids, periodic refresh, failures).
+//! way Cognito publishes its keys, with issuer and audience checks, key rotation, `nbf`, and how
+//! often the JWKS is fetched (single flight, unknown key ids, periodic refresh, failures).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,9 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-use tandem_shared::auth::{AuthError, AuthSettings, Authenticator, WRITE_SCOPE};
+use tandem_shared::auth::{
+    AuthError, AuthSettings, Authenticator, CLOCK_LEEWAY_SECONDS, WRITE_SCOPE,
+};
 
 /// A P-256 signing key and its public JWK.
 struct SigningKey {
@@ -275,6 +277,44 @@ async fn put(app: &tandem_tests::TestApp, base: &str, id: &str, bearer: &str) ->
         .expect("send");
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_token_before_its_nbf_is_a_401_saying_so_within_the_exp_leeway() {
+    let key = signing_key("k1");
+    let jwks = JwksServer::start(&[&key], Duration::ZERO).await;
+    let (app, base) = write_api(jwks.authenticator(AuthSettings::default())).await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let leeway = i64::try_from(CLOCK_LEEWAY_SECONDS).expect("small");
+    let with = |nbf: i64, exp: i64| {
+        let mut claims = claims("tandem:write", "tandem-client");
+        claims["nbf"] = json!(nbf);
+        claims["exp"] = json!(exp);
+        bearer(&key, claims)
+    };
+
+    // Clock skew up to the leeway is tolerated on nbf as on exp.
+    let (status, body) = put(&app, &base, "a", &with(now - 60, now + 300)).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = put(&app, &base, "b", &with(now + leeway - 10, now + 300)).await;
+    assert_eq!(status, 201, "nbf inside the leeway: {body}");
+    let (status, body) = put(&app, &base, "c", &with(now - 60, now - leeway + 10)).await;
+    assert_eq!(status, 201, "exp inside the leeway: {body}");
+
+    // Beyond it: 401 with a detail that says why.
+    let (status, body) = put(&app, &base, "d", &with(now + leeway + 30, now + 600)).await;
+    assert_eq!(status, 401, "{body}");
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("not valid yet"), "{body}");
+    let (status, body) = put(&app, &base, "e", &with(now - 60, now - leeway - 30)).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("expired"),
+        "{body}"
+    );
 }
 
 #[tokio::test]
