@@ -19,7 +19,10 @@ PG2_PORT="${PG2_PORT:-55433}"
 REDIS1_PORT="${REDIS1_PORT:-56379}"
 REDIS2_PORT="${REDIS2_PORT:-56380}"
 KAFKA_PORT="${KAFKA_PORT:-59092}"
-DEV_SECRET="${TANDEM_JWT_HS256_SECRET:-tandem-local-dev-secret}"
+# The published development secret (shared/src/auth.rs, DEV_HS256_SECRET): the services accept
+# it only in development mode, which every service started here runs in.
+DEV_SECRET="${TANDEM_JWT_HS256_SECRET:-tandem-local-development-secret-v2}"
+export TANDEM_DEV_MODE=true
 
 ensure_rust
 ensure_servers

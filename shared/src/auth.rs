@@ -32,13 +32,23 @@ use crate::config::{self, ConfigError};
 pub const WRITE_SCOPE: &str = "tandem:write";
 pub const READ_SCOPE: &str = "tandem:read";
 
+/// The local development HS256 secret (`make up`, the Lambda event fixtures, the README). It is
+/// published, so the services accept it only with `TANDEM_DEV_MODE=true`.
+pub const DEV_HS256_SECRET: &str = "tandem-local-development-secret-v2";
+
+/// Shortest accepted HS256 secret: RFC 7518 (section 3.2) wants a key at least as long as the
+/// 256-bit hash output.
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
+
 /// Clock skew allowed on `exp` and `nbf`, in seconds.
 pub const CLOCK_LEEWAY_SECONDS: u64 = 30;
 
 /// Authentication settings, read from the environment.
 #[derive(Debug, Clone)]
 pub struct AuthSettings {
-    /// HS256 shared secret (`TANDEM_JWT_HS256_SECRET`), for local development.
+    /// HS256 shared secret (`TANDEM_JWT_HS256_SECRET`), for local development. `from_env`
+    /// refuses one shorter than [`MIN_HS256_SECRET_BYTES`], and [`DEV_HS256_SECRET`] unless
+    /// `dev_mode`.
     pub hs256_secret: Option<SecretString>,
     /// JWKS document URL (`TANDEM_JWKS_URL`), e.g. Cognito's
     /// `https://cognito-idp.<region>.amazonaws.com/<pool>/.well-known/jwks.json`.
@@ -49,6 +59,8 @@ pub struct AuthSettings {
     pub audience: Option<String>,
     /// Whether reads need `tandem:read` (`TANDEM_READ_REQUIRES_AUTH`).
     pub read_requires_auth: bool,
+    /// Local development mode (`TANDEM_DEV_MODE`, default false): allows [`DEV_HS256_SECRET`].
+    pub dev_mode: bool,
     /// How old the JWKS may get before the next request re-fetches it
     /// (`TANDEM_JWKS_REFRESH_SECONDS`, default 300): a key removed from the JWKS is no longer
     /// trusted after that.
@@ -69,6 +81,7 @@ impl Default for AuthSettings {
             issuer: None,
             audience: None,
             read_requires_auth: false,
+            dev_mode: false,
             jwks_refresh: Duration::from_secs(300),
             jwks_min_refetch: Duration::from_secs(30),
             jwks_max_stale: Duration::from_secs(3600),
@@ -86,15 +99,43 @@ impl AuthSettings {
                 reason: "must be at least 1".into(),
             });
         }
-        Ok(Self {
+        let settings = Self {
             hs256_secret: config::secret("TANDEM_JWT_HS256_SECRET"),
             jwks_url: config::optional("TANDEM_JWKS_URL"),
             issuer: config::optional("TANDEM_JWT_ISSUER"),
             audience: config::optional("TANDEM_JWT_AUDIENCE"),
             read_requires_auth: config::flag("TANDEM_READ_REQUIRES_AUTH", false)?,
+            dev_mode: config::flag("TANDEM_DEV_MODE", false)?,
             jwks_refresh: Duration::from_secs(refresh_seconds),
             ..Self::default()
-        })
+        };
+        settings.check_hs256_secret()?;
+        Ok(settings)
+    }
+
+    /// Refuses an HS256 secret shorter than [`MIN_HS256_SECRET_BYTES`], and the published
+    /// [`DEV_HS256_SECRET`] outside development mode. The secret itself is never echoed.
+    pub fn check_hs256_secret(&self) -> Result<(), ConfigError> {
+        let Some(secret) = &self.hs256_secret else {
+            return Ok(());
+        };
+        let secret = secret.expose_secret();
+        if secret.len() < MIN_HS256_SECRET_BYTES {
+            return Err(ConfigError::Invalid {
+                name: "TANDEM_JWT_HS256_SECRET",
+                value: format!("<{} bytes, not shown>", secret.len()),
+                reason: format!("an HS256 secret needs at least {MIN_HS256_SECRET_BYTES} bytes"),
+            });
+        }
+        if secret == DEV_HS256_SECRET && !self.dev_mode {
+            return Err(ConfigError::Invalid {
+                name: "TANDEM_JWT_HS256_SECRET",
+                value: "<the local development secret>".into(),
+                reason: "this secret is published and accepted only with TANDEM_DEV_MODE=true"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -476,6 +517,52 @@ pub fn mint_hs256(
 mod tests {
     use super::*;
 
+    fn with_secret(secret: &str, dev_mode: bool) -> AuthSettings {
+        AuthSettings {
+            hs256_secret: Some(secret.to_owned().into()),
+            dev_mode,
+            ..AuthSettings::default()
+        }
+    }
+
+    #[test]
+    fn short_hs256_secrets_are_refused_naming_the_variable_not_the_secret() {
+        let error = with_secret("tandem-local-dev-secret", true)
+            .check_hs256_secret()
+            .expect_err("23 bytes is too short")
+            .to_string();
+        assert!(error.contains("TANDEM_JWT_HS256_SECRET"), "{error}");
+        assert!(error.contains("at least 32 bytes"), "{error}");
+        assert!(!error.contains("tandem-local-dev-secret"), "{error}");
+        let just_enough = "x".repeat(MIN_HS256_SECRET_BYTES);
+        with_secret(&just_enough, false)
+            .check_hs256_secret()
+            .expect("32 bytes is enough");
+        assert!(
+            with_secret(&just_enough[1..], false)
+                .check_hs256_secret()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_dev_secret_is_accepted_only_in_dev_mode() {
+        assert!(DEV_HS256_SECRET.len() >= MIN_HS256_SECRET_BYTES);
+        let error = with_secret(DEV_HS256_SECRET, false)
+            .check_hs256_secret()
+            .expect_err("the dev secret outside dev mode")
+            .to_string();
+        assert!(error.contains("TANDEM_JWT_HS256_SECRET"), "{error}");
+        assert!(error.contains("TANDEM_DEV_MODE=true"), "{error}");
+        assert!(!error.contains(DEV_HS256_SECRET), "{error}");
+        with_secret(DEV_HS256_SECRET, true)
+            .check_hs256_secret()
+            .expect("the dev secret in dev mode");
+        AuthSettings::default()
+            .check_hs256_secret()
+            .expect("no secret at all is fine here");
+    }
+
     fn signed(secret: &str, claims: &serde_json::Value) -> String {
         let token = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -488,12 +575,8 @@ mod tests {
 
     #[tokio::test]
     async fn nbf_and_exp_are_checked_with_the_same_leeway() {
-        let secret = "s".repeat(32);
-        let auth = Authenticator::new(&AuthSettings {
-            hs256_secret: Some(secret.clone().into()),
-            ..AuthSettings::default()
-        })
-        .expect("authenticator");
+        let secret = "s".repeat(MIN_HS256_SECRET_BYTES);
+        let auth = Authenticator::new(&with_secret(&secret, false)).expect("authenticator");
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let leeway = i64::try_from(CLOCK_LEEWAY_SECONDS).expect("small");
         let claims = |nbf: Option<i64>, exp: i64| {

@@ -7,11 +7,9 @@ use std::path::PathBuf;
 use lambda_http::request::LambdaRequest;
 use lambda_runtime::{Context, LambdaEvent};
 use serde_json::Value;
+use tandem_shared::auth::DEV_HS256_SECRET;
 use tandem_tests::{TestAppOptions, spawn_app_with};
 use tower::ServiceExt;
-
-/// The secret the fixtures' dev token is signed with (see README, local Lambda workflow).
-const DEV_SECRET: &str = "tandem-local-dev-secret";
 
 fn fixture(function: &str, name: &str) -> LambdaRequest {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -48,7 +46,8 @@ fn body(response: &Value) -> Value {
 #[tokio::test]
 async fn both_functions_answer_alb_and_api_gateway_events_with_matching_routes() {
     let app = spawn_app_with(TestAppOptions {
-        secret: Some(DEV_SECRET.into()),
+        // The fixtures' dev token is signed with it (see README, local Lambda workflow).
+        secret: Some(DEV_HS256_SECRET.into()),
         ..Default::default()
     })
     .await;
