@@ -1,4 +1,4 @@
-//! The Redis read cache: document bodies by key, version-guarded.
+//! The Redis read cache: document bodies by key, version-guarded, in generations.
 //!
 //! Each entry is a hash `{v: version, s: "L" | "D", b: body}`. Every fill goes through one Lua
 //! script that writes only when the cached version is older (or absent), so an older version can
@@ -7,13 +7,25 @@
 //! consumer applies events. Deletes are cached as `"D"` entries carrying their version, which
 //! fences off a late fill of the last live version.
 //!
+//! **No stale entry survives a Redis fault.** Entries live under a generation
+//! (`{prefix}:gen`, a counter in Redis; entry keys are `{prefix}:g{n}:doc:{collection}/{id}`).
+//! Whenever a process cannot confirm a Redis command (a timeout, a refused connection, an
+//! error: an update may or may not have landed), it stops using the cache and, as soon as
+//! Redis answers again, its first command increments the generation: every entry written
+//! before is then a miss and is refilled from PostgreSQL. Only after its own increment
+//! succeeded does the process use the cache again. A reader's fill carries the generation
+//! its lookup saw and is refused if the generation moved meanwhile, so a fill of what a reader
+//! read before the fault cannot land in the new generation. A changed Redis `run_id` (a
+//! restart, a failover to a replica that may have missed writes) is treated the same way: each
+//! process checks it every second. Old generations expire with their entries' TTL.
+//!
 //! Redis is an optimisation, never a dependency: every failure is reported to the caller, who
-//! falls back to PostgreSQL, and after a failure the cache stays bypassed for a short cool-down
-//! so an outage costs one timeout per cool-down rather than one per request.
+//! falls back to PostgreSQL; while a process distrusts the cache it bypasses it at once, so an
+//! outage costs no timeout per request.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -31,7 +43,8 @@ pub struct CacheSettings {
     pub ttl: Duration,
     /// Per-command and connect timeout (`REDIS_TIMEOUT_MS`, default 250).
     pub timeout: Duration,
-    /// How long to bypass Redis after a failure (`REDIS_COOLDOWN_MS`, default 1000).
+    /// How often a process that distrusts the cache tries to bump the generation
+    /// (`REDIS_COOLDOWN_MS`, default 100).
     pub cooldown: Duration,
     /// Prefix of every key (`REDIS_KEY_PREFIX`, default `tandem`), so several deployments or
     /// test runs can share one Redis.
@@ -47,7 +60,7 @@ impl CacheSettings {
             url: config::required("REDIS_URL", "redis://host:6379 (rediss:// for TLS)")?,
             ttl: Duration::from_secs(config::parsed_or("CACHE_TTL_SECONDS", 300)?),
             timeout: config::millis_or("REDIS_TIMEOUT_MS", Duration::from_millis(250))?,
-            cooldown: config::millis_or("REDIS_COOLDOWN_MS", Duration::from_millis(1000))?,
+            cooldown: config::millis_or("REDIS_COOLDOWN_MS", Duration::from_millis(100))?,
             key_prefix: config::optional("REDIS_KEY_PREFIX").unwrap_or_else(|| "tandem".to_owned()),
             auth_secret_id: config::optional("REDIS_AUTH_SECRET_ID"),
         })
@@ -58,7 +71,7 @@ impl CacheSettings {
             url: url.to_owned(),
             ttl: Duration::from_secs(300),
             timeout: Duration::from_millis(250),
-            cooldown: Duration::from_millis(1000),
+            cooldown: Duration::from_millis(100),
             key_prefix: "tandem".to_owned(),
             auth_secret_id: None,
         }
@@ -97,29 +110,55 @@ impl Entry {
     }
 }
 
+/// A lookup's answer: the entry (`None` on a miss) and the generation it was looked up in,
+/// which a fill after a miss must present ([`Cache::fill`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    pub entry: Option<Entry>,
+    pub generation: String,
+}
+
 /// Why the cache could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("redis is in its failure cool-down")]
-    CoolingDown,
+    #[error(
+        "the cache is not trusted since a Redis fault; bypassed until its generation is bumped"
+    )]
+    Distrusted,
     #[error("redis error")]
     Redis(#[from] redis::RedisError),
     #[error("malformed cache entry")]
     Malformed,
 }
 
-/// Fills any number of entries in one round trip: `KEYS` are the entries' keys, `ARGV[1]` the
-/// TTL in milliseconds, then `version, state, body` per key. Returns how many were written.
-/// A script touching several keys needs them on one node: Tandem uses a non-clustered Redis
-/// (one primary with replicas), as its Terraform provisions.
+/// Looks one entry up in the current generation: `KEYS[1]` is the generation counter,
+/// `ARGV[1]` the key prefix, `ARGV[2]` the entry's suffix. Returns
+/// `{generation, version, state, body}`. The entry's key is built inside the script (it
+/// depends on the generation), which needs a non-clustered Redis (one primary with replicas),
+/// as Tandem's Terraform provisions.
+const LOOKUP_SCRIPT: &str = r"
+local g = redis.call('GET', KEYS[1]) or '0'
+local e = redis.call('HMGET', ARGV[1] .. ':g' .. g .. ':' .. ARGV[2], 'v', 's', 'b')
+return {g, e[1], e[2], e[3]}
+";
+
+/// Fills any number of entries of the current generation in one round trip: `KEYS[1]` is
+/// the generation counter, `ARGV[1]` the key prefix, `ARGV[2]` the TTL in milliseconds,
+/// `ARGV[3]` the generation the caller expects (empty: whichever is current), then
+/// `suffix, version, state, body` per entry. Returns how many were written, or -1 when the
+/// generation is not the expected one.
 const FILL_SCRIPT: &str = r"
+local g = redis.call('GET', KEYS[1]) or '0'
+if ARGV[3] ~= '' and ARGV[3] ~= g then
+  return -1
+end
 local written = 0
-for i, key in ipairs(KEYS) do
-  local at = 2 + (i - 1) * 3
+for i = 4, #ARGV, 4 do
+  local key = ARGV[1] .. ':g' .. g .. ':' .. ARGV[i]
   local current = redis.call('HGET', key, 'v')
-  if not current or tonumber(current) < tonumber(ARGV[at]) then
-    redis.call('HSET', key, 'v', ARGV[at], 's', ARGV[at + 1], 'b', ARGV[at + 2])
-    redis.call('PEXPIRE', key, ARGV[1])
+  if not current or tonumber(current) < tonumber(ARGV[i + 1]) then
+    redis.call('HSET', key, 'v', ARGV[i + 1], 's', ARGV[i + 2], 'b', ARGV[i + 3])
+    redis.call('PEXPIRE', key, ARGV[2])
     written = written + 1
   end
 end
@@ -136,10 +175,17 @@ struct Inner {
     client: redis::Client,
     connection: OnceCell<ConnectionManager>,
     settings: CacheSettings,
+    lookup: redis::Script,
     fill: redis::Script,
-    epoch: Instant,
-    /// Milliseconds since `epoch` until which Redis is bypassed.
-    down_until_ms: AtomicU64,
+    /// Whether this process may use the cache: false from a fault until its own generation
+    /// bump succeeded.
+    trusted: AtomicBool,
+    /// The guardian task (generation bumps, `run_id` checks) runs.
+    guarding: AtomicBool,
+    /// The Redis `run_id` this process last saw: a new one means a restart or a failover.
+    run_id: Mutex<Option<String>>,
+    /// Generation bumps this process made.
+    bumps: AtomicU64,
 }
 
 impl Cache {
@@ -152,30 +198,36 @@ impl Cache {
                 client,
                 connection: OnceCell::new(),
                 settings,
+                lookup: redis::Script::new(LOOKUP_SCRIPT),
                 fill: redis::Script::new(FILL_SCRIPT),
-                epoch: Instant::now(),
-                down_until_ms: AtomicU64::new(0),
+                trusted: AtomicBool::new(true),
+                guarding: AtomicBool::new(false),
+                run_id: Mutex::new(None),
+                bumps: AtomicU64::new(0),
             }),
         })
     }
 
-    fn key(&self, key: &DocumentKey) -> String {
-        format!(
-            "{}:doc:{}/{}",
-            self.inner.settings.key_prefix, key.collection, key.id
-        )
+    fn generation_key(&self) -> String {
+        format!("{}:gen", self.inner.settings.key_prefix)
     }
 
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.inner.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    fn suffix(key: &DocumentKey) -> String {
+        format!("doc:{}/{}", key.collection, key.id)
     }
 
+    /// The connection, when the cache may be used.
     async fn connection(&self) -> Result<ConnectionManager, CacheError> {
-        if self.now_ms() < self.inner.down_until_ms.load(Ordering::Relaxed) {
-            return Err(CacheError::CoolingDown);
+        self.guard();
+        if !self.inner.trusted.load(Ordering::Acquire) {
+            return Err(CacheError::Distrusted);
         }
+        self.raw_connection().await.map_err(|e| self.failed(e))
+    }
+
+    async fn raw_connection(&self) -> Result<ConnectionManager, CacheError> {
         let settings = &self.inner.settings;
-        let result = self
+        let connection = self
             .inner
             .connection
             .get_or_try_init(|| {
@@ -185,57 +237,189 @@ impl Cache {
                     .set_number_of_retries(1);
                 ConnectionManager::new_with_config(self.inner.client.clone(), config)
             })
-            .await;
+            .await?;
+        Ok(connection.clone())
+    }
+
+    /// A command could not be confirmed: stop trusting the cache until this process has
+    /// bumped the generation.
+    fn failed(&self, error: CacheError) -> CacheError {
+        if self.inner.trusted.swap(false, Ordering::AcqRel) {
+            tracing::warn!(error = %error, "Redis fault: bypassing the cache until its generation is bumped");
+        }
+        error
+    }
+
+    /// Starts the guardian task once (it needs a Tokio runtime, which every caller has).
+    fn guard(&self) {
+        if self.inner.guarding.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.inner.guarding.store(false, Ordering::Release);
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let cache = Cache { inner };
+                let pause = if cache.inner.trusted.load(Ordering::Acquire) {
+                    cache.check_run_id().await;
+                    RUN_ID_CHECK_INTERVAL
+                } else {
+                    cache.bump().await;
+                    cache.inner.settings.cooldown
+                };
+                drop(cache);
+                tokio::time::sleep(pause).await;
+            }
+        });
+    }
+
+    /// Increments the generation; on success the cache is trusted again.
+    async fn bump(&self) {
+        let result = async {
+            let mut connection = self.raw_connection().await?;
+            let generation: i64 = redis::cmd("INCR")
+                .arg(self.generation_key())
+                .query_async(&mut connection)
+                .await?;
+            let run_id = run_id(&mut connection).await?;
+            Ok::<_, CacheError>((generation, run_id))
+        }
+        .await;
         match result {
-            Ok(connection) => Ok(connection.clone()),
-            Err(e) => Err(self.failed(e.into())),
+            Ok((generation, run_id)) => {
+                if let Ok(mut seen) = self.inner.run_id.lock() {
+                    *seen = Some(run_id);
+                }
+                self.inner.bumps.fetch_add(1, Ordering::Relaxed);
+                self.inner.trusted.store(true, Ordering::Release);
+                tracing::info!(
+                    generation,
+                    "cache generation bumped after a Redis fault; older entries are misses now"
+                );
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "Redis still unavailable; the cache stays bypassed")
+            }
         }
     }
 
-    fn failed(&self, error: CacheError) -> CacheError {
-        let until =
-            self.now_ms() + u64::try_from(self.inner.settings.cooldown.as_millis()).unwrap_or(1000);
-        self.inner.down_until_ms.store(until, Ordering::Relaxed);
-        error
+    /// Distrusts the cache when Redis is not the server it was (a restart or a failover).
+    async fn check_run_id(&self) {
+        let current = async {
+            let mut connection = self.raw_connection().await?;
+            run_id(&mut connection).await
+        }
+        .await;
+        match current {
+            Ok(current) => {
+                let Ok(mut seen) = self.inner.run_id.lock() else {
+                    return;
+                };
+                match seen.as_deref() {
+                    Some(previous) if previous != current => {
+                        drop(seen);
+                        self.failed(CacheError::Malformed);
+                        tracing::warn!(
+                            "Redis run_id changed (restart or failover): bumping the cache generation"
+                        );
+                    }
+                    Some(_) => {}
+                    None => *seen = Some(current),
+                }
+            }
+            Err(e) => {
+                self.failed(e);
+            }
+        }
+    }
+
+    /// How many times this process bumped the generation (for tests and metrics).
+    pub fn generation_bumps(&self) -> u64 {
+        self.inner.bumps.load(Ordering::Relaxed)
+    }
+
+    /// Whether the cache is in use (false from a Redis fault until the generation bump).
+    pub fn is_trusted(&self) -> bool {
+        self.inner.trusted.load(Ordering::Acquire)
+    }
+
+    /// Looks a document up in the current generation.
+    pub async fn lookup(&self, key: &DocumentKey) -> Result<Lookup, CacheError> {
+        let mut connection = self.connection().await?;
+        let (generation, version, state, body): (
+            String,
+            Option<i64>,
+            Option<String>,
+            Option<Vec<u8>>,
+        ) = self
+            .inner
+            .lookup
+            .key(self.generation_key())
+            .arg(&self.inner.settings.key_prefix)
+            .arg(Self::suffix(key))
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| self.failed(e.into()))?;
+        let entry = match (version, state.as_deref()) {
+            (None, _) => None,
+            (Some(version), Some("L")) => Some(Entry::Live {
+                version,
+                body: Bytes::from(body.ok_or(CacheError::Malformed)?),
+            }),
+            (Some(version), Some("D")) => Some(Entry::Deleted { version }),
+            _ => return Err(CacheError::Malformed),
+        };
+        Ok(Lookup { entry, generation })
     }
 
     /// Looks a document up. `Ok(None)` is a miss.
     pub async fn get(&self, key: &DocumentKey) -> Result<Option<Entry>, CacheError> {
-        let mut connection = self.connection().await?;
-        let (version, state, body): (Option<i64>, Option<String>, Option<Vec<u8>>) =
-            redis::cmd("HMGET")
-                .arg(self.key(key))
-                .arg("v")
-                .arg("s")
-                .arg("b")
-                .query_async(&mut connection)
-                .await
-                .map_err(|e| self.failed(e.into()))?;
-        match (version, state.as_deref()) {
-            (None, _) => Ok(None),
-            (Some(version), Some("L")) => Ok(Some(Entry::Live {
-                version,
-                body: Bytes::from(body.ok_or(CacheError::Malformed)?),
-            })),
-            (Some(version), Some("D")) => Ok(Some(Entry::Deleted { version })),
-            _ => Err(CacheError::Malformed),
-        }
+        Ok(self.lookup(key).await?.entry)
     }
 
-    /// Stores an entry unless the cache already holds this or a newer version.
-    /// Returns whether the entry was written.
+    /// A reader's fill after a miss: stores the entry unless the cache holds this or a newer
+    /// version, or the generation is no longer the one the lookup saw. Returns whether the
+    /// entry was written.
+    pub async fn fill(
+        &self,
+        key: &DocumentKey,
+        entry: &Entry,
+        generation: &str,
+    ) -> Result<bool, CacheError> {
+        Ok(self.write([(key, entry)], generation).await? == 1)
+    }
+
+    /// Stores an entry (a committed version: the writers' write-through) in the current
+    /// generation unless the cache already holds this or a newer version. Returns whether the
+    /// entry was written.
     pub async fn put(&self, key: &DocumentKey, entry: &Entry) -> Result<bool, CacheError> {
         Ok(self.put_many([(key, entry)]).await? == 1)
     }
 
-    /// Stores several entries in one round trip, each unless the cache already holds this or
-    /// a newer version of it. Returns how many were written.
+    /// Stores several committed entries in one round trip, each unless the cache already
+    /// holds this or a newer version of it. Returns how many were written.
     pub async fn put_many<'a>(
         &self,
         entries: impl IntoIterator<Item = (&'a DocumentKey, &'a Entry)>,
     ) -> Result<usize, CacheError> {
+        self.write(entries, "").await
+    }
+
+    async fn write<'a>(
+        &self,
+        entries: impl IntoIterator<Item = (&'a DocumentKey, &'a Entry)>,
+        generation: &str,
+    ) -> Result<usize, CacheError> {
         let mut invocation = self.inner.fill.prepare_invoke();
-        invocation.arg(u64::try_from(self.inner.settings.ttl.as_millis()).unwrap_or(u64::MAX));
+        invocation
+            .key(self.generation_key())
+            .arg(&self.inner.settings.key_prefix)
+            .arg(u64::try_from(self.inner.settings.ttl.as_millis()).unwrap_or(u64::MAX))
+            .arg(generation);
         let mut count = 0;
         for (key, entry) in entries {
             let (state, body): (&str, &[u8]) = match entry {
@@ -243,7 +427,7 @@ impl Cache {
                 Entry::Deleted { .. } => ("D", b""),
             };
             invocation
-                .key(self.key(key))
+                .arg(Self::suffix(key))
                 .arg(entry.version())
                 .arg(state)
                 .arg(body);
@@ -253,11 +437,11 @@ impl Cache {
             return Ok(0);
         }
         let mut connection = self.connection().await?;
-        let written: usize = invocation
+        let written: i64 = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(|e| self.failed(e.into()))?;
-        Ok(written)
+        Ok(usize::try_from(written).unwrap_or(0))
     }
 
     /// Checks that Redis answers (for `/readyz` details; Redis is never required).
@@ -269,4 +453,19 @@ impl Cache {
             .map_err(|e| self.failed(e.into()))?;
         Ok(())
     }
+}
+
+/// How often a trusting process checks that Redis is still the same server.
+const RUN_ID_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The server's `run_id` (`INFO server`).
+async fn run_id(connection: &mut ConnectionManager) -> Result<String, CacheError> {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(connection)
+        .await?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_owned())
+        .ok_or(CacheError::Malformed)
 }

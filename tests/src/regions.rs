@@ -130,6 +130,8 @@ pub struct TwoRegions {
     pub region2_redis_url: String,
     pub region2_key_prefix: String,
     pub broker: Broker,
+    /// Region 2's own Redis, when the test needs one it may freeze or restart.
+    pub region2_redis: Option<Redis>,
     pub topic: String,
     pub relays: Vec<ManagedProcess>,
     pub consumers: Vec<ManagedProcess>,
@@ -173,6 +175,21 @@ impl TwoRegions {
     }
 
     pub async fn start_without_workers() -> Self {
+        Self::start_without_workers_with(None).await
+    }
+
+    /// Everything up, one relay and one consumer, with a Redis of Region 2's own (so the
+    /// test can freeze or restart it without touching other tests).
+    pub async fn start_with_own_region2_redis() -> Self {
+        let redis = Redis::start().expect("region2 redis");
+        let mut regions = Self::start_without_workers_with(Some(redis)).await;
+        regions.start_relay();
+        regions.start_consumer();
+        regions.wait_region2_ready(Duration::from_secs(60)).await;
+        regions
+    }
+
+    async fn start_without_workers_with(own_redis: Option<Redis>) -> Self {
         let broker = Broker::start()
             .await
             .expect("broker (tansu; make test installs it)");
@@ -181,7 +198,9 @@ impl TwoRegions {
             .create_database()
             .await
             .expect("region2 database");
-        let region2_redis_url = region2_redis().url();
+        let region2_redis_url = own_redis
+            .as_ref()
+            .map_or_else(|| region2_redis().url(), Redis::url);
         let region2_key_prefix = format!("r2-{}", uuid::Uuid::now_v7().simple());
         let mut cache = CacheSettings::from_url(&region2_redis_url);
         cache.key_prefix = region2_key_prefix.clone();
@@ -217,6 +236,7 @@ impl TwoRegions {
             region2_key_prefix,
             topic: format!("tandem.test.{}", uuid::Uuid::now_v7().simple()),
             broker,
+            region2_redis: own_redis,
             relays: Vec::new(),
             consumers: Vec::new(),
             relay_ports: Vec::new(),

@@ -282,6 +282,14 @@ impl Redis {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.launch()
     }
+
+    /// Freezes the server (SIGSTOP) or thaws it (SIGCONT): commands sent meanwhile time out
+    /// at the client and may still run later.
+    pub fn pause(&self, paused: bool) {
+        if let Some(process) = &self.process {
+            process.signal(if paused { "STOP" } else { "CONT" });
+        }
+    }
 }
 
 impl Drop for Redis {
@@ -311,6 +319,9 @@ pub struct TestAppOptions {
 pub struct TestApp {
     pub write_url: String,
     pub read_url: String,
+    /// The Redis URL and key prefix of this app's cache.
+    pub redis_url: String,
+    pub cache_prefix: String,
     pub database_url: String,
     pub pool: deadpool_postgres::Pool,
     pub client: reqwest::Client,
@@ -338,6 +349,7 @@ pub async fn spawn_app_with(options: TestAppOptions) -> TestApp {
         .unwrap_or_else(|| format!("test-secret-{}", uuid::Uuid::now_v7()));
     let mut cache = CacheSettings::from_url(&redis_url);
     cache.key_prefix = format!("test-{}", uuid::Uuid::now_v7().simple());
+    let cache_prefix = cache.key_prefix.clone();
     cache.cooldown = Duration::from_millis(200);
     let auth = AuthSettings {
         hs256_secret: Some(secret.clone().into()),
@@ -389,6 +401,8 @@ pub async fn spawn_app_with(options: TestAppOptions) -> TestApp {
     TestApp {
         write_url,
         read_url,
+        redis_url: redis_url.clone(),
+        cache_prefix,
         pool: tandem_shared::db::connect_url(&database_url)
             .await
             .expect("pool"),

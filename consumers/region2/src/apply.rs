@@ -311,7 +311,8 @@ impl Applier {
             }
         }
         let events: Vec<&ChangeEvent> = decoded.iter().filter_map(|d| d.as_ref().ok()).collect();
-        let mut applied = self.apply_events(&tx, &events).await?.into_iter();
+        let (applied, entries) = self.apply_events(&tx, &events).await?;
+        let mut applied = applied.into_iter();
         let outcomes: Vec<Outcome> = decoded
             .iter()
             .map(|d| match d {
@@ -348,6 +349,7 @@ impl Applier {
         stored?;
         recorded?;
         tx.commit().await?;
+        self.refresh_cache(&entries).await;
         let now = OffsetDateTime::now_utc();
         for (outcome, event) in outcomes.iter().zip(&decoded) {
             if let (Outcome::Applied, Ok(event)) = (outcome, event) {
@@ -359,21 +361,20 @@ impl Applier {
     }
 
     /// Applies decoded events inside `tx` and returns their outcomes, in order: those applying
-    /// them one by one would have had. An event seen before is a duplicate; a fresh one is
+    /// them one by one would have had, and the cache entries of the states written (for
+    /// after the commit). An event seen before is a duplicate; a fresh one is
     /// applied when its version is newer than what Region 2 held when it came (before the batch
     /// or after an earlier event of it), else it is stale (it arrived out of order). Per document only
     /// the batch's newest version is written (the versions before it in the batch are applied
     /// and superseded in the same transaction, which no reader can tell apart from applying
-    /// them one by one). Redis gets the written states, version-guarded, in one round trip
-    /// before the commit: the writes are already committed in Region 1, and the guard keeps
-    /// an older state from replacing a newer one.
+    /// them one by one).
     async fn apply_events(
         &self,
         tx: &Transaction<'_>,
         events: &[&ChangeEvent],
-    ) -> Result<Vec<Outcome>, StoreError> {
+    ) -> Result<(Vec<Outcome>, Vec<(DocumentKey, Entry)>), StoreError> {
         if events.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
         let collections: Vec<&str> = events.iter().map(|e| e.data.collection.as_str()).collect();
@@ -464,17 +465,27 @@ impl Applier {
                 (state.key(), entry)
             })
             .collect();
+        Ok((outcomes, entries))
+    }
+
+    /// Region 2's Redis gets the committed states, version-guarded, in one round trip, after
+    /// the commit (never a state the database may yet roll back). A failure makes the cache
+    /// distrust itself until its generation is bumped (see `tandem_shared::cache`), so no
+    /// entry it failed to update can be served afterwards.
+    async fn refresh_cache(&self, entries: &[(DocumentKey, Entry)]) {
+        if entries.is_empty() {
+            return;
+        }
         if let Err(e) = self
             .cache
             .put_many(entries.iter().map(|(k, e)| (k, e)))
             .await
         {
-            for _ in &entries {
+            for _ in entries {
                 self.metrics.record("cache_update_failed");
             }
-            tracing::warn!(error = %e, "cache update failed; the entries expire with their TTL");
+            tracing::warn!(error = %e, "cache update failed; the cache generation will be bumped");
         }
-        Ok(outcomes)
     }
 
     async fn dead_letter(&self, incoming: &Incoming, reason: &str) -> Result<(), StoreError> {
@@ -574,8 +585,9 @@ impl Applier {
         };
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let outcomes = self.apply_events(&tx, &[&event]).await?;
+        let (outcomes, entries) = self.apply_events(&tx, &[&event]).await?;
         tx.commit().await?;
+        self.refresh_cache(&entries).await;
         Ok(outcomes
             .first()
             .map_or("duplicate", Outcome::label)

@@ -7,9 +7,9 @@
 //!   event id is already recorded, and the consumer resumes from the stored position).
 //! * Version-monotonic: an event older than the stored version changes nothing (`stale`), and
 //!   tombstones stay, so an old upsert cannot resurrect a deleted document.
-//! * Redis gets the applied state with the read path's version guard, written inside the
-//!   transaction window (after the database accepted the newer version, before commit), so the
-//!   cache is never behind the database for longer than a crash between the two.
+//! * Redis gets the applied states with the read path's version guard right after the
+//!   commit; a failed update makes the cache distrust itself until its generation is bumped
+//!   (`tandem_shared::cache`), so an entry the consumer failed to update is never served.
 //! * Poison events (undecodable or invalid) go to `dead_letters` with the reason, and the
 //!   consumer moves on. `tandem-region2-consumer redrive` re-applies them.
 //! * One active consumer (advisory lock on the Region 2 database) reads every partition with

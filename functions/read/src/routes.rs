@@ -83,8 +83,8 @@ async fn get_document(
     authorize(&app, &headers).await?;
     let Path((collection, id)) = path.map_err(bad_path)?;
     let key = DocumentKey::new(Collection::parse(&collection)?, DocumentId::parse(&id)?);
-    honour_consistency_token(&app, &headers, &key.path(), Some(&key)).await?;
-    let Some(Entry::Live { version, body }) = lookup(&app, &key).await? else {
+    let min_version = honour_consistency_token(&app, &headers, &key.path(), Some(&key)).await?;
+    let Some(Entry::Live { version, body }) = lookup(&app, &key, min_version).await? else {
         return Err(ApiError::NotFound);
     };
     let tag = HeaderValue::from_str(&etag(version)).map_err(|e| ApiError::Internal(e.into()))?;
@@ -106,22 +106,29 @@ async fn get_document(
     Ok(response)
 }
 
-/// Cache first; on a miss, PostgreSQL, then a version-guarded fill. With Redis unavailable the
-/// read goes straight to PostgreSQL (counted as `bypass`).
-async fn lookup(app: &AppState, key: &DocumentKey) -> Result<Option<Entry>, ApiError> {
-    let cache_usable = match app.cache.get(key).await {
-        Ok(Some(entry)) => {
-            app.metrics.cache("hit");
-            return Ok(Some(entry));
-        }
-        Ok(None) => {
-            app.metrics.cache("miss");
-            true
-        }
+/// Cache first; on a miss, PostgreSQL, then a version-guarded fill into the generation the
+/// lookup saw. A cached entry older than `min_version` (a consistency token's) is a miss. With
+/// Redis unavailable or distrusted the read goes straight to PostgreSQL (counted as `bypass`).
+async fn lookup(
+    app: &AppState,
+    key: &DocumentKey,
+    min_version: Option<i64>,
+) -> Result<Option<Entry>, ApiError> {
+    let generation = match app.cache.lookup(key).await {
+        Ok(found) => match found.entry {
+            Some(entry) if min_version.is_none_or(|min| entry.version() >= min) => {
+                app.metrics.cache("hit");
+                return Ok(Some(entry));
+            }
+            _ => {
+                app.metrics.cache("miss");
+                Some(found.generation)
+            }
+        },
         Err(e) => {
             app.metrics.cache("bypass");
             tracing::debug!(error = %e, "cache bypassed");
-            false
+            None
         }
     };
     let entry = match app.store.get(key).await? {
@@ -132,8 +139,8 @@ async fn lookup(app: &AppState, key: &DocumentKey) -> Result<Option<Entry>, ApiE
         },
         Some(Stored::Deleted { version }) => Entry::Deleted { version },
     };
-    if cache_usable {
-        if let Err(e) = app.cache.put(key, &entry).await {
+    if let Some(generation) = generation {
+        if let Err(e) = app.cache.fill(key, &entry, &generation).await {
             tracing::debug!(error = %e, "cache fill failed");
         }
     }
@@ -217,18 +224,19 @@ async fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> 
     Ok(())
 }
 
-/// A read carrying `X-Consistency-Token` observes that write or a newer one. Region 1 holds
-/// every acknowledged write already; a replica waits for it, bounded. The token must name the
-/// document read (`document`), or, for a list, a document of the listed collection: a token
-/// for something else is a 400, not a wait.
+/// A read carrying `X-Consistency-Token` observes that write or a newer one, from the
+/// database or the cache (a cached entry older than the token is a miss: the returned minimum
+/// version). Region 1 holds every acknowledged write already; a replica waits for it, bounded.
+/// The token must name the document read (`document`), or, for a list, a document of the
+/// listed collection: a token for something else is a 400, not a wait.
 async fn honour_consistency_token(
     app: &AppState,
     headers: &HeaderMap,
     path: &str,
     document: Option<&DocumentKey>,
-) -> Result<(), ApiError> {
+) -> Result<Option<i64>, ApiError> {
     let Some(value) = headers.get(CONSISTENCY_TOKEN_HEADER) else {
-        return Ok(());
+        return Ok(None);
     };
     let token = value
         .to_str()
@@ -255,9 +263,23 @@ async fn honour_consistency_token(
         });
     }
     match &app.replica {
-        Some(replica) => replica.await_token(&app.store, &token, path).await,
-        None => Ok(()),
+        Some(replica) => replica.await_token(&app.store, &token, path).await?,
+        // The primary holds every acknowledged write: a token past its version was not
+        // issued for this database's history.
+        None => {
+            let current = app.store.version(&token.key).await?;
+            if current.is_none_or(|v| v < token.version) {
+                return Err(ApiError::BadRequest {
+                    title: "Invalid consistency token",
+                    detail: format!(
+                        "X-Consistency-Token names version {} of {}/{}, which this region never wrote",
+                        token.version, token.key.collection, token.key.id
+                    ),
+                });
+            }
+        }
     }
+    Ok(Some(token.version))
 }
 
 /// Replicas report their replication lag on every API response.

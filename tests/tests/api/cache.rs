@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use reqwest::Method;
 use serde_json::{Value, json};
 use tandem_shared::cache::Entry;
@@ -229,4 +231,239 @@ async fn reads_and_writes_keep_working_with_redis_stopped() {
         metrics.contains(r#"tandem_cache_requests_total{result="hit"}"#),
         "{metrics}"
     );
+}
+
+/// A Redis key and its fields (`=` holds a string value).
+type KeyDump = (String, Vec<(String, Vec<u8>)>);
+
+/// Every version Region 1's Read API answers for `path` during `window`, in order.
+async fn versions_seen(app: &tandem_tests::TestApp, path: &str, window: Duration) -> Vec<i64> {
+    let deadline = std::time::Instant::now() + window;
+    let mut seen = Vec::new();
+    while std::time::Instant::now() < deadline {
+        let body: Value = app.get(path).await.json().await.expect("json");
+        seen.push(body["version"].as_i64().expect("version"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_redis_pause_no_read_returns_the_version_the_cache_missed() {
+    let redis = Redis::start().expect("redis");
+    let app = spawn_app_with(TestAppOptions {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
+    for n in 0..20 {
+        app.put("paused", &format!("d{n}"), &json!({"v": 1})).await;
+        app.get(&format!("/v1/paused/d{n}")).await;
+    }
+    // Redis freezes for a second while every document gets version 2: the write-through of
+    // each times out (it may or may not land later).
+    redis.pause(true);
+    for n in 0..20 {
+        let response = app.put("paused", &format!("d{n}"), &json!({"v": 2})).await;
+        assert_eq!(response.status(), 200, "writes never depend on Redis");
+    }
+    let during = versions_seen(&app, "/v1/paused/d0", Duration::from_millis(300)).await;
+    assert!(
+        during.iter().all(|&v| v == 2),
+        "during the pause: {during:?}"
+    );
+    redis.pause(false);
+    // From the moment Redis answers again, every read returns version 2 (never 1 again).
+    for n in 0..20 {
+        let seen =
+            versions_seen(&app, &format!("/v1/paused/d{n}"), Duration::from_millis(60)).await;
+        assert!(
+            seen.iter().all(|&v| v == 2),
+            "d{n} after the pause: {seen:?}"
+        );
+    }
+    // And the cache serves again: the generation was bumped, not the cache abandoned.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(app.write_state.cache.is_trusted());
+    assert!(app.write_state.cache.generation_bumps() >= 1);
+    app.get("/v1/paused/d0").await;
+    let before = cache_hits(&app).await;
+    let body: Value = app.get("/v1/paused/d0").await.json().await.expect("json");
+    assert_eq!(body["version"], 2);
+    assert_eq!(
+        cache_hits(&app).await,
+        before + 1,
+        "served from the new generation"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_from_an_old_snapshot_is_not_believed() {
+    // A Redis that comes back with old data (a restart from a snapshot, or a failover to a
+    // replica that missed writes): its run_id changed, so every process bumps the generation.
+    let mut redis = Redis::start().expect("redis");
+    let app = spawn_app_with(TestAppOptions {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
+    app.put("snap", "a", &json!({"v": 1})).await;
+    app.get("/v1/snap/a").await;
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let dump: Vec<KeyDump> = {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", app.cache_prefix))
+            .query_async(&mut connection)
+            .await
+            .expect("keys");
+        let mut dump = Vec::new();
+        for key in keys {
+            if key.ends_with(":gen") {
+                let value: String = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut connection)
+                    .await
+                    .expect("get");
+                dump.push((key, vec![("=".to_owned(), value.into_bytes())]));
+            } else {
+                let fields: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+                    .arg(&key)
+                    .query_async(&mut connection)
+                    .await
+                    .expect("hgetall");
+                dump.push((key, fields));
+            }
+        }
+        dump
+    };
+    assert!(
+        dump.iter().any(|(k, _)| k.contains("doc:snap/a")),
+        "{dump:?}"
+    );
+    app.put("snap", "a", &json!({"v": 2})).await;
+    // The server is replaced by one holding the old state.
+    redis.stop();
+    redis.restart().expect("restart");
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    for (key, fields) in &dump {
+        if let [(marker, value)] = fields.as_slice() {
+            if marker == "=" {
+                let _: () = redis::cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .query_async(&mut connection)
+                    .await
+                    .expect("set");
+                continue;
+            }
+        }
+        let mut command = redis::cmd("HSET");
+        command.arg(key);
+        for (field, value) in fields {
+            command.arg(field).arg(value);
+        }
+        let _: () = command.query_async(&mut connection).await.expect("hset");
+    }
+    // Within the run_id check (1 s) and a bump, version 1 is never served again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let seen = versions_seen(&app, "/v1/snap/a", Duration::from_millis(200)).await;
+    assert!(seen.iter().all(|&v| v == 2), "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_cached_entry_older_than_the_token_is_a_miss() {
+    let app = spawn_app().await;
+    app.put("tok", "a", &json!({"v": 1})).await;
+    let written = app.put("tok", "a", &json!({"v": 2})).await;
+    let token = written
+        .headers()
+        .get("x-consistency-token")
+        .and_then(|v| v.to_str().ok())
+        .expect("token")
+        .to_owned();
+    // Plant a stale entry (as a lost cache update would leave) in the current generation.
+    let client = redis::Client::open(app.redis_url.as_str()).expect("client");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let generation: Option<String> = redis::cmd("GET")
+        .arg(format!("{}:gen", app.cache_prefix))
+        .query_async(&mut connection)
+        .await
+        .expect("gen");
+    let generation = generation.unwrap_or_else(|| "0".to_owned());
+    let stale = json!({"collection": "tok", "id": "a", "version": 1, "data": {"v": 1},
+        "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"});
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{}:g{generation}:doc:tok/a", app.cache_prefix))
+        .arg("v")
+        .arg(1)
+        .arg("s")
+        .arg("L")
+        .arg("b")
+        .arg(stale.to_string())
+        .query_async(&mut connection)
+        .await
+        .expect("hset");
+    let plain: Value = app.get("/v1/tok/a").await.json().await.expect("json");
+    assert_eq!(
+        plain["version"], 1,
+        "the planted entry is what the cache holds"
+    );
+    let with_token: Value = app
+        .client
+        .get(format!("{}/v1/tok/a", app.read_url))
+        .header("x-consistency-token", &token)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        with_token["version"], 2,
+        "a token read never returns a version below it"
+    );
+    // A token newer than anything Region 1 wrote was not issued here.
+    let forged = tandem_shared::consistency::ConsistencyToken {
+        key: key("tok", "a"),
+        version: 99,
+        committed_ms: 0,
+    }
+    .encode();
+    let response = app
+        .client
+        .get(format!("{}/v1/tok/a", app.read_url))
+        .header("x-consistency-token", forged)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 400);
+}
+
+async fn cache_hits(app: &tandem_tests::TestApp) -> u64 {
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.read_url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    metrics
+        .lines()
+        .find(|l| l.starts_with(r#"tandem_cache_requests_total{result="hit"}"#))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }

@@ -158,3 +158,68 @@ async fn region2_readiness_fails_when_the_consumer_stops_reporting() {
     }
     assert!(failed, "readiness never failed with the consumer dead");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_redis_pause_in_region2_no_document_keeps_its_previous_version() {
+    let regions = TwoRegions::start_with_own_region2_redis().await;
+    let app = &regions.region1;
+    // 100 documents at version 1, replicated and cached in Region 2.
+    for n in 0..100 {
+        app.put("frozen", &format!("d{n}"), &json!({"v": 1})).await;
+    }
+    regions.wait_converged(Duration::from_secs(30)).await;
+    for n in 0..100 {
+        assert_eq!(
+            regions
+                .region2_get(&format!("/v1/frozen/d{n}"))
+                .await
+                .status(),
+            200
+        );
+    }
+    // Region 2's Redis freezes for about a second while all of them get version 2: the
+    // consumer's cache updates time out.
+    let redis = regions.region2_redis.as_ref().expect("own redis");
+    redis.pause(true);
+    let mut tokens = Vec::new();
+    for n in 0..100 {
+        let written = app.put("frozen", &format!("d{n}"), &json!({"v": 2})).await;
+        assert_eq!(written.status(), 200);
+        tokens.push(
+            written.headers()["x-consistency-token"]
+                .to_str()
+                .expect("ascii")
+                .to_owned(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    redis.pause(false);
+    regions.wait_converged(Duration::from_secs(30)).await;
+    // Region 2's database holds version 2 everywhere; within a second of Redis answering
+    // again (the generation bump), every read returns it, and never version 1 after that.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for round in 0..3 {
+        for n in 0..100 {
+            let body: Value = regions
+                .region2_get(&format!("/v1/frozen/d{n}"))
+                .await
+                .json()
+                .await
+                .expect("json");
+            assert_eq!(body["version"], 2, "round {round}: d{n} is stale: {body}");
+        }
+    }
+    // Token reads of the version-2 writes are never answered with version 1.
+    for (n, token) in tokens.iter().enumerate() {
+        let read = app
+            .client
+            .get(format!("{}/v1/frozen/d{n}", regions.region2_read_url))
+            .header("x-consistency-token", token)
+            .send()
+            .await
+            .expect("read");
+        assert_eq!(read.status(), 200);
+        let body: Value = read.json().await.expect("json");
+        assert_eq!(body["version"], 2);
+    }
+}
