@@ -18,6 +18,11 @@ use crate::store::Stored;
 pub const SPEC_VERSION: &str = "1.0";
 pub const TYPE_UPSERTED: &str = "dev.tandem.document.upserted";
 pub const TYPE_DELETED: &str = "dev.tandem.document.deleted";
+/// A relay heartbeat: "every write Region 1 committed before `time` is in this partition
+/// before me". Region 2's lag is the age of the oldest partition's newest heartbeat.
+pub const TYPE_HEARTBEAT: &str = "dev.tandem.heartbeat";
+/// The message key of heartbeats (they go to explicit partitions; the key only names them).
+pub const HEARTBEAT_KEY: &str = "tandem.heartbeat";
 
 pub const HEADER_TRACEPARENT: &str = "traceparent";
 pub const HEADER_EVENT_ID: &str = "ce_id";
@@ -131,6 +136,56 @@ pub fn encode_envelope(
     out
 }
 
+/// A heartbeat's envelope: the same CloudEvents attributes, `data` naming the partition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub specversion: String,
+    pub id: Uuid,
+    pub source: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Region 1's commit clock: every write committed before it was published before this
+    /// heartbeat (up to transactions still in flight when it was taken).
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    pub subject: String,
+    pub datacontenttype: String,
+    pub data: HeartbeatData,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatData {
+    pub partition: i32,
+}
+
+impl Heartbeat {
+    pub fn new(source_region: &str, time: OffsetDateTime, partition: i32) -> Self {
+        Self {
+            specversion: SPEC_VERSION.to_owned(),
+            id: Uuid::now_v7(),
+            source: format!("/tandem/{source_region}"),
+            kind: TYPE_HEARTBEAT.to_owned(),
+            time,
+            subject: format!("heartbeat/{partition}"),
+            datacontenttype: "application/json".to_owned(),
+            data: HeartbeatData { partition },
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, PoisonReason> {
+        let heartbeat: Self =
+            serde_json::from_slice(bytes).map_err(|e| PoisonReason::Undecodable(e.to_string()))?;
+        if heartbeat.specversion != SPEC_VERSION || heartbeat.kind != TYPE_HEARTBEAT {
+            return Err(PoisonReason::Invalid("not a heartbeat".to_owned()));
+        }
+        Ok(heartbeat)
+    }
+}
+
 /// Why an event cannot be applied: it goes to the dead-letter store with this reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PoisonReason {
@@ -239,6 +294,16 @@ mod tests {
             );
             assert_eq!(ChangeEvent::decode(&bytes), Ok(event));
         }
+    }
+
+    #[test]
+    fn heartbeats_round_trip_and_are_not_change_events() {
+        let heartbeat = Heartbeat::new("region1", OffsetDateTime::UNIX_EPOCH, 2);
+        assert_eq!(
+            Heartbeat::decode(&heartbeat.encode()),
+            Ok(heartbeat.clone())
+        );
+        assert!(ChangeEvent::decode(&heartbeat.encode()).is_err());
     }
 
     #[test]

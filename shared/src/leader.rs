@@ -2,6 +2,13 @@
 //! at a time. The active one holds a session-level PostgreSQL advisory lock on a dedicated
 //! connection; if its process dies or its connection breaks, PostgreSQL releases the lock and a
 //! standby, retrying every second, takes over.
+//!
+//! The lock alone does not stop a deposed leader that has not noticed yet (its session was
+//! terminated while a batch was in flight on a pooled connection). So each election also
+//! increments the role's **epoch** (`leader_epochs`), and every transaction a leader commits
+//! first checks, under a share lock, that the epoch is still its own ([`FENCE_CHECK`]): the
+//! new leader's increment waits for in-flight transactions of the old one and fences off the
+//! ones after it.
 
 use std::time::Duration;
 
@@ -15,10 +22,41 @@ pub const RELAY_LOCK: i64 = 0x7461_6e64_656d_0001;
 /// Advisory lock of the Region 2 consumer (Region 2 database).
 pub const CONSUMER_LOCK: i64 = 0x7461_6e64_656d_0002;
 
+/// The role of an advisory lock in `leader_epochs`.
+pub fn role_of(lock: i64) -> &'static str {
+    match lock {
+        RELAY_LOCK => "relay",
+        CONSUMER_LOCK => "consumer",
+        _ => "worker",
+    }
+}
+
+/// Takes the next epoch of a role: run by a newly elected leader on its session.
+const NEXT_EPOCH: &str = "INSERT INTO leader_epochs (role, epoch, holder, elected_at) \
+     VALUES ($1, 1, $2, clock_timestamp()) \
+     ON CONFLICT (role) DO UPDATE SET epoch = leader_epochs.epoch + 1, holder = EXCLUDED.holder, \
+       elected_at = EXCLUDED.elected_at \
+     RETURNING epoch";
+
+/// The fence every leader transaction starts with: `$1` role, `$2` the leader's epoch. Returns
+/// one row when the epoch is still current; the share lock makes a concurrent election wait
+/// for this transaction.
+pub const FENCE_CHECK: &str =
+    "SELECT 1 FROM leader_epochs WHERE role = $1 AND epoch = $2 FOR SHARE";
+
+/// A leader's identity in its transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub role: &'static str,
+    pub epoch: i64,
+}
+
 /// A held leadership: the session holding the lock. Dropping it closes the session, which
 /// releases the lock.
 pub struct Leadership {
     pub session: SessionConnection,
+    /// This term's epoch.
+    pub fence: Fence,
 }
 
 impl Leadership {
@@ -63,7 +101,26 @@ async fn try_acquire(settings: &DatabaseSettings, lock: i64) -> anyhow::Result<O
         .await
         .context("Failed to try the advisory lock")?
         .get(0);
-    Ok(held.then_some(Leadership { session }))
+    if !held {
+        return Ok(None);
+    }
+    let role = role_of(lock);
+    let holder = format!(
+        "{}:{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_owned()),
+        std::process::id()
+    );
+    let epoch: i64 = session
+        .client
+        .query_one(NEXT_EPOCH, &[&role, &holder])
+        .await
+        .context("Failed to take the next leader epoch")?
+        .get(0);
+    tracing::info!(role, epoch, "elected");
+    Ok(Some(Leadership {
+        session,
+        fence: Fence { role, epoch },
+    }))
 }
 
 /// A shutdown flag every loop can watch: set once, on SIGTERM/Ctrl-C.

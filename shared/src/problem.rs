@@ -81,6 +81,7 @@ impl From<StoreError> for ApiError {
                 source: Some(source),
             },
             StoreError::Internal(source) => Self::Internal(source),
+            fenced @ StoreError::Fenced { .. } => Self::Internal(fenced.into()),
         }
     }
 }

@@ -25,6 +25,10 @@ pub enum StoreError {
     /// Anything else: a bug or a broken invariant (500, logged with its cause).
     #[error("the database reported an error")]
     Internal(#[source] anyhow::Error),
+    /// A worker's transaction found that it is no longer the elected leader
+    /// ([`crate::leader::FENCE_CHECK`]): nothing was committed, and the worker must stand down.
+    #[error("this process is no longer the elected leader (epoch {epoch} was superseded)")]
+    Fenced { epoch: i64 },
 }
 
 impl From<tokio_postgres::Error> for StoreError {

@@ -9,7 +9,10 @@ use deadpool_postgres::{Pool, Transaction};
 use rdkafka::message::{Headers, Message};
 use tandem_shared::cache::{Cache, Entry};
 use tandem_shared::document::DocumentKey;
-use tandem_shared::event::{ChangeEvent, DocumentState};
+use tandem_shared::event::{
+    ChangeEvent, DocumentState, HEADER_EVENT_TYPE, Heartbeat, TYPE_HEARTBEAT,
+};
+use tandem_shared::leader::{FENCE_CHECK, Fence};
 use tandem_shared::store::{StoreError, Stored};
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -59,6 +62,12 @@ impl Incoming {
                 .sum::<usize>()
     }
 
+    /// The proof of this record at a resumed position: SHA-256 over the key's length and
+    /// bytes, then the payload.
+    pub fn record_hash(&self) -> Vec<u8> {
+        record_hash(self.key.as_deref(), &self.payload)
+    }
+
     /// Why the headers alone make this message poison, if they do.
     fn header_problem(&self) -> Option<String> {
         let unreadable = self.headers.iter().filter(|h| h.name.is_none()).count();
@@ -67,12 +76,69 @@ impl Incoming {
     }
 }
 
+/// The SHA-256 that proves which record sits at a position (see [`Incoming::record_hash`]).
+pub fn record_hash(key: Option<&[u8]>, payload: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    match key {
+        Some(key) => {
+            hasher.update((key.len() as u64).to_be_bytes());
+            hasher.update(key);
+        }
+        None => hasher.update(u64::MAX.to_be_bytes()),
+    }
+    hasher.update(payload);
+    hasher.finalize().to_vec()
+}
+
+/// What proves the record before a stored position: its hash (every record since the proof
+/// was introduced) or, for positions stored before, its event id.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Proof {
+    pub event_id: Option<uuid::Uuid>,
+    pub record_hash: Option<Vec<u8>>,
+}
+
 /// One Kafka header. `name` is `None` when the producer sent a name that is not UTF-8: the
 /// Kafka client cannot read such a name (nor its value) and would panic trying.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KafkaHeader {
     pub name: Option<String>,
     pub value: Option<Vec<u8>>,
+}
+
+/// A received message, decoded.
+enum Decoded {
+    Change(ChangeEvent),
+    Heartbeat(Heartbeat),
+    Poison(String),
+}
+
+impl Decoded {
+    fn of(incoming: &Incoming) -> Self {
+        if let Some(problem) = incoming.header_problem() {
+            return Self::Poison(format!("invalid headers: {problem}"));
+        }
+        if header(&incoming.headers, HEADER_EVENT_TYPE).as_deref() == Some(TYPE_HEARTBEAT) {
+            return match Heartbeat::decode(&incoming.payload) {
+                Ok(heartbeat) => Self::Heartbeat(heartbeat),
+                Err(e) => Self::Poison(e.to_string()),
+            };
+        }
+        match ChangeEvent::decode(&incoming.payload) {
+            Ok(event) => Self::Change(event),
+            Err(e) => Self::Poison(e.to_string()),
+        }
+    }
+
+    /// The event id recorded with the position, for the resume proof.
+    fn id(&self) -> Option<uuid::Uuid> {
+        match self {
+            Self::Change(event) => Some(event.id),
+            Self::Heartbeat(heartbeat) => Some(heartbeat.id),
+            Self::Poison(_) => None,
+        }
+    }
 }
 
 /// What applying a message did.
@@ -86,6 +152,8 @@ pub enum Outcome {
     Duplicate,
     /// Poison: stored in `dead_letters` with the reason.
     DeadLettered(String),
+    /// A relay heartbeat, recorded for the lag.
+    Heartbeat,
 }
 
 impl Outcome {
@@ -95,6 +163,7 @@ impl Outcome {
             Self::Stale => "stale",
             Self::Duplicate => "duplicate",
             Self::DeadLettered(_) => "dead_lettered",
+            Self::Heartbeat => "heartbeat",
         }
     }
 }
@@ -121,10 +190,21 @@ const UPSERT_DOCUMENTS: &str = "INSERT INTO documents \
        updated_at = EXCLUDED.updated_at \
      WHERE documents.version < EXCLUDED.version \
      RETURNING collection, id";
-const STORE_OFFSETS: &str = "INSERT INTO consumer_offsets (topic, partition, next_offset, last_event_id, updated_at) \
-     SELECT $1::text, p, n, e, clock_timestamp() FROM unnest($2::int[], $3::bigint[], $4::uuid[]) AS u (p, n, e) \
+/// The next position per partition, with the proof of the record before it: its event id (when
+/// it had one) and the SHA-256 of its key and payload (always).
+const STORE_OFFSETS: &str = "INSERT INTO consumer_offsets \
+       (topic, partition, next_offset, last_event_id, last_record_hash, updated_at) \
+     SELECT $1::text, p, n, e, h, clock_timestamp() \
+     FROM unnest($2::int[], $3::bigint[], $4::uuid[], $5::bytea[]) AS u (p, n, e, h) \
      ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, \
-       last_event_id = EXCLUDED.last_event_id, updated_at = EXCLUDED.updated_at";
+       last_event_id = EXCLUDED.last_event_id, last_record_hash = EXCLUDED.last_record_hash, \
+       updated_at = EXCLUDED.updated_at";
+/// The newest heartbeat per partition (its origin time only moves forward).
+const RECORD_HEARTBEATS: &str = "INSERT INTO replication_heartbeats (topic, partition, origin_time, applied_at) \
+     SELECT $1::text, p, t, clock_timestamp() FROM unnest($2::int[], $3::timestamptz[]) AS u (p, t) \
+     ON CONFLICT (topic, partition) DO UPDATE SET \
+       origin_time = GREATEST(replication_heartbeats.origin_time, EXCLUDED.origin_time), \
+       applied_at = EXCLUDED.applied_at";
 const RECORD_PROGRESS: &str = "UPDATE replication_status SET \
      last_event_time = GREATEST(last_event_time, $1), last_applied_at = clock_timestamp() WHERE id = 1";
 const DEAD_LETTER: &str = "INSERT INTO dead_letters (topic, partition, \"offset\", message_key, payload, \
@@ -137,6 +217,9 @@ pub struct Applier {
     pub pool: Pool,
     pub cache: Cache,
     pub metrics: Arc<ConsumerMetrics>,
+    /// The elected leader's epoch, checked by every apply transaction; `None` outside a
+    /// leadership term (the `redrive` command).
+    fence: Arc<std::sync::Mutex<Option<Fence>>>,
 }
 
 impl Applier {
@@ -145,24 +228,58 @@ impl Applier {
             pool,
             cache,
             metrics,
+            fence: Arc::default(),
         }
     }
 
-    /// `(partition, next_offset, last_event_id)` per partition.
-    pub async fn stored_positions(
-        &self,
-        topic: &str,
-    ) -> anyhow::Result<Vec<(i32, i64, Option<uuid::Uuid>)>> {
+    /// Fences this term's transactions with its epoch (`None`: unfenced).
+    pub fn set_fence(&self, fence: Option<Fence>) {
+        if let Ok(mut slot) = self.fence.lock() {
+            *slot = fence;
+        }
+    }
+
+    fn fence(&self) -> Option<Fence> {
+        self.fence.lock().ok().and_then(|f| *f)
+    }
+
+    /// Checks inside `tx` that this process still leads ([`FENCE_CHECK`]).
+    async fn check_fence(&self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+        let Some(fence) = self.fence() else {
+            return Ok(());
+        };
+        let stmt = tx.prepare_cached(FENCE_CHECK).await?;
+        if tx
+            .query_opt(&stmt, &[&fence.role, &fence.epoch])
+            .await?
+            .is_none()
+        {
+            return Err(StoreError::Fenced { epoch: fence.epoch });
+        }
+        Ok(())
+    }
+
+    /// `(partition, next_offset, proof of the record before it)` per partition.
+    pub async fn stored_positions(&self, topic: &str) -> anyhow::Result<Vec<(i32, i64, Proof)>> {
         let client = self.pool.get().await?;
         let rows = client
             .query(
-                "SELECT partition, next_offset, last_event_id FROM consumer_offsets WHERE topic = $1 AND next_offset > 0",
+                "SELECT partition, next_offset, last_event_id, last_record_hash FROM consumer_offsets WHERE topic = $1 AND next_offset > 0",
                 &[&topic],
             )
             .await?;
         Ok(rows
             .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get(1),
+                    Proof {
+                        event_id: r.get(2),
+                        record_hash: r.get(3),
+                    },
+                )
+            })
             .collect())
     }
 
@@ -196,6 +313,9 @@ impl Applier {
                             error = format!("{cause:#}"),
                             "database unavailable; retrying the batch"
                         );
+                    }
+                    Err(StoreError::Fenced { epoch }) => {
+                        anyhow::bail!("fenced: epoch {epoch} was superseded by a new leader")
                     }
                     Err(StoreError::Internal(cause)) => {
                         tracing::warn!(
@@ -240,6 +360,9 @@ impl Applier {
                 Err(error) => error,
             };
             match &error {
+                StoreError::Fenced { epoch } => {
+                    anyhow::bail!("fenced: epoch {epoch} was superseded by a new leader")
+                }
                 StoreError::Internal(cause) => {
                     internal_failures += 1;
                     tracing::error!(
@@ -292,67 +415,97 @@ impl Applier {
         }
     }
 
-    /// One transaction for the whole batch: the effects, the event ids, the Kafka positions
-    /// and the progress, so a crash leaves either all of it or none. Returns each message's
-    /// outcome, in order.
+    /// One transaction for the whole batch: the effects, the event ids, the heartbeats, the
+    /// Kafka positions (with the proof of the record before each) and the progress, so a crash
+    /// leaves either all of it or none; it commits only while this process leads. Returns each
+    /// message's outcome, in order.
     pub async fn apply_batch(&self, batch: &[Incoming]) -> Result<Vec<Outcome>, StoreError> {
-        let decoded: Vec<Result<ChangeEvent, String>> = batch
-            .iter()
-            .map(|m| match m.header_problem() {
-                Some(problem) => Err(format!("invalid headers: {problem}")),
-                None => ChangeEvent::decode(&m.payload).map_err(|e| e.to_string()),
-            })
-            .collect();
+        let decoded: Vec<Decoded> = batch.iter().map(Decoded::of).collect();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        for (incoming, event) in batch.iter().zip(&decoded) {
-            if let Err(reason) = event {
+        self.check_fence(&tx).await?;
+        for (incoming, decoded) in batch.iter().zip(&decoded) {
+            if let Decoded::Poison(reason) = decoded {
                 insert_dead_letter(&tx, incoming, reason).await?;
             }
         }
-        let events: Vec<&ChangeEvent> = decoded.iter().filter_map(|d| d.as_ref().ok()).collect();
+        let events: Vec<&ChangeEvent> = decoded
+            .iter()
+            .filter_map(|d| match d {
+                Decoded::Change(event) => Some(event),
+                _ => None,
+            })
+            .collect();
         let (applied, entries) = self.apply_events(&tx, &events).await?;
         let mut applied = applied.into_iter();
         let outcomes: Vec<Outcome> = decoded
             .iter()
             .map(|d| match d {
-                Ok(_) => applied.next().unwrap_or(Outcome::Duplicate),
-                Err(reason) => Outcome::DeadLettered(reason.clone()),
+                Decoded::Change(_) => applied.next().unwrap_or(Outcome::Duplicate),
+                Decoded::Heartbeat(_) => Outcome::Heartbeat,
+                Decoded::Poison(reason) => Outcome::DeadLettered(reason.clone()),
             })
             .collect();
 
         // The next position per partition: after the batch's last message there.
-        let mut positions: BTreeMap<i32, (i64, Option<uuid::Uuid>)> = BTreeMap::new();
-        for (incoming, event) in batch.iter().zip(&decoded) {
+        let mut positions: BTreeMap<i32, (i64, Option<uuid::Uuid>, Vec<u8>)> = BTreeMap::new();
+        let mut heartbeats: BTreeMap<i32, OffsetDateTime> = BTreeMap::new();
+        for (incoming, decoded) in batch.iter().zip(&decoded) {
             let next = incoming.offset + 1;
-            let id = event.as_ref().ok().map(|e| e.id);
-            let slot = positions.entry(incoming.partition).or_insert((next, id));
-            if next >= slot.0 {
-                *slot = (next, id);
+            if positions
+                .get(&incoming.partition)
+                .is_none_or(|slot| next >= slot.0)
+            {
+                positions.insert(
+                    incoming.partition,
+                    (next, decoded.id(), incoming.record_hash()),
+                );
+            }
+            if let Decoded::Heartbeat(heartbeat) = decoded {
+                let slot = heartbeats
+                    .entry(incoming.partition)
+                    .or_insert(heartbeat.time);
+                *slot = (*slot).max(heartbeat.time);
             }
         }
         let topic = batch.first().map_or("", |m| m.topic.as_str());
         let partitions: Vec<i32> = positions.keys().copied().collect();
         let next_offsets: Vec<i64> = positions.values().map(|p| p.0).collect();
         let last_ids: Vec<Option<uuid::Uuid>> = positions.values().map(|p| p.1).collect();
+        let hashes: Vec<&[u8]> = positions.values().map(|p| p.2.as_slice()).collect();
         let store = tx.prepare_cached(STORE_OFFSETS).await?;
         let progress = tx.prepare_cached(RECORD_PROGRESS).await?;
-        let store_params: [&(dyn ToSql + Sync); 4] =
-            [&topic, &partitions, &next_offsets, &last_ids];
+        let beats = tx.prepare_cached(RECORD_HEARTBEATS).await?;
+        let store_params: [&(dyn ToSql + Sync); 5] =
+            [&topic, &partitions, &next_offsets, &last_ids, &hashes];
         let newest = events.iter().map(|e| e.time).max();
-        let (stored, recorded) = tokio::join!(tx.execute(&store, &store_params), async {
-            match &newest {
-                Some(newest) => tx.execute(&progress, &[newest]).await.map(|_| ()),
-                None => Ok(()),
+        let beat_partitions: Vec<i32> = heartbeats.keys().copied().collect();
+        let beat_times: Vec<OffsetDateTime> = heartbeats.values().copied().collect();
+        let (stored, recorded, beaten) = tokio::join!(
+            tx.execute(&store, &store_params),
+            async {
+                match &newest {
+                    Some(newest) => tx.execute(&progress, &[newest]).await.map(|_| ()),
+                    None => Ok(()),
+                }
+            },
+            async {
+                if beat_partitions.is_empty() {
+                    return Ok(());
+                }
+                tx.execute(&beats, &[&topic, &beat_partitions, &beat_times])
+                    .await
+                    .map(|_| ())
             }
-        });
+        );
         stored?;
         recorded?;
+        beaten?;
         tx.commit().await?;
         self.refresh_cache(&entries).await;
         let now = OffsetDateTime::now_utc();
-        for (outcome, event) in outcomes.iter().zip(&decoded) {
-            if let (Outcome::Applied, Ok(event)) = (outcome, event) {
+        for (outcome, decoded) in outcomes.iter().zip(&decoded) {
+            if let (Outcome::Applied, Decoded::Change(event)) = (outcome, decoded) {
                 self.metrics
                     .observe_lag((now - event.time).as_seconds_f64().max(0.0));
             }
@@ -491,6 +644,7 @@ impl Applier {
     async fn dead_letter(&self, incoming: &Incoming, reason: &str) -> Result<(), StoreError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        self.check_fence(&tx).await?;
         insert_dead_letter(&tx, incoming, reason).await?;
         let stmt = tx.prepare_cached(STORE_OFFSETS).await?;
         tx.execute(
@@ -500,10 +654,33 @@ impl Applier {
                 &vec![incoming.partition],
                 &vec![incoming.offset + 1],
                 &vec![None::<uuid::Uuid>],
+                &vec![incoming.record_hash()],
             ],
         )
         .await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Starts counting every partition of the topic in the lag: one heartbeat row each (a
+    /// partition without a heartbeat yet counts from now), and none for partitions the topic
+    /// no longer has.
+    pub async fn track_partitions(&self, topic: &str, partitions: &[i32]) -> anyhow::Result<()> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "INSERT INTO replication_heartbeats (topic, partition, origin_time) \
+                 SELECT $1, p, clock_timestamp() FROM unnest($2::int[]) AS p \
+                 ON CONFLICT (topic, partition) DO NOTHING",
+                &[&topic, &partitions],
+            )
+            .await?;
+        client
+            .execute(
+                "DELETE FROM replication_heartbeats WHERE topic <> $1 OR NOT partition = ANY($2)",
+                &[&topic, &partitions],
+            )
+            .await?;
         Ok(())
     }
 

@@ -162,6 +162,17 @@ impl Region2Consumer {
         leadership: &Leadership,
         shutdown: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
+        self.applier.set_fence(Some(leadership.fence));
+        let result = self.consume_fenced(leadership, shutdown).await;
+        self.applier.set_fence(None);
+        result
+    }
+
+    async fn consume_fenced(
+        &self,
+        leadership: &Leadership,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
         let topic = self.settings.kafka.topic.clone();
         let mut config = self.settings.kafka.client_config(CONSUMER_DEFAULTS).await?;
         config.set("group.id", &self.settings.group_id);
@@ -186,6 +197,7 @@ impl Region2Consumer {
         let assignment = self
             .assignment(&consumer, &topic, &partitions, &mut expected)
             .await?;
+        self.applier.track_partitions(&topic, &partitions).await?;
         consumer
             .assign(&assignment)
             .context("Failed to assign partitions")?;
@@ -195,11 +207,14 @@ impl Region2Consumer {
             "consuming"
         );
 
+        // Set when the topic gains partitions: the term ends and the next one assigns them all.
+        let (grown_tx, mut grown) = watch::channel(false);
         let heartbeat = tokio::spawn(heartbeat(
             consumer.clone(),
             self.applier.clone(),
             topic.clone(),
             partitions.clone(),
+            grown_tx,
         ));
         let result = async {
             let mut batch: Vec<Incoming> = Vec::with_capacity(MAX_BATCH);
@@ -210,6 +225,7 @@ impl Region2Consumer {
                 let first = tokio::select! {
                     message = consumer.recv() => message,
                     _ = shutdown.changed() => return Ok(()),
+                    _ = grown.changed() => anyhow::bail!("the topic gained partitions; assigning them"),
                     () = tokio::time::sleep(Duration::from_secs(2)) => {
                         anyhow::ensure!(leadership.is_held().await, "the consumer's leader session ended");
                         commit_positions(&consumer, &topic, &mut committed);
@@ -299,17 +315,28 @@ impl Region2Consumer {
         consumer: &StreamConsumer,
         topic: &str,
         partitions: &[i32],
-        expected: &mut HashMap<i32, (i64, uuid::Uuid)>,
+        expected: &mut HashMap<i32, (i64, apply::Proof)>,
         message: &BorrowedMessage<'_>,
     ) -> anyhow::Result<Admitted> {
-        let Some((offset, event_id)) = expected.remove(&message.partition()) else {
+        let Some((offset, proof)) = expected.remove(&message.partition()) else {
             return Ok(Admitted::Apply(Incoming::from_message(message)));
         };
-        let headers = apply::read_headers(message);
         let same = message.offset() == offset
-            && apply::header(&headers, tandem_shared::event::HEADER_EVENT_ID)
-                .and_then(|id| uuid::Uuid::parse_str(&id).ok())
-                == Some(event_id);
+            && match (&proof.record_hash, proof.event_id) {
+                (Some(hash), _) => {
+                    *hash
+                        == apply::record_hash(message.key(), message.payload().unwrap_or_default())
+                }
+                (None, Some(event_id)) => {
+                    apply::header(
+                        &apply::read_headers(message),
+                        tandem_shared::event::HEADER_EVENT_ID,
+                    )
+                    .and_then(|id| uuid::Uuid::parse_str(&id).ok())
+                        == Some(event_id)
+                }
+                (None, None) => false,
+            };
         if same {
             return Ok(Admitted::Skip);
         }
@@ -339,20 +366,23 @@ impl Region2Consumer {
     }
 
     /// Where to resume each partition: one record before the stored position, remembering the
-    /// event applied there, so the first record read proves the partition is the one the
-    /// position belongs to. A broker that lost its data and recreated the topic fails that
-    /// proof whatever the new partition's length (a position past its end, or a refilled
-    /// partition whose offsets now name other events), and the partition is re-read from the
-    /// beginning; the event ids make the re-read harmless.
+    /// proof of the record there (the hash of its key and payload, stored for every record:
+    /// events, heartbeats and dead letters alike), so the first record read proves the
+    /// partition is the one the position belongs to. A broker that lost its data and recreated
+    /// the topic fails that proof whatever the new partition's length (a position past its
+    /// end, or a refilled partition whose offsets now name other records), and the partition is
+    /// re-read from the beginning; the event ids make the re-read harmless. A position stored
+    /// without any proof (before proofs existed, after a dead letter) is not trusted either:
+    /// the partition is re-read.
     async fn assignment(
         &self,
         consumer: &Arc<StreamConsumer>,
         topic: &str,
         partitions: &[i32],
-        expected: &mut HashMap<i32, (i64, uuid::Uuid)>,
+        expected: &mut HashMap<i32, (i64, apply::Proof)>,
     ) -> anyhow::Result<TopicPartitionList> {
         expected.clear();
-        let stored: HashMap<i32, (i64, Option<uuid::Uuid>)> = self
+        let stored: HashMap<i32, (i64, apply::Proof)> = self
             .applier
             .stored_positions(topic)
             .await?
@@ -364,9 +394,9 @@ impl Region2Consumer {
             high_watermarks(consumer, topic, partitions, Duration::from_secs(5)).await;
         let mut assignment = TopicPartitionList::new();
         for partition in partitions {
-            let stored = stored.get(partition).copied();
-            let truncated = match (stored, high_watermarks.get(partition)) {
-                (Some((next, _)), Some(&high)) => high < next,
+            let stored = stored.get(partition).cloned();
+            let truncated = match (&stored, high_watermarks.get(partition)) {
+                (Some((next, _)), Some(&high)) => high < *next,
                 _ => false,
             };
             if truncated {
@@ -376,12 +406,20 @@ impl Region2Consumer {
                 );
             }
             let offset = match stored.filter(|_| !truncated) {
-                Some((next, Some(last))) if next > 0 => {
-                    expected.insert(*partition, (next - 1, last));
+                Some((next, proof))
+                    if next > 0 && (proof.record_hash.is_some() || proof.event_id.is_some()) =>
+                {
+                    expected.insert(*partition, (next - 1, proof));
                     Offset::Offset(next - 1)
                 }
-                Some((next, None)) => Offset::Offset(next),
-                _ => Offset::Beginning,
+                Some((_, _)) => {
+                    tracing::warn!(
+                        partition,
+                        "the stored position carries no proof of the record before it; reading the partition from the beginning"
+                    );
+                    Offset::Beginning
+                }
+                None => Offset::Beginning,
             };
             assignment.add_partition_offset(topic, *partition, offset)?;
         }
@@ -443,11 +481,27 @@ async fn heartbeat(
     applier: Applier,
     topic: String,
     partitions: Vec<i32>,
+    grown: watch::Sender<bool>,
 ) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     let mut last_prune = std::time::Instant::now();
+    let mut last_metadata = std::time::Instant::now();
     loop {
         every.tick().await;
+        // Partitions added at run time: checked every 10 s; the term then restarts with all.
+        if last_metadata.elapsed() >= PARTITION_CHECK_INTERVAL {
+            last_metadata = std::time::Instant::now();
+            if let Some(count) = partition_count(&consumer, &topic).await {
+                if count > partitions.len() {
+                    tracing::warn!(
+                        was = partitions.len(),
+                        now = count,
+                        "the topic gained partitions"
+                    );
+                    let _ = grown.send(true);
+                }
+            }
+        }
         let highs = high_watermarks(&consumer, &topic, &partitions, Duration::from_secs(1)).await;
         let positions = consumer.position().ok();
         let lags: Vec<(i32, i64)> = highs
@@ -478,6 +532,28 @@ async fn heartbeat(
         }
         applier.record_heartbeat(backlog).await;
     }
+}
+
+/// How often the consumer looks for partitions added to the topic.
+const PARTITION_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The topic's partition count, from the broker's metadata (a blocking call, off the runtime).
+async fn partition_count(consumer: &Arc<StreamConsumer>, topic: &str) -> Option<usize> {
+    let consumer = consumer.clone();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(5))
+            .ok()?;
+        metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .map(|t| t.partitions().len())
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 #[cfg(test)]

@@ -27,13 +27,15 @@ use tandem_shared::config::{self, ConfigError, ServiceSettings};
 use tandem_shared::db::DatabaseSettings;
 use tandem_shared::document::{Collection, DocumentId, DocumentKey};
 use tandem_shared::event::{
-    HEADER_COLLECTION, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_TRACEPARENT, TYPE_DELETED,
-    TYPE_UPSERTED, encode_envelope,
+    HEADER_COLLECTION, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_TRACEPARENT, HEARTBEAT_KEY,
+    Heartbeat, TYPE_DELETED, TYPE_HEARTBEAT, TYPE_UPSERTED, encode_envelope,
 };
 use tandem_shared::http::{ReadyCheck, ScrapeHook, pool_scrape_hook};
 use tandem_shared::kafka::KafkaSettings;
+use tandem_shared::leader::{FENCE_CHECK, Fence};
 use tandem_shared::leader::{Leadership, RELAY_LOCK};
 use tandem_shared::limits::MAX_EVENT_BYTES;
+use tandem_shared::store::StoreError;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -118,6 +120,16 @@ const DEAD_LETTER_ROWS: &str = "WITH moved AS ( \
 const PRUNE_PUBLISHED: &str = "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox \
      WHERE published_at < now() - make_interval(secs => $1) LIMIT 10000)";
 const COUNT_UNPUBLISHED: &str = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
+/// A heartbeat's time: the commit time of the oldest unpublished row (everything before it is
+/// published), or now when there is none. A transaction still in flight when this is read can
+/// commit a row older than it: the heartbeat then understates the lag by that transaction's
+/// remaining duration (milliseconds).
+const HEARTBEAT_TIME: &str = "SELECT coalesce((SELECT created_at FROM outbox \
+     WHERE published_at IS NULL ORDER BY seq LIMIT 1), clock_timestamp())";
+/// How often the leader sends a heartbeat through every partition.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the leader re-reads the topic's partitions (for heartbeats to new ones).
+const PARTITIONS_REFRESH: Duration = Duration::from_secs(30);
 /// How often the leader counts a backlog that outlasts one batch.
 const BACKLOG_COUNT_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -199,10 +211,24 @@ impl Relay {
         let mut backoff = Duration::from_millis(100);
         let mut producer = self.create_producer().await?;
         let mut last_count = Instant::now() - BACKLOG_COUNT_INTERVAL;
+        let fence = Some(leadership.fence);
+        let mut last_beat = Instant::now() - HEARTBEAT_INTERVAL;
+        let mut partitions: (Instant, Vec<i32>) = (Instant::now() - PARTITIONS_REFRESH, Vec::new());
         loop {
             if *shutdown.borrow() {
                 producer.flush(Duration::from_secs(10)).ok();
                 return Ok(());
+            }
+            if last_beat.elapsed() >= HEARTBEAT_INTERVAL {
+                last_beat = Instant::now();
+                if partitions.0.elapsed() >= PARTITIONS_REFRESH || partitions.1.is_empty() {
+                    if let Some(found) = self.partitions(&producer) {
+                        partitions = (Instant::now(), found);
+                    }
+                }
+                if let Err(e) = self.send_heartbeats(&producer, &partitions.1).await {
+                    tracing::warn!(error = format!("{e:#}"), "heartbeat not sent");
+                }
             }
             if last_prune.elapsed() >= Duration::from_secs(60) {
                 self.prune().await;
@@ -212,7 +238,7 @@ impl Relay {
                 self.count_backlog().await;
                 last_count = Instant::now();
             }
-            match self.publish_batch(&producer).await {
+            match self.publish_batch(&producer, fence).await {
                 Ok(published) if published > 0 => {
                     backoff = Duration::from_millis(100);
                     // Drain queued notifications: the next fetch sees their rows anyway.
@@ -220,6 +246,9 @@ impl Relay {
                     continue;
                 }
                 Ok(_) => backoff = Duration::from_millis(100),
+                Err(e) if matches!(e.downcast_ref(), Some(StoreError::Fenced { .. })) => {
+                    return Err(e.context("a new relay leader was elected"));
+                }
                 Err(e) => {
                     tracing::warn!(
                         error = format!("{e:#}"),
@@ -274,8 +303,15 @@ impl Relay {
     /// as too large or invalid) is moved to `relay_dead_letters` and the batch goes on: one row
     /// never stops the relay. Transient failures (the broker unreachable) fail the batch, which
     /// is retried.
-    pub async fn publish_batch(&self, producer: &FutureProducer) -> anyhow::Result<usize> {
-        let client = self
+    /// With a `fence`, the rows are marked published (or set aside) only while this process
+    /// is the elected leader: a deposed relay's marks do not commit (its produced events are
+    /// duplicates Region 2 recognises by their ids).
+    pub async fn publish_batch(
+        &self,
+        producer: &FutureProducer,
+        fence: Option<Fence>,
+    ) -> anyhow::Result<usize> {
+        let mut client = self
             .pool
             .get()
             .await
@@ -393,15 +429,30 @@ impl Relay {
                 }
             }
         }
-        if !acknowledged.is_empty() {
-            let stmt = client.prepare_cached(MARK_PUBLISHED).await?;
-            client
-                .execute(&stmt, &[&acknowledged])
+        if !acknowledged.is_empty() || !refused.is_empty() {
+            let tx = client.transaction().await?;
+            if let Some(fence) = fence {
+                let stmt = tx.prepare_cached(FENCE_CHECK).await?;
+                if tx
+                    .query_opt(&stmt, &[&fence.role, &fence.epoch])
+                    .await?
+                    .is_none()
+                {
+                    return Err(StoreError::Fenced { epoch: fence.epoch }.into());
+                }
+            }
+            if !acknowledged.is_empty() {
+                let stmt = tx.prepare_cached(MARK_PUBLISHED).await?;
+                tx.execute(&stmt, &[&acknowledged])
+                    .await
+                    .context("Failed to mark rows published")?;
+            }
+            if !refused.is_empty() {
+                self.dead_letter(&tx, &refused).await?;
+            }
+            tx.commit()
                 .await
-                .context("Failed to mark rows published")?;
-        }
-        if !refused.is_empty() {
-            self.dead_letter(&client, &refused).await?;
+                .context("Failed to commit the batch's marks")?;
         }
         self.metrics.published.inc_by(acknowledged.len() as u64);
         self.metrics.batch_size.observe(acknowledged.len() as f64);
@@ -424,7 +475,7 @@ impl Relay {
     /// Moves rows aside into `relay_dead_letters` with their reasons.
     async fn dead_letter(
         &self,
-        client: &deadpool_postgres::Object,
+        client: &deadpool_postgres::Transaction<'_>,
         refused: &[(i64, String)],
     ) -> anyhow::Result<()> {
         let (seqs, reasons): (Vec<i64>, Vec<&str>) =
@@ -441,6 +492,82 @@ impl Relay {
                 reason,
                 "outbox row cannot be published; moved to relay_dead_letters"
             );
+        }
+        Ok(())
+    }
+
+    /// The topic's partitions, from the producer's metadata (a blocking call).
+    fn partitions(&self, producer: &FutureProducer) -> Option<Vec<i32>> {
+        let topic = &self.settings.kafka.topic;
+        let metadata = tokio::task::block_in_place(|| {
+            producer
+                .client()
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+        })
+        .ok()?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        (!partitions.is_empty()).then_some(partitions)
+    }
+
+    /// Sends a heartbeat through every partition, after everything published so far: Region
+    /// 2's lag is the age of the oldest partition's newest heartbeat, so it grows whatever
+    /// stalls between Region 1's commits and Region 2's applies.
+    async fn send_heartbeats(
+        &self,
+        producer: &FutureProducer,
+        partitions: &[i32],
+    ) -> anyhow::Result<()> {
+        if partitions.is_empty() {
+            anyhow::bail!("the topic's partitions are not known yet");
+        }
+        let time: OffsetDateTime = {
+            let client = self.pool.get().await?;
+            client.query_one(HEARTBEAT_TIME, &[]).await?.try_get(0)?
+        };
+        let region = &self.settings.service.region;
+        let mut deliveries = Vec::with_capacity(partitions.len());
+        for &partition in partitions {
+            let heartbeat = Heartbeat::new(region, time, partition);
+            let id = heartbeat.id.to_string();
+            let payload = heartbeat.encode();
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: HEADER_EVENT_ID,
+                    value: Some(id.as_str()),
+                })
+                .insert(Header {
+                    key: HEADER_EVENT_TYPE,
+                    value: Some(TYPE_HEARTBEAT),
+                });
+            let record = FutureRecord::to(&self.settings.kafka.topic)
+                .partition(partition)
+                .key(HEARTBEAT_KEY)
+                .payload(&payload)
+                .headers(headers);
+            match producer.send_result(record) {
+                Ok(delivery) => deliveries.push(delivery),
+                Err((e, _)) => anyhow::bail!("failed to enqueue a heartbeat: {e}"),
+            }
+        }
+        let results = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures_util::future::join_all(deliveries),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("heartbeats not acknowledged within 10 s"))?;
+        for result in results {
+            match result {
+                Ok(Ok(_)) => {
+                    self.metrics.heartbeats.inc();
+                }
+                Ok(Err((e, _))) => anyhow::bail!("a heartbeat was not acknowledged: {e}"),
+                Err(_) => anyhow::bail!("the producer dropped a heartbeat"),
+            }
         }
         Ok(())
     }

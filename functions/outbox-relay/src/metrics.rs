@@ -10,6 +10,8 @@ use tandem_shared::worker::Role;
 pub struct RelayMetrics {
     pub published: Counter,
     pub publish_errors: Counter,
+    /// Heartbeats acknowledged by the broker (one per partition per second).
+    pub heartbeats: Counter,
     /// Rows moved to `relay_dead_letters` (too large, refused by the broker as invalid).
     pub dead_lettered: Counter,
     /// The largest batch fetched so far, in payload bytes (bounded by `RELAY_BATCH_BYTES`
@@ -26,6 +28,7 @@ impl RelayMetrics {
         Self {
             published: Counter::default(),
             publish_errors: Counter::default(),
+            heartbeats: Counter::default(),
             dead_lettered: Counter::default(),
             largest_batch_bytes: Gauge::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 8)),
@@ -46,6 +49,11 @@ impl RelayMetrics {
             "relay_publish_errors",
             "Batches that failed to publish completely",
             self.publish_errors.clone(),
+        );
+        metrics.register(
+            "relay_heartbeats",
+            "Heartbeats acknowledged by the broker (one per partition per second)",
+            self.heartbeats.clone(),
         );
         metrics.register(
             "relay_dead_lettered",

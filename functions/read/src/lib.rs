@@ -56,6 +56,8 @@ pub struct AppState {
     /// `TANDEM_REQUEST_TIMEOUT_MS`.
     pub request_timeout: std::time::Duration,
     pub replica: Option<Replica>,
+    /// `tandem_replication_lag_milliseconds` (replicas), set on every scrape.
+    pub lag_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl AppState {
@@ -71,19 +73,34 @@ impl AppState {
                 .await
                 .context("Failed to migrate the database at start-up")?;
         }
+        let metrics = Arc::new(Metrics::new("read"));
+        let lag_gauge = prometheus_client::metrics::gauge::Gauge::default();
+        let replica = settings.replica.clone().map(Replica::new);
+        if replica.is_some() {
+            metrics.register(
+                "replication_lag_milliseconds",
+                "Age of the oldest partition's newest relay heartbeat applied in this region",
+                lag_gauge.clone(),
+            );
+        }
+        let store = Store::new(pool)
+            .with_probe(tandem_shared::db::connect_probe(&settings.database).await?);
+        if let Some(replica) = &replica {
+            replica.spawn_refresh(store.clone());
+        }
         Ok(Self {
-            store: Store::new(pool)
-                .with_probe(tandem_shared::db::connect_probe(&settings.database).await?),
+            store,
+            lag_gauge,
             cache: {
                 let mut cache = settings.cache.clone();
                 cache.resolve_auth().await?;
                 Cache::new(cache)?
             },
             auth,
-            metrics: Arc::new(Metrics::new("read")),
+            metrics,
             region: settings.service.region.clone(),
             request_timeout: settings.service.request_timeout,
-            replica: settings.replica.clone().map(Replica::new),
+            replica,
         })
     }
 }

@@ -1,21 +1,30 @@
 //! Replica mode (Region 2): replication lag reporting and read-your-writes through consistency
 //! tokens. A Read API becomes a replica when `TANDEM_PRIMARY_READ_URL` is set.
 //!
-//! Lag is estimated from what the consumer records in `replication_status` every second: how
-//! long the consumer has been silent beyond its heartbeat interval, plus, while messages are
-//! waiting in Kafka, the replication delay of the last applied event. It is an estimate meant
-//! for steering (headers, `/readyz`), not an SLA measurement: the consumer's
-//! `tandem_replication_lag_seconds` histogram is the exact figure.
+//! **Lag is the truth.** The relay sends a heartbeat through every partition every second,
+//! carrying Region 1's commit clock ("every write committed before this time is published
+//! before me"); the consumer records the newest one per partition in the same transaction as
+//! the events before it. The lag is the age of the oldest partition's newest heartbeat, so it
+//! grows whatever stalls between Region 1's commits and Region 2's applies: the relay down or
+//! wedged, the broker down or unreachable, the consumer paused, blocked on a lock or stuck on
+//! a record. Its resolution is the heartbeat interval (an idle system reports up to ~1 s).
+//!
+//! It compares two database clocks (Region 2's now against Region 1's heartbeat time): a skew
+//! between them adds to or hides from the lag as much. Amazon Time Sync keeps RDS hosts within
+//! about a millisecond; locally both clusters share one clock.
+//!
+//! The value is refreshed in the background every 250 ms and read without a lock; when the
+//! refresh fails (Region 2's PostgreSQL down), the last known heartbeat keeps ageing, so the
+//! reported lag grows rather than freezing.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use tandem_shared::config::{self, ConfigError};
 use tandem_shared::consistency::ConsistencyToken;
 use tandem_shared::problem::ApiError;
 use tandem_shared::store::{Store, StoreError};
-use time::OffsetDateTime;
-use tokio::sync::Mutex;
 
 /// Replica settings, read from the environment.
 #[derive(Debug, Clone)]
@@ -47,62 +56,74 @@ impl ReplicaSettings {
     }
 }
 
-/// The last lag estimate and when it was made.
-type LagCache = Arc<Mutex<Option<(Instant, Option<u64>)>>>;
-
-/// Replica state: settings plus a short-lived cache of the lag estimate.
+/// Replica state: settings plus the lag, refreshed in the background.
 #[derive(Clone)]
 pub struct Replica {
     pub settings: ReplicaSettings,
-    lag: LagCache,
+    lag: Arc<Lag>,
 }
 
-/// How long a lag estimate is reused: the consumer refreshes its status once a second.
-const LAG_CACHE: Duration = Duration::from_millis(200);
-/// The consumer's heartbeat period plus slack.
-const HEARTBEAT_GRACE_MS: i64 = 2000;
+/// The oldest partition's newest heartbeat, as an instant of this process: lock-free.
+struct Lag {
+    started: Instant,
+    /// Milliseconds since `started` at which Region 1 committed what the oldest partition's
+    /// newest heartbeat covers; [`UNKNOWN`] before the first reading.
+    origin_ms: AtomicI64,
+}
+
+const UNKNOWN: i64 = i64::MIN;
+/// How often the lag is re-read from Region 2's database.
+const LAG_REFRESH: Duration = Duration::from_millis(250);
+/// Region 2's database clock minus the oldest partition's newest heartbeat time.
+const HEARTBEAT_AGE: &str = "SELECT (extract(epoch FROM clock_timestamp() - min(origin_time)) \
+     * 1000)::float8 FROM replication_heartbeats";
 
 impl Replica {
     pub fn new(settings: ReplicaSettings) -> Self {
         Self {
             settings,
-            lag: Arc::new(Mutex::new(None)),
+            lag: Arc::new(Lag {
+                started: Instant::now(),
+                origin_ms: AtomicI64::new(UNKNOWN),
+            }),
         }
     }
 
-    /// The estimated replication lag in milliseconds; `None` when the consumer never reported.
-    pub async fn lag_ms(&self, store: &Store) -> Result<Option<u64>, StoreError> {
-        let mut cached = self.lag.lock().await;
-        if let Some((at, lag)) = *cached {
-            if at.elapsed() < LAG_CACHE {
-                return Ok(lag);
-            }
-        }
-        let client = store.pool().get().await?;
-        let row = client
-            .query_one(
-                "SELECT heartbeat_at, backlog, last_event_time, last_applied_at FROM replication_status WHERE id = 1",
-                &[],
-            )
-            .await?;
-        let heartbeat: Option<OffsetDateTime> = row.try_get(0)?;
-        let backlog: i64 = row.try_get(1)?;
-        let last_event: Option<OffsetDateTime> = row.try_get(2)?;
-        let last_applied: Option<OffsetDateTime> = row.try_get(3)?;
-        let now = OffsetDateTime::now_utc();
-        let lag = heartbeat.map(|heartbeat| {
-            let silent =
-                ((now - heartbeat).whole_milliseconds() as i64 - HEARTBEAT_GRACE_MS).max(0);
-            let delay = match (backlog > 0, last_event, last_applied) {
-                (true, Some(event), Some(applied)) => {
-                    ((applied - event).whole_milliseconds() as i64).max(0)
+    fn now_ms(&self) -> i64 {
+        i64::try_from(self.lag.started.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Keeps the lag fresh for as long as the process runs (needs a Tokio runtime).
+    pub fn spawn_refresh(&self, store: Store) {
+        let replica = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(LAG_REFRESH);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                match replica.read_heartbeat_age(&store).await {
+                    Ok(Some(age_ms)) => replica
+                        .lag
+                        .origin_ms
+                        .store(replica.now_ms() - age_ms, Ordering::Relaxed),
+                    Ok(None) => replica.lag.origin_ms.store(UNKNOWN, Ordering::Relaxed),
+                    // The last heartbeat keeps ageing: the lag grows while we cannot look.
+                    Err(e) => tracing::debug!(error = %e, "lag refresh failed"),
                 }
-                _ => 0,
-            };
-            (silent + delay).unsigned_abs()
+            }
         });
-        *cached = Some((Instant::now(), lag));
-        Ok(lag)
+    }
+
+    async fn read_heartbeat_age(&self, store: &Store) -> Result<Option<i64>, StoreError> {
+        let client = store.pool().get().await?;
+        let age: Option<f64> = client.query_one(HEARTBEAT_AGE, &[]).await?.try_get(0)?;
+        Ok(age.map(|ms| ms.max(0.0) as i64))
+    }
+
+    /// The replication lag in milliseconds; `None` before any heartbeat was applied.
+    pub fn lag_ms(&self) -> Option<u64> {
+        let origin = self.lag.origin_ms.load(Ordering::Relaxed);
+        (origin != UNKNOWN).then(|| u64::try_from((self.now_ms() - origin).max(0)).unwrap_or(0))
     }
 
     /// Waits until this region holds the token's write (or newer); refuses with a pointer to

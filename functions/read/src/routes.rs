@@ -39,16 +39,14 @@ pub fn router(state: AppState) -> Router {
             async move {
                 let mut readiness = Readiness::of_store_and_cache(&state.store, &state.cache).await;
                 if let Some(replica) = &state.replica {
-                    let lag = replica.lag_ms(&state.store).await;
                     let limit = replica.settings.max_lag.as_millis();
-                    let (ok, line) = match lag {
-                        Ok(Some(ms)) if u128::from(ms) <= limit => (true, format!("{ms} ms")),
-                        Ok(Some(ms)) => (false, format!("{ms} ms exceeds {limit} ms")),
-                        Ok(None) => (
+                    let (ok, line) = match replica.lag_ms() {
+                        Some(ms) if u128::from(ms) <= limit => (true, format!("{ms} ms")),
+                        Some(ms) => (false, format!("{ms} ms exceeds {limit} ms")),
+                        None => (
                             false,
-                            "unknown: the consumer has not reported yet".to_owned(),
+                            "unknown: no relay heartbeat has been applied yet".to_owned(),
                         ),
-                        Err(e) => (false, e.to_string()),
                     };
                     readiness.ready &= ok;
                     readiness.checks.insert("replication_lag", line);
@@ -58,7 +56,18 @@ pub fn router(state: AppState) -> Router {
             .boxed()
         })
     };
-    let on_scrape = pool_scrape_hook(state.store.pool().clone());
+    let on_scrape = {
+        let pool_usage = pool_scrape_hook(state.store.pool().clone());
+        let replica = state.replica.clone();
+        let gauge = state.lag_gauge.clone();
+        let hook: tandem_shared::http::ScrapeHook = Arc::new(move |metrics| {
+            pool_usage(metrics);
+            if let Some(lag) = replica.as_ref().and_then(|r| r.lag_ms()) {
+                gauge.set(i64::try_from(lag).unwrap_or(i64::MAX));
+            }
+        });
+        hook
+    };
     let api = Router::new()
         .route("/v1/{collection}", get(list_documents))
         .route("/v1/{collection}/{id}", get(get_document))
@@ -290,7 +299,7 @@ async fn report_lag(
 ) -> Response {
     let mut response = next.run(request).await;
     if let Some(replica) = &app.replica {
-        if let Ok(Some(lag)) = replica.lag_ms(&app.store).await {
+        if let Some(lag) = replica.lag_ms() {
             response.headers_mut().insert(
                 HeaderName::from_static(REPLICATION_LAG_HEADER),
                 HeaderValue::from(lag),
