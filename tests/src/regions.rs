@@ -175,21 +175,27 @@ impl TwoRegions {
     }
 
     pub async fn start_without_workers() -> Self {
-        Self::start_without_workers_with(None).await
+        Self::start_without_workers_with(None, Duration::from_secs(5)).await
+    }
+
+    /// Everything up but the workers, Region 2's Read API failing `/readyz` above `max_lag`.
+    pub async fn start_without_workers_max_lag(max_lag: Duration) -> Self {
+        Self::start_without_workers_with(None, max_lag).await
     }
 
     /// Everything up, one relay and one consumer, with a Redis of Region 2's own (so the
     /// test can freeze or restart it without touching other tests).
     pub async fn start_with_own_region2_redis() -> Self {
         let redis = Redis::start().expect("region2 redis");
-        let mut regions = Self::start_without_workers_with(Some(redis)).await;
+        let mut regions =
+            Self::start_without_workers_with(Some(redis), Duration::from_secs(5)).await;
         regions.start_relay();
         regions.start_consumer();
         regions.wait_region2_ready(Duration::from_secs(60)).await;
         regions
     }
 
-    async fn start_without_workers_with(own_redis: Option<Redis>) -> Self {
+    async fn start_without_workers_with(own_redis: Option<Redis>, max_lag: Duration) -> Self {
         let broker = Broker::start()
             .await
             .expect("broker (tansu; make test installs it)");
@@ -218,7 +224,7 @@ impl TwoRegions {
             replica: Some(tandem_read::ReplicaSettings {
                 primary_read_url: region1.read_url.clone(),
                 consistency_wait: Duration::from_secs(1),
-                max_lag: Duration::from_secs(5),
+                max_lag,
             }),
         };
         let state = tandem_read::AppState::build(&settings)
@@ -460,6 +466,50 @@ impl TwoRegions {
                     .join("\n---\n"),
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Region 2's `/readyz`: its status and its `replication_lag` line.
+    pub async fn region2_readiness(&self) -> (u16, String) {
+        let Ok(response) = self
+            .region1
+            .client
+            .get(format!("{}/readyz", self.region2_read_url))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        else {
+            return (0, "no answer".to_owned());
+        };
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or_default();
+        (
+            status,
+            body["checks"]["replication_lag"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        )
+    }
+
+    /// Waits until Region 2's readiness is `ready` (bounded), returning the last lag line.
+    pub async fn wait_region2_readiness(&self, ready: bool, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, line) = self.region2_readiness().await;
+            if (status == 200) == ready && status != 0 {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Region 2's readiness did not become {ready} within {timeout:?} (status {status}, lag {line})\nconsumer logs:\n{}",
+                self.consumers
+                    .iter()
+                    .map(ManagedProcess::log_tail)
+                    .collect::<Vec<_>>()
+                    .join("\n---\n"),
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

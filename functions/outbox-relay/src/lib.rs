@@ -129,7 +129,7 @@ const HEARTBEAT_TIME: &str = "SELECT coalesce((SELECT created_at FROM outbox \
 /// How often the leader sends a heartbeat through every partition.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the leader re-reads the topic's partitions (for heartbeats to new ones).
-const PARTITIONS_REFRESH: Duration = Duration::from_secs(30);
+const PARTITIONS_REFRESH: Duration = Duration::from_secs(10);
 /// How often the leader counts a backlog that outlasts one batch.
 const BACKLOG_COUNT_INTERVAL: Duration = Duration::from_secs(5);
 

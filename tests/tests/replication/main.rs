@@ -7,6 +7,7 @@ mod end_to_end;
 mod failures;
 mod hostile;
 mod load;
+mod truth;
 
 /// Helpers shared by the replication tests.
 pub mod support {

@@ -1,0 +1,347 @@
+//! Region 2 never lies about itself: its lag rises whatever stalls between Region 1's commits
+//! and Region 2's applies, it keeps answering while its lag check cannot, only the elected
+//! consumer commits, and a consumer resumes a partition only with proof.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use tandem_tests::TwoRegions;
+
+use crate::support::spawn_writer;
+
+/// Holds `LOCK TABLE <table>` in an open transaction until dropped (rolled back).
+async fn lock_table(url: &str, table: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+        ))
+        .await
+        .expect("lock");
+    client
+}
+
+/// The lag Region 2 reports on a document read.
+async fn reported_lag(regions: &TwoRegions) -> Option<u64> {
+    regions
+        .region2_get("/v1/truth/probe")
+        .await
+        .headers()
+        .get("x-tandem-replication-lag-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region2_lag_rises_for_every_stall_and_recovers() {
+    let mut regions = TwoRegions::start_without_workers_max_lag(Duration::from_secs(2)).await;
+    regions.start_relay();
+    regions.start_consumer();
+    regions.region1.put("truth", "probe", &json!({})).await;
+    regions
+        .wait_region2_readiness(true, Duration::from_secs(60))
+        .await;
+    let fail_within = Duration::from_secs(15);
+    let recover_within = Duration::from_secs(60);
+
+    // Each stall, then its healing: the lag must pass the 2 s threshold and come back.
+    for stall in [
+        "relay wedged",
+        "relay down",
+        "broker down",
+        "consumer paused",
+        "consumer blocked",
+        "poison stuck",
+    ] {
+        let mut held = None;
+        match stall {
+            "relay wedged" => regions.relays[0].signal("STOP"),
+            "relay down" => regions.relays[0].kill_and_wait(),
+            "broker down" => regions.broker.pause(true),
+            "consumer paused" => regions.consumers[0].signal("STOP"),
+            "consumer blocked" => {
+                held = Some(lock_table(&regions.region2_database_url, "consumer_offsets").await);
+            }
+            "poison stuck" => {
+                // A record that cannot even be dead-lettered (the table is locked): the
+                // consumer holds its partition's position, and that partition's heartbeats
+                // wait behind it.
+                held = Some(lock_table(&regions.region2_database_url, "dead_letters").await);
+                let producer: FutureProducer = ClientConfig::new()
+                    .set("bootstrap.servers", regions.broker.address())
+                    .create()
+                    .expect("producer");
+                producer
+                    .send(
+                        FutureRecord::to(&regions.topic)
+                            .key("truth/poison")
+                            .payload("not json"),
+                        Duration::from_secs(5),
+                    )
+                    .await
+                    .expect("produce");
+            }
+            _ => unreachable!(),
+        }
+        let line = regions.wait_region2_readiness(false, fail_within).await;
+        assert!(line.contains("exceeds"), "{stall}: {line}");
+        let lag = reported_lag(&regions).await.expect("lag header");
+        assert!(lag > 2000, "{stall}: the header reports {lag} ms");
+        match stall {
+            "relay wedged" => regions.relays[0].signal("CONT"),
+            "relay down" => {
+                regions.start_relay();
+            }
+            "broker down" => regions.broker.pause(false),
+            "consumer paused" => regions.consumers[0].signal("CONT"),
+            _ => drop(held.take()),
+        }
+        regions.wait_region2_readiness(true, recover_within).await;
+        eprintln!("{stall}: detected and recovered");
+        // After a relay kill the new one is the last started.
+        if stall == "relay down" {
+            regions.relays.swap(0, 1);
+        }
+    }
+    let metrics = regions
+        .region1
+        .client
+        .get(format!("{}/metrics", regions.region2_read_url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("tandem_replication_lag_milliseconds "),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_do_not_wait_for_the_lag_check() {
+    let regions = TwoRegions::start().await;
+    regions
+        .region1
+        .put("truth", "cached", &json!({"n": 1}))
+        .await;
+    regions.wait_converged(Duration::from_secs(30)).await;
+    assert_eq!(regions.region2_get("/v1/truth/cached").await.status(), 200);
+    // The lag's table is locked: a lag read would wait for lock_timeout (5 s).
+    let _held = lock_table(&regions.region2_database_url, "replication_heartbeats").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..20 {
+        let response = regions
+            .region1
+            .client
+            .get(format!("{}/v1/truth/cached", regions.region2_read_url))
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .expect("answered without waiting for the lag check");
+        assert_eq!(response.status(), 200);
+        assert!(
+            response
+                .headers()
+                .contains_key("x-tandem-replication-lag-ms")
+        );
+    }
+    let ready = regions
+        .region1
+        .client
+        .get(format!("{}/readyz", regions.region2_read_url))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .expect("readyz answered");
+    assert!(matches!(ready.status().as_u16(), 200 | 503));
+}
+
+/// Every Region 1 event was applied in Region 2 exactly once.
+async fn assert_each_event_applied_once(regions: &TwoRegions) {
+    let one = regions.region1.pool.get().await.expect("db");
+    let mut expected: Vec<uuid::Uuid> = one
+        .query("SELECT event_id FROM outbox", &[])
+        .await
+        .expect("events")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let two = regions.region2_pool.get().await.expect("db");
+    let mut applied: Vec<uuid::Uuid> = two
+        .query("SELECT event_id FROM applied_events", &[])
+        .await
+        .expect("applied")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    expected.sort();
+    applied.sort();
+    assert_eq!(applied, expected, "events lost or applied twice");
+}
+
+async fn epoch(regions: &TwoRegions, role: &str) -> i64 {
+    regions
+        .region2_pool
+        .get()
+        .await
+        .expect("db")
+        .query_one("SELECT epoch FROM leader_epochs WHERE role = $1", &[&role])
+        .await
+        .expect("epoch")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_whose_epoch_was_superseded_cannot_commit() {
+    let regions = TwoRegions::start().await;
+    regions.region1.put("fence", "before", &json!({})).await;
+    regions.wait_converged(Duration::from_secs(30)).await;
+    let elected = epoch(&regions, "consumer").await;
+    // Another consumer was elected meanwhile (as after a lost session the old leader has not
+    // noticed yet): the running one must not commit another apply under its old epoch.
+    regions
+        .region2_pool
+        .get()
+        .await
+        .expect("db")
+        .execute(
+            "UPDATE leader_epochs SET epoch = epoch + 1 WHERE role = 'consumer'",
+            &[],
+        )
+        .await
+        .expect("supersede");
+    regions.region1.put("fence", "after", &json!({})).await;
+    regions.wait_converged(Duration::from_secs(30)).await;
+    // The apply was refused, the consumer stood down, won the next election and applied.
+    assert!(epoch(&regions, "consumer").await >= elected + 2);
+    let log = regions.consumers[0].log_tail();
+    assert!(log.contains("fenced"), "{log}");
+    assert_each_event_applied_once(&regions).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminating_the_leaders_session_under_load_leaves_exactly_one_active_consumer() {
+    let mut regions = TwoRegions::start().await;
+    regions.start_consumer();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(&regions.region1, "fence", 40, stop.clone());
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // The advisory lock's session, terminated from outside (as a network cut or a
+        // failover would end it) while batches are in flight on pooled connections.
+        let terminated: i64 = regions
+            .region2_pool
+            .get()
+            .await
+            .expect("db")
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
+                 WHERE locktype = 'advisory' AND granted AND database = \
+                 (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[],
+            )
+            .await
+            .expect("terminate")
+            .get(0);
+        assert!(terminated >= 1, "the leader's session was found");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.expect("writer");
+    regions.wait_converged(Duration::from_secs(60)).await;
+    assert_each_event_applied_once(&regions).await;
+    // Exactly one consumer leads.
+    let mut leaders = 0.0;
+    for port in regions.consumer_ports.clone() {
+        leaders += regions
+            .metric(port, "tandem_consumer_leader")
+            .await
+            .unwrap_or(0.0);
+    }
+    assert_eq!(leaders, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_dead_letter_and_a_broker_loss_the_partition_is_proven_or_reread() {
+    // One partition, so the poison record is the last one the consumer stored a position for.
+    let one_partition = [("KAFKA_TOPIC_PARTITIONS", "1")];
+    let mut regions = TwoRegions::start_without_workers().await;
+    regions.start_relay_with(&one_partition);
+    regions.start_consumer_with(&one_partition);
+    let since = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("time");
+    for i in 0..20 {
+        regions
+            .region1
+            .put("proof", &format!("d{i}"), &json!({"i": i}))
+            .await;
+    }
+    regions.wait_converged(Duration::from_secs(30)).await;
+    // No heartbeats from here: the poison record stays the partition's last.
+    regions.relays[0].kill_and_wait();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", regions.broker.address())
+        .create()
+        .expect("producer");
+    producer
+        .send(
+            FutureRecord::to(&regions.topic)
+                .key("proof/poison")
+                .payload("not json"),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("produce");
+    let client = regions.region2_pool.get().await.expect("db");
+    for _ in 0..100 {
+        let letters: i64 = client
+            .query_one("SELECT count(*) FROM dead_letters", &[])
+            .await
+            .expect("count")
+            .get(0);
+        if letters == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (next, hash): (i64, Option<Vec<u8>>) = {
+        let row = client
+            .query_one(
+                "SELECT next_offset, last_record_hash FROM consumer_offsets WHERE topic = $1",
+                &[&regions.topic],
+            )
+            .await
+            .expect("position");
+        (row.get(0), row.get(1))
+    };
+    assert!(hash.is_some(), "a dead letter's position carries its proof");
+    // The consumer stops; the broker loses everything and is refilled with more records than
+    // the stored position: a consumer resuming at that position unproven would skip them.
+    regions.consumers[0].kill_and_wait();
+    regions
+        .broker
+        .restart_empty()
+        .await
+        .expect("restart broker");
+    regions.start_relay_with(&one_partition);
+    for i in 0..(next + 10) {
+        regions
+            .region1
+            .put("proof", &format!("after{i}"), &json!({"i": i}))
+            .await;
+    }
+    let output = regions.replay_since(&since);
+    assert!(output.status.success());
+    regions.start_consumer_with(&one_partition);
+    regions.wait_converged(Duration::from_secs(90)).await;
+}
