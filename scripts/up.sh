@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # `make up`: builds Tandem and runs the local system on loopback, in the foreground.
 # Data lives in .tandem/ (kept between runs); Ctrl-C or SIGTERM stops everything cleanly.
+#
+# A small supervisor: every process (PostgreSQL, Redis, the broker, the services, HAProxy) runs
+# under its own supervisor loop. A process that exits once the stack is up is restarted after
+# 1 s, 2 s, 4 s ... (at most 30 s; back to 1 s once it stayed up for 60 s), with one line on the
+# terminal, and the rest keeps running: `pkill -9 -f tandem-region2-consumer` is a fair way to
+# watch the system recover. A stopped process (SIGSTOP) is not an exit and is left alone. While
+# the stack starts, anything that exits or does not become ready in time (30 s for PostgreSQL,
+# Redis, the broker and HAProxy, 60 s for a service) stops everything with its log's last lines
+# and a non-zero status. .tandem/stack.json exists only while the whole stack is up.
 source "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 STATE="$ROOT/.tandem"
+RUN="$STATE/run" # this run's pid files and supervisor flags
 mkdir -p "$STATE/logs"
 
 # Ports (override any of them from the environment).
@@ -24,23 +34,196 @@ KAFKA_PORT="${KAFKA_PORT:-59092}"
 DEV_SECRET="${TANDEM_JWT_HS256_SECRET:-tandem-local-development-secret-v2}"
 export TANDEM_DEV_MODE=true
 
+DEPENDENCY_TIMEOUT=30 # seconds for PostgreSQL, Redis, the broker, HAProxy to become ready
+SERVICE_TIMEOUT=60    # seconds for a service's /healthz to answer on its first start
+STOP_TIMEOUT=30       # seconds a group of processes gets to stop before SIGKILL
+BACKOFF_MAX=30        # longest pause before a restart
+STABLE_AFTER=60       # a process up this long restarts after 1 s again
+
+listening() { (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Something already on one of our ports (a `make up` running elsewhere, a leftover process)
+# would answer our readiness checks in place of ours: refuse to start (checked again after the
+# build, which can take minutes).
+check_ports_free() {
+  local entry name variable port
+  for entry in "edge EDGE_PORT" "write1 WRITE1_PORT" "read1 READ1_PORT" "read2 READ2_PORT" \
+               "relay1 RELAY_PORT" "consumer2 CONSUMER_PORT" "pg1 PG1_PORT" "pg2 PG2_PORT" \
+               "redis1 REDIS1_PORT" "redis2 REDIS2_PORT" "kafka KAFKA_PORT"; do
+    name="${entry% *}" variable="${entry#* }"
+    port="${!variable}"
+    if listening "$port"; then
+      echo "up.sh: 127.0.0.1:$port ($name) is already in use: is another \`make up\` running?" \
+           "(ss -ltnp 'sport = :$port' shows what listens); stop it, or set $variable to a free port" >&2
+      exit 1
+    fi
+  done
+}
+check_ports_free
+# Nothing listens: a .tandem/stack.json is a previous run's, and tools waiting for this run's
+# must not take it for the real thing. (Only now: a running stack's file is not ours to remove.)
+rm -f "$STATE/stack.json"
+
 ensure_rust
 ensure_servers
 ensure_tansu
 PG_BIN="$(pg_bindir)"
 
-PIDS=()
-stop_all() {
-  trap - INT TERM EXIT
-  say "stopping"
-  for ((i=${#PIDS[@]}-1; i>=0; i--)); do
-    kill -TERM "${PIDS[$i]}" 2>/dev/null || true
+# ---------------------------------------------------------------------------------------------
+# Supervision. Each process runs under `supervise`, a background subshell that starts it (the
+# pid it records is the process itself: everything started is a simple command or an exec), waits
+# for it and, once up.sh marked it up ($RUN/NAME.up), restarts it with backoff. An exit before
+# that is written to $RUN/NAME.exit for up.sh to report, and the supervisor ends.
+
+declare -A SUP=()     # name -> supervisor pid
+declare -A STOP_SIG=() # name -> the signal that stops the process cleanly
+STATUS=0
+OWN_STACK=0 # set once the ports were found free after the build: .tandem/stack.json is ours
+
+supervise() { # name stop-signal command...
+  local name="$1" sig="$2"
+  shift 2
+  local log="$STATE/logs/$name.log" stopping=0 child status started delay=1 i
+  set +e
+  trap 'stopping=1' TERM INT HUP
+  stop_requested() { [ "$stopping" = 1 ] || [ -e "$RUN/stopping" ]; }
+  : >"$log"
+  while ! stop_requested; do
+    started=$SECONDS
+    "$@" >>"$log" 2>&1 &
+    child=$!
+    echo "$child" >"$RUN/$name.pid"
+    while :; do
+      # up.sh also signals the pid recorded above: a stop request that lands between this
+      # check and `wait` is not lost.
+      if stop_requested; then kill "-$sig" "$child" 2>/dev/null; kill -CONT "$child" 2>/dev/null; fi
+      wait "$child" 2>/dev/null # (no "Killed" job notice: the line below says it)
+      status=$?
+      # `wait` also returns when a trap ran; a stopped (SIGSTOP) child is not reported at all.
+      kill -0 "$child" 2>/dev/null || break
+    done
+    rm -f "$RUN/$name.pid"
+    stop_requested && break
+    if [ ! -e "$RUN/$name.up" ]; then
+      echo "$status" >"$RUN/$name.exit"
+      break
+    fi
+    # Ctrl-C reaches every process of the terminal at once: give up.sh's stop a moment to begin
+    # before calling this exit a crash.
+    sleep 0.5
+    stop_requested && break
+    [ $((SECONDS - started)) -ge "$STABLE_AFTER" ] && delay=1
+    say "$name exited with status $status; restarting in ${delay}s (log: .tandem/logs/$name.log)"
+    printf '\n==> scripts/up.sh: %s exited with status %s at %s; restarting in %ss\n\n' \
+      "$name" "$status" "$(date '+%F %T')" "$delay" >>"$log"
+    for ((i = 0; i < delay * 10; i++)); do
+      stop_requested && break 2
+      sleep 0.1
+    done
+    delay=$((delay * 2 > BACKOFF_MAX ? BACKOFF_MAX : delay * 2))
   done
-  wait 2>/dev/null || true
-  say "stopped"
-  exit 0
 }
-trap stop_all INT TERM EXIT
+
+start() { # name stop-signal command...
+  supervise "$@" &
+  SUP[$1]=$!
+  STOP_SIG[$1]=$2
+}
+
+child_of() { cat "$RUN/$1.pid" 2>/dev/null || true; }
+
+stop_group() { # names...
+  local name pid left deadline=$((SECONDS + STOP_TIMEOUT))
+  for name in "$@"; do
+    [ -n "${SUP[$name]:-}" ] || continue
+    kill -TERM "${SUP[$name]}" 2>/dev/null || true
+    pid="$(child_of "$name")"
+    if [ -n "$pid" ]; then
+      kill "-${STOP_SIG[$name]}" "$pid" 2>/dev/null || true
+      kill -CONT "$pid" 2>/dev/null || true # a stopped process handles its signal only then
+    fi
+  done
+  while :; do
+    left=()
+    for name in "$@"; do
+      [ -n "${SUP[$name]:-}" ] || continue
+      pid="$(child_of "$name")"
+      if kill -0 "${SUP[$name]}" 2>/dev/null || { [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }; then
+        left+=("$name")
+      fi
+    done
+    [ ${#left[@]} -eq 0 ] && return 0 # (an explicit 0: a bare return in a trap returns the pre-trap status)
+    if [ $SECONDS -ge $deadline ]; then
+      for name in "${left[@]}"; do
+        say "$name did not stop within ${STOP_TIMEOUT}s: killing it"
+        pid="$(child_of "$name")"
+        [ -z "$pid" ] || kill -KILL "$pid" 2>/dev/null || true
+        kill -KILL "${SUP[$name]}" 2>/dev/null || true
+      done
+      STATUS=1
+      return 0
+    fi
+    sleep 0.1
+  done
+}
+
+stop_all() { # exit-status
+  set +e # best effort: a failing command must not leave the rest running
+  [ "$1" = 0 ] || STATUS="$1"
+  trap - EXIT
+  trap '' INT TERM HUP # a second Ctrl-C must not cut the stop short; STOP_TIMEOUT bounds it
+  [ "$OWN_STACK" = 0 ] || rm -f "$STATE/stack.json"
+  if [ ${#SUP[@]} -gt 0 ]; then
+    say "stopping"
+    touch "$RUN/stopping"
+    # Clients before what they use: the edge and the services, then the broker and Redis,
+    # then PostgreSQL (fast shutdown: open sessions, a psql included, are disconnected).
+    stop_group edge read2 consumer2 relay1 read1 write1
+    stop_group kafka redis1 redis2
+    stop_group pg1 pg2
+    wait 2>/dev/null || true
+    say "stopped"
+  fi
+  exit "$STATUS"
+}
+trap 'stop_all 0' INT TERM HUP
+trap 'stop_all $?' EXIT
+
+fail() { # name message
+  if [ -s "$STATE/logs/$1.log" ]; then
+    say "$1 $2; the last 30 lines of its log (.tandem/logs/$1.log):"
+    tail -n 30 "$STATE/logs/$1.log" >&2 || true
+  else
+    say "$1 $2; its log (.tandem/logs/$1.log) is empty"
+  fi
+  stop_all 1
+}
+
+# Wait until `check...` succeeds for NAME; fail when it (or anything started so far) exits
+# first, or after TIMEOUT seconds. Then NAME is up: from now on its supervisor restarts it.
+await() { # name timeout check...
+  local name="$1" timeout="$2" exited
+  shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@" 2>/dev/null; do
+    for exited in "$RUN"/*.exit; do
+      [ -e "$exited" ] || continue
+      exited="$(basename "$exited" .exit)"
+      fail "$exited" "did not start: it exited with status $(cat "$RUN/$exited.exit")"
+    done
+    [ $SECONDS -lt $deadline ] || fail "$name" "did not become ready within ${timeout}s"
+    sleep 0.2
+  done
+  touch "$RUN/$name.up"
+}
+
+postgres_ready() { "$PG_BIN/pg_isready" -q -t 2 -h 127.0.0.1 -p "$1" -U postgres; }
+redis_ready() { # answers PING
+  (exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'PING\r\n' >&3 && read -r -t 2 reply <&3 && [[ $reply == +PONG* ]])
+}
+http_healthy() { curl -fsS --max-time 2 "http://127.0.0.1:$1/healthz" >/dev/null; }
+
+# ---------------------------------------------------------------------------------------------
 
 # PostgreSQL refuses to run as root: run it as the postgres user then.
 as_pg() {
@@ -55,40 +238,25 @@ start_postgres() { # name port
   if [ ! -d "$dir/data" ]; then
     say "initialising PostgreSQL cluster $1 in $dir"
     mkdir -p "$dir"
-    [ "$(id -u)" = 0 ] && chown -R postgres:postgres "$dir"
+    if [ "$(id -u)" = 0 ]; then chown -R postgres:postgres "$dir"; fi
     as_pg "$PG_BIN/initdb" --auth=trust --username=postgres --encoding=UTF8 --locale=C -D "$dir/data" >"$STATE/logs/$1-initdb.log"
   fi
-  [ "$(id -u)" = 0 ] && chown -R postgres:postgres "$dir"
-  # exec: the pid recorded is postgres itself, not a subshell that would outlive a TERM.
-  (exec_as_pg "$PG_BIN/postgres" -D "$dir/data" -p "$2" -k "$dir" -c listen_addresses=127.0.0.1) >"$STATE/logs/$1.log" 2>&1 &
-  PIDS+=($!)
-  until "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$2" -U postgres; do sleep 0.1; done
+  if [ "$(id -u)" = 0 ]; then chown -R postgres:postgres "$dir"; fi
+  # exec: the pid recorded is postgres itself. SIGINT is PostgreSQL's fast shutdown. After a
+  # crash PostgreSQL recovers by itself; its lock file refuses a second postmaster.
+  start "$1" INT exec_as_pg "$PG_BIN/postgres" -D "$dir/data" -p "$2" -k "$dir" -c listen_addresses=127.0.0.1
 }
 
 start_redis() { # name port
   mkdir -p "$STATE/$1"
-  redis-server --port "$2" --bind 127.0.0.1 --save "" --appendonly no --dir "$STATE/$1" >"$STATE/logs/$1.log" 2>&1 &
-  PIDS+=($!)
+  start "$1" TERM redis-server --port "$2" --bind 127.0.0.1 --save "" --appendonly no --dir "$STATE/$1"
 }
 
 start_service() { # name binary port env...
   local name="$1" binary="$2" port="$3"
   shift 3
-  env "$@" PORT="$port" BIND_ADDRESS=127.0.0.1 TANDEM_LOG_FORMAT="${TANDEM_LOG_FORMAT:-pretty}" \
-    "$TARGET/debug/$binary" >"$STATE/logs/$name.log" 2>&1 &
-  PIDS+=($!)
-}
-
-wait_healthy() { # name port
-  local deadline=$((SECONDS + 60))
-  until curl -fsS "http://127.0.0.1:$2/healthz" >/dev/null 2>&1; do
-    if [ $SECONDS -ge $deadline ]; then
-      echo "$1 did not become healthy; its log:" >&2
-      tail -n 30 "$STATE/logs/$1.log" >&2
-      exit 1
-    fi
-    sleep 0.2
-  done
+  start "$name" TERM env "$@" PORT="$port" BIND_ADDRESS=127.0.0.1 \
+    TANDEM_LOG_FORMAT="${TANDEM_LOG_FORMAT:-pretty}" "$TARGET/debug/$binary"
 }
 
 mint_dev_token() {
@@ -109,22 +277,30 @@ say "building Tandem (cargo build --workspace --bins)"
 cargo build --workspace --bins --locked
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 
+check_ports_free
+OWN_STACK=1
+rm -f "$STATE/stack.json"
+rm -rf "$RUN"
+mkdir -p "$RUN"
+
 say "starting PostgreSQL and Redis for region1 and region2"
 start_postgres pg1 "$PG1_PORT"
+await pg1 "$DEPENDENCY_TIMEOUT" postgres_ready "$PG1_PORT"
 start_postgres pg2 "$PG2_PORT"
+await pg2 "$DEPENDENCY_TIMEOUT" postgres_ready "$PG2_PORT"
 start_redis redis1 "$REDIS1_PORT"
 start_redis redis2 "$REDIS2_PORT"
+await redis1 "$DEPENDENCY_TIMEOUT" redis_ready "$REDIS1_PORT"
+await redis2 "$DEPENDENCY_TIMEOUT" redis_ready "$REDIS2_PORT"
 PG1_DSN="postgres://postgres@127.0.0.1:$PG1_PORT/postgres"
 PG2_DSN="postgres://postgres@127.0.0.1:$PG2_PORT/postgres"
 REDIS1_URL="redis://127.0.0.1:$REDIS1_PORT"
 REDIS2_URL="redis://127.0.0.1:$REDIS2_PORT"
 
 say "starting the Kafka-protocol broker (tansu, memory storage) on 127.0.0.1:$KAFKA_PORT"
-"$TANDEM_TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-  --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine memory://tansu/ \
-  >"$STATE/logs/kafka.log" 2>&1 &
-PIDS+=($!)
-until (echo >"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null; do sleep 0.1; done
+start kafka TERM "$TANDEM_TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+  --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine memory://tansu/
+await kafka "$DEPENDENCY_TIMEOUT" listening "$KAFKA_PORT"
 # tansu's memory engine needs one record per producer batch for consumers to resume
 # mid-stream, and answers a waiting fetch only when fetch.wait.max.ms runs out (50 ms by
 # default) rather than when data arrives; a restarted memory broker has lost everything (the
@@ -136,32 +312,32 @@ KAFKA=(KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT" KAFKA_TOPIC=tandem.documents
 say "starting region1: Write API, Read API, outbox relay"
 COMMON1=(TANDEM_REGION=region1 DATABASE_URL="$PG1_DSN" REDIS_URL="$REDIS1_URL" TANDEM_JWT_HS256_SECRET="$DEV_SECRET")
 start_service write1 tandem-write "$WRITE1_PORT" "${COMMON1[@]}"
-wait_healthy write1 "$WRITE1_PORT"
+await write1 "$SERVICE_TIMEOUT" http_healthy "$WRITE1_PORT"
 start_service read1 tandem-read "$READ1_PORT" "${COMMON1[@]}"
 start_service relay1 tandem-outbox-relay "$RELAY_PORT" TANDEM_REGION=region1 DATABASE_URL="$PG1_DSN" "${KAFKA[@]}"
 
 say "starting region2: consumer, Read API (replica)"
 start_service consumer2 tandem-region2-consumer "$CONSUMER_PORT" TANDEM_REGION=region2 \
   DATABASE_URL="$PG2_DSN" REDIS_URL="$REDIS2_URL" "${KAFKA[@]}"
-wait_healthy consumer2 "$CONSUMER_PORT"
+await consumer2 "$SERVICE_TIMEOUT" http_healthy "$CONSUMER_PORT"
 start_service read2 tandem-read "$READ2_PORT" TANDEM_REGION=region2 DATABASE_URL="$PG2_DSN" \
   REDIS_URL="$REDIS2_URL" TANDEM_JWT_HS256_SECRET="$DEV_SECRET" \
   TANDEM_PRIMARY_READ_URL="http://127.0.0.1:$READ1_PORT"
-for service in "read1 $READ1_PORT" "relay1 $RELAY_PORT" "read2 $READ2_PORT"; do
-  wait_healthy $service
-done
+await read1 "$SERVICE_TIMEOUT" http_healthy "$READ1_PORT"
+await relay1 "$SERVICE_TIMEOUT" http_healthy "$RELAY_PORT"
+await read2 "$SERVICE_TIMEOUT" http_healthy "$READ2_PORT"
 
 say "starting the edge (HAProxy as Route 53 + ALB) on 127.0.0.1:$EDGE_PORT"
 sed -e "s/@EDGE_PORT@/$EDGE_PORT/" -e "s/@WRITE1@/127.0.0.1:$WRITE1_PORT/" \
     -e "s/@READ1@/127.0.0.1:$READ1_PORT/" -e "s/@READ2@/127.0.0.1:$READ2_PORT/" \
     deploy/local/haproxy.cfg.template >"$STATE/haproxy.cfg"
 HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
-"$HAPROXY" -db -f "$STATE/haproxy.cfg" >"$STATE/logs/edge.log" 2>&1 &
-PIDS+=($!)
-until (echo >"/dev/tcp/127.0.0.1/$EDGE_PORT") 2>/dev/null; do sleep 0.1; done
+start edge TERM "$HAPROXY" -db -f "$STATE/haproxy.cfg"
+await edge "$DEPENDENCY_TIMEOUT" listening "$EDGE_PORT"
 
 TOKEN="$(mint_dev_token)"
-cat >"$STATE/stack.json" <<JSON
+# Written whole, then renamed: a reader never sees half a file.
+cat >"$STATE/stack.json.tmp" <<JSON
 {
   "edge": "http://127.0.0.1:$EDGE_PORT",
   "regions": {
@@ -183,6 +359,7 @@ cat >"$STATE/stack.json" <<JSON
   "dev_token": "$TOKEN"
 }
 JSON
+mv -f "$STATE/stack.json.tmp" "$STATE/stack.json"
 
 cat <<MSG
 
@@ -207,9 +384,20 @@ Try:
   curl http://127.0.0.1:$EDGE_PORT/v1/notes/hello          # region1
   curl http://127.0.0.1:$READ2_PORT/v1/notes/hello         # region2, replicated
 
-Press Ctrl-C to stop.
+A process that exits is restarted (with backoff); press Ctrl-C to stop.
 MSG
 
-# Stay in the foreground until a signal arrives or a service dies.
-wait -n "${PIDS[@]}" || true
-say "a process exited; shutting the stack down (see .tandem/logs/)"
+# Stay in the foreground until a signal arrives (its trap stops everything). The supervisors
+# never end by themselves; one that does (its process exited as it was being marked up) is
+# reported like a failed start.
+while :; do
+  wait -n "${SUP[@]}" || true
+  for name in "${!SUP[@]}"; do
+    if ! kill -0 "${SUP[$name]}" 2>/dev/null; then
+      if [ -e "$RUN/$name.exit" ]; then
+        fail "$name" "exited with status $(cat "$RUN/$name.exit")"
+      fi
+      fail "$name" "is no longer supervised"
+    fi
+  done
+done
