@@ -105,11 +105,11 @@ async fn try_acquire(settings: &DatabaseSettings, lock: i64) -> anyhow::Result<O
         return Ok(None);
     }
     let role = role_of(lock);
-    let holder = format!(
-        "{}:{}",
-        std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_owned()),
-        std::process::id()
-    );
+    // Informational (who leads, for operators): the host (the pod's name on EKS) and pid.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned());
+    let holder = format!("{host}:{}", std::process::id());
     let epoch: i64 = session
         .client
         .query_one(NEXT_EPOCH, &[&role, &holder])
