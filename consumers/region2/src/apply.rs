@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use deadpool_postgres::{Pool, Transaction};
 use rdkafka::message::{Headers, Message};
-use tandem_shared::cache::{Cache, Entry};
+use tandem_shared::cache::{Cache, CacheError, Entry};
 use tandem_shared::document::DocumentKey;
 use tandem_shared::event::{
     ChangeEvent, DocumentState, HEADER_EVENT_TYPE, Heartbeat, TYPE_HEARTBEAT,
@@ -629,15 +629,20 @@ impl Applier {
         if entries.is_empty() {
             return;
         }
-        if let Err(e) = self
+        match self
             .cache
             .put_many(entries.iter().map(|(k, e)| (k, e)))
             .await
         {
-            for _ in entries {
-                self.metrics.record("cache_update_failed");
+            Ok(_) => {}
+            // Bypassed since an earlier fault: the generation bump to come covers these.
+            Err(CacheError::Distrusted) => {}
+            Err(e) => {
+                for _ in entries {
+                    self.metrics.record("cache_update_failed");
+                }
+                tracing::warn!(error = %e, "cache update failed; the cache generation will be bumped");
             }
-            tracing::warn!(error = %e, "cache update failed; the cache generation will be bumped");
         }
     }
 
