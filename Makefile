@@ -1,6 +1,6 @@
 # Tandem: the two set-up commands are `make up` and `make test` (see README.md).
 
-.PHONY: up test bench lint fmt clean-local
+.PHONY: up test fuzz bench lint fmt clean-local
 
 ## Build and run the local system in the foreground; Ctrl-C stops everything.
 up:
@@ -9,6 +9,11 @@ up:
 ## Run every test (installs or starts what the tests need).
 test:
 	@bash scripts/test.sh
+
+## Fuzz the HTTP contract with schemathesis against a fresh `make up` (1,000 examples per
+## operation, every check, stateful chains); stops the stack afterwards.
+fuzz:
+	@bash scripts/fuzz.sh
 
 ## Measure every hot path against its baseline (release build; writes docs/benchmarks.md).
 bench:
