@@ -9,6 +9,23 @@ use serde_json::{Value, json};
 use tandem_shared::limits::{LAMBDA_MAX_RESPONSE_BYTES, LIST_PAGE_BYTES};
 use tandem_tests::{TestAppOptions, spawn_app, spawn_app_with};
 
+/// Holds a document's row lock (`FOR UPDATE`) in an open transaction until `ROLLBACK`.
+async fn lock_row(url: &str, collection: &str, id: &str) -> tokio_postgres::Client {
+    let (holder, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    holder.batch_execute("BEGIN").await.expect("begin");
+    holder
+        .execute(
+            "SELECT 1 FROM documents WHERE collection = $1 AND id = $2 FOR UPDATE",
+            &[&collection, &id],
+        )
+        .await
+        .expect("lock the row");
+    holder
+}
+
 /// Ends every other session on the app's database, so the pools reconnect with new settings.
 async fn reconnect_everyone(client: &tokio_postgres::Client) {
     client
@@ -75,18 +92,7 @@ async fn a_write_waiting_past_lock_timeout_answers_503_and_commits_nothing() {
     })
     .await;
     assert_eq!(app.put("locks", "a", &json!({"n": 1})).await.status(), 201);
-    let (mut holder, connection) =
-        tokio_postgres::connect(&app.database_url, tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-    tokio::spawn(connection);
-    let tx = holder.transaction().await.expect("begin");
-    tx.execute(
-        "SELECT 1 FROM documents WHERE collection = 'locks' AND id = 'a' FOR UPDATE",
-        &[],
-    )
-    .await
-    .expect("lock the row");
+    let holder = lock_row(&app.database_url, "locks", "a").await;
     for request in [
         app.write(Method::PUT, "/v1/locks/a").json(&json!({"n": 2})),
         app.write(Method::PUT, "/v1/locks/a")
@@ -98,7 +104,7 @@ async fn a_write_waiting_past_lock_timeout_answers_503_and_commits_nothing() {
         let problem: Value = response.json().await.expect("problem");
         assert_eq!(problem["type"], "/problems/dependency-unavailable");
     }
-    tx.rollback().await.expect("release");
+    holder.batch_execute("ROLLBACK").await.expect("release");
     let current: Value = app.get("/v1/locks/a").await.json().await.expect("json");
     assert_eq!(
         current["version"], 1,
@@ -115,25 +121,14 @@ async fn a_request_past_its_timeout_answers_503_and_its_write_rolls_back() {
     })
     .await;
     assert_eq!(app.put("slow", "a", &json!({"n": 1})).await.status(), 201);
-    let (mut holder, connection) =
-        tokio_postgres::connect(&app.database_url, tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-    tokio::spawn(connection);
-    let tx = holder.transaction().await.expect("begin");
-    tx.execute(
-        "SELECT 1 FROM documents WHERE collection = 'slow' AND id = 'a' FOR UPDATE",
-        &[],
-    )
-    .await
-    .expect("lock the row");
+    let holder = lock_row(&app.database_url, "slow", "a").await;
     let started = Instant::now();
     let response = app.put("slow", "a", &json!({"n": 2})).await;
     assert_eq!(response.status(), 503);
     let problem: Value = response.json().await.expect("problem");
     assert_eq!(problem["type"], "/problems/request-timeout");
     assert!(started.elapsed() < Duration::from_secs(4));
-    tx.rollback().await.expect("release");
+    holder.batch_execute("ROLLBACK").await.expect("release");
     // The abandoned write's transaction is rolled back, not committed after the answer.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let current: Value = app.get("/v1/slow/a").await.json().await.expect("json");
@@ -146,18 +141,7 @@ async fn a_request_past_its_timeout_answers_503_and_its_write_rolls_back() {
 async fn readiness_answers_while_the_request_pool_is_exhausted() {
     let app = spawn_app().await;
     assert_eq!(app.put("busy", "a", &json!({"n": 1})).await.status(), 201);
-    let (mut holder, connection) =
-        tokio_postgres::connect(&app.database_url, tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-    tokio::spawn(connection);
-    let tx = holder.transaction().await.expect("begin");
-    tx.execute(
-        "SELECT 1 FROM documents WHERE collection = 'busy' AND id = 'a' FOR UPDATE",
-        &[],
-    )
-    .await
-    .expect("lock the row");
+    let holder = lock_row(&app.database_url, "busy", "a").await;
     // Every pooled connection of the Write API waits on that lock.
     let writers: Vec<_> = (0..24)
         .map(|n| {
@@ -176,7 +160,7 @@ async fn readiness_answers_while_the_request_pool_is_exhausted() {
         .await
         .expect("readyz answered");
     assert_eq!(ready.status(), 200, "the probe has its own connection");
-    tx.rollback().await.expect("release");
+    holder.batch_execute("ROLLBACK").await.expect("release");
     for writer in writers {
         let status = writer.await.expect("join").expect("sent");
         assert!(matches!(status, 200 | 503), "{status}");

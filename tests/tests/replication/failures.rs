@@ -7,35 +7,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use tandem_tests::TwoRegions;
 
-use crate::support::spawn_writer;
-
-/// Every Region 1 event was applied in Region 2 exactly once: none lost, none twice.
-async fn assert_each_event_applied_once(regions: &TwoRegions) {
-    let one = regions.region1.pool.get().await.expect("db");
-    let mut expected: Vec<uuid::Uuid> = one
-        .query("SELECT event_id FROM outbox ORDER BY event_id", &[])
-        .await
-        .expect("events")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let two = regions.region2_pool.get().await.expect("db");
-    let mut applied: Vec<uuid::Uuid> = two
-        .query("SELECT event_id FROM applied_events ORDER BY event_id", &[])
-        .await
-        .expect("applied")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    expected.sort();
-    applied.sort();
-    assert_eq!(
-        applied.len(),
-        expected.len(),
-        "events lost or applied twice"
-    );
-    assert_eq!(applied, expected);
-}
+use crate::support::{assert_each_event_applied_once, spawn_writer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_relay_and_the_consumer_under_load_loses_and_duplicates_nothing() {

@@ -14,9 +14,56 @@ pub mod support {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+    use std::time::Duration;
+
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
     use reqwest::Method;
     use serde_json::json;
-    use tandem_tests::TestApp;
+    use tandem_tests::{TestApp, TwoRegions};
+
+    /// Every Region 1 event was applied in Region 2 exactly once: none lost, none twice.
+    pub async fn assert_each_event_applied_once(regions: &TwoRegions) {
+        let one = regions.region1.pool.get().await.expect("db");
+        let mut expected: Vec<uuid::Uuid> = one
+            .query("SELECT event_id FROM outbox", &[])
+            .await
+            .expect("events")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let two = regions.region2_pool.get().await.expect("db");
+        let mut applied: Vec<uuid::Uuid> = two
+            .query("SELECT event_id FROM applied_events", &[])
+            .await
+            .expect("applied")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        expected.sort();
+        applied.sort();
+        assert_eq!(
+            applied.len(),
+            expected.len(),
+            "events lost or applied twice"
+        );
+        assert_eq!(applied, expected);
+    }
+
+    /// Sends one record straight to the topic, as a foreign or broken producer would.
+    pub async fn produce_raw(regions: &TwoRegions, key: &str, payload: &[u8]) {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", regions.broker.address())
+            .create()
+            .expect("producer");
+        producer
+            .send(
+                FutureRecord::to(&regions.topic).key(key).payload(payload),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("produce");
+    }
 
     /// Writes in the background (PUT/PATCH/DELETE over `documents` ids) until stopped; every
     /// write must succeed (Region 1 never depends on Kafka). Returns the number of writes.

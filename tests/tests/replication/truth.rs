@@ -11,7 +11,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use tandem_tests::TwoRegions;
 
-use crate::support::spawn_writer;
+use crate::support::{assert_each_event_applied_once, produce_raw, spawn_writer};
 
 /// Holds `LOCK TABLE <table>` in an open transaction until dropped (rolled back).
 async fn lock_table(url: &str, table: &str) -> tokio_postgres::Client {
@@ -74,19 +74,7 @@ async fn region2_lag_rises_for_every_stall_and_recovers() {
                 // consumer holds its partition's position, and that partition's heartbeats
                 // wait behind it.
                 held = Some(lock_table(&regions.region2_database_url, "dead_letters").await);
-                let producer: FutureProducer = ClientConfig::new()
-                    .set("bootstrap.servers", regions.broker.address())
-                    .create()
-                    .expect("producer");
-                producer
-                    .send(
-                        FutureRecord::to(&regions.topic)
-                            .key("truth/poison")
-                            .payload("not json"),
-                        Duration::from_secs(5),
-                    )
-                    .await
-                    .expect("produce");
+                produce_raw(&regions, "truth/poison", b"not json").await;
             }
             _ => unreachable!(),
         }
@@ -163,29 +151,6 @@ async fn reads_do_not_wait_for_the_lag_check() {
         .await
         .expect("readyz answered");
     assert!(matches!(ready.status().as_u16(), 200 | 503));
-}
-
-/// Every Region 1 event was applied in Region 2 exactly once.
-async fn assert_each_event_applied_once(regions: &TwoRegions) {
-    let one = regions.region1.pool.get().await.expect("db");
-    let mut expected: Vec<uuid::Uuid> = one
-        .query("SELECT event_id FROM outbox", &[])
-        .await
-        .expect("events")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let two = regions.region2_pool.get().await.expect("db");
-    let mut applied: Vec<uuid::Uuid> = two
-        .query("SELECT event_id FROM applied_events", &[])
-        .await
-        .expect("applied")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    expected.sort();
-    applied.sort();
-    assert_eq!(applied, expected, "events lost or applied twice");
 }
 
 async fn epoch(regions: &TwoRegions, role: &str) -> i64 {
@@ -289,19 +254,7 @@ async fn after_a_dead_letter_and_a_broker_loss_the_partition_is_proven_or_reread
     regions.wait_converged(Duration::from_secs(30)).await;
     // No heartbeats from here: the poison record stays the partition's last.
     regions.relays[0].kill_and_wait();
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", regions.broker.address())
-        .create()
-        .expect("producer");
-    producer
-        .send(
-            FutureRecord::to(&regions.topic)
-                .key("proof/poison")
-                .payload("not json"),
-            Duration::from_secs(5),
-        )
-        .await
-        .expect("produce");
+    produce_raw(&regions, "proof/poison", b"not json").await;
     let client = regions.region2_pool.get().await.expect("db");
     for _ in 0..100 {
         let letters: i64 = client
