@@ -6,8 +6,10 @@
 //! Every server the harness starts is supervised by a small shell watchdog that stops it (and
 //! removes its data) when the test process exits, however it exits.
 
+pub mod chaos;
 pub mod edge;
 pub mod process;
+pub mod proxy;
 pub use process::{binary, scratch_dir};
 pub mod regions;
 pub mod services;

@@ -136,6 +136,11 @@ impl ManagedProcess {
 
     /// Stops the program and waits for the watchdog (and its cleanup) to finish.
     pub fn stop(&mut self) {
+        // Already reaped (stopped before, then dropped): its pid may belong to another
+        // process by now.
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.pid().to_string())
