@@ -1,6 +1,6 @@
 # Tandem: the two set-up commands are `make up` and `make test` (see README.md).
 
-.PHONY: up test fuzz bench lint fmt clean-local
+.PHONY: up test fuzz chaos bench lint fmt clean-local
 
 ## Build and run the local system in the foreground; Ctrl-C stops everything.
 up:
@@ -14,6 +14,11 @@ test:
 ## operation, every check, stateful chains); stops the stack afterwards.
 fuzz:
 	@bash scripts/fuzz.sh
+
+## The long seeded chaos run, "Region 2 never lies" (docs/chaos.md); TANDEM_CHAOS_SEED and
+## TANDEM_CHAOS_SECONDS (default 300) choose it.
+chaos:
+	@bash scripts/chaos.sh
 
 ## Measure every hot path against its baseline (release build; writes docs/benchmarks.md).
 bench:
