@@ -186,6 +186,9 @@ struct Inner {
     run_id: Mutex<Option<String>>,
     /// Generation bumps this process made.
     bumps: AtomicU64,
+    /// One bump at a time, and how many were attempted.
+    bump_lock: tokio::sync::Mutex<()>,
+    bump_attempts: AtomicU64,
 }
 
 impl Cache {
@@ -204,6 +207,8 @@ impl Cache {
                 guarding: AtomicBool::new(false),
                 run_id: Mutex::new(None),
                 bumps: AtomicU64::new(0),
+                bump_lock: tokio::sync::Mutex::new(()),
+                bump_attempts: AtomicU64::new(0),
             }),
         })
     }
@@ -268,7 +273,7 @@ impl Cache {
                     cache.check_run_id().await;
                     RUN_ID_CHECK_INTERVAL
                 } else {
-                    cache.bump().await;
+                    cache.bump_now().await;
                     cache.inner.settings.cooldown
                 };
                 drop(cache);
@@ -402,11 +407,39 @@ impl Cache {
 
     /// Stores several committed entries in one round trip, each unless the cache already
     /// holds this or a newer version of it. Returns how many were written.
+    ///
+    /// A writer calls this before it acknowledges (or records) the versions it committed. When
+    /// the update cannot be confirmed (or the cache is distrusted since an earlier fault), the
+    /// generation is bumped right away, before this returns: so once the caller acknowledges,
+    /// no reader in the region can be served the version the update replaced, unless Redis was
+    /// unreachable from this process at that moment (then the bump follows as soon as it
+    /// answers). The error is still returned: the entries were not written.
     pub async fn put_many<'a>(
         &self,
         entries: impl IntoIterator<Item = (&'a DocumentKey, &'a Entry)>,
     ) -> Result<usize, CacheError> {
-        self.write(entries, "").await
+        match self.write(entries, "").await {
+            Ok(written) => Ok(written),
+            Err(e) => {
+                self.bump_now().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Bumps the generation now unless the cache is trusted again; one attempt at a time (the
+    /// writers waiting meanwhile share its outcome).
+    async fn bump_now(&self) {
+        let seen = self.inner.bump_attempts.load(Ordering::Acquire);
+        let _single_flight = self.inner.bump_lock.lock().await;
+        // An attempt made while this caller waited is its answer too.
+        if self.inner.bump_attempts.load(Ordering::Acquire) != seen
+            || self.inner.trusted.load(Ordering::Acquire)
+        {
+            return;
+        }
+        self.bump().await;
+        self.inner.bump_attempts.fetch_add(1, Ordering::AcqRel);
     }
 
     async fn write<'a>(
