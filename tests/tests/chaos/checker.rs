@@ -626,9 +626,17 @@ fn check_reads(
             Region::One => {
                 // The newest write acknowledged before this read began.
                 let before = acked.partition_point(|(completed, _, _)| *completed < read.invoked);
-                let Some(floor) = acked[..before].iter().map(|(_, v, _)| *v).max() else {
+                let Some((acknowledged, floor)) = acked[..before]
+                    .iter()
+                    .max_by_key(|(_, v, _)| *v)
+                    .map(|(t, v, _)| (*t, *v))
+                else {
                     continue;
                 };
+                let when = format!(
+                    "at t={acknowledged:.3}s, {:.0} ms before it began",
+                    (read.invoked - acknowledged) * 1000.0
+                );
                 let delete_missed = |seen: i64| {
                     acked[..before]
                         .iter()
@@ -646,7 +654,7 @@ fn check_reads(
                             kind,
                             doc,
                             read.invoked,
-                            format!("{}, but v{floor} was acknowledged before it began{note}", read.describe()),
+                            format!("{}, but v{floor} was acknowledged {when}{note}", read.describe()),
                         );
                     }
                     ReadOutcome::NotFound if explains_404(floor, read).is_none() => checker.flag(
@@ -654,7 +662,7 @@ fn check_reads(
                         doc,
                         read.invoked,
                         format!(
-                            "{}, but v{floor} (live) was acknowledged before it began and no later delete was sent",
+                            "{}, but v{floor} (live) was acknowledged {when} and no later delete was sent",
                             read.describe()
                         ),
                     ),

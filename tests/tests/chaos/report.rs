@@ -349,13 +349,16 @@ fn committed_indeterminate(out: &mut String, run: &Run, indeterminate: &[&WriteO
         let until = older.iter().map(|r| r.completed).fold(f64::NAN, f64::max);
         let _ = writeln!(
             out,
-            "        committed though indeterminate: {} op {} on {COLLECTION}/{} sent t={:.3}s, answered t={:.3}s ({:?}), committed as v{} at t≈{at:.3}s; the writer's re-read: {reread}; before the next version{}, Region 1 answered older than v{} {} times{}",
+            "        committed though indeterminate: {} op {} on {COLLECTION}/{} sent t={:.3}s, answered t={:.3}s ({}), committed as v{} at t≈{at:.3}s; the writer's re-read: {reread}; before the next version{}, Region 1 answered older than v{} {} times{}",
             write.kind.name(),
             write.id,
             write.doc,
             write.invoked,
             write.completed,
-            write.outcome,
+            match &write.outcome {
+                WriteOutcome::Indeterminate { detail } => detail.as_str(),
+                _ => "",
+            },
             row.version,
             if next.is_finite() {
                 format!(" (t≈{next:.3}s)")

@@ -234,7 +234,13 @@ fn error_kind(e: &reqwest::Error) -> String {
     } else if e.is_connect() {
         "connection refused".to_owned()
     } else {
-        format!("connection error: {e}")
+        // The innermost cause ("connection closed before message completed", …) says what
+        // happened; the outer ones only repeat the URL.
+        let mut cause: &dyn std::error::Error = e;
+        while let Some(source) = cause.source() {
+            cause = source;
+        }
+        format!("connection error: {cause}")
     }
 }
 
