@@ -15,7 +15,10 @@
 //! before is then a miss and is refilled from PostgreSQL. Only after its own increment
 //! succeeded does the process use the cache again. A reader's fill carries the generation
 //! its lookup saw and is refused if the generation moved meanwhile, so a fill of what a reader
-//! read before the fault cannot land in the new generation. A changed Redis `run_id` (a
+//! read before the fault cannot land in the new generation; writers' updates likewise name the
+//! generation this process last saw, so an update Redis executes late (after a pause) cannot
+//! land in a newer generation either. A writer whose update could not be confirmed bumps the
+//! generation itself before it acknowledges. A changed Redis `run_id` (a
 //! restart, a failover to a replica that may have missed writes) is treated the same way: each
 //! process checks it every second. Old generations expire with their entries' TTL.
 //!
@@ -142,15 +145,16 @@ local e = redis.call('HMGET', ARGV[1] .. ':g' .. g .. ':' .. ARGV[2], 'v', 's', 
 return {g, e[1], e[2], e[3]}
 ";
 
-/// Fills any number of entries of the current generation in one round trip: `KEYS[1]` is
+/// Fills any number of entries of the expected generation in one round trip: `KEYS[1]` is
 /// the generation counter, `ARGV[1]` the key prefix, `ARGV[2]` the TTL in milliseconds,
-/// `ARGV[3]` the generation the caller expects (empty: whichever is current), then
-/// `suffix, version, state, body` per entry. Returns how many were written, or -1 when the
-/// generation is not the expected one.
+/// `ARGV[3]` the generation the caller expects, then `suffix, version, state, body` per
+/// entry. Returns `{written, current generation}`, `written` being -1 when the generation is
+/// not the expected one: a command delayed past a bump (a Redis pause delivers it late) can
+/// never land in the new generation.
 const FILL_SCRIPT: &str = r"
 local g = redis.call('GET', KEYS[1]) or '0'
-if ARGV[3] ~= '' and ARGV[3] ~= g then
-  return -1
+if ARGV[3] ~= g then
+  return {-1, g}
 end
 local written = 0
 for i = 4, #ARGV, 4 do
@@ -162,7 +166,7 @@ for i = 4, #ARGV, 4 do
     written = written + 1
   end
 end
-return written
+return {written, g}
 ";
 
 /// A version-guarded document cache over one multiplexed Redis connection.
@@ -189,6 +193,10 @@ struct Inner {
     /// One bump at a time, and how many were attempted.
     bump_lock: tokio::sync::Mutex<()>,
     bump_attempts: AtomicU64,
+    /// The generation this process last saw: writers' updates must name it.
+    known_generation: Mutex<Option<String>>,
+    /// Wakes the guardian when the cache stops being trusted.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Cache {
@@ -209,6 +217,8 @@ impl Cache {
                 bumps: AtomicU64::new(0),
                 bump_lock: tokio::sync::Mutex::new(()),
                 bump_attempts: AtomicU64::new(0),
+                known_generation: Mutex::new(None),
+                wake: Arc::new(tokio::sync::Notify::new()),
             }),
         })
     }
@@ -251,6 +261,7 @@ impl Cache {
     fn failed(&self, error: CacheError) -> CacheError {
         if self.inner.trusted.swap(false, Ordering::AcqRel) {
             tracing::warn!(error = %error, "Redis fault: bypassing the cache until its generation is bumped");
+            self.inner.wake.notify_one();
         }
         error
     }
@@ -265,6 +276,7 @@ impl Cache {
             return;
         };
         let weak = Arc::downgrade(&self.inner);
+        let wake = self.inner.wake.clone();
         runtime.spawn(async move {
             loop {
                 let Some(inner) = weak.upgrade() else { return };
@@ -277,7 +289,11 @@ impl Cache {
                     cache.inner.settings.cooldown
                 };
                 drop(cache);
-                tokio::time::sleep(pause).await;
+                // A fault wakes it at once: the bump must not wait for the next check.
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = wake.notified() => {}
+                }
             }
         });
     }
@@ -299,6 +315,7 @@ impl Cache {
                 if let Ok(mut seen) = self.inner.run_id.lock() {
                     *seen = Some(run_id);
                 }
+                self.remember_generation(&generation.to_string());
                 self.inner.bumps.fetch_add(1, Ordering::Relaxed);
                 self.inner.trusted.store(true, Ordering::Release);
                 tracing::info!(
@@ -378,7 +395,37 @@ impl Cache {
             (Some(version), Some("D")) => Some(Entry::Deleted { version }),
             _ => return Err(CacheError::Malformed),
         };
+        self.remember_generation(&generation);
         Ok(Lookup { entry, generation })
+    }
+
+    fn remember_generation(&self, generation: &str) {
+        if let Ok(mut known) = self.inner.known_generation.lock() {
+            if known.as_deref() != Some(generation) {
+                *known = Some(generation.to_owned());
+            }
+        }
+    }
+
+    fn known_generation(&self) -> Option<String> {
+        self.inner
+            .known_generation
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+    }
+
+    /// The current generation, read from Redis.
+    async fn current_generation(&self) -> Result<String, CacheError> {
+        let mut connection = self.connection().await?;
+        let generation: Option<String> = redis::cmd("GET")
+            .arg(self.generation_key())
+            .query_async(&mut connection)
+            .await
+            .map_err(|e| self.failed(e.into()))?;
+        let generation = generation.unwrap_or_else(|| "0".to_owned());
+        self.remember_generation(&generation);
+        Ok(generation)
     }
 
     /// Looks a document up. `Ok(None)` is a miss.
@@ -395,7 +442,10 @@ impl Cache {
         entry: &Entry,
         generation: &str,
     ) -> Result<bool, CacheError> {
-        Ok(self.write([(key, entry)], generation).await? == 1)
+        Ok(matches!(
+            self.write([(key, entry)], generation).await?,
+            Written::Entries(1)
+        ))
     }
 
     /// Stores an entry (a committed version: the writers' write-through) in the current
@@ -416,15 +466,27 @@ impl Cache {
     /// answers). The error is still returned: the entries were not written.
     pub async fn put_many<'a>(
         &self,
-        entries: impl IntoIterator<Item = (&'a DocumentKey, &'a Entry)>,
+        entries: impl IntoIterator<Item = (&'a DocumentKey, &'a Entry)> + Clone,
     ) -> Result<usize, CacheError> {
-        match self.write(entries, "").await {
-            Ok(written) => Ok(written),
-            Err(e) => {
-                self.bump_now().await;
-                Err(e)
+        let result = async {
+            let generation = match self.known_generation() {
+                Some(generation) => generation,
+                None => self.current_generation().await?,
+            };
+            match self.write(entries.clone(), &generation).await? {
+                Written::Entries(written) => Ok(written),
+                // Bumped since this process last looked: write into the new generation.
+                Written::GenerationMoved(current) => match self.write(entries, &current).await? {
+                    Written::Entries(written) => Ok(written),
+                    Written::GenerationMoved(_) => Ok(0),
+                },
             }
         }
+        .await;
+        if result.is_err() {
+            self.bump_now().await;
+        }
+        result
     }
 
     /// Bumps the generation now unless the cache is trusted again; one attempt at a time (the
@@ -446,7 +508,7 @@ impl Cache {
         &self,
         entries: impl IntoIterator<Item = (&'a DocumentKey, &'a Entry)>,
         generation: &str,
-    ) -> Result<usize, CacheError> {
+    ) -> Result<Written, CacheError> {
         let mut invocation = self.inner.fill.prepare_invoke();
         invocation
             .key(self.generation_key())
@@ -467,14 +529,18 @@ impl Cache {
             count += 1;
         }
         if count == 0 {
-            return Ok(0);
+            return Ok(Written::Entries(0));
         }
         let mut connection = self.connection().await?;
-        let written: i64 = invocation
+        let (written, current): (i64, String) = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(|e| self.failed(e.into()))?;
-        Ok(usize::try_from(written).unwrap_or(0))
+        self.remember_generation(&current);
+        Ok(match usize::try_from(written) {
+            Ok(written) => Written::Entries(written),
+            Err(_) => Written::GenerationMoved(current),
+        })
     }
 
     /// Checks that Redis answers (for `/readyz` details; Redis is never required).
@@ -486,6 +552,13 @@ impl Cache {
             .map_err(|e| self.failed(e.into()))?;
         Ok(())
     }
+}
+
+/// What an update did: wrote this many entries, or nothing because the generation is not the
+/// one it named (the current one given).
+enum Written {
+    Entries(usize),
+    GenerationMoved(String),
 }
 
 /// How often a trusting process checks that Redis is still the same server.
