@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench`: builds the release binaries and runs the benchmark (bench/, `tandem-bench`),
-# which starts its own PostgreSQL clusters, Redis servers, tansu broker and Tandem services,
+# which starts its own PostgreSQL clusters, Redis servers, Kafka broker and Tandem services,
 # measures every figure next to a baseline taken in the same run, and writes
 # docs/benchmarks.md (only the generated part between its markers; the analysis around it stays).
 #
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 ensure_rust
 ensure_servers
-ensure_tansu
+ensure_kafka
 export TANDEM_PG_BINDIR="$(pg_bindir)"
 
 # pgbench is the write baseline. Debian ships it with the server package; older layouts with

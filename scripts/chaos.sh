@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 ensure_rust
 ensure_servers
-ensure_tansu
+ensure_kafka
 export TANDEM_PG_BINDIR="$(pg_bindir)"
 export TANDEM_CHAOS_SEED="${TANDEM_CHAOS_SEED:-$(( (RANDOM << 15) | RANDOM ))}"
 export TANDEM_CHAOS_SECONDS="${TANDEM_CHAOS_SECONDS:-300}"

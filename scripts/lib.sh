@@ -39,23 +39,54 @@ ensure_servers() {
   fi
 }
 
-# tansu, a Kafka-protocol broker in Rust (no JVM Kafka can be fetched here). Its build takes
-# about ten minutes on two cores, so it is built once into $TANDEM_CACHE/tools and reused; one
-# already on PATH is used as is.
-TANSU_VERSION=0.6.0
-ensure_tansu() {
-  if [ -n "${TANDEM_TANSU:-}" ] && [ -x "$TANDEM_TANSU" ]; then return; fi
-  local cached="$TANDEM_CACHE/tools/bin/tansu"
-  if [ -x "$cached" ]; then
-    export TANDEM_TANSU="$cached"
-  elif have tansu; then
-    export TANDEM_TANSU="$(command -v tansu)"
-  else
-    say "building the tansu $TANSU_VERSION Kafka-protocol broker into $TANDEM_CACHE/tools (about 10 minutes, once)"
-    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
-      --root "$TANDEM_CACHE/tools" >&2
-    export TANDEM_TANSU="$cached"
+# A Java runtime ≥ 17 for the Kafka broker: $JAVA_HOME, then `java` on PATH, then the JDKs
+# under /usr/lib/jvm; otherwise Debian's openjdk-17-jre-headless is installed.
+java_major() { # java-binary -> its feature version (17, 21, ...) or nothing
+  "$1" -XshowSettings:properties -version 2>&1 |
+    sed -n 's/^ *java.specification.version = \([0-9]*\).*/\1/p' | head -n 1
+}
+ensure_java() {
+  if [ -n "${TANDEM_JAVA:-}" ] && [ -x "$TANDEM_JAVA" ]; then return; fi
+  local candidate version
+  for candidate in "${JAVA_HOME:+$JAVA_HOME/bin/java}" "$(command -v java || true)" /usr/lib/jvm/*/bin/java; do
+    [ -n "$candidate" ] && [ -x "$candidate" ] || continue
+    version="$(java_major "$candidate")"
+    if [ -n "$version" ] && [ "$version" -ge 17 ]; then
+      export TANDEM_JAVA="$candidate"
+      return
+    fi
+  done
+  apt_install openjdk-17-jre-headless
+  export TANDEM_JAVA=/usr/lib/jvm/java-17-openjdk-amd64/bin/java
+  [ -x "$TANDEM_JAVA" ] || TANDEM_JAVA="$(command -v java)"
+}
+
+# Apache Kafka's broker (the version Amazon MSK runs), as the Maven artifacts
+# deploy/local/kafka/pom.xml names: resolved once with Maven into $TANDEM_CACHE/kafka/<version>
+# (about 45 MB, under a minute) and reused while the pom is unchanged. Exports TANDEM_KAFKA_LIBS,
+# the folder `java -cp "$TANDEM_KAFKA_LIBS/*" kafka.Kafka` runs from.
+ensure_kafka() {
+  ensure_java
+  local root pom version dir stamp
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  pom="$root/deploy/local/kafka/pom.xml"
+  version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$pom")"
+  dir="$TANDEM_CACHE/kafka/$version"
+  stamp="$(sha256sum "$pom" | cut -c1-16)"
+  if [ "$(cat "$dir/.pom-stamp" 2>/dev/null)" != "$stamp" ]; then
+    have mvn || apt_install maven
+    say "resolving Apache Kafka $version's broker jars with Maven into $dir (once)"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    if ! mvn -q -B -f "$pom" dependency:copy-dependencies -DincludeScope=runtime \
+         -DoutputDirectory="$dir/libs" -Dmaven.repo.local="$TANDEM_CACHE/m2" >"$dir/mvn.log" 2>&1; then
+      tail -n 30 "$dir/mvn.log" >&2
+      echo "Maven could not resolve Apache Kafka $version (log: $dir/mvn.log)" >&2
+      exit 1
+    fi
+    echo "$stamp" >"$dir/.pom-stamp"
   fi
+  export TANDEM_KAFKA_LIBS="$dir/libs"
 }
 
 pg_bindir() {

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 ensure_rust
 ensure_servers
 ensure_python_tools
-ensure_tansu
+ensure_kafka
 export TANDEM_PG_BINDIR="$(pg_bindir)"
 
 say "building the binaries the tests run (cargo build --workspace --bins)"

@@ -8,7 +8,7 @@
 # terminal, and the rest keeps running: `pkill -9 -f tandem-region2-consumer` is a fair way to
 # watch the system recover. A stopped process (SIGSTOP) is not an exit and is left alone. While
 # the stack starts, anything that exits or does not become ready in time (30 s for PostgreSQL,
-# Redis, the broker and HAProxy, 60 s for a service) stops everything with its log's last lines
+# Redis and HAProxy, 60 s for the broker and a service) stops everything with its log's last lines
 # and a non-zero status. .tandem/stack.json exists only while the whole stack is up.
 source "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
@@ -29,12 +29,14 @@ PG2_PORT="${PG2_PORT:-55433}"
 REDIS1_PORT="${REDIS1_PORT:-56379}"
 REDIS2_PORT="${REDIS2_PORT:-56380}"
 KAFKA_PORT="${KAFKA_PORT:-59092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-59093}"
 # The published development secret (shared/src/auth.rs, DEV_HS256_SECRET): the services accept
 # it only in development mode, which every service started here runs in.
 DEV_SECRET="${TANDEM_JWT_HS256_SECRET:-tandem-local-development-secret-v2}"
 export TANDEM_DEV_MODE=true
 
-DEPENDENCY_TIMEOUT=30 # seconds for PostgreSQL, Redis, the broker, HAProxy to become ready
+DEPENDENCY_TIMEOUT=30 # seconds for PostgreSQL, Redis, HAProxy to become ready
+KAFKA_TIMEOUT=60      # seconds for the broker (a JVM: formatting and start take a few)
 SERVICE_TIMEOUT=60    # seconds for a service's /healthz to answer on its first start
 STOP_TIMEOUT=30       # seconds a group of processes gets to stop before SIGKILL
 BACKOFF_MAX=30        # longest pause before a restart
@@ -49,7 +51,8 @@ check_ports_free() {
   local entry name variable port
   for entry in "edge EDGE_PORT" "write1 WRITE1_PORT" "read1 READ1_PORT" "read2 READ2_PORT" \
                "relay1 RELAY_PORT" "consumer2 CONSUMER_PORT" "pg1 PG1_PORT" "pg2 PG2_PORT" \
-               "redis1 REDIS1_PORT" "redis2 REDIS2_PORT" "kafka KAFKA_PORT"; do
+               "redis1 REDIS1_PORT" "redis2 REDIS2_PORT" "kafka KAFKA_PORT" \
+               "kafka-controller KAFKA_CONTROLLER_PORT"; do
     name="${entry% *}" variable="${entry#* }"
     port="${!variable}"
     if listening "$port"; then
@@ -66,7 +69,7 @@ rm -f "$STATE/stack.json"
 
 ensure_rust
 ensure_servers
-ensure_tansu
+ensure_kafka
 PG_BIN="$(pg_bindir)"
 
 # ---------------------------------------------------------------------------------------------
@@ -297,16 +300,14 @@ PG2_DSN="postgres://postgres@127.0.0.1:$PG2_PORT/postgres"
 REDIS1_URL="redis://127.0.0.1:$REDIS1_PORT"
 REDIS2_URL="redis://127.0.0.1:$REDIS2_PORT"
 
-say "starting the Kafka-protocol broker (tansu, memory storage) on 127.0.0.1:$KAFKA_PORT"
-start kafka TERM "$TANDEM_TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-  --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine memory://tansu/
-await kafka "$DEPENDENCY_TIMEOUT" listening "$KAFKA_PORT"
-# tansu's memory engine needs one record per producer batch for consumers to resume
-# mid-stream, and answers a waiting fetch only when fetch.wait.max.ms runs out (50 ms by
-# default) rather than when data arrives; a restarted memory broker has lost everything (the
-# consumer detects that).
+# Apache Kafka, one KRaft node whose data lives in .tandem/kafka: a restart keeps the topic and
+# every record and position. Ready once it listens and has logged its start.
+say "starting Apache Kafka (one node, data in .tandem/kafka) on 127.0.0.1:$KAFKA_PORT"
+start kafka TERM env KAFKA_PORT="$KAFKA_PORT" KAFKA_CONTROLLER_PORT="$KAFKA_CONTROLLER_PORT" \
+  bash "$ROOT/scripts/kafka-broker.sh" "$STATE/kafka"
+kafka_ready() { listening "$KAFKA_PORT" && grep -q 'Kafka Server started' "$STATE/logs/kafka.log"; }
+await kafka "$KAFKA_TIMEOUT" kafka_ready
 KAFKA=(KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT" KAFKA_TOPIC=tandem.documents
-       KAFKA_PROPERTIES="batch.num.messages=1,message.timeout.ms=10000,fetch.wait.max.ms=5"
        KAFKA_TOPIC_PARTITIONS=3 KAFKA_TOPIC_REPLICATION=1)
 
 say "starting region1: Write API, Read API, outbox relay"

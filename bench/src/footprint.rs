@@ -100,11 +100,8 @@ pub fn machine() -> Vec<String> {
         ),
         format!("- {}", first_line("redis-server", &["--version"])),
         format!(
-            "- broker: {} (memory storage); librdkafka {librdkafka}",
-            first_line(
-                &tandem_tests::regions::tansu_binary().display().to_string(),
-                &["--version"]
-            )
+            "- broker: Apache Kafka {} (one KRaft node, scripts/kafka-broker.sh); librdkafka {librdkafka}",
+            tandem_tests::kafka::kafka_version()
         ),
         format!(
             "- pgbench: {}",

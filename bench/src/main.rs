@@ -166,7 +166,7 @@ async fn bench(sizes: &Sizes) -> anyhow::Result<report::Report> {
         machine: footprint::machine(),
         ..report::Report::default()
     };
-    say("starting PostgreSQL ×2, Redis ×2 and the tansu broker");
+    say("starting PostgreSQL ×2, Redis ×2 and the Kafka broker");
     let mut stack = Stack::start().await?;
     if profile::enabled() {
         say("TANDEM_BENCH_PROFILE: restarting PostgreSQL with pg_stat_statements");

@@ -349,12 +349,14 @@ impl Report {
                 "- **Relay drain**: {} outbox rows committed in one statement while the relay \
                  waits; time from the commit to the last row marked published (database clock). \
                  Messages of {} bytes, {} partitions; both producers use the relay's settings \
-                 (idempotent, acks=all, lz4, linger 2 ms) and the `KAFKA_PROPERTIES` of `make up` \
-                 (`{}`).",
+                 (idempotent, acks=all, lz4, linger 2 ms) with extra `KAFKA_PROPERTIES`: {}.",
                 drain.rows,
                 drain.message_bytes,
                 crate::stack::PARTITIONS,
-                crate::stack::kafka_properties(),
+                match crate::stack::kafka_properties() {
+                    p if p.is_empty() => "none, as in `make up`".to_owned(),
+                    p => format!("`{p}`"),
+                },
             );
             let _ = writeln!(
                 w,

@@ -1,5 +1,5 @@
 //! The system under test, started from the test harness: two PostgreSQL clusters, two Redis
-//! servers and the tansu broker (each under the harness's watchdog), and the Tandem services as
+//! servers and an Apache Kafka broker (each under the harness's watchdog), and the Tandem services as
 //! their real binaries from the same `target/<profile>/` directory as this benchmark.
 
 use std::path::{Path, PathBuf};
@@ -10,11 +10,9 @@ use crate::cpu::{Probe, find_process, postmaster};
 use anyhow::Context;
 use tandem_tests::{Broker, ManagedProcess, Postgres, Redis, binary, free_port, scratch_dir};
 
-/// librdkafka properties the services get, as `make up` and the harness give them: tansu's
-/// memory engine needs one record per producer batch for consumers to resume mid-stream, and
-/// answers a waiting fetch only when `fetch.wait.max.ms` runs out rather than when data arrives.
-pub const KAFKA_PROPERTIES: &str =
-    "batch.num.messages=1,message.timeout.ms=10000,fetch.wait.max.ms=5";
+/// librdkafka properties the services get beyond their own defaults: none, as in `make up` and
+/// the tests (a tuning experiment sets its own through `TANDEM_BENCH_ENV`).
+pub const KAFKA_PROPERTIES: &str = "";
 pub const PARTITIONS: i32 = 3;
 /// The cache key prefix of both regions (the Write and Read APIs must share it).
 const KEY_PREFIX: &str = "bench";
@@ -111,7 +109,7 @@ impl Stack {
         .await??;
         let broker = Broker::start()
             .await
-            .context("the tansu broker (scripts/lib.sh ensure_tansu installs it)")?;
+            .context("the Kafka broker (scripts/lib.sh ensure_kafka installs it)")?;
         let db1 = pg1.create_database().await?;
         let db2 = pg2.create_database().await?;
         for url in [&db1, &db2] {
@@ -379,7 +377,7 @@ impl Stack {
             pg2: pg(&self.pg2),
             redis1: redis(self.redis1.port),
             redis2: redis(self.redis2.port),
-            broker: find_process("tansu", &format!(":{}", self.broker.port)).map(Probe::Process),
+            broker: self.broker.pid().map(Probe::Process),
         }
     }
 }

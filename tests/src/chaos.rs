@@ -3,8 +3,9 @@
 //!
 //! Region 1 is a PostgreSQL cluster, a Redis server, `tandem-write`, `tandem-read` and
 //! `tandem-outbox-relay`; Region 2 is another PostgreSQL cluster and Redis server,
-//! `tandem-region2-consumer` and `tandem-read` in replica mode. Between them a tansu broker
-//! (memory storage) sits behind a [`TcpProxy`]: the broker advertises the proxy's port, so
+//! `tandem-region2-consumer` and `tandem-read` in replica mode. Between them an Apache Kafka
+//! broker (durable: its data survives a SIGKILL) sits behind a [`TcpProxy`]: the broker
+//! advertises the proxy's port, so
 //! every Kafka connection of the relay and the consumer goes through the proxy and a cut of
 //! the proxy is the broker becoming unreachable. The relay and the consumer name themselves
 //! with `client.id`, which lets the proxy cut Region 2's consumer alone.
@@ -18,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::kafka::broker_script;
 use crate::process::{ManagedProcess, binary, free_port, wait_for_port};
 use crate::proxy::{Cut, TcpProxy};
-use crate::regions::tansu_binary;
 use crate::services::{Postgres, Redis};
 
 /// The `client.id` the relay's Kafka clients announce.
@@ -86,8 +87,7 @@ impl Fault {
         }
     }
 
-    /// Every fault the system supports. The broker is never killed: tansu's memory storage
-    /// would lose every topic (a different failure, covered by the replication tests).
+    /// Every fault the system supports.
     pub fn all() -> Vec<Self> {
         use Component::*;
         let services = [WriteApi, Region1ReadApi, Region2ReadApi, Relay, Consumer];
@@ -100,6 +100,7 @@ impl Fault {
             all.push(Self::Kill(c));
             all.push(Self::Pause(c));
         }
+        all.push(Self::Kill(Broker));
         all.push(Self::Pause(Broker));
         all.push(Self::CutBroker);
         all.push(Self::CutRegion2FromBroker);
@@ -246,26 +247,24 @@ impl ChaosSystem {
         // The proxy must know the broker's port and the broker the proxy's.
         let broker_port = free_port();
         let proxy = TcpProxy::start(([127, 0, 0, 1], broker_port).into()).await?;
+        // Its data lives in the run's directory: a SIGKILL and restart keeps every record.
         let mut broker = Service::new(
             "broker",
-            tansu_binary(),
+            broker_script(),
+            vec![dir.join("kafka").display().to_string()],
             vec![
-                "broker".into(),
-                "--listener-url".into(),
-                format!("tcp://127.0.0.1:{broker_port}"),
-                "--advertised-listener-url".into(),
-                format!("tcp://127.0.0.1:{}", proxy.port()),
-                "--storage-engine".into(),
-                "memory://tansu/".into(),
+                ("KAFKA_PORT".to_owned(), broker_port.to_string()),
+                ("KAFKA_ADVERTISED_PORT".to_owned(), proxy.port().to_string()),
+                ("KAFKA_CONTROLLER_PORT".to_owned(), free_port().to_string()),
+                ("KAFKA_HEAP".to_owned(), "384m".to_owned()),
             ],
-            Vec::new(),
             broker_port,
             &dir,
         );
         broker
             .start()
             .await
-            .context("the broker (tansu; make test installs it)")?;
+            .context("the Kafka broker (make test installs it)")?;
 
         let secret = format!("chaos-secret-{}", uuid::Uuid::now_v7().simple());
         let token = tandem_shared::auth::mint_hs256(
@@ -291,13 +290,7 @@ impl ChaosSystem {
             vec![
                 ("KAFKA_BROKERS", format!("127.0.0.1:{}", proxy.port())),
                 ("KAFKA_TOPIC", topic.clone()),
-                // As the other tests and `make up` (see README, local broker caveats).
-                (
-                    "KAFKA_PROPERTIES",
-                    format!(
-                        "batch.num.messages=1,message.timeout.ms=5000,fetch.wait.max.ms=5,client.id={client_id}"
-                    ),
-                ),
+                ("KAFKA_PROPERTIES", format!("client.id={client_id}")),
                 ("KAFKA_TOPIC_PARTITIONS", "3".to_owned()),
                 ("KAFKA_TOPIC_REPLICATION", "1".to_owned()),
             ]
@@ -485,9 +478,6 @@ impl ChaosSystem {
 
     async fn kill(&mut self, component: Component) -> anyhow::Result<()> {
         match component {
-            Component::Broker => {
-                anyhow::bail!("the memory broker cannot be killed without losing every topic")
-            }
             Component::Redis1 | Component::Redis2 => {
                 let pid = self.redis_pids[usize::from(component == Component::Redis2)]
                     .context("the Redis server's pid is unknown")?;

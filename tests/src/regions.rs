@@ -1,10 +1,12 @@
 //! The two-region system for replication tests: Region 1 (Write + Read APIs in-process over
-//! its own PostgreSQL cluster and Redis), a Kafka-protocol broker (tansu), the outbox relay and
+//! its own PostgreSQL cluster and Redis), an Apache Kafka broker of its own, the outbox relay and
 //! the Region 2 consumer as real processes (so tests can SIGKILL them), and Region 2's Read API
 //! (replica mode) over a second PostgreSQL cluster and a second Redis.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+pub use crate::kafka::Broker;
 
 use serde_json::Value;
 use tandem_shared::cache::CacheSettings;
@@ -13,102 +15,6 @@ use tandem_shared::db::DatabaseSettings;
 
 use crate::process::{ManagedProcess, binary, free_port, scratch_dir};
 use crate::services::{Postgres, Redis, TestApp, TestAppOptions, serve, spawn_app_with};
-
-/// The broker binary: `TANDEM_TANSU`, then `PATH`, then the `make test` install location.
-pub fn tansu_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("TANDEM_TANSU") {
-        return path.into();
-    }
-    let cached = std::env::var_os("TANDEM_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/tandem")))
-        .map(|c| c.join("tools/bin/tansu"));
-    match cached {
-        Some(path) if path.exists() => path,
-        _ => PathBuf::from("tansu"),
-    }
-}
-
-/// A Kafka-protocol broker (tansu, memory storage: a restart loses every topic and offset).
-pub struct Broker {
-    pub port: u16,
-    dir: PathBuf,
-    process: Option<ManagedProcess>,
-}
-
-impl Broker {
-    pub async fn start() -> anyhow::Result<Self> {
-        let mut broker = Self {
-            port: free_port(),
-            dir: scratch_dir("broker"),
-            process: None,
-        };
-        broker.launch().await?;
-        Ok(broker)
-    }
-
-    async fn launch(&mut self) -> anyhow::Result<()> {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let args = vec![
-            "broker".to_owned(),
-            "--listener-url".to_owned(),
-            url.clone(),
-            "--advertised-listener-url".to_owned(),
-            url,
-            "--storage-engine".to_owned(),
-            "memory://tansu/".to_owned(),
-        ];
-        let process = ManagedProcess::start(
-            "tansu",
-            &tansu_binary(),
-            &args,
-            &[],
-            &self.dir.join("broker.log"),
-            "",
-        )?;
-        crate::wait_for_port(self.port, Duration::from_secs(20))
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}: broker log:\n{}", process.log_tail()))?;
-        self.process = Some(process);
-        Ok(())
-    }
-
-    pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Freezes the broker (SIGSTOP) or thaws it (SIGCONT): an outage without data loss.
-    pub fn pause(&self, paused: bool) {
-        if let Some(process) = &self.process {
-            process.signal(if paused { "STOP" } else { "CONT" });
-        }
-    }
-
-    /// Kills and restarts it: with memory storage, every topic and offset is gone.
-    pub async fn restart_empty(&mut self) -> anyhow::Result<()> {
-        if let Some(process) = &self.process {
-            process.signal("KILL");
-        }
-        if let Some(mut process) = self.process.take() {
-            process.stop();
-        }
-        self.launch().await
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(process) = &self.process {
-            process.signal("CONT");
-        }
-        self.process.take();
-        if std::env::var_os("TANDEM_KEEP_TEST_LOGS").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        } else {
-            eprintln!("broker logs kept in {}", self.dir.display());
-        }
-    }
-}
 
 /// The second region's own servers, shared by the tests of one process.
 fn region2_postgres() -> &'static Postgres {
@@ -198,7 +104,7 @@ impl TwoRegions {
     async fn start_without_workers_with(own_redis: Option<Redis>, max_lag: Duration) -> Self {
         let broker = Broker::start()
             .await
-            .expect("broker (tansu; make test installs it)");
+            .expect("the Kafka broker (make test installs it)");
         let region1 = spawn_app_with(TestAppOptions::default()).await;
         let region2_database_url = region2_postgres()
             .create_database()
@@ -255,12 +161,6 @@ impl TwoRegions {
         [
             ("KAFKA_BROKERS", self.broker.address()),
             ("KAFKA_TOPIC", self.topic.clone()),
-            // The memory engine needs one record per batch for consumers to resume mid-stream,
-            // and answers a waiting fetch only when fetch.wait.max.ms runs out (see README).
-            (
-                "KAFKA_PROPERTIES",
-                "batch.num.messages=1,message.timeout.ms=5000,fetch.wait.max.ms=5".to_owned(),
-            ),
             ("KAFKA_TOPIC_PARTITIONS", "3".to_owned()),
             ("KAFKA_TOPIC_REPLICATION", "1".to_owned()),
             ("BIND_ADDRESS", "127.0.0.1".to_owned()),

@@ -299,12 +299,7 @@ async fn after_a_dead_letter_and_a_broker_loss_the_partition_is_proven_or_reread
     regions.wait_converged(Duration::from_secs(90)).await;
 }
 
-/// Needs a broker with CreatePartitions: tansu 0.6 answers UnsupportedFeature, and deleting and
-/// recreating the topic under a live client crashes librdkafka in its metadata cache (SIGSEGV,
-/// the crash the README's broker caveats describe). Runs once the test broker is Apache Kafka
-/// (`cargo test -- --ignored` against one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the local broker (tansu) cannot add partitions; needs Apache Kafka"]
 async fn partitions_added_at_run_time_are_consumed_and_counted_without_a_restart() {
     use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
     use rdkafka::client::DefaultClientContext;
