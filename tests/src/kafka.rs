@@ -314,3 +314,58 @@ impl KafkaCluster {
             .join("\n---\n")
     }
 }
+
+/// The Kafka a two-region system runs on: one node, or a 3-node cluster.
+pub enum Kafka {
+    Single(Broker),
+    Cluster(KafkaCluster),
+}
+
+impl Kafka {
+    /// The bootstrap servers.
+    pub fn address(&self) -> String {
+        match self {
+            Self::Single(broker) => broker.address(),
+            Self::Cluster(cluster) => cluster.bootstrap(),
+        }
+    }
+
+    /// The replication factor topics get.
+    pub fn replication(&self) -> usize {
+        match self {
+            Self::Single(_) => 1,
+            Self::Cluster(cluster) => cluster.nodes.len(),
+        }
+    }
+
+    /// Freezes or thaws every node.
+    pub fn pause(&self, paused: bool) {
+        match self {
+            Self::Single(broker) => broker.pause(paused),
+            Self::Cluster(cluster) => cluster.nodes.iter().for_each(|n| n.pause(paused)),
+        }
+    }
+
+    /// A single node's [`Broker::restart_empty`].
+    pub async fn restart_empty(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Single(broker) => broker.restart_empty().await,
+            Self::Cluster(_) => anyhow::bail!("restart_empty is for a single node"),
+        }
+    }
+
+    /// The cluster (panics on a single node: a test asked for the wrong system).
+    pub fn cluster_mut(&mut self) -> &mut KafkaCluster {
+        match self {
+            Self::Cluster(cluster) => cluster,
+            Self::Single(_) => panic!("this system runs on a single Kafka node"),
+        }
+    }
+
+    pub fn log_tails(&self) -> String {
+        match self {
+            Self::Single(broker) => broker.log_tail(),
+            Self::Cluster(cluster) => cluster.log_tails(),
+        }
+    }
+}

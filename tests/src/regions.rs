@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-pub use crate::kafka::Broker;
+pub use crate::kafka::{Broker, Kafka, KafkaCluster};
 
 use serde_json::Value;
 use tandem_shared::cache::CacheSettings;
@@ -35,7 +35,8 @@ pub struct TwoRegions {
     pub region2_pool: deadpool_postgres::Pool,
     pub region2_redis_url: String,
     pub region2_key_prefix: String,
-    pub broker: Broker,
+    /// One Kafka node, or a 3-node cluster ([`TwoRegions::start_on_cluster`]).
+    pub broker: Kafka,
     /// Region 2's own Redis, when the test needs one it may freeze or restart.
     pub region2_redis: Option<Redis>,
     pub topic: String,
@@ -84,6 +85,20 @@ impl TwoRegions {
         Self::start_without_workers_with(None, Duration::from_secs(5)).await
     }
 
+    /// Everything up on a 3-node Kafka cluster (replication factor 3, `min.insync.replicas`
+    /// 2), one relay and one consumer running.
+    pub async fn start_on_cluster() -> Self {
+        let cluster = KafkaCluster::start()
+            .await
+            .expect("a 3-node Kafka cluster (make test installs Kafka)");
+        let mut regions =
+            Self::start_with(Kafka::Cluster(cluster), None, Duration::from_secs(5)).await;
+        regions.start_relay();
+        regions.start_consumer();
+        regions.wait_region2_ready(Duration::from_secs(90)).await;
+        regions
+    }
+
     /// Everything up but the workers, Region 2's Read API failing `/readyz` above `max_lag`.
     pub async fn start_without_workers_max_lag(max_lag: Duration) -> Self {
         Self::start_without_workers_with(None, max_lag).await
@@ -105,6 +120,10 @@ impl TwoRegions {
         let broker = Broker::start()
             .await
             .expect("the Kafka broker (make test installs it)");
+        Self::start_with(Kafka::Single(broker), own_redis, max_lag).await
+    }
+
+    async fn start_with(broker: Kafka, own_redis: Option<Redis>, max_lag: Duration) -> Self {
         let region1 = spawn_app_with(TestAppOptions::default()).await;
         let region2_database_url = region2_postgres()
             .create_database()
@@ -162,7 +181,10 @@ impl TwoRegions {
             ("KAFKA_BROKERS", self.broker.address()),
             ("KAFKA_TOPIC", self.topic.clone()),
             ("KAFKA_TOPIC_PARTITIONS", "3".to_owned()),
-            ("KAFKA_TOPIC_REPLICATION", "1".to_owned()),
+            (
+                "KAFKA_TOPIC_REPLICATION",
+                self.broker.replication().to_string(),
+            ),
             ("BIND_ADDRESS", "127.0.0.1".to_owned()),
             ("RUST_LOG", "info,librdkafka=warn,rdkafka=warn".to_owned()),
             ("TANDEM_LOG_FORMAT", "pretty".to_owned()),
