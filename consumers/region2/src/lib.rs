@@ -73,10 +73,9 @@ impl Settings {
 pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("enable.auto.commit", "false"),
     ("enable.auto.offset.store", "false"),
-    // A stored position past the end (the broker lost its data and the partition was
-    // recreated) restarts from the beginning; duplicates are harmless.
+    // A stored position past the end (the topic was deleted and recreated, or the cluster
+    // rebuilt from nothing) restarts from the beginning; duplicates are harmless.
     ("auto.offset.reset", "earliest"),
-    ("fetch.wait.max.ms", "50"),
     // librdkafka pre-fetches up to 64 MiB per client by default; a few batches ahead is enough.
     ("queued.max.messages.kbytes", "16384"),
     ("enable.partition.eof", "false"),
@@ -239,13 +238,8 @@ impl Region2Consumer {
                     let message = match received {
                         Ok(message) => message,
                         Err(e) => {
-                            if is_connection_loss(&e) {
-                                // The broker may come back without its data (and librdkafka's
-                                // metadata cache has been seen to crash on such a broker):
-                                // start over with a fresh client, resuming one record early
-                                // so the partitions are checked again.
-                                anyhow::bail!("lost the broker connection ({e}); reconnecting");
-                            }
+                            // librdkafka reconnects by itself (a broker's restart, a leader
+                            // moving); the error is only reported.
                             tracing::warn!(error = %e, "kafka receive error");
                             break;
                         }
@@ -343,7 +337,7 @@ impl Region2Consumer {
         tracing::warn!(
             partition = message.partition(),
             expected_offset = offset,
-            "the partition no longer holds the applied events (the broker lost its data); reading it from the beginning"
+            "the partition no longer holds the applied events (the topic was recreated); reading it from the beginning"
         );
         let mut restart = TopicPartitionList::new();
         for partition in partitions {
@@ -368,8 +362,8 @@ impl Region2Consumer {
     /// Where to resume each partition: one record before the stored position, remembering the
     /// proof of the record there (the hash of its key and payload, stored for every record:
     /// events, heartbeats and dead letters alike), so the first record read proves the
-    /// partition is the one the position belongs to. A broker that lost its data and recreated
-    /// the topic fails that proof whatever the new partition's length (a position past its
+    /// partition is the one the position belongs to. A topic deleted and recreated (or a
+    /// cluster rebuilt from nothing) fails that proof whatever the new partition's length (a position past its
     /// end, or a refilled partition whose offsets now name other records), and the partition is
     /// re-read from the beginning; the event ids make the re-read harmless. A position stored
     /// without any proof (before proofs existed, after a dead letter) is not trusted either:
@@ -402,7 +396,7 @@ impl Region2Consumer {
             if truncated {
                 tracing::warn!(
                     partition,
-                    "the partition is shorter than the stored position (the broker lost its data); reading it from the beginning"
+                    "the partition is shorter than the stored position (the topic was recreated); reading it from the beginning"
                 );
             }
             let offset = match stored.filter(|_| !truncated) {
@@ -440,15 +434,6 @@ fn commit_positions(consumer: &StreamConsumer, topic: &str, pending: &mut HashMa
     }
     let _ = consumer.commit(&positions, CommitMode::Async);
     pending.clear();
-}
-
-/// Errors after which the broker may have restarted.
-fn is_connection_loss(error: &rdkafka::error::KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as Code;
-    matches!(
-        error.rdkafka_error_code(),
-        Some(Code::AllBrokersDown | Code::BrokerTransportFailure)
-    )
 }
 
 /// The high watermark of each partition that answers within `timeout`. Each is a broker round

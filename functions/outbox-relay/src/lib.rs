@@ -164,8 +164,9 @@ impl Relay {
     }
 
     /// A fresh idempotent producer. Each leadership term, and each recovery from a failed batch,
-    /// gets a new one: an idempotent producer whose broker lost its state (producer ids,
-    /// sequences) is permanently failed, and a new producer id is the way out.
+    /// gets a new one: an idempotent producer that hit a fatal error is permanently failed, and a
+    /// new producer id is the way out. MSK produces those errors too: a topic deleted under the
+    /// producer (its sequences are gone) or a fenced producer id.
     async fn create_producer(&self) -> anyhow::Result<FutureProducer> {
         self.settings
             .kafka
@@ -256,7 +257,8 @@ impl Relay {
                         "publishing failed; retrying"
                     );
                     self.metrics.publish_errors.inc();
-                    // A broker that lost its data has lost the topic too: recreate it.
+                    // A deleted topic (an operator's mistake, a cluster rebuilt from nothing) is
+                    // recreated; `replay --since` then refills what it held.
                     if let Err(e) = self.settings.kafka.ensure_topic().await {
                         tracing::warn!(error = format!("{e:#}"), "topic check failed");
                     }
