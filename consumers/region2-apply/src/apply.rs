@@ -1,0 +1,1069 @@
+//! Applying one Kafka message to Region 2: the transaction, the cache update, the dead-letter
+//! path and the retry policy.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Pool, Transaction};
+#[cfg(feature = "rdkafka")]
+use rdkafka::message::{Headers, Message};
+use tandem_shared::cache::{Cache, CacheError, Entry};
+use tandem_shared::document::DocumentKey;
+use tandem_shared::event::{
+    ChangeEvent, DocumentState, HEADER_EVENT_TYPE, Heartbeat, TYPE_HEARTBEAT,
+};
+use tandem_shared::leader::{FENCE_CHECK, Fence};
+use tandem_shared::store::{StoreError, Stored};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tokio_postgres::types::{Json, ToSql};
+
+use crate::metrics::ConsumerMetrics;
+
+/// How long applied event ids are remembered: longer than the relay's default replay window
+/// (`OUTBOX_RETENTION_HOURS`, 72 h), so a replay is recognised as duplicates.
+pub const APPLIED_EVENTS_RETENTION_DAYS: i32 = 7;
+
+/// How many times an event that fails alone for a non-transient reason is tried before it is
+/// dead-lettered.
+pub const INTERNAL_ATTEMPTS: u32 = 5;
+
+/// What [`Applier::apply_batch_or_stop`] did with a batch.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// How many messages had each outcome ([`Outcome::label`]), among those applied.
+    pub outcomes: BTreeMap<&'static str, usize>,
+    /// Where the batch stopped, when it did.
+    pub stopped: Option<Stopped>,
+}
+
+impl Applied {
+    fn count(&mut self, outcome: &Outcome) {
+        *self.outcomes.entry(outcome.label()).or_default() += 1;
+    }
+}
+
+/// Why a batch stopped before its end.
+#[derive(Debug, Clone)]
+pub struct Stopped {
+    /// The index (in the batch) of the first message not applied: it and every later message
+    /// are unapplied, every earlier one is committed.
+    pub first_unapplied: usize,
+    pub cause: String,
+}
+
+/// A storage error with its cause, for logs and reports.
+fn describe(error: &StoreError) -> String {
+    match error {
+        StoreError::Unavailable(cause) | StoreError::Internal(cause) => {
+            format!("{error}: {cause:#}")
+        }
+        StoreError::Fenced { .. } => error.to_string(),
+    }
+}
+
+/// A message as received, detached from the Kafka client: every byte kept as it came, so a
+/// dead letter can always be written, whatever a foreign producer sent.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<KafkaHeader>,
+    /// Why the record could not even be read as bytes (a Lambda Kafka event whose base64 does
+    /// not decode; `key` and `payload` then hold the text as it came): poison, dead-lettered
+    /// with this reason. `None` for every record read from Kafka directly.
+    pub unreadable: Option<String>,
+}
+
+impl Incoming {
+    /// Detaches a received message.
+    #[cfg(feature = "rdkafka")]
+    pub fn from_message<M: Message>(message: &M) -> Self {
+        Self {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers: read_headers(message),
+            unreadable: None,
+        }
+    }
+
+    /// The bytes this message holds, for the batch's byte budget.
+    pub fn size(&self) -> usize {
+        self.payload.len()
+            + self.key.as_ref().map_or(0, Vec::len)
+            + self
+                .headers
+                .iter()
+                .map(|h| {
+                    h.name.as_ref().map_or(0, String::len) + h.value.as_ref().map_or(0, Vec::len)
+                })
+                .sum::<usize>()
+    }
+
+    /// The proof of this record at a resumed position: SHA-256 over the key's length and
+    /// bytes, then the payload.
+    pub fn record_hash(&self) -> Vec<u8> {
+        record_hash(self.key.as_deref(), &self.payload)
+    }
+
+    /// Why the headers alone make this message poison, if they do.
+    fn header_problem(&self) -> Option<String> {
+        let unreadable = self.headers.iter().filter(|h| h.name.is_none()).count();
+        (unreadable > 0)
+            .then(|| format!("{unreadable} header name(s) are not valid UTF-8 (stored as NULL)"))
+    }
+}
+
+/// The SHA-256 that proves which record sits at a position (see [`Incoming::record_hash`]).
+pub fn record_hash(key: Option<&[u8]>, payload: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    match key {
+        Some(key) => {
+            hasher.update((key.len() as u64).to_be_bytes());
+            hasher.update(key);
+        }
+        None => hasher.update(u64::MAX.to_be_bytes()),
+    }
+    hasher.update(payload);
+    hasher.finalize().to_vec()
+}
+
+/// What proves the record before a stored position: its hash (every record since the proof
+/// was introduced) or, for positions stored before, its event id.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Proof {
+    pub event_id: Option<uuid::Uuid>,
+    pub record_hash: Option<Vec<u8>>,
+}
+
+/// One Kafka header. `name` is `None` when the producer sent a name that is not UTF-8: the
+/// Kafka client cannot read such a name (nor its value) and would panic trying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaHeader {
+    pub name: Option<String>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// A received message, decoded.
+enum Decoded {
+    Change(ChangeEvent),
+    Heartbeat(Heartbeat),
+    Poison(String),
+}
+
+impl Decoded {
+    fn of(incoming: &Incoming) -> Self {
+        if let Some(problem) = &incoming.unreadable {
+            return Self::Poison(problem.clone());
+        }
+        if let Some(problem) = incoming.header_problem() {
+            return Self::Poison(format!("invalid headers: {problem}"));
+        }
+        if header(&incoming.headers, HEADER_EVENT_TYPE).as_deref() == Some(TYPE_HEARTBEAT) {
+            return match Heartbeat::decode(&incoming.payload) {
+                Ok(heartbeat) => Self::Heartbeat(heartbeat),
+                Err(e) => Self::Poison(e.to_string()),
+            };
+        }
+        match ChangeEvent::decode(&incoming.payload) {
+            Ok(event) => Self::Change(event),
+            Err(e) => Self::Poison(e.to_string()),
+        }
+    }
+
+    /// The event id recorded with the position, for the resume proof.
+    fn id(&self) -> Option<uuid::Uuid> {
+        match self {
+            Self::Change(event) => Some(event.id),
+            Self::Heartbeat(heartbeat) => Some(heartbeat.id),
+            Self::Poison(_) => None,
+        }
+    }
+}
+
+/// What applying a message did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Region 2 now holds this version.
+    Applied,
+    /// Region 2 already held this or a newer version.
+    Stale,
+    /// This event id was applied before (a redelivery).
+    Duplicate,
+    /// Poison: stored in `dead_letters` with the reason.
+    DeadLettered(String),
+    /// A relay heartbeat, recorded for the lag.
+    Heartbeat,
+}
+
+impl Outcome {
+    /// The outcome's name in metrics and reports.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Stale => "stale",
+            Self::Duplicate => "duplicate",
+            Self::DeadLettered(_) => "dead_lettered",
+            Self::Heartbeat => "heartbeat",
+        }
+    }
+}
+
+const RECORD_EVENTS: &str = "INSERT INTO applied_events \
+     (event_id, collection, document_id, version, outcome, event_time) \
+     SELECT e, c, d, v, 'applied', t \
+     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::timestamptz[]) AS u (e, c, d, v, t) \
+     ON CONFLICT (event_id) DO NOTHING RETURNING event_id";
+/// The stored versions of the batch's documents, read before the batch writes them.
+const VERSIONS_BEFORE: &str = "SELECT d.collection, d.id, d.version FROM documents d \
+     JOIN unnest($1::text[], $2::text[]) AS k (collection, id) \
+       ON d.collection = k.collection COLLATE \"C\" AND d.id = k.id COLLATE \"C\"";
+const MARK_STALE: &str = "UPDATE applied_events SET outcome = 'stale' WHERE event_id = ANY($1)";
+/// One row per document (the batch's newest version of it): `ON CONFLICT DO UPDATE` cannot
+/// touch a row twice in one statement.
+const UPSERT_DOCUMENTS: &str = "INSERT INTO documents \
+     (collection, id, version, data, deleted, created_at, updated_at) \
+     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::jsonb[], $5::bool[], \
+       $6::timestamptz[], $7::timestamptz[]) \
+     ON CONFLICT (collection, id) DO UPDATE SET \
+       version = EXCLUDED.version, data = EXCLUDED.data, deleted = EXCLUDED.deleted, \
+       created_at = CASE WHEN EXCLUDED.deleted THEN documents.created_at ELSE EXCLUDED.created_at END, \
+       updated_at = EXCLUDED.updated_at \
+     WHERE documents.version < EXCLUDED.version \
+     RETURNING collection, id";
+/// The next position per partition, with the proof of the record before it: its event id (when
+/// it had one) and the SHA-256 of its key and payload (always).
+const STORE_OFFSETS: &str = "INSERT INTO consumer_offsets \
+       (topic, partition, next_offset, last_event_id, last_record_hash, updated_at) \
+     SELECT $1::text, p, n, e, h, clock_timestamp() \
+     FROM unnest($2::int[], $3::bigint[], $4::uuid[], $5::bytea[]) AS u (p, n, e, h) \
+     ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, \
+       last_event_id = EXCLUDED.last_event_id, last_record_hash = EXCLUDED.last_record_hash, \
+       updated_at = EXCLUDED.updated_at";
+/// The newest heartbeat per partition (its origin time only moves forward).
+const RECORD_HEARTBEATS: &str = "INSERT INTO replication_heartbeats (topic, partition, origin_time, applied_at) \
+     SELECT $1::text, p, t, clock_timestamp() FROM unnest($2::int[], $3::timestamptz[]) AS u (p, t) \
+     ON CONFLICT (topic, partition) DO UPDATE SET \
+       origin_time = GREATEST(replication_heartbeats.origin_time, EXCLUDED.origin_time), \
+       applied_at = EXCLUDED.applied_at";
+const RECORD_PROGRESS: &str = "UPDATE replication_status SET \
+     last_event_time = GREATEST(last_event_time, $1), last_applied_at = clock_timestamp() WHERE id = 1";
+const DEAD_LETTER: &str = "INSERT INTO dead_letters (topic, partition, \"offset\", message_key, payload, \
+       header_names, header_values, reason) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (topic, partition, \"offset\") DO NOTHING";
+
+/// Applies events; cheap to clone.
+#[derive(Clone)]
+pub struct Applier {
+    pub pool: Pool,
+    pub cache: Cache,
+    pub metrics: Arc<ConsumerMetrics>,
+    /// The elected leader's epoch, checked by every apply transaction; `None` outside a
+    /// leadership term (the `redrive` command).
+    fence: Arc<std::sync::Mutex<Option<Fence>>>,
+}
+
+impl Applier {
+    pub fn new(pool: Pool, cache: Cache, metrics: Arc<ConsumerMetrics>) -> Self {
+        Self {
+            pool,
+            cache,
+            metrics,
+            fence: Arc::default(),
+        }
+    }
+
+    /// Fences this term's transactions with its epoch (`None`: unfenced).
+    pub fn set_fence(&self, fence: Option<Fence>) {
+        if let Ok(mut slot) = self.fence.lock() {
+            *slot = fence;
+        }
+    }
+
+    fn fence(&self) -> Option<Fence> {
+        self.fence.lock().ok().and_then(|f| *f)
+    }
+
+    /// Checks inside `tx` that this process still leads ([`FENCE_CHECK`]).
+    async fn check_fence(&self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+        let Some(fence) = self.fence() else {
+            return Ok(());
+        };
+        let stmt = tx.prepare_cached(FENCE_CHECK).await?;
+        if tx
+            .query_opt(&stmt, &[&fence.role, &fence.epoch])
+            .await?
+            .is_none()
+        {
+            return Err(StoreError::Fenced { epoch: fence.epoch });
+        }
+        Ok(())
+    }
+
+    /// `(partition, next_offset, proof of the record before it)` per partition.
+    pub async fn stored_positions(&self, topic: &str) -> anyhow::Result<Vec<(i32, i64, Proof)>> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT partition, next_offset, last_event_id, last_record_hash FROM consumer_offsets WHERE topic = $1 AND next_offset > 0",
+                &[&topic],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get(1),
+                    Proof {
+                        event_id: r.get(2),
+                        record_hash: r.get(3),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Applies a batch of messages, in order; retries while the database is unavailable
+    /// (nothing is skipped). A batch that fails for another reason committed nothing: it is
+    /// split in halves, applied first half first, until the event that fails is alone, so it is
+    /// dead-lettered by itself ([`Self::apply_with_retry`]) and the rest still land in batches.
+    pub async fn apply_batch_with_retry(
+        &self,
+        batch: &[Incoming],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let mut pending = vec![batch];
+        while let Some(part) = pending.pop() {
+            if let [incoming] = part {
+                self.apply_with_retry(incoming, shutdown).await?;
+                continue;
+            }
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match self.apply_batch(part).await {
+                    Ok(outcomes) => {
+                        self.metrics.batch_size.observe(part.len() as f64);
+                        for (incoming, outcome) in part.iter().zip(&outcomes) {
+                            self.report(incoming, outcome);
+                        }
+                        break;
+                    }
+                    Err(StoreError::Unavailable(cause)) => {
+                        tracing::warn!(
+                            error = format!("{cause:#}"),
+                            "database unavailable; retrying the batch"
+                        );
+                    }
+                    Err(StoreError::Fenced { epoch }) => {
+                        anyhow::bail!("fenced: epoch {epoch} was superseded by a new leader")
+                    }
+                    Err(StoreError::Internal(cause)) => {
+                        tracing::warn!(
+                            error = format!("{cause:#}"),
+                            events = part.len(),
+                            "failed to apply a batch; splitting it to find the event that fails"
+                        );
+                        let (first, second) = part.split_at(part.len() / 2);
+                        pending.push(second);
+                        pending.push(first);
+                        break;
+                    }
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => anyhow::bail!("shutting down before the batch was applied"),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one message; retries while the database is unavailable (nothing is skipped),
+    /// and dead-letters a message that keeps failing for a non-transient reason.
+    pub async fn apply_with_retry(
+        &self,
+        incoming: &Incoming,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(50);
+        let mut internal_failures = 0;
+        loop {
+            let error = match self.apply_batch(std::slice::from_ref(incoming)).await {
+                Ok(outcomes) => {
+                    self.metrics.batch_size.observe(1.0);
+                    if let Some(outcome) = outcomes.first() {
+                        self.report(incoming, outcome);
+                    }
+                    return Ok(());
+                }
+                Err(error) => error,
+            };
+            match &error {
+                StoreError::Fenced { epoch } => {
+                    anyhow::bail!("fenced: epoch {epoch} was superseded by a new leader")
+                }
+                StoreError::Internal(cause) => {
+                    internal_failures += 1;
+                    tracing::error!(
+                        error = format!("{cause:#}"),
+                        offset = incoming.offset,
+                        attempt = internal_failures,
+                        "failed to apply an event"
+                    );
+                    if internal_failures >= INTERNAL_ATTEMPTS {
+                        let reason = format!("could not be applied: {cause:#}");
+                        match self.dead_letter(incoming, &reason).await {
+                            Ok(()) => {
+                                self.metrics.record("dead_lettered");
+                                return Ok(());
+                            }
+                            // The position stays where it is: nothing is lost, and the event
+                            // is tried again (and dead-lettered again) after the backoff.
+                            Err(e) => {
+                                self.metrics.dead_letter_failures.inc();
+                                tracing::error!(
+                                    error = format!("{e:#}"),
+                                    topic = %incoming.topic,
+                                    partition = incoming.partition,
+                                    offset = incoming.offset,
+                                    "the event can neither be applied nor dead-lettered; holding the partition's position and retrying"
+                                );
+                            }
+                        }
+                    }
+                }
+                StoreError::Unavailable(cause) => {
+                    tracing::warn!(
+                        error = format!("{cause:#}"),
+                        "database unavailable; retrying the event"
+                    );
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => anyhow::bail!("shutting down before the event was applied"),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Applies one partition's messages, in order, like [`Self::apply_batch_with_retry`] but
+    /// without waiting out a database that is unavailable: the Lambda apply's policy, where the
+    /// event source mapping retries whatever the function reports as not applied.
+    ///
+    /// A batch that fails for another reason committed nothing: it is split in halves, first
+    /// half first, until the event that fails is alone; that event is tried
+    /// [`INTERNAL_ATTEMPTS`] times and then dead-lettered by itself, as in the pod. A
+    /// transient failure (connection loss, read-only database, lock or statement timeout, …)
+    /// stops the batch at once: the messages before the part that failed are committed, the
+    /// rest are not, and [`Applied::stopped`] names the first of them. So does a dead letter
+    /// that cannot be written: the event is then retried, never skipped.
+    pub async fn apply_batch_or_stop(&self, batch: &[Incoming]) -> Applied {
+        let mut applied = Applied::default();
+        if batch.is_empty() {
+            return applied;
+        }
+        // (index in `batch` of the part's first message, the part), first part on top.
+        let mut pending = vec![(0, batch)];
+        while let Some((start, part)) = pending.pop() {
+            if let [incoming] = part {
+                match self.apply_one_or_stop(incoming).await {
+                    Ok(outcome) => applied.count(&outcome),
+                    Err(cause) => {
+                        applied.stopped = Some(Stopped {
+                            first_unapplied: start,
+                            cause,
+                        });
+                        return applied;
+                    }
+                }
+                continue;
+            }
+            match self.apply_batch(part).await {
+                Ok(outcomes) => {
+                    self.metrics.batch_size.observe(part.len() as f64);
+                    for (incoming, outcome) in part.iter().zip(&outcomes) {
+                        self.report(incoming, outcome);
+                        applied.count(outcome);
+                    }
+                }
+                Err(StoreError::Internal(cause)) => {
+                    tracing::warn!(
+                        error = format!("{cause:#}"),
+                        events = part.len(),
+                        "failed to apply a batch; splitting it to find the event that fails"
+                    );
+                    let middle = part.len() / 2;
+                    let (first, second) = part.split_at(middle);
+                    pending.push((start + middle, second));
+                    pending.push((start, first));
+                }
+                Err(error) => {
+                    applied.stopped = Some(Stopped {
+                        first_unapplied: start,
+                        cause: describe(&error),
+                    });
+                    return applied;
+                }
+            }
+        }
+        applied
+    }
+
+    /// One message for [`Self::apply_batch_or_stop`]: its outcome, or why it stays unapplied.
+    async fn apply_one_or_stop(&self, incoming: &Incoming) -> Result<Outcome, String> {
+        let mut backoff = Duration::from_millis(50);
+        let mut internal_failures = 0;
+        loop {
+            match self.apply_batch(std::slice::from_ref(incoming)).await {
+                Ok(outcomes) => {
+                    self.metrics.batch_size.observe(1.0);
+                    let outcome = outcomes.into_iter().next().unwrap_or(Outcome::Duplicate);
+                    self.report(incoming, &outcome);
+                    return Ok(outcome);
+                }
+                Err(StoreError::Internal(cause)) => {
+                    internal_failures += 1;
+                    tracing::error!(
+                        error = format!("{cause:#}"),
+                        partition = incoming.partition,
+                        offset = incoming.offset,
+                        attempt = internal_failures,
+                        "failed to apply an event"
+                    );
+                    if internal_failures >= INTERNAL_ATTEMPTS {
+                        let reason = format!("could not be applied: {cause:#}");
+                        return match self.dead_letter(incoming, &reason).await {
+                            Ok(()) => {
+                                self.metrics.record("dead_lettered");
+                                Ok(Outcome::DeadLettered(reason))
+                            }
+                            Err(e) => {
+                                self.metrics.dead_letter_failures.inc();
+                                tracing::error!(
+                                    error = describe(&e),
+                                    topic = %incoming.topic,
+                                    partition = incoming.partition,
+                                    offset = incoming.offset,
+                                    "the event can neither be applied nor dead-lettered; reporting it as not applied"
+                                );
+                                Err(format!(
+                                    "the event can neither be applied nor dead-lettered: {}",
+                                    describe(&e)
+                                ))
+                            }
+                        };
+                    }
+                }
+                Err(error) => return Err(describe(&error)),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    fn report(&self, incoming: &Incoming, outcome: &Outcome) {
+        self.metrics.record(outcome.label());
+        if let Outcome::DeadLettered(reason) = outcome {
+            tracing::warn!(topic = %incoming.topic, partition = incoming.partition, offset = incoming.offset, reason, "poison event dead-lettered");
+        }
+    }
+
+    /// One transaction for the whole batch: the effects, the event ids, the heartbeats, the
+    /// Kafka positions (with the proof of the record before each) and the progress, so a crash
+    /// leaves either all of it or none; it commits only while this process leads. Returns each
+    /// message's outcome, in order.
+    pub async fn apply_batch(&self, batch: &[Incoming]) -> Result<Vec<Outcome>, StoreError> {
+        let decoded: Vec<Decoded> = batch.iter().map(Decoded::of).collect();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        self.check_fence(&tx).await?;
+        for (incoming, decoded) in batch.iter().zip(&decoded) {
+            if let Decoded::Poison(reason) = decoded {
+                insert_dead_letter(&tx, incoming, reason).await?;
+            }
+        }
+        let events: Vec<&ChangeEvent> = decoded
+            .iter()
+            .filter_map(|d| match d {
+                Decoded::Change(event) => Some(event),
+                _ => None,
+            })
+            .collect();
+        let (applied, entries) = self.apply_events(&tx, &events).await?;
+        let mut applied = applied.into_iter();
+        let outcomes: Vec<Outcome> = decoded
+            .iter()
+            .map(|d| match d {
+                Decoded::Change(_) => applied.next().unwrap_or(Outcome::Duplicate),
+                Decoded::Heartbeat(_) => Outcome::Heartbeat,
+                Decoded::Poison(reason) => Outcome::DeadLettered(reason.clone()),
+            })
+            .collect();
+
+        // The next position per partition: after the batch's last message there.
+        let mut positions: BTreeMap<i32, (i64, Option<uuid::Uuid>, Vec<u8>)> = BTreeMap::new();
+        let mut heartbeats: BTreeMap<i32, OffsetDateTime> = BTreeMap::new();
+        for (incoming, decoded) in batch.iter().zip(&decoded) {
+            let next = incoming.offset + 1;
+            if positions
+                .get(&incoming.partition)
+                .is_none_or(|slot| next >= slot.0)
+            {
+                positions.insert(
+                    incoming.partition,
+                    (next, decoded.id(), incoming.record_hash()),
+                );
+            }
+            if let Decoded::Heartbeat(heartbeat) = decoded {
+                let slot = heartbeats
+                    .entry(incoming.partition)
+                    .or_insert(heartbeat.time);
+                *slot = (*slot).max(heartbeat.time);
+            }
+        }
+        let topic = batch.first().map_or("", |m| m.topic.as_str());
+        let partitions: Vec<i32> = positions.keys().copied().collect();
+        let next_offsets: Vec<i64> = positions.values().map(|p| p.0).collect();
+        let last_ids: Vec<Option<uuid::Uuid>> = positions.values().map(|p| p.1).collect();
+        let hashes: Vec<&[u8]> = positions.values().map(|p| p.2.as_slice()).collect();
+        let store = tx.prepare_cached(STORE_OFFSETS).await?;
+        let progress = tx.prepare_cached(RECORD_PROGRESS).await?;
+        let beats = tx.prepare_cached(RECORD_HEARTBEATS).await?;
+        let store_params: [&(dyn ToSql + Sync); 5] =
+            [&topic, &partitions, &next_offsets, &last_ids, &hashes];
+        let newest = events.iter().map(|e| e.time).max();
+        let beat_partitions: Vec<i32> = heartbeats.keys().copied().collect();
+        let beat_times: Vec<OffsetDateTime> = heartbeats.values().copied().collect();
+        let (stored, recorded, beaten) = tokio::join!(
+            tx.execute(&store, &store_params),
+            async {
+                match &newest {
+                    Some(newest) => tx.execute(&progress, &[newest]).await.map(|_| ()),
+                    None => Ok(()),
+                }
+            },
+            async {
+                if beat_partitions.is_empty() {
+                    return Ok(());
+                }
+                tx.execute(&beats, &[&topic, &beat_partitions, &beat_times])
+                    .await
+                    .map(|_| ())
+            }
+        );
+        stored?;
+        recorded?;
+        beaten?;
+        tx.commit().await?;
+        self.refresh_cache(&entries).await;
+        let now = OffsetDateTime::now_utc();
+        for (outcome, decoded) in outcomes.iter().zip(&decoded) {
+            if let (Outcome::Applied, Decoded::Change(event)) = (outcome, decoded) {
+                self.metrics
+                    .observe_lag((now - event.time).as_seconds_f64().max(0.0));
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Applies decoded events inside `tx` and returns their outcomes, in order: those applying
+    /// them one by one would have had, and the cache entries of the states written (for
+    /// after the commit). An event seen before is a duplicate; a fresh one is
+    /// applied when its version is newer than what Region 2 held when it came (before the batch
+    /// or after an earlier event of it), else it is stale (it arrived out of order). Per document only
+    /// the batch's newest version is written (the versions before it in the batch are applied
+    /// and superseded in the same transaction, which no reader can tell apart from applying
+    /// them one by one).
+    async fn apply_events(
+        &self,
+        tx: &Transaction<'_>,
+        events: &[&ChangeEvent],
+    ) -> Result<(Vec<Outcome>, Vec<(DocumentKey, Entry)>), StoreError> {
+        if events.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
+        let collections: Vec<&str> = events.iter().map(|e| e.data.collection.as_str()).collect();
+        let document_ids: Vec<&str> = events.iter().map(|e| e.data.id.as_str()).collect();
+        let versions: Vec<i64> = events.iter().map(|e| e.data.version).collect();
+        let times: Vec<OffsetDateTime> = events.iter().map(|e| e.time).collect();
+        // The newest state per document. A duplicate may be the newest: writing it again is a
+        // no-op under the version guard (Region 2 holds it already), so freshness need not be
+        // known before the write, and the three statements below travel together.
+        let mut newest: HashMap<(&str, &str), &DocumentState> = HashMap::new();
+        for event in events {
+            let key = (event.data.collection.as_str(), event.data.id.as_str());
+            let slot = newest.entry(key).or_insert(&event.data);
+            if slot.version < event.data.version {
+                *slot = &event.data;
+            }
+        }
+        let states: Vec<&DocumentState> = newest.into_values().collect();
+        let keys: (Vec<&str>, Vec<&str>) = states
+            .iter()
+            .map(|s| (s.collection.as_str(), s.id.as_str()))
+            .unzip();
+        // Prepared first, so that the three statements go out in this order and the versions
+        // are read before the upsert changes them.
+        let record = tx.prepare_cached(RECORD_EVENTS).await?;
+        let before = tx.prepare_cached(VERSIONS_BEFORE).await?;
+        let upsert = tx.prepare_cached(UPSERT_DOCUMENTS).await?;
+        let record_params: [&(dyn ToSql + Sync); 5] =
+            [&ids, &collections, &document_ids, &versions, &times];
+        let before_params: [&(dyn ToSql + Sync); 2] = [&keys.0, &keys.1];
+        let (fresh, before, written) = tokio::join!(
+            tx.query(&record, &record_params),
+            tx.query(&before, &before_params),
+            upsert_documents(tx, &upsert, &states),
+        );
+        let mut fresh: HashSet<uuid::Uuid> = fresh?.iter().map(|row| row.get(0)).collect();
+        let mut held: HashMap<(String, String), i64> = before?
+            .iter()
+            .map(|row| ((row.get(0), row.get(1)), row.get(2)))
+            .collect();
+        let written = written?;
+
+        // The outcomes applying the events one by one, in order, would have had: `held` is
+        // the version Region 2 holds after each event.
+        let mut outcomes = Vec::with_capacity(events.len());
+        let mut stale = Vec::new();
+        for event in events {
+            // The first occurrence of a fresh id is the fresh event (an id can repeat).
+            let outcome = if !fresh.remove(&event.id) {
+                Outcome::Duplicate
+            } else {
+                let key = (
+                    event.data.collection.as_str().to_owned(),
+                    event.data.id.as_str().to_owned(),
+                );
+                // Not written: the database held the batch's newest version or a newer one
+                // (a concurrent writer, such as a redrive), so every fresh event of it is stale.
+                let newest_written = written.contains(&key);
+                let version_held = held.entry(key).or_insert(0);
+                if !newest_written || *version_held >= event.data.version {
+                    stale.push(event.id);
+                    Outcome::Stale
+                } else {
+                    *version_held = event.data.version;
+                    Outcome::Applied
+                }
+            };
+            outcomes.push(outcome);
+        }
+        if !stale.is_empty() {
+            let stmt = tx.prepare_cached(MARK_STALE).await?;
+            tx.execute(&stmt, &[&stale]).await?;
+        }
+
+        let entries: Vec<(DocumentKey, Entry)> = states
+            .iter()
+            .filter(|s| {
+                written.contains(&(s.collection.as_str().to_owned(), s.id.as_str().to_owned()))
+            })
+            .map(|state| {
+                let entry = match state.to_stored() {
+                    Stored::Live(document) => Entry::Live {
+                        version: document.version,
+                        body: document.to_body(),
+                    },
+                    Stored::Deleted { version } => Entry::Deleted { version },
+                };
+                (state.key(), entry)
+            })
+            .collect();
+        Ok((outcomes, entries))
+    }
+
+    /// Region 2's Redis gets the committed states, version-guarded, in one round trip, after
+    /// the commit (never a state the database may yet roll back). A failure makes the cache
+    /// distrust itself until its generation is bumped (see `tandem_shared::cache`), so no
+    /// entry it failed to update can be served afterwards.
+    async fn refresh_cache(&self, entries: &[(DocumentKey, Entry)]) {
+        if entries.is_empty() {
+            return;
+        }
+        match self
+            .cache
+            .put_many(entries.iter().map(|(k, e)| (k, e)))
+            .await
+        {
+            Ok(_) => {}
+            // Bypassed since an earlier fault: the generation bump to come covers these.
+            Err(CacheError::Distrusted) => {}
+            Err(e) => {
+                for _ in entries {
+                    self.metrics.record("cache_update_failed");
+                }
+                tracing::warn!(error = %e, "cache update failed; the cache generation will be bumped");
+            }
+        }
+    }
+
+    async fn dead_letter(&self, incoming: &Incoming, reason: &str) -> Result<(), StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        self.check_fence(&tx).await?;
+        insert_dead_letter(&tx, incoming, reason).await?;
+        let stmt = tx.prepare_cached(STORE_OFFSETS).await?;
+        tx.execute(
+            &stmt,
+            &[
+                &incoming.topic,
+                &vec![incoming.partition],
+                &vec![incoming.offset + 1],
+                &vec![None::<uuid::Uuid>],
+                &vec![incoming.record_hash()],
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Starts counting every partition of the topic in the lag: one heartbeat row each (a
+    /// partition without a heartbeat yet counts from now), and none for partitions the topic
+    /// no longer has.
+    pub async fn track_partitions(&self, topic: &str, partitions: &[i32]) -> anyhow::Result<()> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "INSERT INTO replication_heartbeats (topic, partition, origin_time) \
+                 SELECT $1, p, clock_timestamp() FROM unnest($2::int[]) AS p \
+                 ON CONFLICT (topic, partition) DO NOTHING",
+                &[&topic, &partitions],
+            )
+            .await?;
+        client
+            .execute(
+                "DELETE FROM replication_heartbeats WHERE topic <> $1 OR NOT partition = ANY($2)",
+                &[&topic, &partitions],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Counts these partitions of the topic in the lag from now on, when they are not counted
+    /// yet (a partition without a heartbeat then ages from now), and forgets none: the Lambda
+    /// apply knows the partition count only from its configuration, which must not make a
+    /// partition that exists invisible (see [`Self::track_partitions`] for the pod, which reads
+    /// the topic's metadata).
+    pub async fn count_partitions_in_lag(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<u64, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .execute(
+                "INSERT INTO replication_heartbeats (topic, partition, origin_time) \
+                 SELECT $1, p, clock_timestamp() FROM unnest($2::int[]) AS p \
+                 ON CONFLICT (topic, partition) DO NOTHING",
+                &[&topic, &partitions],
+            )
+            .await?)
+    }
+
+    /// Liveness and backlog, for the Read API's lag report.
+    pub async fn record_heartbeat(&self, backlog: i64) {
+        self.metrics.backlog.set(backlog);
+        let Ok(client) = self.pool.get().await else {
+            return;
+        };
+        let _ = client
+            .execute(
+                "UPDATE replication_status SET heartbeat_at = clock_timestamp(), backlog = $1 WHERE id = 1",
+                &[&backlog],
+            )
+            .await;
+    }
+
+    /// Forgets applied event ids older than [`APPLIED_EVENTS_RETENTION_DAYS`], in chunks, so
+    /// the table does not grow without bound. Past that window a redelivered event is still
+    /// harmless: the version guard records it as `stale`.
+    pub async fn prune_applied_events(&self) -> Result<u64, StoreError> {
+        let client = self.pool.get().await?;
+        let mut total = 0;
+        loop {
+            let n = client
+                .execute(
+                    "DELETE FROM applied_events WHERE event_id IN (SELECT event_id FROM applied_events \
+                     WHERE applied_at < now() - make_interval(days => $1) LIMIT 10000)",
+                    &[&APPLIED_EVENTS_RETENTION_DAYS],
+                )
+                .await?;
+            total += n;
+            if n < 10_000 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Re-applies dead letters (one, or all not yet redriven). Events that still fail stay
+    /// dead-lettered with the new reason. Returns `(id, result)` per letter.
+    pub async fn redrive(&self, only: Option<i64>) -> anyhow::Result<Vec<(i64, String)>> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT id, payload FROM dead_letters WHERE redriven_at IS NULL AND ($1::bigint IS NULL OR id = $1) ORDER BY id",
+                &[&only],
+            )
+            .await?;
+        let mut results = Vec::new();
+        for row in rows {
+            let id: i64 = row.get(0);
+            let payload: Option<Vec<u8>> = row.get(1);
+            // One letter failing (the database refusing it, say) does not stop the others.
+            let result = match self
+                .redrive_one(payload.as_deref().unwrap_or_default())
+                .await
+            {
+                Ok(result) => result,
+                Err(e) => format!("still poison: could not be applied: {e:#}"),
+            };
+            if let Err(e) = client
+                .execute(
+                    "UPDATE dead_letters SET redriven_at = CASE WHEN $2 LIKE 'still poison%' THEN NULL ELSE clock_timestamp() END, redrive_result = $2 WHERE id = $1",
+                    &[&id, &result],
+                )
+                .await
+            {
+                tracing::error!(id, error = %e, "failed to record a redrive result");
+            }
+            results.push((id, result));
+        }
+        Ok(results)
+    }
+
+    async fn redrive_one(&self, payload: &[u8]) -> anyhow::Result<String> {
+        let event = match ChangeEvent::decode(payload) {
+            Err(reason) => return Ok(format!("still poison: {reason}")),
+            Ok(event) => event,
+        };
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let (outcomes, entries) = self.apply_events(&tx, &[&event]).await?;
+        tx.commit().await?;
+        self.refresh_cache(&entries).await;
+        Ok(outcomes
+            .first()
+            .map_or("duplicate", Outcome::label)
+            .to_owned())
+    }
+}
+
+/// Upserts the states (at most one per document) where they are newer than the stored
+/// version; returns the `(collection, id)` of the documents that changed.
+async fn upsert_documents(
+    tx: &Transaction<'_>,
+    stmt: &tokio_postgres::Statement,
+    states: &[&DocumentState],
+) -> Result<HashSet<(String, String)>, StoreError> {
+    if states.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let collections: Vec<&str> = states.iter().map(|s| s.collection.as_str()).collect();
+    let ids: Vec<&str> = states.iter().map(|s| s.id.as_str()).collect();
+    let versions: Vec<i64> = states.iter().map(|s| s.version).collect();
+    let data: Vec<Option<Json<&serde_json::Map<String, serde_json::Value>>>> =
+        states.iter().map(|s| s.data.as_ref().map(Json)).collect();
+    let deleted: Vec<bool> = states.iter().map(|s| s.deleted).collect();
+    let created_at: Vec<OffsetDateTime> = states
+        .iter()
+        .map(|s| s.created_at.unwrap_or(s.updated_at))
+        .collect();
+    let updated_at: Vec<OffsetDateTime> = states.iter().map(|s| s.updated_at).collect();
+    let rows = tx
+        .query(
+            stmt,
+            &[
+                &collections,
+                &ids,
+                &versions,
+                &data,
+                &deleted,
+                &created_at,
+                &updated_at,
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+async fn insert_dead_letter(
+    tx: &Transaction<'_>,
+    incoming: &Incoming,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let stmt = tx.prepare_cached(DEAD_LETTER).await?;
+    let names: Vec<Option<&str>> = incoming.headers.iter().map(|h| h.name.as_deref()).collect();
+    let values: Vec<Option<&[u8]>> = incoming
+        .headers
+        .iter()
+        .map(|h| h.value.as_deref())
+        .collect();
+    // text columns cannot hold NUL: the reason quotes payloads, so strip it there.
+    let reason = reason.replace('\0', "\\0");
+    tx.execute(
+        &stmt,
+        &[
+            &incoming.topic,
+            &incoming.partition,
+            &incoming.offset,
+            &incoming.key,
+            &incoming.payload,
+            &names,
+            &values,
+            &reason,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The message's headers, each read on its own: rdkafka panics on a header name that is not
+/// UTF-8, so such a header is caught and kept as unreadable (`name: None`) instead of
+/// crashing the consumer (which would then crash again on the same record forever).
+#[cfg(feature = "rdkafka")]
+pub fn read_headers<M: Message>(message: &M) -> Vec<KafkaHeader> {
+    let Some(headers) = message.headers() else {
+        return Vec::new();
+    };
+    (0..headers.count())
+        .filter_map(|index| {
+            let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                headers.try_get(index).map(|h| KafkaHeader {
+                    name: Some(h.key.to_owned()),
+                    value: h.value.map(<[u8]>::to_vec),
+                })
+            }));
+            match read {
+                Ok(header) => header,
+                Err(_) => Some(KafkaHeader {
+                    name: None,
+                    value: None,
+                }),
+            }
+        })
+        .collect()
+}
+
+/// One header's value as text (the last one of that name).
+pub fn header(headers: &[KafkaHeader], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .rev()
+        .find(|h| h.name.as_deref() == Some(name))
+        .and_then(|h| h.value.as_deref())
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}

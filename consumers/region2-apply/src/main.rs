@@ -1,0 +1,15 @@
+//! `tandem-region2-apply-lambda`: Region 2's apply as a Lambda function behind a Kafka event
+//! source mapping (`tandem_region2_apply::lambda`). It serves Lambda invocations only (it needs
+//! `AWS_LAMBDA_RUNTIME_API`, as Lambda and `cargo lambda watch` set it); the consumer pod,
+//! `tandem-region2-consumer`, is the long-running alternative.
+
+use anyhow::Context;
+use tandem_region2_apply::lambda::{KafkaApply, Settings};
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    tandem_shared::telemetry::init();
+    let settings = Settings::from_env().context("Invalid configuration")?;
+    let apply = KafkaApply::build(&settings).await?;
+    lambda_runtime::run(apply.service()).await
+}

@@ -1,0 +1,653 @@
+//! Region 2's apply as a Lambda function behind a Kafka event source mapping
+//! (`tandem-region2-apply-lambda`). The relay publishes Region 1's writes to the real broker;
+//! the tests read those records back, wrap them in the event AWS sends for an MSK (or a
+//! self-managed Kafka) event source mapping, and drive the function through lambda_runtime's
+//! service path, as `lambda_runtime::run` does in AWS: the JSON is deserialised into
+//! `LambdaEvent<KafkaEvent>`, the answer serialised back. Region 2 is then judged by its
+//! database, its Read API (over its Redis) and its `/readyz`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use lambda_runtime::{Context, LambdaEvent};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::{Offset, Timestamp, TopicPartitionList};
+use reqwest::Method;
+use serde_json::{Value, json};
+use tandem_region2_apply::lambda::{KafkaApply, KafkaEvent};
+use tandem_region2_apply::metrics::OutcomeLabels;
+use tandem_region2_apply::{Applier, ConsumerMetrics};
+use tandem_shared::cache::{Cache, CacheSettings};
+use tandem_shared::db::DatabaseSettings;
+use tandem_shared::event::{HEADER_EVENT_TYPE, TYPE_HEARTBEAT};
+use tandem_tests::TwoRegions;
+use tower::ServiceExt;
+
+use crate::support::{assert_each_event_applied_once, produce_raw};
+
+/// The topic's partition count in the harness (`KAFKA_TOPIC_PARTITIONS`).
+const PARTITIONS: i32 = 3;
+
+/// The function as a Lambda instance would hold it, over Region 2's database and Redis.
+async fn function(regions: &TwoRegions, lock_timeout: Option<Duration>) -> KafkaApply {
+    let mut database = DatabaseSettings::from_url(&regions.region2_database_url);
+    if let Some(timeout) = lock_timeout {
+        database.limits.lock_timeout = timeout;
+    }
+    let pool = tandem_shared::db::connect_pool(&database)
+        .await
+        .expect("Region 2 pool");
+    let mut cache = CacheSettings::from_url(&regions.region2_redis_url);
+    cache.key_prefix = regions.region2_key_prefix.clone();
+    let applier = Applier::new(
+        pool,
+        Cache::new(cache).expect("Region 2 cache"),
+        Arc::new(ConsumerMetrics::new()),
+    );
+    KafkaApply::start(applier, &regions.topic, PARTITIONS).await
+}
+
+/// One invocation: the event's JSON text deserialised as the runtime does, the function's
+/// service called with it, its answer as the JSON the runtime sends back to Lambda.
+async fn invoke(apply: &KafkaApply, event: &Value) -> Value {
+    let body = serde_json::to_vec(event).expect("event JSON");
+    let event: KafkaEvent = serde_json::from_slice(&body).expect("AWS's Kafka event shape");
+    let response = apply
+        .clone()
+        .service()
+        .oneshot(LambdaEvent::new(event, Context::default()))
+        .await
+        .expect("the function answers");
+    serde_json::to_value(response).expect("the answer serialises")
+}
+
+fn no_failures() -> Value {
+    json!({"batchItemFailures": []})
+}
+
+/// How many messages the function counted with this outcome.
+fn outcome_count(apply: &KafkaApply, outcome: &'static str) -> u64 {
+    apply
+        .applier()
+        .metrics
+        .events
+        .get_or_create(&OutcomeLabels { outcome })
+        .get()
+}
+
+/// Waits until the relay has published every outbox row of Region 1.
+async fn wait_published(regions: &TwoRegions) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = regions
+            .region1
+            .pool
+            .get()
+            .await
+            .expect("db")
+            .query_one(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+                &[],
+            )
+            .await
+            .expect("count")
+            .get(0);
+        if waiting == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not publish within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every record of the topic from `from` (partition -> first offset; the beginning for the
+/// others) up to the partitions' ends as they are now, in offset order per partition.
+async fn read_topic(regions: &TwoRegions, from: &HashMap<i32, i64>) -> Vec<OwnedMessage> {
+    let brokers = regions.broker.address();
+    let topic = regions.topic.clone();
+    let from = from.clone();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("lambda-test-{}", uuid::Uuid::now_v7()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let timeout = Duration::from_secs(10);
+        let mut ends = HashMap::new();
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..PARTITIONS {
+            let (_, high) = consumer
+                .fetch_watermarks(&topic, partition, timeout)
+                .expect("watermarks");
+            let start = from.get(&partition).copied().unwrap_or(0);
+            if high > start {
+                ends.insert(partition, high);
+                assignment
+                    .add_partition_offset(&topic, partition, Offset::Offset(start))
+                    .expect("assign");
+            }
+        }
+        consumer.assign(&assignment).expect("assign");
+        let mut records = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ends.is_empty() {
+            assert!(Instant::now() < deadline, "the records did not arrive");
+            let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let message = message.expect("a record").detach();
+            let end = ends.get(&message.partition()).copied();
+            if end.is_some_and(|end| message.offset() < end) {
+                if end == Some(message.offset() + 1) {
+                    ends.remove(&message.partition());
+                }
+                records.push(message);
+            }
+        }
+        records.sort_by_key(|m| (m.partition(), m.offset()));
+        records
+    })
+    .await
+    .expect("reader")
+}
+
+/// Where each partition ends after these records.
+fn ends(records: &[OwnedMessage]) -> HashMap<i32, i64> {
+    let mut ends = HashMap::new();
+    for record in records {
+        let end = ends.entry(record.partition()).or_insert(0);
+        *end = (*end).max(record.offset() + 1);
+    }
+    ends
+}
+
+/// A record as AWS puts it in a Kafka event: key and value base64, headers one
+/// `{name: [signed bytes]}` map each.
+fn aws_record(message: &OwnedMessage) -> Value {
+    let headers: Vec<Value> = message
+        .headers()
+        .map(|headers| {
+            headers
+                .iter()
+                .map(|h| {
+                    let bytes: Vec<i8> = h
+                        .value
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|b| *b as i8)
+                        .collect();
+                    json!({ h.key: bytes })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let (timestamp, timestamp_type) = match message.timestamp() {
+        Timestamp::CreateTime(ms) => (ms, "CREATE_TIME"),
+        Timestamp::LogAppendTime(ms) => (ms, "LOG_APPEND_TIME"),
+        Timestamp::NotAvailable => (0, "NO_TIMESTAMP_TYPE"),
+    };
+    json!({
+        "topic": message.topic(),
+        "partition": message.partition(),
+        "offset": message.offset(),
+        "timestamp": timestamp,
+        "timestampType": timestamp_type,
+        "key": message.key().map(|k| BASE64.encode(k)),
+        "value": message.payload().map(|v| BASE64.encode(v)),
+        "headers": headers,
+    })
+}
+
+/// The event of an MSK event source mapping (`aws:kafka`) carrying these records, grouped
+/// under `<topic>-<partition>` keys in offset order.
+fn msk_event(regions: &TwoRegions, records: &[OwnedMessage]) -> Value {
+    json!({
+        "eventSource": "aws:kafka",
+        "eventSourceArn": "arn:aws:kafka:us-east-1:123456789012:cluster/tandem-region1/7d1f3c2a-5b6e-4f80-9a1b-2c3d4e5f6a7b-3",
+        "bootstrapServers": regions.broker.address(),
+        "records": grouped(records),
+    })
+}
+
+/// The same records from a self-managed Kafka event source mapping (what Region 2 uses to reach
+/// the MSK cluster in Region 1 across the peering): no ARN, another `eventSource`.
+fn self_managed_event(regions: &TwoRegions, records: &[OwnedMessage]) -> Value {
+    json!({
+        "eventSource": "SelfManagedKafka",
+        "bootstrapServers": regions.broker.address(),
+        "records": grouped(records),
+    })
+}
+
+fn grouped(records: &[OwnedMessage]) -> BTreeMap<String, Vec<Value>> {
+    let mut grouped: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for record in records {
+        grouped
+            .entry(format!("{}-{}", record.topic(), record.partition()))
+            .or_default()
+            .push(aws_record(record));
+    }
+    grouped
+}
+
+fn is_heartbeat(message: &OwnedMessage) -> bool {
+    message.headers().is_some_and(|headers| {
+        headers
+            .iter()
+            .any(|h| h.key == HEADER_EVENT_TYPE && h.value == Some(TYPE_HEARTBEAT.as_bytes()))
+    })
+}
+
+/// The record that carries this document's newest event.
+fn record_of<'a>(records: &'a [OwnedMessage], key: &str) -> &'a OwnedMessage {
+    records
+        .iter()
+        .rev()
+        .find(|m| m.key() == Some(key.as_bytes()))
+        .unwrap_or_else(|| panic!("no record for {key}"))
+}
+
+async fn count(regions: &TwoRegions, sql: &str) -> i64 {
+    regions
+        .region2_pool
+        .get()
+        .await
+        .expect("db")
+        .query_one(sql, &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+/// The version Region 2's Read API serves for a document (through its Redis), or None (404).
+async fn served_version(regions: &TwoRegions, path: &str) -> Option<i64> {
+    let response = regions.region2_get(path).await;
+    if response.status() == 404 {
+        return None;
+    }
+    assert_eq!(response.status(), 200, "{path}");
+    let body: Value = response.json().await.expect("document");
+    body["version"].as_i64()
+}
+
+/// Region 2's state a delivered-again batch must leave exactly as it was.
+async fn region2_state(regions: &TwoRegions) -> Vec<String> {
+    let client = regions.region2_pool.get().await.expect("db");
+    let mut state = Vec::new();
+    for sql in [
+        "SELECT event_id::text || ' ' || outcome || ' ' || applied_at::text FROM applied_events ORDER BY event_id",
+        "SELECT collection || '/' || id || ' v' || version || ' ' || coalesce(data::text, 'deleted') || ' ' || updated_at::text FROM documents ORDER BY collection, id",
+        "SELECT partition || ':' || \"offset\" || ' ' || reason || ' ' || received_at::text FROM dead_letters ORDER BY partition, \"offset\"",
+        "SELECT partition || ' -> ' || next_offset FROM consumer_offsets ORDER BY partition",
+    ] {
+        for row in client.query(sql, &[]).await.expect(sql) {
+            state.push(row.get(0));
+        }
+    }
+    state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_real_records_brings_region2_up_to_date_through_the_function() {
+    let mut regions = TwoRegions::start_without_workers().await;
+    regions.start_relay();
+    let apply = function(&regions, None).await;
+
+    for i in 0..6 {
+        let response = regions
+            .region1
+            .put("notes", &format!("n{i}"), &json!({"i": i, "text": "hello"}))
+            .await;
+        assert_eq!(response.status(), 201);
+    }
+    let patched = regions
+        .region1
+        .write(Method::PATCH, "/v1/notes/n0")
+        .header("content-type", "application/merge-patch+json")
+        .body(r#"{"text":"patched"}"#)
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(patched.status(), 200);
+    let deleted = regions
+        .region1
+        .write(Method::DELETE, "/v1/notes/n1")
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(deleted.status(), 204);
+    wait_published(&regions).await;
+
+    let records = read_topic(&regions, &HashMap::new()).await;
+    assert!(records.iter().any(is_heartbeat), "the relay's heartbeats");
+    let answer = invoke(&apply, &msk_event(&regions, &records)).await;
+    assert_eq!(answer, no_failures());
+
+    // Region 2 holds exactly Region 1's documents, each event applied once.
+    assert_eq!(
+        TwoRegions::snapshot(&regions.region2_pool).await,
+        TwoRegions::snapshot(&regions.region1.pool).await
+    );
+    assert_each_event_applied_once(&regions).await;
+    assert_eq!(outcome_count(&apply, "applied"), 8);
+    // Its Read API (over its Redis) serves them.
+    let response = regions.region2_get("/v1/notes/n0").await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("document");
+    assert_eq!(body["version"], 2);
+    assert_eq!(body["data"], json!({"i": 0, "text": "patched"}));
+    assert_eq!(served_version(&regions, "/v1/notes/n1").await, None);
+    assert_eq!(served_version(&regions, "/v1/notes/n5").await, Some(1));
+    // The positions after the batch are recorded with the data, so the pod could take over.
+    let positions: i64 = count(
+        &regions,
+        "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets",
+    )
+    .await;
+    assert_eq!(positions, ends(&records).values().sum::<i64>());
+    // The heartbeats the batch carried make Region 2's lag known and small: it is ready.
+    let lag = regions
+        .wait_region2_readiness(true, Duration::from_secs(10))
+        .await;
+    assert!(!lag.is_empty(), "the readiness names the lag");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_in_a_batch_are_dead_lettered_alone_and_the_rest_applied() {
+    let mut regions = TwoRegions::start_without_workers().await;
+    regions.start_relay();
+    let apply = function(&regions, None).await;
+
+    for i in 0..4 {
+        let response = regions
+            .region1
+            .put("orders", &format!("o{i}"), &json!({"i": i}))
+            .await;
+        assert_eq!(response.status(), 201);
+    }
+    // Two records a foreign producer wrote: bytes that are no event at all, and one whose
+    // value the event carries as text that is not base64.
+    let garbage: &[u8] = b"\xff\xfe not an event \x00";
+    produce_raw(&regions, "poison/garbage", garbage).await;
+    produce_raw(&regions, "poison/base64", b"{}").await;
+    for i in 4..6 {
+        let response = regions
+            .region1
+            .put("orders", &format!("o{i}"), &json!({"i": i}))
+            .await;
+        assert_eq!(response.status(), 201);
+    }
+    wait_published(&regions).await;
+
+    let records = read_topic(&regions, &HashMap::new()).await;
+    let garbage_record = record_of(&records, "poison/garbage");
+    let base64_record = record_of(&records, "poison/base64");
+    let mut event = msk_event(&regions, &records);
+    let key = format!("{}-{}", regions.topic, base64_record.partition());
+    for record in event["records"][&key].as_array_mut().expect("partition") {
+        if record["offset"] == base64_record.offset() {
+            record["value"] = json!("%%% not base64 %%%");
+        }
+    }
+
+    assert_eq!(invoke(&apply, &event).await, no_failures());
+
+    let client = regions.region2_pool.get().await.expect("db");
+    let letters = client
+        .query(
+            "SELECT partition, \"offset\", payload, reason FROM dead_letters ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("dead letters");
+    let mut found: Vec<(i32, i64)> = letters.iter().map(|r| (r.get(0), r.get(1))).collect();
+    found.sort_unstable();
+    let mut expected = vec![
+        (garbage_record.partition(), garbage_record.offset()),
+        (base64_record.partition(), base64_record.offset()),
+    ];
+    expected.sort_unstable();
+    assert_eq!(found, expected, "exactly the two poison records");
+    for letter in &letters {
+        let offset: i64 = letter.get(1);
+        let payload: Vec<u8> = letter.get(2);
+        let reason: String = letter.get(3);
+        if offset == garbage_record.offset()
+            && letter.get::<_, i32>(0) == garbage_record.partition()
+        {
+            assert_eq!(payload, garbage, "stored byte for byte");
+        } else {
+            assert_eq!(payload, b"%%% not base64 %%%", "kept as it came");
+            assert!(reason.contains("not valid base64"), "{reason}");
+        }
+    }
+    assert_eq!(outcome_count(&apply, "dead_lettered"), 2);
+    // Every event around them was applied.
+    assert_eq!(
+        TwoRegions::snapshot(&regions.region2_pool).await,
+        TwoRegions::snapshot(&regions.region1.pool).await
+    );
+    assert_each_event_applied_once(&regions).await;
+    assert_eq!(served_version(&regions, "/v1/orders/o5").await, Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_delivered_again_twice_applies_nothing_twice() {
+    let mut regions = TwoRegions::start_without_workers().await;
+    regions.start_relay();
+    let apply = function(&regions, None).await;
+
+    for i in 0..5 {
+        let response = regions
+            .region1
+            .put("items", &format!("i{i}"), &json!({"i": i}))
+            .await;
+        assert_eq!(response.status(), 201);
+    }
+    for i in 0..2 {
+        let response = regions
+            .region1
+            .put("items", &format!("i{i}"), &json!({"i": i, "again": true}))
+            .await;
+        assert_eq!(response.status(), 200);
+    }
+    let deleted = regions
+        .region1
+        .write(Method::DELETE, "/v1/items/i4")
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(deleted.status(), 204);
+    produce_raw(&regions, "poison/replayed", b"not json").await;
+    wait_published(&regions).await;
+
+    let records = read_topic(&regions, &HashMap::new()).await;
+    let event = msk_event(&regions, &records);
+    let events = 8;
+    assert_eq!(invoke(&apply, &event).await, no_failures());
+    assert_eq!(outcome_count(&apply, "applied"), events);
+    assert_eq!(outcome_count(&apply, "duplicate"), 0);
+    let state = region2_state(&regions).await;
+    let served = served_version(&regions, "/v1/items/i0").await;
+    assert_eq!(served, Some(2));
+
+    // Lambda delivers the same batch again (a retried invocation whose first attempt did
+    // commit), twice: nothing is applied again, nothing changes.
+    for round in 1..=2 {
+        assert_eq!(invoke(&apply, &event).await, no_failures());
+        assert_eq!(
+            outcome_count(&apply, "applied"),
+            events,
+            "round {round}: nothing applied again"
+        );
+        assert_eq!(
+            outcome_count(&apply, "duplicate"),
+            events * round,
+            "round {round}: every event recognised by its id"
+        );
+        assert_eq!(region2_state(&regions).await, state, "round {round}");
+        assert_eq!(served_version(&regions, "/v1/items/i0").await, served);
+        assert_eq!(served_version(&regions, "/v1/items/i4").await, None);
+    }
+    assert_each_event_applied_once(&regions).await;
+    assert_eq!(
+        count(&regions, "SELECT count(*) FROM dead_letters").await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_the_database_refuses_is_reported_from_its_first_record_and_alone_retried() {
+    let mut regions = TwoRegions::start_without_workers().await;
+    regions.start_relay();
+    // A short lock_timeout: a row lock held elsewhere fails the apply quickly (55P03).
+    let apply = function(&regions, Some(Duration::from_millis(300))).await;
+
+    // Documents until two partitions hold one each.
+    for i in 0..12 {
+        let response = regions
+            .region1
+            .put("spread", &format!("s{i}"), &json!({"i": i}))
+            .await;
+        assert_eq!(response.status(), 201);
+    }
+    wait_published(&regions).await;
+    let first = read_topic(&regions, &HashMap::new()).await;
+    assert_eq!(
+        invoke(&apply, &msk_event(&regions, &first)).await,
+        no_failures()
+    );
+    let mut by_partition: BTreeMap<i32, String> = BTreeMap::new();
+    for i in 0..12 {
+        let key = format!("spread/s{i}");
+        by_partition
+            .entry(record_of(&first, &key).partition())
+            .or_insert(format!("s{i}"));
+    }
+    assert!(by_partition.len() >= 2, "12 documents over 3 partitions");
+    let mut chosen = by_partition.into_iter();
+    let (locked_partition, locked_id) = chosen.next().expect("one");
+    let (_, free_id) = chosen.next().expect("another");
+
+    // New versions of both, then the locked document's row held in Region 2.
+    for id in [&locked_id, &free_id] {
+        let response = regions
+            .region1
+            .put("spread", id, &json!({"second": true}))
+            .await;
+        assert_eq!(response.status(), 200);
+    }
+    wait_published(&regions).await;
+    let second = read_topic(&regions, &ends(&first)).await;
+    let (mut holder, connection) =
+        tokio_postgres::connect(&regions.region2_database_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+    tokio::spawn(connection);
+    let lock = holder.transaction().await.expect("begin");
+    lock.execute(
+        "SELECT 1 FROM documents WHERE collection = 'spread' AND id = $1 FOR UPDATE",
+        &[&locked_id],
+    )
+    .await
+    .expect("row lock");
+
+    let answer = invoke(&apply, &msk_event(&regions, &second)).await;
+
+    // Exactly the locked partition's records, from its first on, are reported.
+    let locked_key = format!("{}-{locked_partition}", regions.topic);
+    let expected: Vec<Value> = second
+        .iter()
+        .filter(|m| m.partition() == locked_partition)
+        .map(|m| json!({"itemIdentifier": {"topic-partition": locked_key, "offset": m.offset()}}))
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(answer, json!({ "batchItemFailures": expected }));
+    // The other partitions' records were applied; the locked document was not.
+    assert_eq!(
+        served_version(&regions, &format!("/v1/spread/{free_id}")).await,
+        Some(2)
+    );
+    assert_eq!(
+        served_version(&regions, &format!("/v1/spread/{locked_id}")).await,
+        Some(1)
+    );
+    assert_eq!(
+        count(&regions, "SELECT count(*) FROM dead_letters").await,
+        0,
+        "a transient failure never dead-letters"
+    );
+
+    // Lambda delivers the reported records again, and only them, once the lock is gone.
+    lock.rollback().await.expect("release");
+    let retried: Vec<OwnedMessage> = second
+        .iter()
+        .filter(|m| m.partition() == locked_partition)
+        .cloned()
+        .collect();
+    let duplicates = outcome_count(&apply, "duplicate");
+    assert_eq!(
+        invoke(&apply, &msk_event(&regions, &retried)).await,
+        no_failures()
+    );
+    assert_eq!(
+        outcome_count(&apply, "duplicate"),
+        duplicates,
+        "the retry re-applied nothing that was applied"
+    );
+    assert_eq!(
+        served_version(&regions, &format!("/v1/spread/{locked_id}")).await,
+        Some(2)
+    );
+    assert_eq!(
+        TwoRegions::snapshot(&regions.region2_pool).await,
+        TwoRegions::snapshot(&regions.region1.pool).await
+    );
+    assert_each_event_applied_once(&regions).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region2_lag_follows_the_function_invocations() {
+    let mut regions = TwoRegions::start_without_workers_max_lag(Duration::from_secs(2)).await;
+    regions.start_relay();
+    let apply = function(&regions, None).await;
+    let response = regions.region1.put("lag", "doc", &json!({"v": 1})).await;
+    assert_eq!(response.status(), 201);
+    wait_published(&regions).await;
+    let records = read_topic(&regions, &HashMap::new()).await;
+    assert_eq!(
+        invoke(&apply, &msk_event(&regions, &records)).await,
+        no_failures()
+    );
+    regions
+        .wait_region2_readiness(true, Duration::from_secs(10))
+        .await;
+
+    // The event source stops invoking (throttled, disabled, failing to reach the brokers):
+    // the relay's heartbeats pile up unapplied and the lag grows past the threshold.
+    let line = regions
+        .wait_region2_readiness(false, Duration::from_secs(15))
+        .await;
+    assert!(!line.is_empty(), "the readiness names the lag");
+
+    // Invocations resume (from a self-managed Kafka event source this time): ready again.
+    let fresh = read_topic(&regions, &ends(&records)).await;
+    assert!(fresh.iter().any(is_heartbeat), "heartbeats kept coming");
+    assert_eq!(
+        invoke(&apply, &self_managed_event(&regions, &fresh)).await,
+        no_failures()
+    );
+    regions
+        .wait_region2_readiness(true, Duration::from_secs(10))
+        .await;
+    assert_eq!(served_version(&regions, "/v1/lag/doc").await, Some(1));
+}
