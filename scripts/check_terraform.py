@@ -17,8 +17,9 @@ so this script checks what can be checked from the source alone, with python-hcl
   `local.X` to a local, `module.M.O` to a module block whose (local) source declares output O,
   `data.T.N` and `T.N` (resources of the aws, random, tls and kafka providers) to a declared block;
   the most common `terraform validate` errors, caught without providers;
-* every call of modules/lambda sets only environment variables its binary (Write or Read, from
-  var.lambda_zip_paths) reads and every one it requires, as derived from the Rust sources by
+* every call of modules/lambda or modules/lambda_kafka sets only environment variables its
+  binary (Write, Read or Region 2's apply, from var.lambda_zip_paths) reads and every one it
+  requires, as derived from the Rust sources by
   env_contract.py (no stale, no missing setting); sets TANDEM_REGION, uses IAM database
   authentication, and sets none that Lambda reserves or ignores (AWS_REGION, AWS_DEFAULT_REGION,
   PORT, BIND_ADDRESS), no DATABASE_CA_FILE (nothing in the package to point it at; RDS Proxy needs
@@ -87,7 +88,9 @@ LAMBDA_REQUIRED = {
     "DATABASE_IAM_HOST": "Lambda uses IAM database authentication through RDS Proxy",
 }
 # var.lambda_zip_paths key (or function_name suffix) -> binary.
-LAMBDA_BINARIES = {"write": "tandem-write", "read": "tandem-read"}
+LAMBDA_BINARIES = {"write": "tandem-write", "read": "tandem-read", "apply": "tandem-region2-apply-lambda"}
+# The modules that deploy one of those binaries as a Lambda function.
+LAMBDA_MODULES = ("modules/lambda", "modules/lambda_kafka")
 ZIP_KEY = re.compile(r'lambda_zip_paths\[\s*"([A-Za-z0-9_-]+)"\s*\]')
 NAME_SUFFIX = re.compile(r"-([a-z0-9]+)\"?$")
 ENV_KEY = re.compile(r"\b([A-Z][A-Z0-9_]*)\s*=(?!=)")
@@ -494,7 +497,7 @@ class Checker:
     def check_lambda_environments(self) -> None:
         for path, parsed in self.parsed.items():
             for name, body in labelled_blocks(parsed, "module"):
-                if not unquote(body.get("source", "")).rstrip("/").endswith("modules/lambda"):
+                if not unquote(body.get("source", "")).rstrip("/").endswith(LAMBDA_MODULES):
                     continue
                 where = f"{path.relative_to(self.root.parent)} module \"{name}\""
                 environment = body.get("environment")

@@ -84,6 +84,11 @@ BINARIES = {
     "tandem-region2-consumer": Binary(
         "consumers/region2", ("config.rs", "db.rs", "cache.rs", "kafka.rs", "telemetry.rs")
     ),
+    # Region 2's apply as a Lambda function: the event source mapping reads Kafka, so no
+    # kafka.rs (KAFKA_TOPIC and KAFKA_TOPIC_PARTITIONS are read in the crate itself).
+    "tandem-region2-apply-lambda": Binary(
+        "consumers/region2-apply", ("config.rs", "db.rs", "cache.rs", "telemetry.rs")
+    ),
 }
 
 # Read by the code but never set by a deployment.

@@ -46,6 +46,11 @@ backend = {
   region2 = "eks"
 }
 
+# Region 2's apply: the consumer pod (eks) or a Lambda function behind a Kafka
+# event source mapping (lambda; then render the Region 2 overlay with
+# eks/components/region2-apply-lambda).
+region2_apply_mode = "eks"
+
 zone_name       = "tandem.example.com"
 global_hostname = "api.tandem.example.com"
 write_hostname  = "write.tandem.example.com"

@@ -46,6 +46,17 @@ locals {
     region1 = var.backend["region1"] == "lambda"
     region2 = var.backend["region2"] == "lambda"
   }
+
+  # Region 2's apply: the consumer pod on EKS, or a Lambda function behind a
+  # Kafka event source mapping (modules/lambda_kafka).
+  region2_apply_lambda = var.region2_apply_mode == "lambda"
+
+  # Region 2 reaches the RDS Proxy from Lambda functions: its Read API's, its
+  # apply's, or both.
+  region2_proxy_clients = merge(
+    local.lambda.region2 ? { read = module.lambda_read_region2[0].security_group_id } : {},
+    local.region2_apply_lambda ? { apply = module.lambda_apply_region2[0].security_group_id } : {},
+  )
 }
 
 ################################################################################
@@ -232,20 +243,18 @@ module "rds_region2" {
   source    = "../../modules/rds"
   providers = { aws = aws.region2, random = random }
 
-  name                       = local.names.region2
-  vpc_id                     = module.network_region2.vpc_id
-  vpc_cidr_block             = module.network_region2.vpc_cidr_block
-  subnet_ids                 = module.network_region2.private_subnet_ids
-  allowed_security_group_ids = { eks = module.eks_region2.cluster_security_group_id }
-  proxy_client_security_group_ids = local.lambda.region2 ? {
-    read = module.lambda_read_region2[0].security_group_id
-  } : {}
-  instance_class      = var.db_instance_class
-  multi_az            = var.db_multi_az["region2"]
-  deletion_protection = var.db_deletion_protection
-  create_proxy        = local.lambda.region2
-  kms_key_arn         = module.kms_region2.key_arn
-  tags                = local.tags
+  name                            = local.names.region2
+  vpc_id                          = module.network_region2.vpc_id
+  vpc_cidr_block                  = module.network_region2.vpc_cidr_block
+  subnet_ids                      = module.network_region2.private_subnet_ids
+  allowed_security_group_ids      = { eks = module.eks_region2.cluster_security_group_id }
+  proxy_client_security_group_ids = local.region2_proxy_clients
+  instance_class                  = var.db_instance_class
+  multi_az                        = var.db_multi_az["region2"]
+  deletion_protection             = var.db_deletion_protection
+  create_proxy                    = local.lambda.region2 || local.region2_apply_lambda
+  kms_key_arn                     = module.kms_region2.key_arn
+  tags                            = local.tags
 }
 
 ################################################################################
@@ -281,7 +290,7 @@ module "elasticache_region2" {
   subnet_ids = module.network_region2.private_subnet_ids
   allowed_security_group_ids = merge(
     { eks = module.eks_region2.cluster_security_group_id },
-    local.lambda.region2 ? { read = module.lambda_read_region2[0].security_group_id } : {},
+    local.region2_proxy_clients,
   )
   node_type          = var.redis_node_type
   num_cache_clusters = var.redis_num_cache_clusters
@@ -390,7 +399,8 @@ module "iam_region2" {
 ################################################################################
 
 locals {
-  lambda_common_env = {
+  # Every function: logging, the database through the proxy, the cache.
+  lambda_base_env = {
     RUST_LOG                             = var.log_level
     TANDEM_LOG_FORMAT                    = "json"
     DATABASE_IAM_PORT                    = "5432"
@@ -402,10 +412,14 @@ locals {
     REDIS_TIMEOUT_MS                     = "250"
     REDIS_COOLDOWN_MS                    = "1000"
     REDIS_KEY_PREFIX                     = "tandem"
-    TANDEM_JWKS_URL                      = local.jwks_url
-    TANDEM_JWT_ISSUER                    = var.jwt_issuer
-    TANDEM_JWT_AUDIENCE                  = var.jwt_audience
-    TANDEM_READ_REQUIRES_AUTH            = tostring(var.read_requires_auth)
+  }
+
+  # The Write and Read APIs: token validation.
+  lambda_auth_env = {
+    TANDEM_JWKS_URL           = local.jwks_url
+    TANDEM_JWT_ISSUER         = var.jwt_issuer
+    TANDEM_JWT_AUDIENCE       = var.jwt_audience
+    TANDEM_READ_REQUIRES_AUTH = tostring(var.read_requires_auth)
   }
 }
 
@@ -417,7 +431,7 @@ module "lambda_write_region1" {
   function_name = "${local.names.region1}-write"
   description   = "Tandem Write API (Region 1)"
   zip_path      = "${path.module}/${var.lambda_zip_paths["write"]}"
-  environment = merge(local.lambda_common_env, {
+  environment = merge(local.lambda_base_env, local.lambda_auth_env, {
     TANDEM_REGION           = "region1"
     DATABASE_IAM_HOST       = module.rds_region1.proxy_endpoint
     DATABASE_IAM_USER       = module.rds_region1.app_username
@@ -445,7 +459,7 @@ module "lambda_read_region1" {
   function_name = "${local.names.region1}-read"
   description   = "Tandem Read API (Region 1)"
   zip_path      = "${path.module}/${var.lambda_zip_paths["read"]}"
-  environment = merge(local.lambda_common_env, {
+  environment = merge(local.lambda_base_env, local.lambda_auth_env, {
     TANDEM_REGION           = "region1"
     DATABASE_IAM_HOST       = module.rds_region1.proxy_endpoint
     DATABASE_IAM_USER       = module.rds_region1.app_username
@@ -473,7 +487,7 @@ module "lambda_read_region2" {
   function_name = "${local.names.region2}-read"
   description   = "Tandem Read API (Region 2 replica)"
   zip_path      = "${path.module}/${var.lambda_zip_paths["read"]}"
-  environment = merge(local.lambda_common_env, {
+  environment = merge(local.lambda_base_env, local.lambda_auth_env, {
     TANDEM_REGION                 = "region2"
     DATABASE_IAM_HOST             = module.rds_region2.proxy_endpoint
     DATABASE_IAM_USER             = module.rds_region2.app_username
@@ -494,6 +508,59 @@ module "lambda_read_region2" {
   rds_db_user_arns           = [module.rds_region2.proxy_db_user_arn]
   kms_key_arn                = module.kms_region2.key_arn
   tags                       = local.tags
+}
+
+################################################################################
+# Region 2's apply as a Lambda function (region2_apply_mode = "lambda")
+#
+# A self-managed Kafka event source mapping in Region 2 reads the MSK topic in
+# Region 1 across the peering, as the consumer SCRAM user, in the consumer
+# pod's group; the function applies each batch to Region 2's PostgreSQL (through
+# the RDS Proxy) and Redis. In this mode the pod must not run: render the
+# Region 2 overlay with eks/components/region2-apply-lambda (docs/deploy.md).
+################################################################################
+
+locals {
+  # The replica of the consumer's SCRAM secret in Region 2, by exact ARN (an
+  # event source mapping takes no ARN pattern): replicas keep the name and the
+  # random suffix, only the region differs.
+  consumer_scram_replica_arn = replace(module.msk.scram_secret_arns["consumer"], ":${var.region1}:", ":${var.region2}:")
+}
+
+module "lambda_apply_region2" {
+  source    = "../../modules/lambda_kafka"
+  providers = { aws = aws.region2 }
+  count     = local.region2_apply_lambda ? 1 : 0
+
+  function_name = "${local.names.region2}-apply"
+  description   = "Tandem Region 2 apply (Kafka change events to Region 2's PostgreSQL and Redis)"
+  zip_path      = "${path.module}/${var.lambda_zip_paths["apply"]}"
+  environment = merge(local.lambda_base_env, {
+    TANDEM_REGION          = "region2"
+    DATABASE_IAM_HOST      = module.rds_region2.proxy_endpoint
+    DATABASE_IAM_USER      = module.rds_region2.app_username
+    DATABASE_IAM_DBNAME    = module.rds_region2.database_name
+    REDIS_URL              = module.elasticache_region2.redis_url
+    REDIS_AUTH_SECRET_ID   = module.elasticache_region2.auth_secret_name
+    KAFKA_TOPIC            = var.kafka_topic
+    KAFKA_TOPIC_PARTITIONS = tostring(var.kafka_topic_partitions)
+  })
+  vpc_id                     = module.network_region2.vpc_id
+  subnet_ids                 = module.network_region2.private_subnet_ids
+  database_security_group_id = module.rds_region2.proxy_security_group_id
+  redis_security_group_id    = module.elasticache_region2.security_group_id
+  secret_arns                = [module.elasticache_region2.auth_secret_arn]
+  rds_db_user_arns           = [module.rds_region2.proxy_db_user_arn]
+  kms_key_arn                = module.kms_region2.key_arn
+  # At least one concurrent invocation per partition, and a few for retries.
+  reserved_concurrency = var.kafka_topic_partitions + 2
+
+  kafka_bootstrap_servers  = module.msk.bootstrap_brokers_sasl_scram
+  kafka_broker_cidr_blocks = [var.region1_network.cidr_block]
+  kafka_topic              = var.kafka_topic
+  kafka_consumer_group     = var.consumer_group
+  kafka_scram_secret_arn   = local.consumer_scram_replica_arn
+  tags                     = local.tags
 }
 
 ################################################################################

@@ -190,3 +190,17 @@ output "lambda_function_names" {
     region2_read  = one(module.lambda_read_region2[*].function_name)
   }
 }
+
+################################################################################
+# Region 2's apply
+################################################################################
+
+output "region2_apply" {
+  description = "What applies Kafka's events to Region 2 (region2_apply_mode) and, in lambda mode, its function, event source mapping and the queue of batches the event source gave up on (alarm when it is not empty)."
+  value = {
+    mode                      = var.region2_apply_mode
+    function_name             = local.region2_apply_lambda ? module.lambda_apply_region2[0].function_name : null
+    event_source_mapping_uuid = local.region2_apply_lambda ? module.lambda_apply_region2[0].event_source_mapping_uuid : null
+    discarded_queue_url       = local.region2_apply_lambda ? module.lambda_apply_region2[0].discarded_queue_url : null
+  }
+}

@@ -173,6 +173,18 @@ variable "kafka_topic" {
   default     = "tandem.documents"
 }
 
+variable "kafka_topic_partitions" {
+  type        = number
+  description = "Partition count of the topic: what the relay creates it with (KAFKA_TOPIC_PARTITIONS, default 6). Region 2's apply function counts each in the replication lag."
+  default     = 6
+}
+
+variable "consumer_group" {
+  type        = string
+  description = "Kafka consumer group of Region 2's apply: the consumer pod's KAFKA_GROUP_ID (eks/base), which the Lambda event source mapping joins too."
+  default     = "tandem-region2"
+}
+
 variable "kafka_acl_bootstrap" {
   type        = bool
   description = "true only while a new MSK cluster (or one created before ACLs were enforced) gets its first ACLs: MSK then allows what no ACL covers, so the admin user can create them. Apply, apply terraform/deployments/tandem-kafka-acls, then remove it and apply again (docs/deploy.md, \"Kafka ACLs\")."
@@ -185,7 +197,7 @@ variable "kafka_acl_bootstrap" {
 
 variable "backend" {
   type        = map(string)
-  description = "Where the Write/Read APIs run per region (keys region1, region2): eks (pods behind TargetGroupBinding) or lambda (functions behind the same ALB). The relay and the consumer always run on EKS."
+  description = "Where the Write/Read APIs run per region (keys region1, region2): eks (pods behind TargetGroupBinding) or lambda (functions behind the same ALB). The relay always runs on EKS; Region 2's apply follows region2_apply_mode."
   default = {
     region1 = "eks"
     region2 = "eks"
@@ -197,12 +209,24 @@ variable "backend" {
   }
 }
 
+variable "region2_apply_mode" {
+  type        = string
+  description = "What applies Kafka's change events to Region 2: eks (the tandem-region2-consumer pod, one elected replica) or lambda (tandem-region2-apply-lambda behind a Kafka event source mapping, modules/lambda_kafka). In lambda mode, render the Region 2 overlay with eks/components/region2-apply-lambda so the pod does not run (docs/deploy.md)."
+  default     = "eks"
+
+  validation {
+    condition     = contains(["eks", "lambda"], var.region2_apply_mode)
+    error_message = "region2_apply_mode must be eks or lambda."
+  }
+}
+
 variable "lambda_zip_paths" {
   type        = map(string)
-  description = "Lambda packages keyed write and read, built by `cargo lambda build --release --arm64 --output-format zip`. Relative to this directory."
+  description = "Lambda packages keyed write, read and apply, built by `cargo lambda build --release --arm64 --output-format zip` (-p tandem-write -p tandem-read -p tandem-region2-apply). Relative to this directory."
   default = {
     write = "../../../target/lambda/tandem-write/bootstrap.zip"
     read  = "../../../target/lambda/tandem-read/bootstrap.zip"
+    apply = "../../../target/lambda/tandem-region2-apply-lambda/bootstrap.zip"
   }
 }
 
