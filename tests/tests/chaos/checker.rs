@@ -106,6 +106,10 @@ pub const KINDS: &[(&str, &str)] = &[
         "Region 2 did not converge within the bound after healing",
     ),
     (
+        "partition-reread",
+        "the consumer re-read a partition from the beginning (a broker restart taken for data loss)",
+    ),
+    (
         "region2-differs",
         "after convergence, Region 2's database differs from Region 1's",
     ),

@@ -212,6 +212,20 @@ async fn run(system: &mut ChaosSystem, config: &Config) -> Run {
         .expect("could not read the final state");
     let violations = checker::check(&history, &final_state);
     let mut violations = violations;
+    // The broker is durable (killed and restarted, never wiped) and nothing here replays: a
+    // consumer that re-read a partition from the beginning took a restart for data loss.
+    let rereads = std::fs::read_to_string(&system.consumer.log)
+        .unwrap_or_default()
+        .matches("reading it from the beginning")
+        .count();
+    if rereads > 0 {
+        violations.push(checker::Violation {
+            kind: "partition-reread",
+            doc: "-".to_owned(),
+            at: f64::INFINITY,
+            detail: format!("the consumer re-read a partition {rereads} times; nothing was lost"),
+        });
+    }
     if let Err(e) = &converged {
         violations.push(checker::Violation {
             kind: "no-convergence",

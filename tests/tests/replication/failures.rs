@@ -206,7 +206,6 @@ async fn a_poison_event_is_dead_lettered_and_later_events_still_apply() {
 async fn produce_raw<const N: usize>(regions: &TwoRegions, records: [(&str, Vec<u8>); N]) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", regions.broker.address())
-        .set("batch.num.messages", "1")
         .create()
         .expect("producer");
     for (key, payload) in records {

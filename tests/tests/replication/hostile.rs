@@ -358,7 +358,6 @@ async fn a_foreign_producers_garbage_is_dead_lettered_byte_for_byte() {
     let regions = TwoRegions::start().await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", regions.broker.address())
-        .set("batch.num.messages", "1")
         .create()
         .expect("producer");
     let key: &[u8] = b"\x00\xff\xfe/\x00";
