@@ -151,8 +151,8 @@ variable "redis_num_cache_clusters" {
 
 variable "kafka_version" {
   type        = string
-  description = "Kafka version of the MSK cluster."
-  default     = "3.6.0"
+  description = "Kafka version of the MSK cluster. The local broker and every test run Apache Kafka 4.1 (deploy/local/kafka/pom.xml); keep the two on one line. An existing ZooKeeper-mode cluster cannot move to KRaft in place: set its version explicitly (docs/deploy.md)."
+  default     = "4.1.x.kraft"
 }
 
 variable "msk_broker_instance_type" {

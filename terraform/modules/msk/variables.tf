@@ -20,8 +20,8 @@ variable "client_cidr_blocks" {
 
 variable "kafka_version" {
   type        = string
-  description = "Apache Kafka version of the cluster."
-  default     = "3.6.0"
+  description = "Apache Kafka version of the cluster. The local broker and every test run Apache Kafka 4.1 (deploy/local/kafka/pom.xml); keep the two on one line. An existing ZooKeeper-mode cluster cannot move to KRaft in place: set its version explicitly (docs/deploy.md)."
+  default     = "4.1.x.kraft"
 }
 
 variable "broker_instance_type" {
