@@ -430,6 +430,26 @@ mod tests {
         assert_eq!(only_record(&event).topic, "tandem.documents");
     }
 
+    /// The fixture of `cargo lambda invoke` (README) is a Kafka event whose record is a valid
+    /// change event.
+    #[test]
+    fn the_shipped_fixture_carries_a_change_event() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/events/kafka.json");
+        let text = std::fs::read_to_string(path).expect("events/kafka.json");
+        let event: KafkaEvent = serde_json::from_str(&text).expect("a Kafka event");
+        let incoming = only_record(&event);
+        let change = tandem_shared::event::ChangeEvent::decode(&incoming.payload)
+            .expect("a valid change event");
+        assert_eq!(
+            incoming.key.as_deref(),
+            Some(change.partition_key().as_bytes())
+        );
+        assert_eq!(
+            crate::apply::header(&incoming.headers, tandem_shared::event::HEADER_EVENT_ID),
+            Some(change.id.to_string())
+        );
+    }
+
     #[test]
     fn the_response_has_the_shape_the_event_source_reads() {
         let response = KafkaBatchResponse {

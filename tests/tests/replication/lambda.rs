@@ -25,7 +25,8 @@ use tandem_region2_apply::{Applier, ConsumerMetrics};
 use tandem_shared::cache::{Cache, CacheSettings};
 use tandem_shared::db::DatabaseSettings;
 use tandem_shared::event::{HEADER_EVENT_TYPE, TYPE_HEARTBEAT};
-use tandem_tests::TwoRegions;
+use tandem_tests::{ManagedProcess, TwoRegions, binary, scratch_dir, serve};
+use tokio::sync::{Mutex, mpsc};
 use tower::ServiceExt;
 
 use crate::support::{assert_each_event_applied_once, produce_raw};
@@ -650,4 +651,126 @@ async fn region2_lag_follows_the_function_invocations() {
         .wait_region2_readiness(true, Duration::from_secs(10))
         .await;
     assert_eq!(served_version(&regions, "/v1/lag/doc").await, Some(1));
+}
+
+/// A stand-in for the Lambda Runtime API (what `cargo lambda watch` also plays): hands the
+/// queued events to the function's runtime loop and passes on what it posts back.
+fn runtime_api(
+    events: mpsc::UnboundedReceiver<Value>,
+    posted: mpsc::UnboundedSender<(String, Value)>,
+) -> axum::Router {
+    use axum::extract::{Path, State};
+    use axum::routing::{get, post};
+    type Api = (
+        Arc<Mutex<mpsc::UnboundedReceiver<Value>>>,
+        mpsc::UnboundedSender<(String, Value)>,
+    );
+    async fn next(State((events, _)): State<Api>) -> axum::response::Response {
+        // Long-polls like Lambda: the runtime waits here for its next invocation.
+        let event = events.lock().await.recv().await.unwrap_or(Value::Null);
+        let deadline = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() + 60_000)
+            .unwrap_or_default();
+        axum::response::Response::builder()
+            .header(
+                "lambda-runtime-aws-request-id",
+                uuid::Uuid::now_v7().to_string(),
+            )
+            .header("lambda-runtime-deadline-ms", deadline.to_string())
+            .header(
+                "lambda-runtime-invoked-function-arn",
+                "arn:aws:lambda:us-west-2:123456789012:function:tandem-region2-apply",
+            )
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(event.to_string()))
+            .expect("response")
+    }
+    async fn record(
+        State((_, posted)): State<Api>,
+        Path((_, what)): Path<(String, String)>,
+        body: axum::body::Bytes,
+    ) -> axum::http::StatusCode {
+        let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let _ = posted.send((what, body));
+        axum::http::StatusCode::ACCEPTED
+    }
+    async fn init_error(
+        State((_, posted)): State<Api>,
+        body: axum::body::Bytes,
+    ) -> axum::http::StatusCode {
+        let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let _ = posted.send(("init error".to_owned(), body));
+        axum::http::StatusCode::ACCEPTED
+    }
+    let state: Api = (Arc::new(Mutex::new(events)), posted);
+    axum::Router::new()
+        .route("/2018-06-01/runtime/invocation/next", get(next))
+        .route("/2018-06-01/runtime/invocation/{id}/{what}", post(record))
+        .route("/2018-06-01/runtime/init/error", post(init_error))
+        .with_state(state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_binary_serves_invocations_from_the_lambda_runtime_api() {
+    let mut regions = TwoRegions::start_without_workers().await;
+    regions.start_relay();
+    let response = regions
+        .region1
+        .put("binary", "doc", &json!({"through": "the runtime loop"}))
+        .await;
+    assert_eq!(response.status(), 201);
+    wait_published(&regions).await;
+    let records = read_topic(&regions, &HashMap::new()).await;
+
+    let (events, queued) = mpsc::unbounded_channel();
+    let (posted, mut answers) = mpsc::unbounded_channel();
+    let api = serve(runtime_api(queued, posted)).await;
+    let dir = scratch_dir("apply-lambda");
+    let env: Vec<(String, String)> = [
+        ("AWS_LAMBDA_RUNTIME_API", api.trim_start_matches("http://")),
+        ("AWS_LAMBDA_FUNCTION_NAME", "tandem-region2-apply"),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512"),
+        ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+        ("TANDEM_REGION", "region2"),
+        ("DATABASE_URL", &regions.region2_database_url),
+        ("REDIS_URL", &regions.region2_redis_url),
+        ("REDIS_KEY_PREFIX", &regions.region2_key_prefix),
+        ("KAFKA_TOPIC", &regions.topic),
+        ("KAFKA_TOPIC_PARTITIONS", "3"),
+        ("TANDEM_LOG_FORMAT", "pretty"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let function = ManagedProcess::start(
+        "apply-lambda",
+        &binary("tandem-region2-apply-lambda"),
+        &[],
+        &env,
+        &dir.join("function.log"),
+        "",
+    )
+    .expect("start tandem-region2-apply-lambda");
+
+    // Two invocations: the batch, then the same batch delivered again.
+    for round in 0..2 {
+        events
+            .send(self_managed_event(&regions, &records))
+            .expect("queue the event");
+        let (what, body) = tokio::time::timeout(Duration::from_secs(60), answers.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no answer within 60 s:\n{}", function.log_tail()))
+            .expect("an answer");
+        assert_eq!(
+            (what.as_str(), &body),
+            ("response", &no_failures()),
+            "round {round}:\n{}",
+            function.log_tail()
+        );
+    }
+    assert_eq!(served_version(&regions, "/v1/binary/doc").await, Some(1));
+    assert_each_event_applied_once(&regions).await;
+    drop(function);
+    let _ = std::fs::remove_dir_all(dir);
 }
