@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds the Lambda packages of the Write and Read functions for arm64 (Graviton):
-#   target/lambda/tandem-write/bootstrap.zip and target/lambda/tandem-read/bootstrap.zip,
-# the paths the Terraform lambda module reads (variable lambda_zip_paths).
+# Builds the Lambda packages for arm64 (Graviton): the Write and Read functions,
+#   target/lambda/tandem-write/bootstrap.zip and target/lambda/tandem-read/bootstrap.zip
+# (the paths the Terraform lambda module reads, variable lambda_zip_paths), and Region 2's apply
+# function, target/lambda/tandem-region2-apply-lambda/bootstrap.zip (lambda_kafka module).
+# With CARGO_TARGET_DIR set, target/ is that directory.
 # cargo-lambda (from PyPI, with zig for cross-linking) goes into a cached virtualenv, and the
 # arm64 Rust target is added here, by the script that needs it. Needs access to PyPI and to the
 # Rust toolchain distribution server (rustup); CI's release workflow runs the same steps.
@@ -21,5 +23,8 @@ say "adding the aarch64-unknown-linux-gnu Rust target"
 rustup target add aarch64-unknown-linux-gnu >&2
 
 say "building the arm64 Lambda packages (cargo lambda build --release --arm64)"
-cargo lambda build --release --arm64 --output-format zip -p tandem-write -p tandem-read
-ls -l target/lambda/tandem-write/bootstrap.zip target/lambda/tandem-read/bootstrap.zip
+cargo lambda build --release --arm64 --output-format zip -p tandem-write -p tandem-read \
+  -p tandem-region2-apply
+out="${CARGO_TARGET_DIR:-target}/lambda"
+ls -l "$out/tandem-write/bootstrap.zip" "$out/tandem-read/bootstrap.zip" \
+  "$out/tandem-region2-apply-lambda/bootstrap.zip"
