@@ -87,8 +87,12 @@ java_opts=(-Xms64m "-Xmx${KAFKA_HEAP:-512m}" -XX:+UseSerialGC -XX:TieredStopAtLe
 
 if [ ! -e "$dir/data/meta.properties" ]; then
   # A cluster id is 16 random bytes in URL-safe base64 without padding (what
-  # `StorageTool random-uuid` prints, without a JVM start).
-  cluster="${KAFKA_CLUSTER_ID:-$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | cut -c1-22)}"
+  # `StorageTool random-uuid` prints, without a JVM start). Like Kafka's own, never one that
+  # starts with '-': the tool would take it for an option.
+  cluster="${KAFKA_CLUSTER_ID:-}"
+  while [ -z "$cluster" ] || [ "${cluster#-}" != "$cluster" ]; do
+    cluster="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | cut -c1-22)"
+  done
   standalone=()
   [ -n "${KAFKA_VOTERS:-}" ] || standalone=(--standalone)
   echo "kafka-broker.sh: formatting $dir/data for cluster $cluster (node $node)" >&2

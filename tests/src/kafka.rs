@@ -93,7 +93,7 @@ impl Broker {
     /// answers metadata requests listing the whole cluster.
     pub async fn launch(&mut self) -> anyhow::Result<()> {
         self.spawn()?;
-        self.wait_ready(Duration::from_secs(60)).await
+        self.wait_ready(Duration::from_secs(120)).await
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
@@ -130,7 +130,8 @@ impl Broker {
     }
 
     async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         let address = format!("127.0.0.1:{}", self.port);
         let expected = self.cluster_size;
         loop {
@@ -147,9 +148,15 @@ impl Broker {
                 .is_none_or(|p| p.program_pid().is_none_or(|pid| !alive(pid)));
             if exited || Instant::now() > deadline {
                 anyhow::bail!(
-                    "Kafka node {} on port {} did not become ready within {timeout:?}; its log ({}):\n{}",
+                    "Kafka node {} on port {} {} after {:.1} s; its log ({}):\n{}",
                     self.node_id,
                     self.port,
+                    if exited {
+                        "exited"
+                    } else {
+                        "did not list the cluster's brokers"
+                    },
+                    started.elapsed().as_secs_f64(),
                     self.log().display(),
                     self.log_tail()
                 );
@@ -242,9 +249,15 @@ impl KafkaCluster {
             .map(|(i, (_, controller))| format!("{}@127.0.0.1:{controller}", i + 1))
             .collect::<Vec<_>>()
             .join(",");
-        let cluster_id = {
+        // As Kafka's own ids: never one starting with '-', which the format tool would take
+        // for an option.
+        let cluster_id = loop {
             use base64::Engine as _;
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>())
+            let id =
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>());
+            if !id.starts_with('-') {
+                break id;
+            }
         };
         let mut nodes: Vec<Broker> = ports
             .iter()
