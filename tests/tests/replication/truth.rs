@@ -341,16 +341,30 @@ async fn partitions_added_at_run_time_are_consumed_and_counted_without_a_restart
         .set("bootstrap.servers", regions.broker.address())
         .create()
         .expect("producer");
-    producer
-        .send(
-            FutureRecord::to(&regions.topic)
-                .partition(2)
-                .key("grow/new-partition")
-                .payload(&event.encode()),
-            Duration::from_secs(5),
-        )
-        .await
-        .expect("produce");
+    // A fresh client may not see the new partition in its first metadata yet ("Unknown
+    // partition", seen on a loaded machine): it is retried, bounded, until the metadata has it.
+    let payload = event.encode();
+    let mut attempts = 0;
+    loop {
+        let sent = producer
+            .send(
+                FutureRecord::to(&regions.topic)
+                    .partition(2)
+                    .key("grow/new-partition")
+                    .payload(&payload),
+                Duration::from_secs(5),
+            )
+            .await;
+        match sent {
+            Ok(_) => break,
+            Err((e, _)) if attempts < 50 => {
+                attempts += 1;
+                eprintln!("produce to the new partition: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err((e, _)) => panic!("produce to the new partition: {e}"),
+        }
+    }
     regions
         .wait_region2_version("/v1/grow/new-partition", 1, Duration::from_secs(60))
         .await;
