@@ -13,7 +13,7 @@ use futures_util::stream::FuturesUnordered;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tandem_shared::event::{
+use tandem_core::event::{
     ChangeEvent, DocumentState, HEADER_COLLECTION, HEADER_EVENT_ID, HEADER_EVENT_TYPE,
 };
 use time::OffsetDateTime;
@@ -166,7 +166,7 @@ pub async fn relay_drain(
             })
             .insert(Header {
                 key: HEADER_EVENT_TYPE,
-                value: Some(tandem_shared::event::TYPE_UPSERTED),
+                value: Some(tandem_core::event::TYPE_UPSERTED),
             })
             .insert(Header {
                 key: HEADER_COLLECTION,

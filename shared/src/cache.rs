@@ -35,7 +35,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 
 use crate::config::{self, ConfigError};
-use crate::document::DocumentKey;
+use tandem_core::document::DocumentKey;
 
 /// Cache settings, read from the environment.
 #[derive(Debug, Clone)]

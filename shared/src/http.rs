@@ -1,6 +1,7 @@
 //! HTTP plumbing every service shares: the operations endpoints (`/healthz`, `/readyz`,
 //! `/metrics`), request metrics, the region header, panic containment, and the conversion of
-//! the framework's own bare error responses (unknown route, wrong method) into problem+json.
+//! the framework's own bare error responses (unknown route, wrong method) into problem+json,
+//! and the HTTP syntax of the domain: resource paths and entity tags.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use futures_util::future::BoxFuture;
 use serde::Serialize;
 
 use deadpool_postgres::Pool;
+use tandem_core::document::{DocumentKey, EntityTagCondition};
 
 use crate::cache::Cache;
 use crate::metrics::{HttpLabels, Metrics};
@@ -28,6 +30,38 @@ pub const CONSISTENCY_TOKEN_HEADER: &str = "x-consistency-token";
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 pub const IDEMPOTENT_REPLAYED_HEADER: &str = "idempotent-replayed";
 pub const REPLICATION_LAG_HEADER: &str = "x-tandem-replication-lag-ms";
+
+/// A document's canonical resource path, `/v1/{collection}/{id}`: its `Location`, and what an
+/// idempotency fingerprint and a consistency token's wait are scoped to.
+pub fn document_path(key: &DocumentKey) -> String {
+    format!("/v1/{}/{}", key.collection, key.id)
+}
+
+/// The strong entity tag of a version: `"<version>"`.
+pub fn etag(version: i64) -> String {
+    format!("\"{version}\"")
+}
+
+/// Parses an `If-Match` / `If-None-Match` header value: `*`, or a list of entity tags of
+/// which those this service could have issued (`"3"`, or `W/"4"`: weak tags compare by value,
+/// as `If-None-Match` requires) are kept; a value with none of them can never match.
+pub fn parse_entity_tags(value: &str) -> EntityTagCondition {
+    if value.trim() == "*" {
+        return EntityTagCondition::Any;
+    }
+    let versions = value
+        .split(',')
+        .filter_map(|tag| {
+            let tag = tag.trim();
+            let tag = tag.strip_prefix("W/").unwrap_or(tag);
+            tag.strip_prefix('"')?
+                .strip_suffix('"')?
+                .parse::<i64>()
+                .ok()
+        })
+        .collect();
+    EntityTagCondition::Versions(versions)
+}
 
 /// The outcome of a readiness probe: overall verdict plus one line per dependency.
 #[derive(Debug, Clone, Serialize)]
@@ -214,4 +248,42 @@ pub fn empty(status: StatusCode) -> Response {
     let mut response = Response::new(Body::empty());
     *response.status_mut() = status;
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_core::document::{Collection, DocumentId, Preconditions};
+
+    #[test]
+    fn entity_tags_parse_as_rfc_9110_writes_them() {
+        assert_eq!(parse_entity_tags(" * "), EntityTagCondition::Any);
+        assert_eq!(
+            parse_entity_tags("\"1\", W/\"4\", \"x\", 5"),
+            EntityTagCondition::Versions(vec![1, 4])
+        );
+        assert_eq!(
+            parse_entity_tags("garbage"),
+            EntityTagCondition::Versions(vec![])
+        );
+        assert_eq!(
+            parse_entity_tags(&etag(7)),
+            EntityTagCondition::Versions(vec![7])
+        );
+        let m = |v: &str| Preconditions {
+            if_match: Some(parse_entity_tags(v)),
+            if_none_match: None,
+        };
+        assert!(m("\"1\", \"4\"").hold(Some(4)));
+        assert!(!m("garbage").hold(Some(1)));
+    }
+
+    #[test]
+    fn documents_live_under_v1() {
+        let key = DocumentKey::new(
+            Collection::parse("orders").expect("valid"),
+            DocumentId::parse("a.b~c").expect("valid"),
+        );
+        assert_eq!(document_path(&key), "/v1/orders/a.b~c");
+    }
 }

@@ -70,13 +70,13 @@ impl KafkaSettings {
     }
 
     /// Creates the topic unless it exists, with `max.message.bytes` =
-    /// [`crate::limits::KAFKA_MAX_MESSAGE_BYTES`] (an existing topic keeps its settings).
+    /// [`tandem_core::limits::KAFKA_MAX_MESSAGE_BYTES`] (an existing topic keeps its settings).
     pub async fn ensure_topic(&self) -> anyhow::Result<()> {
         let config = self.client_config(&[]).await?;
         let admin: AdminClient<DefaultClientContext> = config
             .create()
             .context("Failed to create a Kafka admin client")?;
-        let max_message_bytes = crate::limits::KAFKA_MAX_MESSAGE_BYTES.to_string();
+        let max_message_bytes = tandem_core::limits::KAFKA_MAX_MESSAGE_BYTES.to_string();
         let topic = NewTopic::new(
             &self.topic,
             self.partitions,

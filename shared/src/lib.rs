@@ -6,15 +6,11 @@
 pub mod auth;
 pub mod cache;
 pub mod config;
-pub mod consistency;
 pub mod db;
-pub mod document;
-pub mod event;
 pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod leader;
-pub mod limits;
 pub mod metrics;
 pub mod migrations;
 pub mod problem;
@@ -22,5 +18,4 @@ pub mod secrets;
 pub mod serve;
 pub mod store;
 pub mod telemetry;
-pub mod traceparent;
 pub mod worker;

@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::auth::AuthError;
-use crate::document::NameError;
 use crate::store::{StoreError, WriteError};
+use tandem_core::document::NameError;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -93,10 +93,10 @@ impl From<WriteError> for ApiError {
             WriteError::PreconditionFailed { current } => Self::PreconditionFailed { current },
             WriteError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
             WriteError::DocumentTooLarge => Self::DocumentTooLarge {
-                limit: crate::limits::MAX_DOCUMENT_BYTES,
+                limit: tandem_core::limits::MAX_DOCUMENT_BYTES,
             },
             WriteError::TooDeep => Self::TooDeep {
-                limit: crate::limits::MAX_JSON_DEPTH,
+                limit: tandem_core::limits::MAX_JSON_DEPTH,
             },
             WriteError::Store(e) => e.into(),
         }

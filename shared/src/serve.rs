@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::config::ServiceSettings;
-use crate::limits::LAMBDA_MAX_RESPONSE_BYTES;
+use tandem_core::limits::LAMBDA_MAX_RESPONSE_BYTES;
 
 /// Runs the router until SIGTERM/Ctrl-C (HTTP) or for the Lambda sandbox's lifetime.
 pub async fn run(router: Router, settings: &ServiceSettings) -> anyhow::Result<()> {

@@ -3,15 +3,17 @@
 //! transaction; a write that fails anywhere commits none of them.
 
 use deadpool_postgres::{Pool, PoolError, Transaction};
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use tandem_core::document::{Collection, Document, DocumentId, DocumentKey, Stored};
+use tandem_core::event::Tombstone;
+use tandem_core::limits::{LIST_PAGE_BYTES, MAX_DOCUMENT_BYTES, MAX_JSON_DEPTH};
+use tandem_core::write::{
+    Current, Idempotency, Refusal, WriteCommand, WriteOutcome, WriteRequest, WriteResult,
+    plan_change, plan_creation,
+};
 use time::OffsetDateTime;
 use tokio_postgres::types::{Json, ToSql};
 use uuid::Uuid;
-
-use crate::document::{Collection, Document, DocumentId, DocumentKey, Preconditions, merge_patch};
-use crate::limits::{LIST_PAGE_BYTES, MAX_DOCUMENT_BYTES, MAX_JSON_DEPTH, json_depth};
-use crate::traceparent::TraceParent;
 
 /// How long an idempotency key is remembered.
 pub const IDEMPOTENCY_TTL_SECONDS: i64 = 24 * 60 * 60;
@@ -77,69 +79,6 @@ impl From<PoolError> for StoreError {
     }
 }
 
-/// What a write does to a document.
-#[derive(Debug, Clone)]
-pub enum WriteCommand {
-    /// Create or replace (`PUT`).
-    Put(Map<String, Value>),
-    /// Create under the given, freshly generated id (`POST`).
-    Create(Map<String, Value>),
-    /// RFC 7396 merge patch of a live document (`PATCH`).
-    Patch(Map<String, Value>),
-    /// Replace with a tombstone (`DELETE`).
-    Delete,
-}
-
-/// A client's `Idempotency-Key`, scoped to the principal that sent it.
-#[derive(Debug, Clone)]
-pub struct Idempotency {
-    pub principal: String,
-    pub key: String,
-    /// SHA-256 over method, path and body.
-    pub fingerprint: [u8; 32],
-}
-
-/// One write, as the Write API hands it to the store.
-#[derive(Debug, Clone)]
-pub struct WriteRequest {
-    pub key: DocumentKey,
-    pub command: WriteCommand,
-    pub preconditions: Preconditions,
-    pub traceparent: TraceParent,
-    pub idempotency: Option<Idempotency>,
-}
-
-/// The committed result of a write; also what an idempotent retry replays.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WriteOutcome {
-    pub collection: Collection,
-    pub id: DocumentId,
-    pub version: i64,
-    /// The document did not exist (or was deleted) before this write.
-    pub created: bool,
-    /// The document after the write; `None` when the write was a delete.
-    pub document: Option<Document>,
-    /// The id of the outbox event this write produced.
-    pub event_id: Uuid,
-    #[serde(with = "time::serde::rfc3339")]
-    pub committed_at: OffsetDateTime,
-}
-
-/// A write either happened now or had already happened under the same idempotency key.
-#[derive(Debug, Clone, PartialEq)]
-pub enum WriteResult {
-    Applied(WriteOutcome),
-    Replayed(WriteOutcome),
-}
-
-impl WriteResult {
-    pub fn outcome(&self) -> &WriteOutcome {
-        match self {
-            Self::Applied(o) | Self::Replayed(o) => o,
-        }
-    }
-}
-
 /// Why a write was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -182,21 +121,15 @@ impl From<PoolError> for WriteError {
     }
 }
 
-/// A stored document, live or deleted.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Stored {
-    Live(Document),
-    /// A tombstone: kept so that the version continues and old events cannot resurrect it.
-    Deleted {
-        version: i64,
-    },
-}
-
-impl Stored {
-    pub fn version(&self) -> i64 {
-        match self {
-            Self::Live(d) => d.version,
-            Self::Deleted { version } => *version,
+impl From<Refusal> for WriteError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::NotFound => Self::NotFound,
+            Refusal::PreconditionFailed { current } => Self::PreconditionFailed { current },
+            Refusal::TooDeep => Self::TooDeep,
+            Refusal::Invariant(broken) => {
+                Self::Store(StoreError::Internal(anyhow::anyhow!(broken)))
+            }
         }
     }
 }
@@ -209,82 +142,14 @@ pub struct Page {
     pub more: bool,
 }
 
-/// The payload of a delete event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Tombstone {
-    pub collection: Collection,
-    pub id: DocumentId,
-    pub version: i64,
-    pub deleted: bool,
-    #[serde(with = "time::serde::rfc3339")]
-    pub updated_at: OffsetDateTime,
-}
-
-/// The current row under the write lock.
-struct Current {
-    version: i64,
-    deleted: bool,
-    data: Option<Map<String, Value>>,
-}
-
-impl Current {
-    /// From a `SELECT version, deleted, data` row.
-    fn from_row(row: &tokio_postgres::Row) -> Result<Self, tokio_postgres::Error> {
-        let data: Option<Json<Map<String, Value>>> = row.try_get(2)?;
-        Ok(Self {
-            version: row.try_get(0)?,
-            deleted: row.try_get(1)?,
-            data: data.map(|Json(d)| d),
-        })
-    }
-
-    fn live_version(&self) -> Option<i64> {
-        (!self.deleted).then_some(self.version)
-    }
-}
-
-/// What a write does to an existing row (live or tombstone).
-struct Change {
-    version: i64,
-    /// The row was a tombstone: this write creates the document again.
-    recreated: bool,
-    /// `None` for a delete.
-    data: Option<Map<String, Value>>,
-}
-
-impl Change {
-    fn operation(&self) -> &'static str {
-        if self.data.is_some() {
-            "upsert"
-        } else {
-            "delete"
-        }
-    }
-
-    fn outcome(
-        self,
-        key: &DocumentKey,
-        event_id: Uuid,
-        created_at: OffsetDateTime,
-        updated_at: OffsetDateTime,
-    ) -> WriteOutcome {
-        WriteOutcome {
-            collection: key.collection.clone(),
-            id: key.id.clone(),
-            version: self.version,
-            created: self.recreated,
-            document: self.data.map(|data| Document {
-                collection: key.collection.clone(),
-                id: key.id.clone(),
-                version: self.version,
-                data,
-                created_at,
-                updated_at,
-            }),
-            event_id,
-            committed_at: updated_at,
-        }
-    }
+/// The current row, from a `SELECT version, deleted, data` row.
+fn current_from_row(row: &tokio_postgres::Row) -> Result<Current, tokio_postgres::Error> {
+    let data: Option<Json<Map<String, Value>>> = row.try_get(2)?;
+    Ok(Current {
+        version: row.try_get(0)?,
+        deleted: row.try_get(1)?,
+        data: data.map(|Json(d)| d),
+    })
 }
 
 /// A transaction driven by hand so that `BEGIN` and `COMMIT` can be pipelined with its
@@ -544,14 +409,14 @@ impl Store {
         );
         begun?;
         let planned = match row? {
-            Some(row) => plan_change(request, &Current::from_row(&row)?),
+            Some(row) => plan_change(request, &current_from_row(&row)?),
             None => plan_creation(request),
         };
         let change = match planned {
             Ok(change) => change,
-            Err(e) => {
+            Err(refusal) => {
                 tx.rollback().await;
-                return Err(e);
+                return Err(refusal.into());
             }
         };
         let statement = if change.version == 1 {
@@ -764,20 +629,20 @@ async fn lock_current(
             &[&key.collection.as_str(), &key.id.as_str(), &needs_data],
         )
         .await?;
-    Ok(row.as_ref().map(Current::from_row).transpose()?)
+    Ok(row.as_ref().map(current_from_row).transpose()?)
 }
 
 /// Inserts version 1 unless a concurrent writer created the row first (`None` then).
 async fn insert_first_version(
     tx: &Transaction<'_>,
     key: &DocumentKey,
-    data: &Map<String, Value>,
+    data: Map<String, Value>,
 ) -> Result<Option<Document>, WriteError> {
     let stmt = tx.prepare_cached(INSERT_FIRST_VERSION).await?;
     let row = tx
         .query_opt(
             &stmt,
-            &[&key.collection.as_str(), &key.id.as_str(), &Json(data)],
+            &[&key.collection.as_str(), &key.id.as_str(), &Json(&data)],
         )
         .await?;
     row.map(|row| {
@@ -785,7 +650,7 @@ async fn insert_first_version(
             collection: key.collection.clone(),
             id: key.id.clone(),
             version: 1,
-            data: data.clone(),
+            data,
             created_at: row.try_get(0)?,
             updated_at: row.try_get(1)?,
         })
@@ -814,13 +679,8 @@ async fn apply_command(
     let mut current = lock_current(tx, key, needs_data).await?;
 
     if current.is_none() {
-        let data = match &request.command {
-            WriteCommand::Put(data) | WriteCommand::Create(data) => data,
-            WriteCommand::Patch(_) | WriteCommand::Delete => return Err(WriteError::NotFound),
-        };
-        if !request.preconditions.hold(None) {
-            return Err(WriteError::PreconditionFailed { current: None });
-        }
+        // A creation always carries the document.
+        let data = plan_creation(request)?.data.unwrap_or_default();
         match insert_first_version(tx, key, data).await? {
             Some(document) => {
                 let at = document.updated_at;
@@ -855,66 +715,4 @@ async fn apply_command(
     let created_at: OffsetDateTime = row.try_get(0)?;
     let updated_at: OffsetDateTime = row.try_get(1)?;
     Ok(change.outcome(key, Uuid::now_v7(), created_at, updated_at))
-}
-
-/// Decides whether a write may create its (absent) document as version 1.
-fn plan_creation(request: &WriteRequest) -> Result<Change, WriteError> {
-    let data = match &request.command {
-        WriteCommand::Put(data) | WriteCommand::Create(data) => data,
-        WriteCommand::Patch(_) | WriteCommand::Delete => return Err(WriteError::NotFound),
-    };
-    if !request.preconditions.hold(None) {
-        return Err(WriteError::PreconditionFailed { current: None });
-    }
-    Ok(Change {
-        version: 1,
-        recreated: true,
-        data: Some(data.clone()),
-    })
-}
-
-/// Decides what a write does to the existing row `current` (locked by the caller), or why it
-/// is refused.
-fn plan_change(request: &WriteRequest, current: &Current) -> Result<Change, WriteError> {
-    let live = current.live_version();
-    if matches!(request.command, WriteCommand::Create(_)) {
-        // A generated UUIDv7 never collides; if it did, refuse rather than overwrite.
-        return Err(StoreError::Internal(anyhow::anyhow!("generated id already exists")).into());
-    }
-    if live.is_none()
-        && matches!(
-            request.command,
-            WriteCommand::Patch(_) | WriteCommand::Delete
-        )
-    {
-        return Err(WriteError::NotFound);
-    }
-    if !request.preconditions.hold(live) {
-        return Err(WriteError::PreconditionFailed { current: live });
-    }
-    let data = match &request.command {
-        WriteCommand::Put(data) | WriteCommand::Create(data) => Some(data.clone()),
-        WriteCommand::Patch(patch) => {
-            let mut target = Value::Object(current.data.clone().unwrap_or_default());
-            merge_patch(&mut target, &Value::Object(patch.clone()));
-            if json_depth(&target) > MAX_JSON_DEPTH {
-                return Err(WriteError::TooDeep);
-            }
-            match target {
-                Value::Object(map) => Some(map),
-                _ => {
-                    return Err(StoreError::Internal(anyhow::anyhow!(
-                        "merge patch produced a non-object"
-                    ))
-                    .into());
-                }
-            }
-        }
-        WriteCommand::Delete => None,
-    };
-    Ok(Change {
-        version: current.version + 1,
-        recreated: live.is_none(),
-        data,
-    })
 }

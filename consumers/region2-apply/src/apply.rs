@@ -8,13 +8,14 @@ use std::time::Duration;
 use deadpool_postgres::{Pool, Transaction};
 #[cfg(feature = "rdkafka")]
 use rdkafka::message::{Headers, Message};
-use tandem_shared::cache::{Cache, CacheError, Entry};
-use tandem_shared::document::DocumentKey;
-use tandem_shared::event::{
+use tandem_core::document::DocumentKey;
+use tandem_core::document::Stored;
+use tandem_core::event::{
     ChangeEvent, DocumentState, HEADER_EVENT_TYPE, Heartbeat, TYPE_HEARTBEAT,
 };
+use tandem_shared::cache::{Cache, CacheError, Entry};
 use tandem_shared::leader::{FENCE_CHECK, Fence};
-use tandem_shared::store::{StoreError, Stored};
+use tandem_shared::store::StoreError;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio_postgres::types::{Json, ToSql};

@@ -438,14 +438,14 @@ mod tests {
         let text = std::fs::read_to_string(path).expect("events/kafka.json");
         let event: KafkaEvent = serde_json::from_str(&text).expect("a Kafka event");
         let incoming = only_record(&event);
-        let change = tandem_shared::event::ChangeEvent::decode(&incoming.payload)
+        let change = tandem_core::event::ChangeEvent::decode(&incoming.payload)
             .expect("a valid change event");
         assert_eq!(
             incoming.key.as_deref(),
             Some(change.partition_key().as_bytes())
         );
         assert_eq!(
-            crate::apply::header(&incoming.headers, tandem_shared::event::HEADER_EVENT_ID),
+            crate::apply::header(&incoming.headers, tandem_core::event::HEADER_EVENT_ID),
             Some(change.id.to_string())
         );
     }

@@ -324,7 +324,7 @@ impl Region2Consumer {
                 (None, Some(event_id)) => {
                     apply::header(
                         &apply::read_headers(message),
-                        tandem_shared::event::HEADER_EVENT_ID,
+                        tandem_core::event::HEADER_EVENT_ID,
                     )
                     .and_then(|id| uuid::Uuid::parse_str(&id).ok())
                         == Some(event_id)
@@ -544,7 +544,7 @@ async fn partition_count(consumer: &Arc<StreamConsumer>, topic: &str) -> Option<
 #[cfg(test)]
 mod tests {
     use super::CONSUMER_DEFAULTS;
-    use tandem_shared::limits::KAFKA_MAX_MESSAGE_BYTES;
+    use tandem_core::limits::KAFKA_MAX_MESSAGE_BYTES;
 
     #[test]
     fn the_fetch_limit_is_the_shared_one() {

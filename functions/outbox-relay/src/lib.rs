@@ -23,18 +23,18 @@ use deadpool_postgres::Pool;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use tandem_shared::config::{self, ConfigError, ServiceSettings};
-use tandem_shared::db::DatabaseSettings;
-use tandem_shared::document::{Collection, DocumentId, DocumentKey};
-use tandem_shared::event::{
+use tandem_core::document::{Collection, DocumentId, DocumentKey};
+use tandem_core::event::{
     HEADER_COLLECTION, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_TRACEPARENT, HEARTBEAT_KEY,
     Heartbeat, TYPE_DELETED, TYPE_HEARTBEAT, TYPE_UPSERTED, encode_envelope,
 };
+use tandem_core::limits::MAX_EVENT_BYTES;
+use tandem_shared::config::{self, ConfigError, ServiceSettings};
+use tandem_shared::db::DatabaseSettings;
 use tandem_shared::http::{ReadyCheck, ScrapeHook, pool_scrape_hook};
 use tandem_shared::kafka::KafkaSettings;
 use tandem_shared::leader::{FENCE_CHECK, Fence};
 use tandem_shared::leader::{Leadership, RELAY_LOCK};
-use tandem_shared::limits::MAX_EVENT_BYTES;
 use tandem_shared::store::StoreError;
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -680,7 +680,7 @@ pub async fn replay_since(pool: &Pool, since: OffsetDateTime) -> anyhow::Result<
 #[cfg(test)]
 mod tests {
     use super::PRODUCER_DEFAULTS;
-    use tandem_shared::limits::KAFKA_MAX_MESSAGE_BYTES;
+    use tandem_core::limits::KAFKA_MAX_MESSAGE_BYTES;
 
     #[test]
     fn the_producer_message_limit_is_the_shared_one() {

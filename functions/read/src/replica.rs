@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
+use tandem_core::consistency::ConsistencyToken;
 use tandem_shared::config::{self, ConfigError};
-use tandem_shared::consistency::ConsistencyToken;
 use tandem_shared::problem::ApiError;
 use tandem_shared::store::{Store, StoreError};
 

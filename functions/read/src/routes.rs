@@ -11,16 +11,16 @@ use axum::routing::get;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::FutureExt;
+use tandem_core::consistency::ConsistencyToken;
+use tandem_core::document::Stored;
+use tandem_core::document::{Collection, DocumentId, DocumentKey};
 use tandem_shared::auth::READ_SCOPE;
 use tandem_shared::cache::Entry;
-use tandem_shared::consistency::ConsistencyToken;
-use tandem_shared::document::{Collection, DocumentId, DocumentKey, EntityTagCondition, etag};
 use tandem_shared::http::{
-    CONSISTENCY_TOKEN_HEADER, REPLICATION_LAG_HEADER, Readiness, ReadyCheck, finish, ops_router,
-    pool_scrape_hook,
+    CONSISTENCY_TOKEN_HEADER, REPLICATION_LAG_HEADER, Readiness, ReadyCheck, document_path, etag,
+    finish, ops_router, parse_entity_tags, pool_scrape_hook,
 };
 use tandem_shared::problem::ApiError;
-use tandem_shared::store::Stored;
 
 use crate::AppState;
 
@@ -92,7 +92,8 @@ async fn get_document(
     authorize(&app, &headers).await?;
     let Path((collection, id)) = path.map_err(bad_path)?;
     let key = DocumentKey::new(Collection::parse(&collection)?, DocumentId::parse(&id)?);
-    let min_version = honour_consistency_token(&app, &headers, &key.path(), Some(&key)).await?;
+    let min_version =
+        honour_consistency_token(&app, &headers, &document_path(&key), Some(&key)).await?;
     let Some(Entry::Live { version, body }) = lookup(&app, &key, min_version).await? else {
         return Err(ApiError::NotFound);
     };
@@ -100,7 +101,7 @@ async fn get_document(
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| EntityTagCondition::parse(v).matches(Some(version)));
+        .is_some_and(|v| parse_entity_tags(v).matches(Some(version)));
     let mut response = if not_modified {
         tandem_shared::http::empty(StatusCode::NOT_MODIFIED)
     } else {

@@ -5,10 +5,10 @@ use axum::body::Body;
 use axum::http::{HeaderMap, header};
 use bytes::Bytes;
 use serde_json::{Map, Value};
-use tandem_shared::limits::{MAX_JSON_DEPTH, json_depth};
+use tandem_core::limits::{MAX_JSON_DEPTH, json_depth};
 use tandem_shared::problem::ApiError;
 
-pub use tandem_shared::limits::MAX_BODY_BYTES;
+pub use tandem_core::limits::MAX_BODY_BYTES;
 
 pub const JSON: &str = "application/json";
 pub const MERGE_PATCH_JSON: &str = "application/merge-patch+json";

@@ -12,19 +12,17 @@ use axum::routing::{post, put};
 use futures_util::FutureExt;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+use tandem_core::consistency::ConsistencyToken;
+use tandem_core::document::{Collection, DocumentId, DocumentKey, Preconditions};
+use tandem_core::traceparent::TraceParent;
+use tandem_core::write::{Idempotency, WriteCommand, WriteOutcome, WriteRequest, WriteResult};
 use tandem_shared::auth::{Principal, WRITE_SCOPE};
 use tandem_shared::cache::{CacheError, Entry};
-use tandem_shared::consistency::ConsistencyToken;
-use tandem_shared::document::{
-    Collection, DocumentId, DocumentKey, EntityTagCondition, Preconditions, etag,
-};
 use tandem_shared::http::{
     CONSISTENCY_TOKEN_HEADER, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, Readiness,
-    ReadyCheck, finish, ops_router, pool_scrape_hook,
+    ReadyCheck, document_path, etag, finish, ops_router, parse_entity_tags, pool_scrape_hook,
 };
 use tandem_shared::problem::ApiError;
-use tandem_shared::store::{Idempotency, WriteCommand, WriteOutcome, WriteRequest, WriteResult};
-use tandem_shared::traceparent::TraceParent;
 use tracing::Instrument;
 
 use crate::AppState;
@@ -72,7 +70,13 @@ async fn put_document(
     let bytes = read_limited(body).await?;
     let data = parse_object(&bytes)?;
     let request = WriteRequest {
-        idempotency: idempotency(&headers, &principal, &Method::PUT, &key.path(), &bytes)?,
+        idempotency: idempotency(
+            &headers,
+            &principal,
+            &Method::PUT,
+            &document_path(&key),
+            &bytes,
+        )?,
         key,
         command: WriteCommand::Put(data),
         preconditions: preconditions(&headers),
@@ -122,7 +126,13 @@ async fn patch_document(
     // A merge patch that is not an object would replace the whole document with a non-object.
     let patch = parse_object(&bytes)?;
     let request = WriteRequest {
-        idempotency: idempotency(&headers, &principal, &Method::PATCH, &key.path(), &bytes)?,
+        idempotency: idempotency(
+            &headers,
+            &principal,
+            &Method::PATCH,
+            &document_path(&key),
+            &bytes,
+        )?,
         key,
         command: WriteCommand::Patch(patch),
         preconditions: preconditions(&headers),
@@ -139,7 +149,13 @@ async fn delete_document(
     let principal = authorize(&app, &headers).await?;
     let key = document_key(path)?;
     let request = WriteRequest {
-        idempotency: idempotency(&headers, &principal, &Method::DELETE, &key.path(), &[])?,
+        idempotency: idempotency(
+            &headers,
+            &principal,
+            &Method::DELETE,
+            &document_path(&key),
+            &[],
+        )?,
         key,
         command: WriteCommand::Delete,
         preconditions: preconditions(&headers),
@@ -214,7 +230,7 @@ fn respond(result: &WriteResult, body: Option<Bytes>) -> Response {
                 .headers_mut()
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON));
             if outcome.created {
-                if let Ok(location) = HeaderValue::from_str(&key.path()) {
+                if let Ok(location) = HeaderValue::from_str(&document_path(&key)) {
                     response.headers_mut().insert(header::LOCATION, location);
                 }
             }
@@ -266,7 +282,7 @@ fn preconditions(headers: &HeaderMap) -> Preconditions {
     let parse = |name: header::HeaderName| {
         headers
             .get(name)
-            .map(|v| EntityTagCondition::parse(v.to_str().unwrap_or("")))
+            .map(|v| parse_entity_tags(v.to_str().unwrap_or("")))
     };
     Preconditions {
         if_match: parse(header::IF_MATCH),

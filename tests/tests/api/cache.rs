@@ -2,9 +2,9 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
+use tandem_core::document::Stored;
+use tandem_core::document::{Collection, DocumentId, DocumentKey};
 use tandem_shared::cache::Entry;
-use tandem_shared::document::{Collection, DocumentId, DocumentKey};
-use tandem_shared::store::Stored;
 use tandem_tests::{Redis, TestAppOptions, spawn_app, spawn_app_with};
 
 fn key(collection: &str, id: &str) -> DocumentKey {
@@ -434,7 +434,7 @@ async fn a_cached_entry_older_than_the_token_is_a_miss() {
         "a token read never returns a version below it"
     );
     // A token newer than anything Region 1 wrote was not issued here.
-    let forged = tandem_shared::consistency::ConsistencyToken {
+    let forged = tandem_core::consistency::ConsistencyToken {
         key: key("tok", "a"),
         version: 99,
         committed_ms: 0,

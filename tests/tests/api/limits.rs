@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use tandem_shared::limits::{LAMBDA_MAX_RESPONSE_BYTES, LIST_PAGE_BYTES};
+use tandem_core::limits::{LAMBDA_MAX_RESPONSE_BYTES, LIST_PAGE_BYTES};
 use tandem_tests::{TestAppOptions, spawn_app, spawn_app_with};
 
 /// Holds a document's row lock (`FOR UPDATE`) in an open transaction until `ROLLBACK`.

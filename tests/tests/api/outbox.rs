@@ -94,7 +94,7 @@ async fn every_accepted_write_commits_exactly_one_complete_outbox_row() {
         .await
         .expect("row")
         .get(0);
-    assert!(tandem_shared::traceparent::TraceParent::parse(&generated).is_some());
+    assert!(tandem_core::traceparent::TraceParent::parse(&generated).is_some());
 }
 
 #[tokio::test]
@@ -208,7 +208,7 @@ async fn both_write_paths_queue_the_acknowledged_state_in_the_same_shape() {
             assert!(response.status().is_success());
             let acknowledged: Value = response.json().await.expect("json");
             let queued = payload(id, step).await;
-            let state: tandem_shared::event::DocumentState =
+            let state: tandem_core::event::DocumentState =
                 serde_json::from_value(queued.clone()).expect("a document state");
             assert_eq!(json!(state.version), acknowledged["version"]);
             // The same instants, written in UTC whatever the session's TimeZone.

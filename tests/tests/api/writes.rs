@@ -1,6 +1,6 @@
 use reqwest::Method;
 use serde_json::{Value, json};
-use tandem_shared::consistency::ConsistencyToken;
+use tandem_core::consistency::ConsistencyToken;
 use tandem_tests::spawn_app;
 
 #[tokio::test]

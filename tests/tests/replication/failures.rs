@@ -163,7 +163,7 @@ async fn a_poison_event_is_dead_lettered_and_later_events_still_apply() {
 
     // Redrive: a dead letter that is valid now (say, dead-lettered by a bug since fixed) is
     // applied; the garbage stays, with its reason.
-    let event = tandem_shared::event::ChangeEvent::new(
+    let event = tandem_core::event::ChangeEvent::new(
         uuid::Uuid::now_v7(),
         "region1",
         time::OffsetDateTime::now_utc(),
@@ -280,7 +280,7 @@ async fn a_backlog_with_bad_events_in_it_applies_in_batches_and_sets_aside_only_
     wait_published(&regions).await;
     // In the middle of the backlog: garbage, and an event that decodes but that PostgreSQL
     // refuses (jsonb cannot hold a NUL character), which fails the batch it is in.
-    let refused = tandem_shared::event::ChangeEvent::new(
+    let refused = tandem_core::event::ChangeEvent::new(
         uuid::Uuid::now_v7(),
         "region1",
         time::OffsetDateTime::now_utc(),
@@ -350,7 +350,7 @@ async fn events_older_than_what_region2_holds_change_nothing_even_within_one_bat
     regions.consumers[0].kill_and_wait();
     let event = |version: i64, deleted: bool| {
         let data = (!deleted).then(|| json!({"v": version}));
-        tandem_shared::event::ChangeEvent::new(
+        tandem_core::event::ChangeEvent::new(
             uuid::Uuid::now_v7(),
             "region1",
             time::OffsetDateTime::now_utc(),

@@ -10,7 +10,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use reqwest::Method;
 use serde_json::{Value, json};
-use tandem_shared::limits::{MAX_BODY_BYTES, MAX_DOCUMENT_BYTES, MAX_EVENT_BYTES, MAX_JSON_DEPTH};
+use tandem_core::limits::{MAX_BODY_BYTES, MAX_DOCUMENT_BYTES, MAX_EVENT_BYTES, MAX_JSON_DEPTH};
 use tandem_tests::TwoRegions;
 
 /// `{"a":{"a":…1…}}` with `depth` objects.
@@ -388,7 +388,7 @@ async fn a_foreign_producers_garbage_is_dead_lettered_byte_for_byte() {
         .expect("produce garbage");
     // Decodes, but PostgreSQL cannot store it (a NUL character in a string): it fails to
     // apply, five times, and is then dead-lettered by itself.
-    let unstorable = tandem_shared::event::ChangeEvent::new(
+    let unstorable = tandem_core::event::ChangeEvent::new(
         uuid::Uuid::now_v7(),
         "elsewhere",
         time::OffsetDateTime::now_utc(),

@@ -327,7 +327,7 @@ async fn partitions_added_at_run_time_are_consumed_and_counted_without_a_restart
             r.expect("partitions added");
         });
     // An event in a new partition (as a producer that already sees three partitions sends).
-    let event = tandem_shared::event::ChangeEvent::new(
+    let event = tandem_core::event::ChangeEvent::new(
         uuid::Uuid::now_v7(),
         "region1",
         time::OffsetDateTime::now_utc(),

@@ -110,7 +110,7 @@ mod tests {
     fn msk_is_configured_with_the_same_message_limit() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../terraform/modules/msk/variables.tf"
+            "/../../terraform/modules/msk/variables.tf"
         );
         let text = std::fs::read_to_string(path).expect("the MSK module's variables");
         let block = text
@@ -126,7 +126,7 @@ mod tests {
             .expect("a default");
         assert_eq!(default, KAFKA_MAX_MESSAGE_BYTES.to_string());
         // No deployment overrides it.
-        let deployments = concat!(env!("CARGO_MANIFEST_DIR"), "/../terraform/deployments");
+        let deployments = concat!(env!("CARGO_MANIFEST_DIR"), "/../../terraform/deployments");
         for entry in std::fs::read_dir(deployments)
             .expect("deployments")
             .flatten()

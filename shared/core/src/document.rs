@@ -103,11 +103,6 @@ impl DocumentKey {
     pub fn new(collection: Collection, id: DocumentId) -> Self {
         Self { collection, id }
     }
-
-    /// The canonical resource path, used for `Location` and as the Kafka message key.
-    pub fn path(&self) -> String {
-        format!("/v1/{}/{}", self.collection, self.id)
-    }
 }
 
 /// A document as stored and served. `version` starts at 1 and grows by one per write,
@@ -136,19 +131,29 @@ impl Document {
             .map(bytes::Bytes::from)
             .unwrap_or_default()
     }
+}
 
-    /// The strong entity tag for this version.
-    pub fn etag(&self) -> String {
-        etag(self.version)
+/// A stored document, live or deleted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stored {
+    Live(Document),
+    /// A tombstone: kept so that the version continues and old events cannot resurrect it.
+    Deleted {
+        version: i64,
+    },
+}
+
+impl Stored {
+    pub fn version(&self) -> i64 {
+        match self {
+            Self::Live(d) => d.version,
+            Self::Deleted { version } => *version,
+        }
     }
 }
 
-/// The strong entity tag of a version: `"<version>"`.
-pub fn etag(version: i64) -> String {
-    format!("\"{version}\"")
-}
-
-/// A parsed `If-Match` / `If-None-Match` header.
+/// A condition on the current version, as `If-Match` / `If-None-Match` state it (their header
+/// syntax is parsed on the HTTP side: `tandem_shared::http::parse_entity_tags`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntityTagCondition {
     /// `*`: any current representation.
@@ -158,26 +163,6 @@ pub enum EntityTagCondition {
 }
 
 impl EntityTagCondition {
-    /// Parses a header value; `None` when nothing in it is a version this service could have
-    /// issued (such a condition can never match).
-    pub fn parse(value: &str) -> Self {
-        if value.trim() == "*" {
-            return Self::Any;
-        }
-        let versions = value
-            .split(',')
-            .filter_map(|tag| {
-                let tag = tag.trim();
-                let tag = tag.strip_prefix("W/").unwrap_or(tag);
-                tag.strip_prefix('"')?
-                    .strip_suffix('"')?
-                    .parse::<i64>()
-                    .ok()
-            })
-            .collect();
-        Self::Versions(versions)
-    }
-
     /// Whether the condition matches a current version (`None`: no current representation).
     pub fn matches(&self, current: Option<i64>) -> bool {
         match (self, current) {
@@ -300,24 +285,26 @@ mod tests {
 
     #[test]
     fn preconditions_follow_rfc_9110() {
-        let m = |v: &str| Preconditions {
-            if_match: Some(EntityTagCondition::parse(v)),
+        use EntityTagCondition::{Any, Versions};
+        let m = |c: EntityTagCondition| Preconditions {
+            if_match: Some(c),
             if_none_match: None,
         };
-        let n = |v: &str| Preconditions {
+        let n = |c: EntityTagCondition| Preconditions {
             if_match: None,
-            if_none_match: Some(EntityTagCondition::parse(v)),
+            if_none_match: Some(c),
         };
-        assert!(m("\"3\"").hold(Some(3)));
-        assert!(!m("\"3\"").hold(Some(4)));
-        assert!(m("\"1\", \"4\"").hold(Some(4)));
-        assert!(!m("\"3\"").hold(None));
-        assert!(m("*").hold(Some(1)));
-        assert!(!m("*").hold(None));
-        assert!(!m("garbage").hold(Some(1)));
-        assert!(n("*").hold(None));
-        assert!(!n("*").hold(Some(1)));
-        assert!(!n("W/\"2\"").hold(Some(2)));
-        assert!(n("\"2\"").hold(Some(3)));
+        assert!(m(Versions(vec![3])).hold(Some(3)));
+        assert!(!m(Versions(vec![3])).hold(Some(4)));
+        assert!(m(Versions(vec![1, 4])).hold(Some(4)));
+        assert!(!m(Versions(vec![3])).hold(None));
+        assert!(m(Any).hold(Some(1)));
+        assert!(!m(Any).hold(None));
+        assert!(!m(Versions(vec![])).hold(Some(1)));
+        assert!(n(Any).hold(None));
+        assert!(!n(Any).hold(Some(1)));
+        assert!(!n(Versions(vec![2])).hold(Some(2)));
+        assert!(n(Versions(vec![2])).hold(Some(3)));
+        assert!(Preconditions::default().hold(None));
     }
 }

@@ -12,8 +12,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::document::{Collection, Document, DocumentId, DocumentKey};
-use crate::store::Stored;
+use crate::document::{Collection, Document, DocumentId, DocumentKey, Stored};
 
 pub const SPEC_VERSION: &str = "1.0";
 pub const TYPE_UPSERTED: &str = "dev.tandem.document.upserted";
@@ -70,6 +69,17 @@ impl DocumentState {
             },
         }
     }
+}
+
+/// The payload of a delete event (a [`DocumentState`] without `data` or `created_at`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub collection: Collection,
+    pub id: DocumentId,
+    pub version: i64,
+    pub deleted: bool,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
 }
 
 /// The envelope.
