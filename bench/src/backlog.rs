@@ -11,11 +11,9 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tandem_core::event::{
-    ChangeEvent, DocumentState, HEADER_COLLECTION, HEADER_EVENT_ID, HEADER_EVENT_TYPE,
-};
+use tandem_core::event::{ChangeEvent, DocumentState, EventHeaders};
+use tandem_shared::kafka::owned_headers;
 use time::OffsetDateTime;
 
 use crate::cpu::{CpuSplit, Meter, Probe};
@@ -137,7 +135,7 @@ pub async fn relay_drain(
         let event = ChangeEvent::new(row.try_get(0)?, "region1", row.try_get(2)?, state.clone());
         messages.push((
             event.partition_key().to_owned(),
-            event.id.to_string(),
+            EventHeaders::change(event.id, false, &state.collection, None).encode(),
             event.encode(),
         ));
         states.push(state);
@@ -155,27 +153,14 @@ pub async fn relay_drain(
         .start();
     let started = Instant::now();
     let mut in_flight = FuturesUnordered::new();
-    for (key, event_id, payload) in &messages {
+    for (key, headers, payload) in &messages {
         if in_flight.len() >= WINDOW {
             delivered(in_flight.next().await)?;
         }
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: HEADER_EVENT_ID,
-                value: Some(event_id.as_str()),
-            })
-            .insert(Header {
-                key: HEADER_EVENT_TYPE,
-                value: Some(tandem_core::event::TYPE_UPSERTED),
-            })
-            .insert(Header {
-                key: HEADER_COLLECTION,
-                value: Some(COLLECTION),
-            });
         let mut record = FutureRecord::to(&topic)
             .key(key.as_str())
             .payload(payload.as_slice())
-            .headers(headers);
+            .headers(owned_headers(headers));
         loop {
             match producer.send_result(record) {
                 Ok(delivery) => {

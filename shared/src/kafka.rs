@@ -11,6 +11,7 @@ use anyhow::Context;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::types::RDKafkaErrorCode;
 use serde::Deserialize;
 
@@ -131,6 +132,20 @@ async fn sasl_credentials(secret_id: &str) -> anyhow::Result<(String, String)> {
     let secret: SaslSecret = serde_json::from_str(&text)
         .with_context(|| format!("Secret {secret_id} is not {{\"username\",\"password\"}}"))?;
     Ok((secret.username, secret.password))
+}
+
+/// Hands encoded headers ([`tandem_core::event::EventHeaders::encode`]) to the Kafka client,
+/// in their order.
+pub fn owned_headers(headers: &[(&str, Vec<u8>)]) -> OwnedHeaders {
+    headers.iter().fold(
+        OwnedHeaders::new_with_capacity(headers.len()),
+        |all, (key, value)| {
+            all.insert(Header {
+                key,
+                value: Some(value.as_slice()),
+            })
+        },
+    )
 }
 
 #[cfg(test)]

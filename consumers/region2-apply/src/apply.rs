@@ -8,11 +8,8 @@ use std::time::Duration;
 use deadpool_postgres::{Pool, Transaction};
 #[cfg(feature = "rdkafka")]
 use rdkafka::message::{Headers, Message};
-use tandem_core::document::DocumentKey;
-use tandem_core::document::Stored;
-use tandem_core::event::{
-    ChangeEvent, DocumentState, HEADER_EVENT_TYPE, Heartbeat, TYPE_HEARTBEAT,
-};
+use tandem_core::document::{DocumentKey, Stored};
+use tandem_core::event::{ChangeEvent, DocumentState, EventHeaders, Heartbeat};
 use tandem_shared::cache::{Cache, CacheError, Entry};
 use tandem_shared::leader::{FENCE_CHECK, Fence};
 use tandem_shared::store::StoreError;
@@ -168,7 +165,7 @@ impl Decoded {
         if let Some(problem) = incoming.header_problem() {
             return Self::Poison(format!("invalid headers: {problem}"));
         }
-        if header(&incoming.headers, HEADER_EVENT_TYPE).as_deref() == Some(TYPE_HEARTBEAT) {
+        if event_headers(&incoming.headers).is_heartbeat() {
             return match Heartbeat::decode(&incoming.payload) {
                 Ok(heartbeat) => Self::Heartbeat(heartbeat),
                 Err(e) => Self::Poison(e.to_string()),
@@ -1059,12 +1056,11 @@ pub fn read_headers<M: Message>(message: &M) -> Vec<KafkaHeader> {
         .collect()
 }
 
-/// One header's value as text (the last one of that name).
-pub fn header(headers: &[KafkaHeader], name: &str) -> Option<String> {
-    headers
-        .iter()
-        .rev()
-        .find(|h| h.name.as_deref() == Some(name))
-        .and_then(|h| h.value.as_deref())
-        .map(|v| String::from_utf8_lossy(v).into_owned())
+/// What the message's headers say, read by the one codec ([`EventHeaders::decode`]).
+pub fn event_headers(headers: &[KafkaHeader]) -> EventHeaders {
+    EventHeaders::decode(
+        headers
+            .iter()
+            .map(|h| (h.name.as_deref(), h.value.as_deref())),
+    )
 }

@@ -445,8 +445,8 @@ mod tests {
             Some(change.partition_key().as_bytes())
         );
         assert_eq!(
-            crate::apply::header(&incoming.headers, tandem_core::event::HEADER_EVENT_ID),
-            Some(change.id.to_string())
+            crate::apply::event_headers(&incoming.headers).event_uuid(),
+            Some(change.id)
         );
     }
 

@@ -322,11 +322,7 @@ impl Region2Consumer {
                         == apply::record_hash(message.key(), message.payload().unwrap_or_default())
                 }
                 (None, Some(event_id)) => {
-                    apply::header(
-                        &apply::read_headers(message),
-                        tandem_core::event::HEADER_EVENT_ID,
-                    )
-                    .and_then(|id| uuid::Uuid::parse_str(&id).ok())
+                    apply::event_headers(&apply::read_headers(message)).event_uuid()
                         == Some(event_id)
                 }
                 (None, None) => false,

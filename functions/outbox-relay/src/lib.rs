@@ -21,18 +21,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tandem_core::document::{Collection, DocumentId, DocumentKey};
-use tandem_core::event::{
-    HEADER_COLLECTION, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_TRACEPARENT, HEARTBEAT_KEY,
-    Heartbeat, TYPE_DELETED, TYPE_HEARTBEAT, TYPE_UPSERTED, encode_envelope,
-};
+use tandem_core::event::{EventHeaders, HEARTBEAT_KEY, Heartbeat, encode_envelope, partition_key};
 use tandem_core::limits::MAX_EVENT_BYTES;
 use tandem_shared::config::{self, ConfigError, ServiceSettings};
 use tandem_shared::db::DatabaseSettings;
 use tandem_shared::http::{ReadyCheck, ScrapeHook, pool_scrape_hook};
-use tandem_shared::kafka::KafkaSettings;
+use tandem_shared::kafka::{KafkaSettings, owned_headers};
 use tandem_shared::leader::{FENCE_CHECK, Fence};
 use tandem_shared::leader::{Leadership, RELAY_LOCK};
 use tandem_shared::store::StoreError;
@@ -358,35 +354,18 @@ impl Relay {
         let started = Instant::now();
         let mut deliveries = Vec::with_capacity(batch.len());
         for row in &batch {
-            let event_id = row.event_id.to_string();
-            let mut headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: HEADER_EVENT_ID,
-                    value: Some(event_id.as_str()),
-                })
-                .insert(Header {
-                    key: HEADER_EVENT_TYPE,
-                    value: Some(if row.deleted {
-                        TYPE_DELETED
-                    } else {
-                        TYPE_UPSERTED
-                    }),
-                })
-                .insert(Header {
-                    key: HEADER_COLLECTION,
-                    value: Some(row.key.collection.as_str()),
-                });
-            if let Some(tp) = &row.traceparent {
-                headers = headers.insert(Header {
-                    key: HEADER_TRACEPARENT,
-                    value: Some(tp.as_str()),
-                });
-            }
-            let partition_key = format!("{}/{}", row.key.collection, row.key.id);
+            let headers = EventHeaders::change(
+                row.event_id,
+                row.deleted,
+                &row.key.collection,
+                row.traceparent.clone(),
+            )
+            .encode();
+            let partition_key = partition_key(&row.key);
             let mut record = FutureRecord::to(&self.settings.kafka.topic)
                 .key(&partition_key)
                 .payload(&row.encoded)
-                .headers(headers);
+                .headers(owned_headers(&headers));
             // Enqueue in seq order; when librdkafka's queue is full, wait for it to drain.
             loop {
                 match producer.send_result(record) {
@@ -535,22 +514,13 @@ impl Relay {
         let mut deliveries = Vec::with_capacity(partitions.len());
         for &partition in partitions {
             let heartbeat = Heartbeat::new(region, time, partition);
-            let id = heartbeat.id.to_string();
             let payload = heartbeat.encode();
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: HEADER_EVENT_ID,
-                    value: Some(id.as_str()),
-                })
-                .insert(Header {
-                    key: HEADER_EVENT_TYPE,
-                    value: Some(TYPE_HEARTBEAT),
-                });
+            let headers = EventHeaders::heartbeat(heartbeat.id).encode();
             let record = FutureRecord::to(&self.settings.kafka.topic)
                 .partition(partition)
                 .key(HEARTBEAT_KEY)
                 .payload(&payload)
-                .headers(headers);
+                .headers(owned_headers(&headers));
             match producer.send_result(record) {
                 Ok(delivery) => deliveries.push(delivery),
                 Err((e, _)) => anyhow::bail!("failed to enqueue a heartbeat: {e}"),

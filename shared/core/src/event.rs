@@ -28,6 +28,101 @@ pub const HEADER_EVENT_ID: &str = "ce_id";
 pub const HEADER_EVENT_TYPE: &str = "ce_type";
 pub const HEADER_COLLECTION: &str = "tandem-collection";
 
+/// What a message's headers say, so that it can be routed and traced without parsing its body:
+/// the one codec of them. The relay (and the benchmark's raw producer) encode them with
+/// [`EventHeaders::encode`]; the consumer reads them with [`EventHeaders::decode`]. Values are
+/// text: a header the producer sent as other bytes decodes lossily.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EventHeaders {
+    /// `ce_id`: the event id (a heartbeat's own id).
+    pub event_id: Option<String>,
+    /// `ce_type`: the CloudEvents type ([`TYPE_UPSERTED`], [`TYPE_DELETED`], [`TYPE_HEARTBEAT`]).
+    pub kind: Option<String>,
+    /// `tandem-collection`: the document's collection (none on heartbeats).
+    pub collection: Option<String>,
+    /// `traceparent`: the write's trace context, when the outbox row has one.
+    pub traceparent: Option<String>,
+}
+
+impl EventHeaders {
+    /// The headers of a change event.
+    pub fn change(
+        event_id: Uuid,
+        deleted: bool,
+        collection: &Collection,
+        traceparent: Option<String>,
+    ) -> Self {
+        Self {
+            event_id: Some(event_id.to_string()),
+            kind: Some(if deleted { TYPE_DELETED } else { TYPE_UPSERTED }.to_owned()),
+            collection: Some(collection.as_str().to_owned()),
+            traceparent,
+        }
+    }
+
+    /// The headers of a heartbeat.
+    pub fn heartbeat(id: Uuid) -> Self {
+        Self {
+            event_id: Some(id.to_string()),
+            kind: Some(TYPE_HEARTBEAT.to_owned()),
+            collection: None,
+            traceparent: None,
+        }
+    }
+
+    /// The headers as they go on the wire, in this order: `ce_id`, `ce_type`,
+    /// `tandem-collection`, `traceparent`, each only when set.
+    pub fn encode(self) -> Vec<(&'static str, Vec<u8>)> {
+        [
+            (HEADER_EVENT_ID, self.event_id),
+            (HEADER_EVENT_TYPE, self.kind),
+            (HEADER_COLLECTION, self.collection),
+            (HEADER_TRACEPARENT, self.traceparent),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value?.into_bytes())))
+        .collect()
+    }
+
+    /// Reads received headers, `(name, value)` in the order they came; `None` for a name the
+    /// client could not read or a header without a value. Of several headers with one name the
+    /// last counts; headers this codec does not know are passed over.
+    pub fn decode<'a>(
+        headers: impl IntoIterator<Item = (Option<&'a str>, Option<&'a [u8]>)>,
+    ) -> Self {
+        let mut decoded = Self::default();
+        for (name, value) in headers {
+            let field = match name {
+                Some(HEADER_EVENT_ID) => &mut decoded.event_id,
+                Some(HEADER_EVENT_TYPE) => &mut decoded.kind,
+                Some(HEADER_COLLECTION) => &mut decoded.collection,
+                Some(HEADER_TRACEPARENT) => &mut decoded.traceparent,
+                _ => continue,
+            };
+            *field = value.map(|v| String::from_utf8_lossy(v).into_owned());
+        }
+        decoded
+    }
+
+    /// The event id, when it is one.
+    pub fn event_uuid(&self) -> Option<Uuid> {
+        self.event_id
+            .as_deref()
+            .and_then(|id| Uuid::parse_str(id).ok())
+    }
+
+    /// Whether the message is a relay heartbeat rather than a change event.
+    pub fn is_heartbeat(&self) -> bool {
+        self.kind.as_deref() == Some(TYPE_HEARTBEAT)
+    }
+}
+
+/// The Kafka message key of a document's events (and their `subject`): `collection/id`, so
+/// that every event of one document goes to one partition, in order.
+pub fn partition_key(key: &DocumentKey) -> String {
+    format!("{}/{}", key.collection, key.id)
+}
+
 /// A document's state after a write: a live document or a tombstone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DocumentState {
@@ -133,7 +228,7 @@ pub fn encode_envelope(
         source: format!("/tandem/{source_region}"),
         kind: if deleted { TYPE_DELETED } else { TYPE_UPSERTED },
         time,
-        subject: format!("{}/{}", key.collection, key.id),
+        subject: partition_key(key),
         datacontenttype: "application/json",
     };
     let mut out = serde_json::to_vec(&head).unwrap_or_default();
@@ -219,7 +314,7 @@ impl ChangeEvent {
             source: format!("/tandem/{source_region}"),
             kind: kind.to_owned(),
             time,
-            subject: format!("{}/{}", data.collection, data.id),
+            subject: partition_key(&data.key()),
             datacontenttype: "application/json".to_owned(),
             data,
         }
@@ -261,7 +356,7 @@ impl ChangeEvent {
         if self.data.deleted == self.data.data.is_some() {
             return invalid("a live document needs data and a tombstone must have none");
         }
-        if self.subject != format!("{}/{}", self.data.collection, self.data.id) {
+        if self.subject != partition_key(&self.data.key()) {
             return invalid("subject does not match the document");
         }
         Ok(())
@@ -304,6 +399,68 @@ mod tests {
             );
             assert_eq!(ChangeEvent::decode(&bytes), Ok(event));
         }
+    }
+
+    #[test]
+    fn headers_go_on_the_wire_in_one_order() {
+        let id = Uuid::parse_str("0190b5a1-7c00-7000-8000-000000000001").expect("uuid");
+        let collection = Collection::parse("orders").expect("valid");
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let wire = EventHeaders::change(id, false, &collection, Some(tp.to_owned())).encode();
+        let expected: Vec<(&str, &[u8])> = vec![
+            ("ce_id", b"0190b5a1-7c00-7000-8000-000000000001"),
+            ("ce_type", b"dev.tandem.document.upserted"),
+            ("tandem-collection", b"orders"),
+            ("traceparent", tp.as_bytes()),
+        ];
+        let actual: Vec<(&str, &[u8])> = wire.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+        assert_eq!(actual, expected);
+
+        let deleted = EventHeaders::change(id, true, &collection, None).encode();
+        assert_eq!(deleted.len(), 3);
+        assert_eq!(deleted[1].1, TYPE_DELETED.as_bytes());
+
+        let heartbeat = EventHeaders::heartbeat(id).encode();
+        let names: Vec<&str> = heartbeat.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["ce_id", "ce_type"]);
+        assert_eq!(heartbeat[1].1, TYPE_HEARTBEAT.as_bytes());
+    }
+
+    #[test]
+    fn headers_decode_what_they_encode_and_survive_foreign_ones() {
+        let id = Uuid::now_v7();
+        let collection = Collection::parse("orders").expect("valid");
+        let sent = EventHeaders::change(id, true, &collection, None);
+        let wire = sent.clone().encode();
+        let decoded =
+            EventHeaders::decode(wire.iter().map(|(n, v)| (Some(*n), Some(v.as_slice()))));
+        assert_eq!(decoded, sent);
+        assert_eq!(decoded.event_uuid(), Some(id));
+        assert!(!decoded.is_heartbeat());
+        assert!(
+            EventHeaders::decode(
+                EventHeaders::heartbeat(id)
+                    .encode()
+                    .iter()
+                    .map(|(n, v)| (Some(*n), Some(v.as_slice())))
+            )
+            .is_heartbeat()
+        );
+
+        // Unknown and unreadable names are passed over, the last of a name counts (even
+        // without a value), and bytes that are not UTF-8 decode lossily.
+        let foreign: Vec<(Option<&str>, Option<&[u8]>)> = vec![
+            (Some("ce_id"), Some(b"\x00\xff")),
+            (None, Some(b"x")),
+            (Some("x-other"), Some(b"y")),
+            (Some("ce_type"), Some(b"a")),
+            (Some("ce_type"), None),
+        ];
+        let decoded = EventHeaders::decode(foreign);
+        assert_eq!(decoded.event_id.as_deref(), Some("\0\u{fffd}"));
+        assert_eq!(decoded.event_uuid(), None);
+        assert_eq!(decoded.kind, None);
+        assert_eq!(EventHeaders::decode([]), EventHeaders::default());
     }
 
     #[test]
