@@ -26,6 +26,8 @@ bench:
 
 ## Formatting and lints as CI checks them.
 lint:
+	python3 scripts/check-layers.py --self-test
+	python3 scripts/check-layers.py
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 

@@ -10,6 +10,10 @@ ensure_python_tools
 ensure_kafka
 export TANDEM_PG_BINDIR="$(pg_bindir)"
 
+say "checking the crates' layering (scripts/check-layers.py: its self-test, then the workspace)"
+python3 scripts/check-layers.py --self-test
+python3 scripts/check-layers.py
+
 say "building the binaries the tests run (cargo build --workspace --bins)"
 cargo build --workspace --bins --locked
 

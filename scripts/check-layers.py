@@ -1,0 +1,291 @@
+#!/usr/bin/env python3
+"""The workspace's layering, checked over `cargo metadata` (run by `make lint` and `make test`).
+
+Crates may depend only on crates in lower layers (README, "Layout"):
+
+    0  tandem-core               the domain, no I/O
+    1  tandem-shared             storage, cache, HTTP edge, configuration, Kafka client
+    2  tandem-region2-apply      Region 2's apply (the consumer's and the Lambda's)
+    3  tandem-write, tandem-read, tandem-outbox-relay, tandem-region2-consumer
+    4  tandem-tests
+    5  tandem-bench
+
+and tandem-core may not depend, directly or through any crate it pulls in, on a crate that
+does I/O (database, cache, Kafka, HTTP, async runtime, cloud SDK).
+
+Usage:
+    scripts/check-layers.py                  check this workspace
+    scripts/check-layers.py --self-test      prove the check fails on bad graphs
+    scripts/check-layers.py --metadata F [--full-metadata G]
+                                             check saved `cargo metadata` output instead
+
+Exits 0 when the layering holds, 1 with one line per violation when it does not.
+Standard library only.
+"""
+
+import json
+import subprocess
+import sys
+
+LAYERS = [
+    ["tandem-core"],
+    ["tandem-shared"],
+    ["tandem-region2-apply"],
+    ["tandem-write", "tandem-read", "tandem-outbox-relay", "tandem-region2-consumer"],
+    ["tandem-tests"],
+    ["tandem-bench"],
+]
+LAYER_OF = {name: level for level, names in enumerate(LAYERS) for name in names}
+CORE = "tandem-core"
+IO_CRATES = {
+    "tokio",
+    "tokio-postgres",
+    "deadpool-postgres",
+    "redis",
+    "rdkafka",
+    "axum",
+    "lambda_http",
+    "lambda_runtime",
+    "reqwest",
+    "refinery",
+}
+IO_PREFIXES = ("aws-",)
+
+
+def is_io(name):
+    return name in IO_CRATES or name.startswith(IO_PREFIXES)
+
+
+def kind_label(kind):
+    return {None: "", "dev": " (dev)", "build": " (build)"}.get(kind, f" ({kind})")
+
+
+def layer_violations(metadata):
+    """Workspace crates out of the table, and dependencies that do not point down."""
+    members = {p["name"]: p for p in metadata["packages"]}
+    problems = []
+    for name in sorted(members):
+        if name not in LAYER_OF:
+            problems.append(
+                f"{name}: not in any layer; add it to LAYERS in scripts/check-layers.py "
+                "and to README's layout"
+            )
+    for name in sorted(members):
+        level = LAYER_OF.get(name)
+        for dep in members[name]["dependencies"]:
+            if dep["name"] not in members or level is None:
+                continue
+            dep_level = LAYER_OF.get(dep["name"])
+            if dep_level is not None and dep_level >= level:
+                where = "a higher" if dep_level > level else "the same"
+                problems.append(
+                    f"{name} (layer {level}) depends on {dep['name']} (layer {dep_level}, "
+                    f"{where} layer){kind_label(dep.get('kind'))}: dependencies must point down"
+                )
+    return problems
+
+
+def core_direct_io(metadata):
+    """I/O crates tandem-core declares itself (any kind: normal, dev or build)."""
+    problems = []
+    for package in metadata["packages"]:
+        if package["name"] != CORE:
+            continue
+        for dep in package["dependencies"]:
+            if is_io(dep["name"]):
+                problems.append(
+                    f"{CORE} depends on {dep['name']}{kind_label(dep.get('kind'))}: "
+                    "the domain crate does no I/O"
+                )
+    return problems
+
+
+def core_transitive_io(full):
+    """I/O crates reachable from tandem-core through normal and build dependencies."""
+    names = {p["id"]: p["name"] for p in full["packages"]}
+    nodes = {n["id"]: n for n in (full.get("resolve") or {}).get("nodes", [])}
+    roots = [pid for pid, name in names.items() if name == CORE and pid in nodes]
+    problems = []
+    for root in roots:
+        paths = {root: [CORE]}
+        queue = [root]
+        while queue:
+            current = queue.pop(0)
+            for dep in nodes[current].get("deps", []):
+                kinds = {k.get("kind") for k in dep.get("dep_kinds", [{"kind": None}])}
+                if not kinds & {None, "build"}:
+                    continue
+                target = dep["pkg"]
+                if target in paths or target not in names:
+                    continue
+                paths[target] = paths[current] + [names[target]]
+                # Direct ones are core_direct_io's to report.
+                if is_io(names[target]) and len(paths[target]) > 2:
+                    problems.append(
+                        f"{CORE} pulls in {names[target]} "
+                        f"({' -> '.join(paths[target])}): the domain crate does no I/O"
+                    )
+                if target in nodes:
+                    queue.append(target)
+    return problems
+
+
+def check(metadata, full=None):
+    problems = layer_violations(metadata) + core_direct_io(metadata)
+    if full is not None:
+        problems += core_transitive_io(full)
+    return problems
+
+
+def cargo_metadata(*extra):
+    out = subprocess.run(
+        ["cargo", "metadata", "--format-version", "1", *extra],
+        check=True,
+        stdout=subprocess.PIPE,
+    ).stdout
+    return json.loads(out)
+
+
+def report(problems):
+    if not problems:
+        print("check-layers: the layering holds (dependencies point down; tandem-core does no I/O)")
+        return 0
+    print(f"check-layers: {len(problems)} violation(s) of the workspace's layering:", file=sys.stderr)
+    for problem in problems:
+        print(f"  - {problem}", file=sys.stderr)
+    print("  (layers: README, Layout; rules: scripts/check-layers.py)", file=sys.stderr)
+    return 1
+
+
+# --- self-test ------------------------------------------------------------------------------
+
+
+def synthetic(edges):
+    """`--no-deps` metadata for {crate: [(dependency, kind)]}."""
+    return {
+        "packages": [
+            {"name": name, "dependencies": [{"name": d, "kind": k} for d, k in deps]}
+            for name, deps in edges.items()
+        ]
+    }
+
+
+def synthetic_full(edges):
+    """Full metadata (packages and resolve) for {crate: [(dependency, kind)]}."""
+    names = set(edges) | {d for deps in edges.values() for d, _ in deps}
+    return {
+        "packages": [{"id": f"id:{n}", "name": n} for n in sorted(names)],
+        "resolve": {
+            "nodes": [
+                {
+                    "id": f"id:{n}",
+                    "deps": [
+                        {"pkg": f"id:{d}", "dep_kinds": [{"kind": k}]}
+                        for d, k in edges.get(n, [])
+                    ],
+                }
+                for n in sorted(names)
+            ]
+        },
+    }
+
+
+GOOD = {
+    "tandem-core": [("serde", None), ("uuid", None)],
+    "tandem-shared": [("tandem-core", None), ("tokio", None), ("axum", None)],
+    "tandem-region2-apply": [("tandem-core", None), ("tandem-shared", None)],
+    "tandem-write": [("tandem-core", None), ("tandem-shared", None)],
+    "tandem-read": [("tandem-shared", None)],
+    "tandem-outbox-relay": [("tandem-shared", None), ("rdkafka", None)],
+    "tandem-region2-consumer": [("tandem-region2-apply", None)],
+    "tandem-tests": [("tandem-write", None), ("tandem-read", None)],
+    "tandem-bench": [("tandem-tests", None), ("tandem-outbox-relay", None)],
+}
+
+
+def self_test():
+    failures = []
+
+    def expect(label, problems, fragment):
+        if fragment is None:
+            if problems:
+                failures.append(f"{label}: expected no violation, got {problems}")
+        elif not any(fragment in p for p in problems):
+            failures.append(f"{label}: expected a violation mentioning {fragment!r}, got {problems}")
+
+    def variant(**changes):
+        edges = {name: list(deps) for name, deps in GOOD.items()}
+        for name, deps in changes.items():
+            edges[name.replace("_", "-")] = deps
+        return edges
+
+    expect("a good graph", check(synthetic(GOOD), synthetic_full(GOOD)), None)
+
+    upward = variant(tandem_shared=[("tandem-core", None), ("tandem-write", None)])
+    expect("shared -> write", check(synthetic(upward)), "tandem-shared (layer 1) depends on tandem-write")
+
+    core_up = variant(tandem_core=[("tandem-shared", None)])
+    expect("core -> shared", check(synthetic(core_up)), "tandem-core (layer 0) depends on tandem-shared")
+
+    sideways = variant(tandem_write=[("tandem-shared", None), ("tandem-read", None)])
+    expect("write -> read", check(synthetic(sideways)), "the same layer")
+
+    dev_up = variant(tandem_region2_apply=[("tandem-shared", None), ("tandem-tests", "dev")])
+    expect("apply -dev-> tests", check(synthetic(dev_up)), "depends on tandem-tests (layer 4")
+
+    for io in ["tokio-postgres", "rdkafka", "axum", "lambda_http", "aws-config", "tokio"]:
+        bad = variant(tandem_core=[("serde", None), (io, None)])
+        expect(f"core -> {io}", check(synthetic(bad)), f"tandem-core depends on {io}")
+
+    hidden = variant(tandem_core=[("serde", None), ("innocent", None)])
+    hidden["innocent"] = [("redis", None)]
+    no_deps = synthetic({k: v for k, v in hidden.items() if k != "innocent"})
+    expect("core -> innocent -> redis", check(no_deps, synthetic_full(hidden)), "tandem-core -> innocent -> redis")
+
+    dev_only = variant(tandem_core=[("serde", None), ("helper", "dev")])
+    dev_only["helper"] = [("tokio", None)]
+    no_deps = synthetic({k: v for k, v in dev_only.items() if k != "helper"})
+    expect("core -dev-> helper -> tokio (tests only)", check(no_deps, synthetic_full(dev_only)), None)
+
+    stray = dict(GOOD, **{"tandem-new": [("tandem-core", None)]})
+    expect("a crate in no layer", check(synthetic(stray)), "tandem-new: not in any layer")
+
+    if failures:
+        print("check-layers self-test FAILED:", file=sys.stderr)
+        for failure in failures:
+            print(f"  - {failure}", file=sys.stderr)
+        return 1
+    print("check-layers self-test: every bad graph was caught, the good one passed")
+    return 0
+
+
+def main(argv):
+    if argv[1:] == ["--self-test"]:
+        return self_test()
+    args = dict(zip(argv[1::2], argv[2::2]))
+    if len(argv[1:]) % 2 or set(args) - {"--metadata", "--full-metadata"}:
+        print(__doc__, file=sys.stderr)
+        return 2
+    if "--metadata" in args:
+        with open(args["--metadata"]) as f:
+            metadata = json.load(f)
+        full = None
+        if "--full-metadata" in args:
+            with open(args["--full-metadata"]) as f:
+                full = json.load(f)
+        return report(check(metadata, full))
+    # The resolved graph for this machine's platform only: no other platform's crates to fetch.
+    host = next(
+        line.split(":", 1)[1].strip()
+        for line in subprocess.run(
+            ["rustc", "-vV"], check=True, stdout=subprocess.PIPE, text=True
+        ).stdout.splitlines()
+        if line.startswith("host:")
+    )
+    return report(
+        check(cargo_metadata("--no-deps"), cargo_metadata("--filter-platform", host))
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
