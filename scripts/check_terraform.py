@@ -34,7 +34,7 @@ so this script checks what can be checked from the source alone, with python-hcl
   the few service roles that must call KMS directly are listed in KMS_DECRYPT_UNSCOPED with why;
 * every `aws_msk_configuration` sets message.max.bytes and replica.fetch.max.bytes from the same
   variable, whose default is a literal number (modules/msk: max_message_bytes, which must equal
-  KAFKA_MAX_MESSAGE_BYTES in shared/src/limits.rs, a Rust test compares them), and sets
+  KAFKA_MAX_MESSAGE_BYTES in shared/core/src/limits.rs, a Rust test compares them), and sets
   allow.everyone.if.no.acl.found to false: literally, or through a bootstrap variable whose
   default is false in the module and in every deployment that passes it, and that no committed
   .tfvars turns on;

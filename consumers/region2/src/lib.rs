@@ -79,7 +79,7 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     // librdkafka pre-fetches up to 64 MiB per client by default; a few batches ahead is enough.
     ("queued.max.messages.kbytes", "16384"),
     ("enable.partition.eof", "false"),
-    // shared::limits::KAFKA_MAX_MESSAGE_BYTES: the largest record a fetch must hold.
+    // tandem_core::limits::KAFKA_MAX_MESSAGE_BYTES: the largest record a fetch must hold.
     ("fetch.message.max.bytes", "1048576"),
 ];
 

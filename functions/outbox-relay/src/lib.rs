@@ -75,7 +75,7 @@ impl Settings {
 /// them too).
 pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("enable.idempotence", "true"),
-    // shared::limits::KAFKA_MAX_MESSAGE_BYTES (the topic's max.message.bytes is the same).
+    // tandem_core::limits::KAFKA_MAX_MESSAGE_BYTES (the topic's max.message.bytes is the same).
     ("message.max.bytes", "1048576"),
     ("acks", "all"),
     ("linger.ms", "2"),

@@ -173,7 +173,7 @@ async fn list_documents(
     };
     honour_consistency_token(&app, &headers, &list_path, None).await?;
     let page = app.store.list(&collection, after.as_ref(), limit).await?;
-    // A page ends at `limit` documents or at the byte budget (shared::limits::LIST_PAGE_BYTES).
+    // A page ends at `limit` documents or at the byte budget (tandem_core::limits::LIST_PAGE_BYTES).
     let next = if page.more {
         page.documents
             .last()

@@ -63,7 +63,7 @@ resource "aws_vpc_security_group_ingress_rule" "clients" {
 # already denies by default (docs/deploy.md, "Kafka ACLs").
 #
 # message.max.bytes and replica.fetch.max.bytes come from one value, which
-# must equal KAFKA_MAX_MESSAGE_BYTES in shared/src/limits.rs (the producer's,
+# must equal KAFKA_MAX_MESSAGE_BYTES in shared/core/src/limits.rs (the producer's,
 # the topic's and the consumer's limit).
 resource "aws_msk_configuration" "this" {
   name           = "${var.name}-config"

@@ -61,7 +61,7 @@ variable "acl_bootstrap" {
 
 variable "max_message_bytes" {
   type        = number
-  description = "Largest record batch the brokers accept and replicate (message.max.bytes and replica.fetch.max.bytes); must equal KAFKA_MAX_MESSAGE_BYTES in shared/src/limits.rs."
+  description = "Largest record batch the brokers accept and replicate (message.max.bytes and replica.fetch.max.bytes); must equal KAFKA_MAX_MESSAGE_BYTES in shared/core/src/limits.rs."
 
   # A Rust test reads this default and compares it with KAFKA_MAX_MESSAGE_BYTES.
   default = 1048576
