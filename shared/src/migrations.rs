@@ -14,6 +14,15 @@ mod embedded {
 /// Advisory lock key for migrations ("tandem" in ASCII).
 const MIGRATION_LOCK: i64 = 0x74_61_6e_64_65_6d;
 
+/// The `migrate` sub-command of every binary: reads only the database settings (`DATABASE_URL`
+/// or its alternatives, and the session limits), so it runs without the service's other
+/// settings (Redis, Kafka, JWT), then applies every pending migration.
+pub async fn run_from_env() -> anyhow::Result<()> {
+    let settings = crate::db::DatabaseSettings::from_env().context("Invalid configuration")?;
+    let pool = crate::db::connect_pool(&settings).await?;
+    run(&pool).await
+}
+
 /// Applies every pending migration.
 pub async fn run(pool: &Pool) -> anyhow::Result<()> {
     let mut client = pool

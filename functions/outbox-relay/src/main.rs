@@ -17,12 +17,11 @@ use time::format_description::well_known::Rfc3339;
 async fn main() -> anyhow::Result<()> {
     tandem_shared::telemetry::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("migrate") {
+        return tandem_shared::migrations::run_from_env().await;
+    }
     let settings = Settings::from_env().context("Invalid configuration")?;
     match args.first().map(String::as_str) {
-        Some("migrate") => {
-            let pool = tandem_shared::db::connect_pool(&settings.database).await?;
-            tandem_shared::migrations::run(&pool).await
-        }
         Some("replay") => {
             let since = match args.get(1..3) {
                 Some([flag, value]) if flag == "--since" => OffsetDateTime::parse(value, &Rfc3339)

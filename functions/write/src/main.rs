@@ -7,11 +7,10 @@ use tandem_write::{AppState, Settings};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tandem_shared::telemetry::init();
-    let settings = Settings::from_env().context("Invalid configuration")?;
     if std::env::args().nth(1).as_deref() == Some("migrate") {
-        let pool = tandem_shared::db::connect_pool(&settings.database).await?;
-        return tandem_shared::migrations::run(&pool).await;
+        return tandem_shared::migrations::run_from_env().await;
     }
+    let settings = Settings::from_env().context("Invalid configuration")?;
     let state = AppState::build(&settings).await?;
     state.spawn_housekeeping();
     tandem_shared::serve::run(tandem_write::router(state), &settings.service).await

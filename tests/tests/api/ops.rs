@@ -61,3 +61,47 @@ async fn health_readiness_and_metrics_answer_on_both_services() {
         "{write_metrics}"
     );
 }
+
+/// `migrate` needs the database and nothing else: every binary applies the migrations with only
+/// `DATABASE_URL` set (no Redis, Kafka or JWT settings), and a second run finds nothing to do.
+#[tokio::test]
+async fn every_binarys_migrate_needs_only_the_database() {
+    for binary in [
+        "tandem-write",
+        "tandem-read",
+        "tandem-outbox-relay",
+        "tandem-region2-consumer",
+    ] {
+        let url = tandem_tests::Postgres::shared()
+            .create_database()
+            .await
+            .expect("database");
+        for _ in 0..2 {
+            let output = std::process::Command::new(tandem_tests::binary(binary))
+                .arg("migrate")
+                .env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .env("DATABASE_URL", &url)
+                .output()
+                .expect("run migrate");
+            assert!(
+                output.status.success(),
+                "{binary} migrate failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(connection);
+        let tables: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_tables WHERE tablename IN ('documents', 'outbox', 'applied_events')",
+                &[],
+            )
+            .await
+            .expect("tables")
+            .get(0);
+        assert_eq!(tables, 3, "{binary} migrate created the schema");
+    }
+}
