@@ -1,5 +1,7 @@
-//! Applying one Kafka message to Region 2: the transaction, the cache update, the dead-letter
-//! path and the retry policy.
+//! Applying Kafka records to Region 2, a batch at a time: one transaction per batch (the
+//! effects, the event ids, the heartbeats and the positions), the cache update after the
+//! commit, the dead-letter path and the retry policy. The consumer pod and the Lambda function
+//! both apply through it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;

@@ -1,10 +1,12 @@
 //! The Region 2 consumer (long-running): applies change events from Kafka to Region 2's
 //! PostgreSQL and Redis, effectively once, whatever crashes in between.
 //!
-//! * Each event is applied in one transaction that also records its event id
-//!   (`applied_events`) and the Kafka position (`consumer_offsets`). A crash before the commit
-//!   loses nothing (the event is consumed again); a crash after it double-applies nothing (the
-//!   event id is already recorded, and the consumer resumes from the stored position).
+//! * Events are applied in batches (whatever is already waiting, up to 500 events and
+//!   `CONSUMER_BATCH_BYTES`), each batch in one transaction that also records the event ids
+//!   (`applied_events`) and the Kafka positions (`consumer_offsets`). A crash before the commit
+//!   loses nothing (the batch is consumed again); a crash after it double-applies nothing (the
+//!   event ids are already recorded, and the consumer resumes from the stored positions). An
+//!   event that fails alone is split out of its batch, retried, then dead-lettered.
 //! * Version-monotonic: an event older than the stored version changes nothing (`stale`), and
 //!   tombstones stay, so an old upsert cannot resurrect a deleted document.
 //! * Redis gets the applied states with the read path's version guard right after the
