@@ -7,7 +7,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use tandem_tests::TwoRegions;
 
-use crate::support::{assert_each_event_applied_once, spawn_writer};
+use crate::support::{assert_each_event_applied_once, spawn_writer, unpublished, wait_published};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_relay_and_the_consumer_under_load_loses_and_duplicates_nothing() {
@@ -237,30 +237,6 @@ async fn dead_letters(client: &tokio_postgres::Client) -> Vec<(String, String)> 
             )
         })
         .collect()
-}
-
-/// Region 1's outbox rows not yet published.
-async fn unpublished(regions: &TwoRegions) -> i64 {
-    let client = regions.region1.pool.get().await.expect("db");
-    client
-        .query_one(
-            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-            &[],
-        )
-        .await
-        .expect("count")
-        .get(0)
-}
-
-/// Waits until the relay has published every outbox row of Region 1.
-async fn wait_published(regions: &TwoRegions) {
-    for _ in 0..300 {
-        if unpublished(regions).await == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the relay did not publish the outbox within 30 s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

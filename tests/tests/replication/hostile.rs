@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 use tandem_core::limits::{MAX_BODY_BYTES, MAX_DOCUMENT_BYTES, MAX_EVENT_BYTES, MAX_JSON_DEPTH};
 use tandem_tests::TwoRegions;
 
+use crate::support::wait_published;
+
 /// `{"a":{"a":…1…}}` with `depth` objects.
 fn nested(depth: usize) -> String {
     let mut text = "1".to_owned();
@@ -547,25 +549,7 @@ async fn relay_and_consumer_batches_stay_within_their_byte_budgets() {
             .await;
         assert_eq!(response.status(), 201);
     }
-    for _ in 0..300 {
-        let waiting: i64 = regions
-            .region1
-            .pool
-            .get()
-            .await
-            .expect("db")
-            .query_one(
-                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-                &[],
-            )
-            .await
-            .expect("count")
-            .get(0);
-        if waiting == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_published(&regions).await;
     regions.start_consumer_with(&[("CONSUMER_BATCH_BYTES", &budget)]);
     regions.wait_converged(Duration::from_secs(60)).await;
 

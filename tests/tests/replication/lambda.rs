@@ -29,7 +29,7 @@ use tandem_tests::{ManagedProcess, TwoRegions, binary, scratch_dir, serve};
 use tokio::sync::{Mutex, mpsc};
 use tower::ServiceExt;
 
-use crate::support::{assert_each_event_applied_once, produce_raw};
+use crate::support::{assert_each_event_applied_once, produce_raw, wait_published};
 
 /// The topic's partition count in the harness (`KAFKA_TOPIC_PARTITIONS`).
 const PARTITIONS: i32 = 3;
@@ -79,34 +79,6 @@ fn outcome_count(apply: &KafkaApply, outcome: &'static str) -> u64 {
         .events
         .get_or_create(&OutcomeLabels { outcome })
         .get()
-}
-
-/// Waits until the relay has published every outbox row of Region 1.
-async fn wait_published(regions: &TwoRegions) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let waiting: i64 = regions
-            .region1
-            .pool
-            .get()
-            .await
-            .expect("db")
-            .query_one(
-                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-                &[],
-            )
-            .await
-            .expect("count")
-            .get(0);
-        if waiting == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the relay did not publish within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Every record of the topic from `from` (partition -> first offset; the beginning for the

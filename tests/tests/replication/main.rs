@@ -67,6 +67,30 @@ pub mod support {
             .expect("produce");
     }
 
+    /// Region 1's outbox rows not yet published.
+    pub async fn unpublished(regions: &TwoRegions) -> i64 {
+        let client = regions.region1.pool.get().await.expect("db");
+        client
+            .query_one(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+                &[],
+            )
+            .await
+            .expect("count")
+            .get(0)
+    }
+
+    /// Waits until the relay has published every outbox row of Region 1.
+    pub async fn wait_published(regions: &TwoRegions) {
+        for _ in 0..300 {
+            if unpublished(regions).await == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the relay did not publish the outbox within 30 s");
+    }
+
     /// Writes in the background (PUT/PATCH/DELETE over `documents` ids) until stopped; every
     /// write must succeed (Region 1 never depends on Kafka). Returns the number of writes.
     pub fn spawn_writer(
