@@ -145,6 +145,9 @@ impl ManagedProcess {
             .arg("-TERM")
             .arg(self.pid().to_string())
             .status();
+        // A program a test paused (SIGSTOP) and did not resume, because the test failed first,
+        // would hold its SIGTERM forever, and the watchdog with it: resume it.
+        self.signal("CONT");
         let _ = self.child.wait();
     }
 
