@@ -80,6 +80,10 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("acks", "all"),
     ("linger.ms", "2"),
     ("message.timeout.ms", "30000"),
+    // A topic missing from the metadata fails its messages after this long (default 30 s),
+    // and the relay then recreates it: a deleted topic stalls publishing for 5 s, not 30.
+    // (The relay creates the topic before publishing, so propagation is never this slow.)
+    ("topic.metadata.propagation.max.ms", "5000"),
     ("compression.type", "lz4"),
 ];
 
