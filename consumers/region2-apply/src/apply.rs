@@ -309,6 +309,22 @@ impl Applier {
     }
 
     /// `(partition, next_offset, proof of the record before it)` per partition.
+    /// Forgets the stored position of a partition found recreated: until the re-read from its
+    /// beginning has applied something, a restart reads it from the beginning too (the
+    /// position stored last may name a record of the new partition, past records never read).
+    pub async fn forget_position(&self, topic: &str, partition: i32) -> anyhow::Result<()> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE consumer_offsets SET next_offset = 0, last_event_id = NULL, \
+                   last_record_hash = NULL, updated_at = clock_timestamp() \
+                 WHERE topic = $1 AND partition = $2",
+                &[&topic, &partition],
+            )
+            .await?;
+        Ok(())
+    }
+
     pub async fn stored_positions(&self, topic: &str) -> anyhow::Result<Vec<(i32, i64, Proof)>> {
         let client = self.pool.get().await?;
         let rows = client

@@ -32,6 +32,8 @@ pub struct ConsumerMetrics {
     pub dead_letter_failures: Counter,
     /// The largest batch received so far, in bytes.
     pub largest_batch_bytes: Gauge,
+    /// Partitions read again from the beginning because the topic was recreated.
+    pub partition_rereads: Counter,
     pub role: Arc<Role>,
 }
 
@@ -46,6 +48,7 @@ impl ConsumerMetrics {
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             dead_letter_failures: Counter::default(),
             largest_batch_bytes: Gauge::default(),
+            partition_rereads: Counter::default(),
             role: Arc::default(),
         }
     }
@@ -75,6 +78,11 @@ impl ConsumerMetrics {
             "consumer_largest_batch_bytes",
             "The largest batch received since start, in bytes",
             self.largest_batch_bytes.clone(),
+        );
+        metrics.register(
+            "consumer_partition_rereads",
+            "Partitions read again from the beginning because the topic was deleted and recreated",
+            self.partition_rereads.clone(),
         );
         metrics.register(
             "consumer_events",

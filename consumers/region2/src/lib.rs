@@ -16,6 +16,9 @@
 //!   consumer moves on. `tandem-region2-consumer redrive` re-applies them.
 //! * One active consumer (advisory lock on the Region 2 database) reads every partition with
 //!   explicit assignment from the stored positions; a standby takes over when it dies.
+//! * A recreated topic is read again from its beginning, whether it was recreated while the
+//!   consumer was away (the resume proof checked at each start) or under it (the first record
+//!   read from each partition must stay at its offset; checked every 5 s).
 
 pub mod apply;
 pub mod metrics;
@@ -27,7 +30,7 @@ use std::time::Duration;
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use futures_util::FutureExt;
-use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tandem_shared::cache::{Cache, CacheSettings};
@@ -36,7 +39,7 @@ use tandem_shared::db::DatabaseSettings;
 use tandem_shared::http::{ReadyCheck, ScrapeHook, pool_scrape_hook};
 use tandem_shared::kafka::KafkaSettings;
 use tandem_shared::leader::{CONSUMER_LOCK, Leadership};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 pub use apply::{Applier, Incoming, KafkaHeader, Outcome};
 pub use metrics::ConsumerMetrics;
@@ -177,6 +180,7 @@ impl Region2Consumer {
         let topic = self.settings.kafka.topic.clone();
         let mut config = self.settings.kafka.client_config(CONSUMER_DEFAULTS).await?;
         config.set("group.id", &self.settings.group_id);
+        let mut probe_config = config.clone();
         let consumer = Arc::new(self.create_consumer(config)?);
         let metadata = {
             let consumer = consumer.clone();
@@ -217,6 +221,21 @@ impl Region2Consumer {
             partitions.clone(),
             grown_tx,
         ));
+        // A topic deleted and recreated under the running consumer (see [`Anchors`]).
+        let anchors = Anchors::default();
+        let (recreated_tx, mut recreated) = mpsc::channel(1);
+        probe_config
+            .set("auto.offset.reset", "error")
+            .set("queued.max.messages.kbytes", "1024");
+        let probe: BaseConsumer = probe_config
+            .create()
+            .context("Failed to create the Kafka probe")?;
+        let watcher = tokio::spawn(watch_for_recreation(
+            Arc::new(probe),
+            topic.clone(),
+            anchors.clone(),
+            recreated_tx,
+        ));
         let result = async {
             let mut batch: Vec<Incoming> = Vec::with_capacity(MAX_BATCH);
             let mut batch_bytes = 0usize;
@@ -227,6 +246,11 @@ impl Region2Consumer {
                     message = consumer.recv() => message,
                     _ = shutdown.changed() => return Ok(()),
                     _ = grown.changed() => anyhow::bail!("the topic gained partitions; assigning them"),
+                    Some(found) = recreated.recv() => {
+                        self.reread_recreated(&consumer, &topic, &partitions, &mut expected, &anchors, found)
+                            .await?;
+                        continue;
+                    }
                     () = tokio::time::sleep(Duration::from_secs(2)) => {
                         anyhow::ensure!(leadership.is_held().await, "the consumer's leader session ended");
                         commit_positions(&consumer, &topic, &mut committed);
@@ -248,12 +272,20 @@ impl Region2Consumer {
                     };
                     match self.admit(&consumer, &topic, &partitions, &mut expected, &message)? {
                         Admitted::Apply(incoming) => {
+                            anchors.note(incoming.partition, incoming.offset, || {
+                                incoming.record_hash()
+                            });
                             batch_bytes += incoming.size();
                             batch.push(incoming);
                         }
-                        Admitted::Skip => {}
+                        Admitted::Skip => anchors.note(message.partition(), message.offset(), || {
+                            apply::record_hash(message.key(), message.payload().unwrap_or_default())
+                        }),
                         // The rest of what is queued may come from the old positions.
-                        Admitted::Reassigned => break,
+                        Admitted::Reassigned => {
+                            anchors.forget(message.partition());
+                            break;
+                        }
                     }
                     if batch.len() < MAX_BATCH && batch_bytes < self.settings.batch_bytes {
                         // A poll that only consumed a client event (an offset commit's
@@ -284,6 +316,7 @@ impl Region2Consumer {
         }
         .await;
         heartbeat.abort();
+        watcher.abort();
         // Destroying a client waits for its threads: keep that off the runtime.
         tokio::task::spawn_blocking(move || drop(consumer));
         result
@@ -337,24 +370,43 @@ impl Region2Consumer {
             expected_offset = offset,
             "the partition no longer holds the applied events (the topic was recreated); reading it from the beginning"
         );
-        let mut restart = TopicPartitionList::new();
-        for partition in partitions {
-            let offset = if *partition == message.partition() {
-                Offset::Beginning
-            } else {
-                consumer
-                    .position()
-                    .ok()
-                    .and_then(|p| p.find_partition(topic, *partition).map(|e| e.offset()))
-                    .filter(|o| matches!(o, Offset::Offset(_)))
-                    .unwrap_or(Offset::Stored)
-            };
-            restart.add_partition_offset(topic, *partition, offset)?;
-        }
-        consumer
-            .assign(&restart)
-            .context("Failed to reassign partitions")?;
+        self.applier.metrics.partition_rereads.inc();
+        reassign_from_beginning(consumer, topic, partitions, &[message.partition()])?;
         Ok(Admitted::Reassigned)
+    }
+
+    /// Re-reads, from their beginning, partitions found recreated while being consumed (when
+    /// their anchor is still the one found gone: the partition may have been re-read since).
+    /// The stored position is forgotten first, so a crash during the re-read re-reads again.
+    async fn reread_recreated(
+        &self,
+        consumer: &StreamConsumer,
+        topic: &str,
+        partitions: &[i32],
+        expected: &mut HashMap<i32, (i64, apply::Proof)>,
+        anchors: &Anchors,
+        found: Vec<(i32, Anchor)>,
+    ) -> anyhow::Result<()> {
+        let mut reread = Vec::new();
+        for (partition, anchor) in found {
+            if anchors.current(partition).as_ref() != Some(&anchor) {
+                continue;
+            }
+            tracing::warn!(
+                partition,
+                anchor_offset = anchor.offset,
+                "the partition no longer holds the first record read from it (the topic was deleted and recreated); reading it from the beginning"
+            );
+            self.applier.forget_position(topic, partition).await?;
+            self.applier.metrics.partition_rereads.inc();
+            anchors.forget(partition);
+            expected.remove(&partition);
+            reread.push(partition);
+        }
+        if !reread.is_empty() {
+            reassign_from_beginning(consumer, topic, partitions, &reread)?;
+        }
+        Ok(())
     }
 
     /// Where to resume each partition: one record before the stored position, remembering the
@@ -456,6 +508,183 @@ async fn high_watermarks(
     })
     .await
     .unwrap_or_default()
+}
+
+/// Assigns every partition again: `from_beginning` ones at their first offset, the others where
+/// they are (librdkafka discards what it fetched for the old positions).
+fn reassign_from_beginning(
+    consumer: &StreamConsumer,
+    topic: &str,
+    partitions: &[i32],
+    from_beginning: &[i32],
+) -> anyhow::Result<()> {
+    let positions = consumer.position().ok();
+    let mut restart = TopicPartitionList::new();
+    for partition in partitions {
+        let offset = if from_beginning.contains(partition) {
+            Offset::Beginning
+        } else {
+            positions
+                .as_ref()
+                .and_then(|p| p.find_partition(topic, *partition).map(|e| e.offset()))
+                .filter(|o| matches!(o, Offset::Offset(_)))
+                .unwrap_or(Offset::Stored)
+        };
+        restart.add_partition_offset(topic, *partition, offset)?;
+    }
+    consumer
+        .assign(&restart)
+        .context("Failed to reassign partitions")
+}
+
+/// The first record read from a partition in this term.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Anchor {
+    offset: i64,
+    record_hash: Vec<u8>,
+}
+
+/// The first record this term read from each partition. Kafka's consumer cannot tell a topic
+/// deleted and recreated under it from the old one (librdkafka keeps fetching at the old
+/// offsets, so when the new partition has grown past them its first records are never read).
+/// A partition's records never move, so the anchor must stay where it was: if the record at its
+/// offset changes, or the partition becomes shorter than it, the partition was recreated and is
+/// re-read from its beginning. Checked every [`RECREATION_CHECK_INTERVAL`].
+#[derive(Clone, Default)]
+struct Anchors(Arc<std::sync::Mutex<HashMap<i32, Anchor>>>);
+
+impl Anchors {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Anchor>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records the first record read from `partition` (hashing it only then).
+    fn note(&self, partition: i32, offset: i64, record_hash: impl FnOnce() -> Vec<u8>) {
+        self.map().entry(partition).or_insert_with(|| Anchor {
+            offset,
+            record_hash: record_hash(),
+        });
+    }
+
+    fn forget(&self, partition: i32) {
+        self.map().remove(&partition);
+    }
+
+    fn current(&self, partition: i32) -> Option<Anchor> {
+        self.map().get(&partition).cloned()
+    }
+
+    fn snapshot(&self) -> Vec<(i32, Anchor)> {
+        self.map().iter().map(|(p, a)| (*p, a.clone())).collect()
+    }
+}
+
+/// How often the anchors are checked: a topic recreated under the consumer is re-read from its
+/// beginning within about this long.
+const RECREATION_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What the record at an anchor's offset says.
+enum AnchorCheck {
+    Holds,
+    /// Another record, or none any more: the partition was recreated.
+    Gone,
+    /// Deleted by retention: nothing can be proven; the next record read becomes the anchor.
+    Expired,
+    /// The broker did not answer in time: checked again next time.
+    Unknown,
+}
+
+/// Checks the anchors every [`RECREATION_CHECK_INTERVAL`] with a client of its own, and sends
+/// the partitions whose anchor is gone.
+async fn watch_for_recreation(
+    probe: Arc<BaseConsumer>,
+    topic: String,
+    anchors: Anchors,
+    found: mpsc::Sender<Vec<(i32, Anchor)>>,
+) {
+    let mut every = tokio::time::interval(RECREATION_CHECK_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let snapshot = anchors.snapshot();
+        if snapshot.is_empty() {
+            continue;
+        }
+        let (probe, topic) = (probe.clone(), topic.clone());
+        let Ok(checked) = tokio::task::spawn_blocking(move || {
+            snapshot
+                .into_iter()
+                .map(|(partition, anchor)| {
+                    let check = check_anchor(&probe, &topic, partition, &anchor);
+                    (partition, anchor, check)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        else {
+            continue;
+        };
+        let mut gone = Vec::new();
+        for (partition, anchor, check) in checked {
+            match check {
+                AnchorCheck::Holds | AnchorCheck::Unknown => {}
+                AnchorCheck::Expired => {
+                    let mut map = anchors.map();
+                    if map.get(&partition) == Some(&anchor) {
+                        map.remove(&partition);
+                    }
+                }
+                AnchorCheck::Gone => gone.push((partition, anchor)),
+            }
+        }
+        if !gone.is_empty() && found.send(gone).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads the record at the anchor's offset (a blocking call: watermarks, then one fetch).
+fn check_anchor(probe: &BaseConsumer, topic: &str, partition: i32, anchor: &Anchor) -> AnchorCheck {
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    let Ok((low, high)) = probe.fetch_watermarks(topic, partition, TIMEOUT) else {
+        return AnchorCheck::Unknown;
+    };
+    if high <= anchor.offset {
+        return AnchorCheck::Gone;
+    }
+    if low > anchor.offset {
+        return AnchorCheck::Expired;
+    }
+    let mut at = TopicPartitionList::new();
+    if at
+        .add_partition_offset(topic, partition, Offset::Offset(anchor.offset))
+        .is_err()
+        || probe.assign(&at).is_err()
+    {
+        return AnchorCheck::Unknown;
+    }
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match probe.poll(left) {
+            Some(Ok(message)) if message.partition() == partition => {
+                if message.offset() != anchor.offset {
+                    return AnchorCheck::Unknown;
+                }
+                let hash = apply::record_hash(message.key(), message.payload().unwrap_or_default());
+                return if hash == anchor.record_hash {
+                    AnchorCheck::Holds
+                } else {
+                    AnchorCheck::Gone
+                };
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return AnchorCheck::Unknown,
+        }
+    }
+    AnchorCheck::Unknown
 }
 
 /// Every second: publish liveness and the consumer lag for the Read API and `/metrics`.
