@@ -4,14 +4,18 @@
 Crates may depend only on crates in lower layers (README, "Layout"):
 
     0  tandem-core               the domain, no I/O
-    1  tandem-shared             storage, cache, HTTP edge, configuration, Kafka client
-    2  tandem-region2-apply      Region 2's apply (the consumer's and the Lambda's)
-    3  tandem-write, tandem-read, tandem-outbox-relay, tandem-region2-consumer
-    4  tandem-tests
-    5  tandem-bench
+    1  tandem-runtime            configuration, secrets, telemetry, metrics, shutdown, Kafka client
+    2  tandem-store              every SQL statement and Redis script
+    3  tandem-http               the HTTP edge, the Lambda-or-HTTP adapter, the workers' shell
+    4  tandem-region2-apply      Region 2's apply (the consumer's and the Lambda's)
+    5  tandem-write, tandem-read, tandem-outbox-relay, tandem-region2-consumer
+    6  tandem-tests
+    7  tandem-bench
 
-and tandem-core may not depend, directly or through any crate it pulls in, on a crate that
-does I/O (database, cache, Kafka, HTTP, async runtime, cloud SDK).
+tandem-core may not depend, directly or through any crate it pulls in, on a crate that does
+I/O (database, cache, Kafka, HTTP, async runtime, cloud SDK); tandem-runtime may not depend on
+a database, cache or HTTP-server crate, and tandem-store not on an HTTP-server crate (those
+belong one layer up).
 
 Usage:
     scripts/check-layers.py                  check this workspace
@@ -29,7 +33,9 @@ import sys
 
 LAYERS = [
     ["tandem-core"],
-    ["tandem-shared"],
+    ["tandem-runtime"],
+    ["tandem-store"],
+    ["tandem-http"],
     ["tandem-region2-apply"],
     ["tandem-write", "tandem-read", "tandem-outbox-relay", "tandem-region2-consumer"],
     ["tandem-tests"],
@@ -50,6 +56,13 @@ IO_CRATES = {
     "refinery",
 }
 IO_PREFIXES = ("aws-",)
+# Third-party crates a shared layer may not use directly: they belong to a layer above it.
+STORAGE_CRATES = {"tokio-postgres", "deadpool-postgres", "redis", "refinery"}
+HTTP_SERVER_CRATES = {"axum", "lambda_http", "lambda_runtime", "tower-http", "jsonwebtoken"}
+FORBIDDEN = {
+    "tandem-runtime": STORAGE_CRATES | HTTP_SERVER_CRATES,
+    "tandem-store": HTTP_SERVER_CRATES,
+}
 
 
 def is_io(name):
@@ -100,6 +113,20 @@ def core_direct_io(metadata):
     return problems
 
 
+def forbidden_direct(metadata):
+    """Third-party crates a shared layer declares although they belong to a layer above it."""
+    problems = []
+    for package in metadata["packages"]:
+        banned = FORBIDDEN.get(package["name"], set())
+        for dep in package["dependencies"]:
+            if dep["name"] in banned:
+                problems.append(
+                    f"{package['name']} depends on {dep['name']}{kind_label(dep.get('kind'))}: "
+                    "that belongs to a higher layer"
+                )
+    return problems
+
+
 def core_transitive_io(full):
     """I/O crates reachable from tandem-core through normal and build dependencies."""
     names = {p["id"]: p["name"] for p in full["packages"]}
@@ -131,7 +158,7 @@ def core_transitive_io(full):
 
 
 def check(metadata, full=None):
-    problems = layer_violations(metadata) + core_direct_io(metadata)
+    problems = layer_violations(metadata) + core_direct_io(metadata) + forbidden_direct(metadata)
     if full is not None:
         problems += core_transitive_io(full)
     return problems
@@ -192,11 +219,13 @@ def synthetic_full(edges):
 
 GOOD = {
     "tandem-core": [("serde", None), ("uuid", None)],
-    "tandem-shared": [("tandem-core", None), ("tokio", None), ("axum", None)],
-    "tandem-region2-apply": [("tandem-core", None), ("tandem-shared", None)],
-    "tandem-write": [("tandem-core", None), ("tandem-shared", None)],
-    "tandem-read": [("tandem-shared", None)],
-    "tandem-outbox-relay": [("tandem-shared", None), ("rdkafka", None)],
+    "tandem-runtime": [("tandem-core", None), ("tokio", None), ("rdkafka", None)],
+    "tandem-store": [("tandem-runtime", None), ("tokio-postgres", None), ("redis", None)],
+    "tandem-http": [("tandem-store", None), ("tandem-core", None), ("axum", None)],
+    "tandem-region2-apply": [("tandem-core", None), ("tandem-http", None)],
+    "tandem-write": [("tandem-core", None), ("tandem-http", None)],
+    "tandem-read": [("tandem-http", None)],
+    "tandem-outbox-relay": [("tandem-store", None), ("rdkafka", None)],
     "tandem-region2-consumer": [("tandem-region2-apply", None)],
     "tandem-tests": [("tandem-write", None), ("tandem-read", None)],
     "tandem-bench": [("tandem-tests", None), ("tandem-outbox-relay", None)],
@@ -221,17 +250,33 @@ def self_test():
 
     expect("a good graph", check(synthetic(GOOD), synthetic_full(GOOD)), None)
 
-    upward = variant(tandem_shared=[("tandem-core", None), ("tandem-write", None)])
-    expect("shared -> write", check(synthetic(upward)), "tandem-shared (layer 1) depends on tandem-write")
+    upward = variant(tandem_http=[("tandem-core", None), ("tandem-write", None)])
+    expect("http -> write", check(synthetic(upward)), "tandem-http (layer 3) depends on tandem-write")
 
-    core_up = variant(tandem_core=[("tandem-shared", None)])
-    expect("core -> shared", check(synthetic(core_up)), "tandem-core (layer 0) depends on tandem-shared")
+    store_up = variant(tandem_store=[("tandem-runtime", None), ("tandem-http", None)])
+    expect("store -> http", check(synthetic(store_up)), "tandem-store (layer 2) depends on tandem-http")
 
-    sideways = variant(tandem_write=[("tandem-shared", None), ("tandem-read", None)])
+    runtime_up = variant(tandem_runtime=[("tandem-store", None)])
+    expect("runtime -> store", check(synthetic(runtime_up)), "tandem-runtime (layer 1) depends on tandem-store")
+
+    core_up = variant(tandem_core=[("tandem-runtime", None)])
+    expect("core -> runtime", check(synthetic(core_up)), "tandem-core (layer 0) depends on tandem-runtime")
+
+    sideways = variant(tandem_write=[("tandem-http", None), ("tandem-read", None)])
     expect("write -> read", check(synthetic(sideways)), "the same layer")
 
-    dev_up = variant(tandem_region2_apply=[("tandem-shared", None), ("tandem-tests", "dev")])
-    expect("apply -dev-> tests", check(synthetic(dev_up)), "depends on tandem-tests (layer 4")
+    dev_up = variant(tandem_region2_apply=[("tandem-http", None), ("tandem-tests", "dev")])
+    expect("apply -dev-> tests", check(synthetic(dev_up)), "depends on tandem-tests (layer 6")
+
+    for crate, dep in [
+        ("tandem-runtime", "tokio-postgres"),
+        ("tandem-runtime", "redis"),
+        ("tandem-runtime", "axum"),
+        ("tandem-store", "axum"),
+        ("tandem-store", "lambda_http"),
+    ]:
+        bad = variant(**{crate.replace("-", "_"): GOOD[crate] + [(dep, None)]})
+        expect(f"{crate} -> {dep}", check(synthetic(bad)), f"{crate} depends on {dep}")
 
     for io in ["tokio-postgres", "rdkafka", "axum", "lambda_http", "aws-config", "tokio"]:
         bad = variant(tandem_core=[("serde", None), (io, None)])

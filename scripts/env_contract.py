@@ -8,8 +8,8 @@ reads (no stale setting) and must set every variable the binary requires (no mis
 
 What counts as a read (string literals only; comments are ignored):
 
-* the helpers of shared/src/config.rs, qualified (`config::optional("X")`,
-  `tandem_shared::config::parsed_or::<u64>("X", ..)`) or unqualified inside config.rs itself and
+* the helpers of shared/runtime/src/config.rs, qualified (`config::optional("X")`,
+  `tandem_runtime::config::parsed_or::<u64>("X", ..)`) or unqualified inside config.rs itself and
   in files that import them by name: optional, required, parsed, parsed_or, flag, millis_or,
   secret;
 * `std::env::var("X")` and `std::env::var_os("X")`;
@@ -57,43 +57,43 @@ class ContractError(RuntimeError):
 @dataclass(frozen=True)
 class Binary:
     crate: str  # directory of the binary's crate; every .rs file under its src/ is scanned
-    shared: tuple[str, ...]  # files under shared/src whose settings the binary loads
+    shared: tuple[str, ...]  # files under shared/ whose settings the binary loads
 
 
-# shared/src file -> the settings type whose from_env it defines (checked against each crate's
+# file under shared/ -> the settings type whose from_env it defines (checked against each crate's
 # Settings::from_env); telemetry.rs has no settings type: the crate must call telemetry::init().
 SETTINGS_TYPES = {
-    "config.rs": "ServiceSettings",
-    "db.rs": "DatabaseSettings",
-    "cache.rs": "CacheSettings",
-    "auth.rs": "AuthSettings",
-    "kafka.rs": "KafkaSettings",
+    "runtime/src/config.rs": "ServiceSettings",
+    "store/src/db.rs": "DatabaseSettings",
+    "store/src/cache.rs": "CacheSettings",
+    "http/src/auth.rs": "AuthSettings",
+    "runtime/src/kafka.rs": "KafkaSettings",
 }
-TELEMETRY = "telemetry.rs"
+TELEMETRY = "runtime/src/telemetry.rs"
 
 BINARIES = {
     "tandem-write": Binary(
-        "functions/write", ("config.rs", "db.rs", "cache.rs", "auth.rs", "telemetry.rs")
+        "functions/write", ("runtime/src/config.rs", "store/src/db.rs", "store/src/cache.rs", "http/src/auth.rs", "runtime/src/telemetry.rs")
     ),
     "tandem-read": Binary(
-        "functions/read", ("config.rs", "db.rs", "cache.rs", "auth.rs", "telemetry.rs")
+        "functions/read", ("runtime/src/config.rs", "store/src/db.rs", "store/src/cache.rs", "http/src/auth.rs", "runtime/src/telemetry.rs")
     ),
     "tandem-outbox-relay": Binary(
-        "functions/outbox-relay", ("config.rs", "db.rs", "kafka.rs", "telemetry.rs")
+        "functions/outbox-relay", ("runtime/src/config.rs", "store/src/db.rs", "runtime/src/kafka.rs", "runtime/src/telemetry.rs")
     ),
     "tandem-region2-consumer": Binary(
-        "consumers/region2", ("config.rs", "db.rs", "cache.rs", "kafka.rs", "telemetry.rs")
+        "consumers/region2", ("runtime/src/config.rs", "store/src/db.rs", "store/src/cache.rs", "runtime/src/kafka.rs", "runtime/src/telemetry.rs")
     ),
     # Region 2's apply as a Lambda function: the event source mapping reads Kafka, so no
     # kafka.rs (KAFKA_TOPIC and KAFKA_TOPIC_PARTITIONS are read in the crate itself).
     "tandem-region2-apply-lambda": Binary(
-        "consumers/region2-apply", ("config.rs", "db.rs", "cache.rs", "telemetry.rs")
+        "consumers/region2-apply", ("runtime/src/config.rs", "store/src/db.rs", "store/src/cache.rs", "runtime/src/telemetry.rs")
     ),
 }
 
 # Read by the code but never set by a deployment.
 EXCLUDED = {
-    "AWS_LAMBDA_RUNTIME_API": "set by the Lambda runtime itself (shared/src/serve.rs picks the transport from it)",
+    "AWS_LAMBDA_RUNTIME_API": "set by the Lambda runtime itself (shared/http/src/serve.rs picks the transport from it)",
 }
 
 # aws-config (Secrets Manager, RDS IAM tokens) reads these in every binary.
@@ -128,13 +128,13 @@ class Rule:
 
 
 RULES = (
-    # shared/src/db.rs, DatabaseSettings::from_env: `match (url, secret_id, iam_host)` accepts
+    # shared/store/src/db.rs, DatabaseSettings::from_env: `match (url, secret_id, iam_host)` accepts
     # exactly one credential source; none is ConfigError::Missing, several ConfigError::Invalid.
     Rule(
         names=("DATABASE_URL", "DATABASE_SECRET_ID", "DATABASE_IAM_HOST"),
         exactly=True,
         binaries=None,
-        source="shared/src/db.rs",
+        source="shared/store/src/db.rs",
         anchor=r"set exactly one of DATABASE_URL, DATABASE_SECRET_ID or DATABASE_IAM_HOST",
     ),
     # functions/write/src/lib.rs, AppState::build: `ensure!(auth.is_configured(), "writes need
@@ -151,14 +151,14 @@ RULES = (
     ),
 )
 
-# shared/src/db.rs, DatabaseSettings::from_env: the `(None, None, Some(host))` arm is the only
+# shared/store/src/db.rs, DatabaseSettings::from_env: the `(None, None, Some(host))` arm is the only
 # one that calls config::required("DATABASE_IAM_USER") and config::required("DATABASE_IAM_DBNAME"):
 # they are required when DATABASE_IAM_HOST is set, and unused otherwise.
 CONDITIONAL_REQUIRED = {
     "DATABASE_IAM_USER": "DATABASE_IAM_HOST",
     "DATABASE_IAM_DBNAME": "DATABASE_IAM_HOST",
 }
-CONDITIONAL_SOURCE = ("shared/src/db.rs", r"\(None,\s*None,\s*Some\(host\)\)\s*=>\s*CredentialSource::Iam")
+CONDITIONAL_SOURCE = ("shared/store/src/db.rs", r"\(None,\s*None,\s*Some\(host\)\)\s*=>\s*CredentialSource::Iam")
 
 # Never set in an AWS deployment (EKS manifests, Lambda functions).
 AWS_FORBIDDEN = {"TANDEM_JWT_HS256_SECRET": "is for local development only"}
@@ -238,7 +238,7 @@ def imported_helpers(code: str) -> set[str]:
 def extract(text: str, rel: str) -> tuple[dict[str, list[str]], set[str]]:
     """(variable -> ["path:line", ...], variables passed to config::required) of one file."""
     code = strip_comments(text)
-    in_config = rel == "shared/src/config.rs"
+    in_config = rel == "shared/runtime/src/config.rs"
     unqualified = set(HELPERS) if in_config else imported_helpers(code)
     reads: dict[str, list[str]] = {}
     required: set[str] = set()
@@ -306,26 +306,26 @@ def load(root: Path = ROOT) -> dict[str, Contract]:
     """Binary name -> Contract, from the sources under `root`. Raises ContractError."""
     root = Path(root)
     shared_reads: dict[str, tuple[dict[str, list[str]], set[str]]] = {}
-    for path in sorted((root / "shared/src").rglob("*.rs")):
+    for path in sorted((root / "shared").glob("*/src/**/*.rs")):
         rel = path.relative_to(root).as_posix()
-        shared_reads[path.relative_to(root / "shared/src").as_posix()] = extract(_read(root, rel), rel)
+        shared_reads[path.relative_to(root / "shared").as_posix()] = extract(_read(root, rel), rel)
 
     mapped = {name for binary in BINARIES.values() for name in binary.shared}
     for name in sorted(mapped):
         if name not in shared_reads:
-            raise ContractError(f"shared/src/{name} is missing: update BINARIES in scripts/env_contract.py")
+            raise ContractError(f"shared/{name} is missing: update BINARIES in scripts/env_contract.py")
         if not shared_reads[name][0]:
-            raise ContractError(f"shared/src/{name} yields no environment variable: update scripts/env_contract.py")
+            raise ContractError(f"shared/{name} yields no environment variable: update scripts/env_contract.py")
     for name, (reads, _) in sorted(shared_reads.items()):
         unexplained = set(reads) - EXCLUDED.keys()
         if name not in mapped and unexplained:
             raise ContractError(
-                f"shared/src/{name} reads {', '.join(sorted(unexplained))} but is mapped to no binary: "
+                f"shared/{name} reads {', '.join(sorted(unexplained))} but is mapped to no binary: "
                 "update BINARIES (or EXCLUDED) in scripts/env_contract.py"
             )
     for name, type_name in SETTINGS_TYPES.items():
-        if name in shared_reads and not re.search(rf"\bimpl\s+{type_name}\b", _read(root, f"shared/src/{name}")):
-            raise ContractError(f"shared/src/{name} no longer implements {type_name}: update SETTINGS_TYPES")
+        if name in shared_reads and not re.search(rf"\bimpl\s+{type_name}\b", _read(root, f"shared/{name}")):
+            raise ContractError(f"shared/{name} no longer implements {type_name}: update SETTINGS_TYPES")
 
     contracts: dict[str, Contract] = {}
     for binary_name, binary in BINARIES.items():
@@ -482,7 +482,7 @@ def self_test() -> int:
         "// config::optional(\"IN_A_COMMENT\")\n"
         "use crate::config::{self, optional};\n"
         "let a = config::parsed_or::<u64>(\n    \"MULTI_LINE\",\n    72,\n)?;\n"
-        "let b = tandem_shared::config::required(\"NEEDED\", \"a hint // not a comment\")?;\n"
+        "let b = tandem_runtime::config::required(\"NEEDED\", \"a hint // not a comment\")?;\n"
         "let c = optional(\"IMPORTED\"); let d = other.flag(\"A_METHOD\");\n"
         "let e = std::env::var_os(\"DIRECT\"); let f = EnvFilter::try_from_default_env();\n"
     )

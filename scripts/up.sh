@@ -30,7 +30,7 @@ REDIS1_PORT="${REDIS1_PORT:-56379}"
 REDIS2_PORT="${REDIS2_PORT:-56380}"
 KAFKA_PORT="${KAFKA_PORT:-59092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-59093}"
-# The published development secret (shared/src/auth.rs, DEV_HS256_SECRET): the services accept
+# The published development secret (shared/http/src/auth.rs, DEV_HS256_SECRET): the services accept
 # it only in development mode, which every service started here runs in.
 DEV_SECRET="${TANDEM_JWT_HS256_SECRET:-tandem-local-development-secret-v2}"
 export TANDEM_DEV_MODE=true

@@ -13,7 +13,7 @@ use futures_util::stream::FuturesUnordered;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tandem_core::event::{ChangeEvent, DocumentState, EventHeaders};
-use tandem_shared::kafka::owned_headers;
+use tandem_runtime::kafka::owned_headers;
 use time::OffsetDateTime;
 
 use crate::cpu::{CpuSplit, Meter, Probe};
@@ -294,7 +294,7 @@ pub async fn catch_up(
     // The baseline: the same rows, 1000 per statement, into an empty documents table.
     let url = stack.pg2.create_database().await?;
     let baseline = pool(&url, 1).await?;
-    tandem_shared::migrations::run(&baseline).await?;
+    tandem_store::migrations::run(&baseline).await?;
     let client = baseline.get().await?;
     let statement = client
         .prepare(

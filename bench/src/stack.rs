@@ -113,11 +113,11 @@ impl Stack {
         let db1 = pg1.create_database().await?;
         let db2 = pg2.create_database().await?;
         for url in [&db1, &db2] {
-            let pool = tandem_shared::db::connect_url(url).await?;
-            tandem_shared::migrations::run(&pool).await?;
+            let pool = tandem_store::db::connect_url(url).await?;
+            tandem_store::migrations::run(&pool).await?;
         }
         let secret = format!("bench-{}", uuid::Uuid::now_v7().simple());
-        let token = tandem_shared::auth::mint_hs256(
+        let token = tandem_http::auth::mint_hs256(
             &secret,
             "bench",
             &["tandem:write", "tandem:read"],
@@ -145,8 +145,8 @@ impl Stack {
         format!("http://127.0.0.1:{}", self.ports[kind.index()])
     }
 
-    pub fn kafka_settings(&self, topic: &str) -> tandem_shared::kafka::KafkaSettings {
-        tandem_shared::kafka::KafkaSettings {
+    pub fn kafka_settings(&self, topic: &str) -> tandem_runtime::kafka::KafkaSettings {
+        tandem_runtime::kafka::KafkaSettings {
             brokers: self.broker.address(),
             topic: topic.to_owned(),
             properties: kafka_properties()
@@ -390,10 +390,10 @@ impl Service {
 
 /// The `postgres` client pool for a database URL, `size` connections.
 pub async fn pool(url: &str, size: usize) -> anyhow::Result<deadpool_postgres::Pool> {
-    let mut settings = tandem_shared::db::DatabaseSettings::from_url(url);
+    let mut settings = tandem_store::db::DatabaseSettings::from_url(url);
     settings.pool_size = size;
     settings.pool_timeout = Duration::from_secs(30);
-    tandem_shared::db::connect_pool(&settings).await
+    tandem_store::db::connect_pool(&settings).await
 }
 
 /// The harness's log directory, kept when `TANDEM_KEEP_TEST_LOGS` is set.

@@ -108,7 +108,7 @@ async fn api(stack: &Stack, concurrency: usize, amount: Amount, keys: u64) -> Ou
 }
 
 /// The Write API's transaction for a `PUT` that replaces a document, statement for statement
-/// (`shared/src/store.rs`, `write_pipelined`: `BEGIN`, the row lock, the update with its outbox
+/// (`shared/store/src/documents.rs`, `write_pipelined`: `BEGIN`, the row lock, the update with its outbox
 /// row in one statement, `COMMIT`), with the same values sent as parameters (see
 /// [`variables`]); the event id is time-ordered like the API's UUIDv7. pgbench sends them one
 /// at a time (its `\\gset` cannot be pipelined); the API pipelines them in two round trips.

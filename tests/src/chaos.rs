@@ -267,7 +267,7 @@ impl ChaosSystem {
             .context("the Kafka broker (make test installs it)")?;
 
         let secret = format!("chaos-secret-{}", uuid::Uuid::now_v7().simple());
-        let token = tandem_shared::auth::mint_hs256(
+        let token = tandem_http::auth::mint_hs256(
             &secret,
             "chaos",
             &["tandem:write", "tandem:read"],

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 pub use crate::kafka::{Broker, Kafka, KafkaCluster};
 
 use serde_json::Value;
-use tandem_shared::cache::CacheSettings;
-use tandem_shared::config::ServiceSettings;
-use tandem_shared::db::DatabaseSettings;
+use tandem_runtime::config::ServiceSettings;
+use tandem_store::cache::CacheSettings;
+use tandem_store::db::DatabaseSettings;
 
 use crate::process::{ManagedProcess, binary, free_port, scratch_dir};
 use crate::services::{Postgres, Redis, TestApp, TestAppOptions, serve, spawn_app_with};
@@ -157,7 +157,7 @@ impl TwoRegions {
             .expect("region2 read state");
         let region2_read_url = serve(tandem_read::router(state)).await;
         Self {
-            region2_pool: tandem_shared::db::connect_url(&region2_database_url)
+            region2_pool: tandem_store::db::connect_url(&region2_database_url)
                 .await
                 .expect("pool"),
             region1,

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use reqwest::{Method, RequestBuilder};
-use tandem_shared::auth::{AuthSettings, mint_hs256};
-use tandem_shared::cache::CacheSettings;
-use tandem_shared::config::ServiceSettings;
-use tandem_shared::db::DatabaseSettings;
+use tandem_http::auth::{AuthSettings, mint_hs256};
+use tandem_runtime::config::ServiceSettings;
+use tandem_store::cache::CacheSettings;
+use tandem_store::db::DatabaseSettings;
 
 use crate::process::{ManagedProcess, free_port, pg_program, scratch_dir};
 
@@ -403,7 +403,7 @@ pub async fn spawn_app_with(options: TestAppOptions) -> TestApp {
         read_url,
         redis_url: redis_url.clone(),
         cache_prefix,
-        pool: tandem_shared::db::connect_url(&database_url)
+        pool: tandem_store::db::connect_url(&database_url)
             .await
             .expect("pool"),
         database_url,

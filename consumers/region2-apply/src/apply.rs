@@ -12,9 +12,9 @@ use deadpool_postgres::{Pool, Transaction};
 use rdkafka::message::{Headers, Message};
 use tandem_core::document::{DocumentKey, Stored};
 use tandem_core::event::{ChangeEvent, DocumentState, EventHeaders, Heartbeat};
-use tandem_shared::cache::{Cache, CacheError, Entry};
-use tandem_shared::leader::{FENCE_CHECK, Fence};
-use tandem_shared::store::StoreError;
+use tandem_store::cache::{Cache, CacheError, Entry};
+use tandem_store::documents::StoreError;
+use tandem_store::leader::{FENCE_CHECK, Fence};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio_postgres::types::{Json, ToSql};
@@ -803,7 +803,7 @@ impl Applier {
 
     /// Region 2's Redis gets the committed states, version-guarded, in one round trip, after
     /// the commit (never a state the database may yet roll back). A failure makes the cache
-    /// distrust itself until its generation is bumped (see `tandem_shared::cache`), so no
+    /// distrust itself until its generation is bumped (see `tandem_store::cache`), so no
     /// entry it failed to update can be served afterwards.
     async fn refresh_cache(&self, entries: &[(DocumentKey, Entry)]) {
         if entries.is_empty() {

@@ -31,9 +31,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use lambda_runtime::{LambdaEvent, service_fn};
 use serde::{Deserialize, Serialize};
-use tandem_shared::cache::{Cache, CacheSettings};
-use tandem_shared::config::{self, ConfigError, ServiceSettings};
-use tandem_shared::db::DatabaseSettings;
+use tandem_runtime::config::{self, ConfigError, ServiceSettings};
+use tandem_store::cache::{Cache, CacheSettings};
+use tandem_store::db::DatabaseSettings;
 
 pub use aws_lambda_events::event::kafka::{KafkaEvent, KafkaRecord};
 
@@ -187,8 +187,8 @@ impl KafkaApply {
     /// Cold start: connects, applies the migrations (Region 2 owns its schema, as the pod
     /// does), and counts the topic's partitions in the lag.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
-        let pool = tandem_shared::db::connect_pool(&settings.database).await?;
-        tandem_shared::migrations::run(&pool)
+        let pool = tandem_store::db::connect_pool(&settings.database).await?;
+        tandem_store::migrations::run(&pool)
             .await
             .context("Failed to apply the migrations")?;
         let mut cache_settings = settings.cache.clone();

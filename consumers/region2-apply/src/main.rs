@@ -8,7 +8,7 @@ use tandem_region2_apply::lambda::{KafkaApply, Settings};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    tandem_shared::telemetry::init();
+    tandem_runtime::telemetry::init();
     let settings = Settings::from_env().context("Invalid configuration")?;
     let apply = KafkaApply::build(&settings).await?;
     lambda_runtime::run(apply.service()).await

@@ -7,7 +7,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use tandem_shared::worker::Role;
+use tandem_http::worker::Role;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -68,7 +68,7 @@ impl ConsumerMetrics {
             .set(lag);
     }
 
-    pub fn register(&self, metrics: &tandem_shared::metrics::Metrics) {
+    pub fn register(&self, metrics: &tandem_runtime::metrics::Metrics) {
         metrics.register(
             "consumer_dead_letter_failures",
             "Dead letters that could not be written; the event is held and retried",

@@ -11,7 +11,7 @@
 //!   tombstones stay, so an old upsert cannot resurrect a deleted document.
 //! * Redis gets the applied states with the read path's version guard right after the
 //!   commit; a failed update makes the cache distrust itself until its generation is bumped
-//!   (`tandem_shared::cache`), so an entry the consumer failed to update is never served.
+//!   (`tandem_store::cache`), so an entry the consumer failed to update is never served.
 //! * Poison events (undecodable or invalid) go to `dead_letters` with the reason, and the
 //!   consumer moves on. `tandem-region2-consumer redrive` re-applies them.
 //! * One active consumer (advisory lock on the Region 2 database) reads every partition with
@@ -33,12 +33,12 @@ use futures_util::FutureExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use tandem_shared::cache::{Cache, CacheSettings};
-use tandem_shared::config::{self, ConfigError, ServiceSettings};
-use tandem_shared::db::DatabaseSettings;
-use tandem_shared::http::{ReadyCheck, ScrapeHook, pool_scrape_hook};
-use tandem_shared::kafka::KafkaSettings;
-use tandem_shared::leader::{CONSUMER_LOCK, Leadership};
+use tandem_http::http::{ReadyCheck, ScrapeHook, pool_scrape_hook};
+use tandem_runtime::config::{self, ConfigError, ServiceSettings};
+use tandem_runtime::kafka::KafkaSettings;
+use tandem_store::cache::{Cache, CacheSettings};
+use tandem_store::db::DatabaseSettings;
+use tandem_store::leader::{CONSUMER_LOCK, Leadership};
 use tokio::sync::{mpsc, watch};
 
 pub use apply::{Applier, Incoming, KafkaHeader, Outcome};
@@ -99,14 +99,14 @@ pub struct Region2Consumer {
 
 impl Region2Consumer {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = tandem_shared::db::connect_pool(&settings.database).await?;
-        tandem_shared::migrations::run(&pool).await?;
+        let pool = tandem_store::db::connect_pool(&settings.database).await?;
+        tandem_store::migrations::run(&pool).await?;
         let mut cache_settings = settings.cache.clone();
         cache_settings.resolve_auth().await?;
         let cache = Cache::new(cache_settings)?;
         Ok(Self {
             applier: Applier::new(pool, cache, Arc::new(ConsumerMetrics::new())),
-            probe: tandem_shared::db::connect_probe(&settings.database).await?,
+            probe: tandem_store::db::connect_probe(&settings.database).await?,
             settings,
         })
     }
@@ -121,7 +121,7 @@ impl Region2Consumer {
 
     /// `/readyz`: the database answers (leader and standby alike; the role is reported).
     pub fn ready_check(&self) -> ReadyCheck {
-        tandem_shared::worker::ready_check(self.probe.clone(), self.applier.metrics.role.clone())
+        tandem_http::worker::ready_check(self.probe.clone(), self.applier.metrics.role.clone())
     }
 
     pub fn scrape_hook(&self) -> ScrapeHook {
@@ -142,7 +142,7 @@ impl Region2Consumer {
                 }
             }
         }
-        tandem_shared::worker::run_elected(
+        tandem_http::worker::run_elected(
             &self.settings.database,
             CONSUMER_LOCK,
             &self.applier.metrics.role,

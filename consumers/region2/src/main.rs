@@ -7,16 +7,16 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use tandem_http::worker::serve_beside;
 use tandem_region2_consumer::{Region2Consumer, Settings};
-use tandem_shared::metrics::Metrics;
-use tandem_shared::worker::serve_beside;
+use tandem_runtime::metrics::Metrics;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tandem_shared::telemetry::init();
+    tandem_runtime::telemetry::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("migrate") {
-        return tandem_shared::migrations::run_from_env().await;
+        return tandem_store::migrations::run_from_env().await;
     }
     let settings = Settings::from_env().context("Invalid configuration")?;
     match args.first().map(String::as_str) {

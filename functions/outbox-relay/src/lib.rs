@@ -25,13 +25,13 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tandem_core::document::{Collection, DocumentId, DocumentKey};
 use tandem_core::event::{EventHeaders, HEARTBEAT_KEY, Heartbeat, encode_envelope, partition_key};
 use tandem_core::limits::MAX_EVENT_BYTES;
-use tandem_shared::config::{self, ConfigError, ServiceSettings};
-use tandem_shared::db::DatabaseSettings;
-use tandem_shared::http::{ReadyCheck, ScrapeHook, pool_scrape_hook};
-use tandem_shared::kafka::{KafkaSettings, owned_headers};
-use tandem_shared::leader::{FENCE_CHECK, Fence};
-use tandem_shared::leader::{Leadership, RELAY_LOCK};
-use tandem_shared::store::StoreError;
+use tandem_http::http::{ReadyCheck, ScrapeHook, pool_scrape_hook};
+use tandem_runtime::config::{self, ConfigError, ServiceSettings};
+use tandem_runtime::kafka::{KafkaSettings, owned_headers};
+use tandem_store::db::DatabaseSettings;
+use tandem_store::documents::StoreError;
+use tandem_store::leader::{FENCE_CHECK, Fence};
+use tandem_store::leader::{Leadership, RELAY_LOCK};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -145,10 +145,10 @@ pub struct Relay {
 
 impl Relay {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = tandem_shared::db::connect_pool(&settings.database).await?;
+        let pool = tandem_store::db::connect_pool(&settings.database).await?;
         Ok(Self {
             pool,
-            probe: tandem_shared::db::connect_probe(&settings.database).await?,
+            probe: tandem_store::db::connect_probe(&settings.database).await?,
             metrics: Arc::new(RelayMetrics::new()),
             settings,
         })
@@ -156,7 +156,7 @@ impl Relay {
 
     /// `/readyz`: the database answers (leader and standby alike; the role is reported).
     pub fn ready_check(&self) -> ReadyCheck {
-        tandem_shared::worker::ready_check(self.probe.clone(), self.metrics.role.clone())
+        tandem_http::worker::ready_check(self.probe.clone(), self.metrics.role.clone())
     }
 
     pub fn scrape_hook(&self) -> ScrapeHook {
@@ -185,7 +185,7 @@ impl Relay {
             );
         }
         let mut last_prune = Instant::now() - Duration::from_secs(3600);
-        tandem_shared::worker::run_elected(
+        tandem_http::worker::run_elected(
             &self.settings.database,
             RELAY_LOCK,
             &self.metrics.role,

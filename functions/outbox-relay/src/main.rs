@@ -7,18 +7,18 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use tandem_http::worker::serve_beside;
 use tandem_outbox_relay::{Relay, Settings};
-use tandem_shared::metrics::Metrics;
-use tandem_shared::worker::serve_beside;
+use tandem_runtime::metrics::Metrics;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tandem_shared::telemetry::init();
+    tandem_runtime::telemetry::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("migrate") {
-        return tandem_shared::migrations::run_from_env().await;
+        return tandem_store::migrations::run_from_env().await;
     }
     let settings = Settings::from_env().context("Invalid configuration")?;
     match args.first().map(String::as_str) {
@@ -28,7 +28,7 @@ async fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("--since {value:?} is not an RFC 3339 time"))?,
                 _ => anyhow::bail!("usage: tandem-outbox-relay replay --since <RFC 3339 time>"),
             };
-            let pool = tandem_shared::db::connect_pool(&settings.database).await?;
+            let pool = tandem_store::db::connect_pool(&settings.database).await?;
             let n = tandem_outbox_relay::replay_since(&pool, since).await?;
             tracing::info!(rows = n, %since, "events marked for replay; the active relay publishes them now");
             Ok(())
@@ -41,8 +41,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
-    let pool = tandem_shared::db::connect_pool(&settings.database).await?;
-    tandem_shared::migrations::run(&pool).await?;
+    let pool = tandem_store::db::connect_pool(&settings.database).await?;
+    tandem_store::migrations::run(&pool).await?;
     let relay = Relay::build(settings.clone()).await?;
     let metrics = Arc::new(Metrics::new("outbox-relay"));
     relay.metrics.register(&metrics);

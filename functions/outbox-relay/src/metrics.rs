@@ -5,7 +5,7 @@ use std::sync::Arc;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use tandem_shared::worker::Role;
+use tandem_http::worker::Role;
 
 pub struct RelayMetrics {
     pub published: Counter,
@@ -39,7 +39,7 @@ impl RelayMetrics {
     }
 
     /// Adds these metrics to a service registry.
-    pub fn register(&self, metrics: &tandem_shared::metrics::Metrics) {
+    pub fn register(&self, metrics: &tandem_runtime::metrics::Metrics) {
         metrics.register(
             "relay_events_published",
             "Outbox events acknowledged by the broker",

@@ -9,12 +9,12 @@ mod routes;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tandem_shared::auth::{AuthSettings, Authenticator};
-use tandem_shared::cache::{Cache, CacheSettings};
-use tandem_shared::config::{ConfigError, ServiceSettings};
-use tandem_shared::db::DatabaseSettings;
-use tandem_shared::metrics::Metrics;
-use tandem_shared::store::Store;
+use tandem_http::auth::{AuthSettings, Authenticator};
+use tandem_runtime::config::{ConfigError, ServiceSettings};
+use tandem_runtime::metrics::Metrics;
+use tandem_store::cache::{Cache, CacheSettings};
+use tandem_store::db::DatabaseSettings;
+use tandem_store::documents::Store;
 
 pub use replica::{Replica, ReplicaSettings};
 pub use routes::router;
@@ -39,7 +39,7 @@ impl Settings {
             database: DatabaseSettings::from_env()?,
             cache: CacheSettings::from_env()?,
             auth: AuthSettings::from_env()?,
-            migrate_on_start: tandem_shared::config::flag("TANDEM_MIGRATE_ON_START", true)?,
+            migrate_on_start: tandem_runtime::config::flag("TANDEM_MIGRATE_ON_START", true)?,
             replica: ReplicaSettings::from_env()?,
         })
     }
@@ -67,9 +67,9 @@ impl AppState {
             !settings.auth.read_requires_auth || auth.is_configured(),
             "TANDEM_READ_REQUIRES_AUTH=true needs TANDEM_JWKS_URL or TANDEM_JWT_HS256_SECRET"
         );
-        let pool = tandem_shared::db::connect_pool(&settings.database).await?;
+        let pool = tandem_store::db::connect_pool(&settings.database).await?;
         if settings.migrate_on_start {
-            tandem_shared::migrations::run(&pool)
+            tandem_store::migrations::run(&pool)
                 .await
                 .context("Failed to migrate the database at start-up")?;
         }
@@ -83,8 +83,8 @@ impl AppState {
                 lag_gauge.clone(),
             );
         }
-        let store = Store::new(pool)
-            .with_probe(tandem_shared::db::connect_probe(&settings.database).await?);
+        let store =
+            Store::new(pool).with_probe(tandem_store::db::connect_probe(&settings.database).await?);
         if let Some(replica) = &replica {
             replica.spawn_refresh(store.clone());
         }

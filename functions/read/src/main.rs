@@ -6,11 +6,11 @@ use tandem_read::{AppState, Settings};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tandem_shared::telemetry::init();
+    tandem_runtime::telemetry::init();
     if std::env::args().nth(1).as_deref() == Some("migrate") {
-        return tandem_shared::migrations::run_from_env().await;
+        return tandem_store::migrations::run_from_env().await;
     }
     let settings = Settings::from_env().context("Invalid configuration")?;
     let state = AppState::build(&settings).await?;
-    tandem_shared::serve::run(tandem_read::router(state), &settings.service).await
+    tandem_http::serve::run(tandem_read::router(state), &settings.service).await
 }

@@ -22,9 +22,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use tandem_core::consistency::ConsistencyToken;
-use tandem_shared::config::{self, ConfigError};
-use tandem_shared::problem::ApiError;
-use tandem_shared::store::{Store, StoreError};
+use tandem_http::problem::ApiError;
+use tandem_runtime::config::{self, ConfigError};
+use tandem_store::documents::{Store, StoreError};
 
 /// Replica settings, read from the environment.
 #[derive(Debug, Clone)]

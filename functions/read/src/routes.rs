@@ -14,13 +14,13 @@ use futures_util::FutureExt;
 use tandem_core::consistency::ConsistencyToken;
 use tandem_core::document::Stored;
 use tandem_core::document::{Collection, DocumentId, DocumentKey};
-use tandem_shared::auth::READ_SCOPE;
-use tandem_shared::cache::Entry;
-use tandem_shared::http::{
+use tandem_http::auth::READ_SCOPE;
+use tandem_http::http::{
     CONSISTENCY_TOKEN_HEADER, REPLICATION_LAG_HEADER, Readiness, ReadyCheck, document_path, etag,
     finish, ops_router, parse_entity_tags, pool_scrape_hook,
 };
-use tandem_shared::problem::ApiError;
+use tandem_http::problem::ApiError;
+use tandem_store::cache::Entry;
 
 use crate::AppState;
 
@@ -60,7 +60,7 @@ pub fn router(state: AppState) -> Router {
         let pool_usage = pool_scrape_hook(state.store.pool().clone());
         let replica = state.replica.clone();
         let gauge = state.lag_gauge.clone();
-        let hook: tandem_shared::http::ScrapeHook = Arc::new(move |metrics| {
+        let hook: tandem_http::http::ScrapeHook = Arc::new(move |metrics| {
             pool_usage(metrics);
             if let Some(lag) = replica.as_ref().and_then(|r| r.lag_ms()) {
                 gauge.set(i64::try_from(lag).unwrap_or(i64::MAX));
@@ -103,7 +103,7 @@ async fn get_document(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| parse_entity_tags(v).matches(Some(version)));
     let mut response = if not_modified {
-        tandem_shared::http::empty(StatusCode::NOT_MODIFIED)
+        tandem_http::http::empty(StatusCode::NOT_MODIFIED)
     } else {
         let mut response = body.into_response();
         response.headers_mut().insert(

@@ -6,7 +6,7 @@ use axum::http::{HeaderMap, header};
 use bytes::Bytes;
 use serde_json::{Map, Value};
 use tandem_core::limits::{MAX_JSON_DEPTH, json_depth};
-use tandem_shared::problem::ApiError;
+use tandem_http::problem::ApiError;
 
 pub use tandem_core::limits::MAX_BODY_BYTES;
 

@@ -6,12 +6,12 @@ use tandem_write::{AppState, Settings};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tandem_shared::telemetry::init();
+    tandem_runtime::telemetry::init();
     if std::env::args().nth(1).as_deref() == Some("migrate") {
-        return tandem_shared::migrations::run_from_env().await;
+        return tandem_store::migrations::run_from_env().await;
     }
     let settings = Settings::from_env().context("Invalid configuration")?;
     let state = AppState::build(&settings).await?;
     state.spawn_housekeeping();
-    tandem_shared::serve::run(tandem_write::router(state), &settings.service).await
+    tandem_http::serve::run(tandem_write::router(state), &settings.service).await
 }

@@ -16,13 +16,13 @@ use tandem_core::consistency::ConsistencyToken;
 use tandem_core::document::{Collection, DocumentId, DocumentKey, Preconditions};
 use tandem_core::traceparent::TraceParent;
 use tandem_core::write::{Idempotency, WriteCommand, WriteOutcome, WriteRequest, WriteResult};
-use tandem_shared::auth::{Principal, WRITE_SCOPE};
-use tandem_shared::cache::{CacheError, Entry};
-use tandem_shared::http::{
+use tandem_http::auth::{Principal, WRITE_SCOPE};
+use tandem_http::http::{
     CONSISTENCY_TOKEN_HEADER, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, Readiness,
     ReadyCheck, document_path, etag, finish, ops_router, parse_entity_tags, pool_scrape_hook,
 };
-use tandem_shared::problem::ApiError;
+use tandem_http::problem::ApiError;
+use tandem_store::cache::{CacheError, Entry};
 use tracing::Instrument;
 
 use crate::AppState;
@@ -184,7 +184,7 @@ async fn execute(app: &AppState, request: WriteRequest) -> Result<Response, ApiE
 /// Stores the committed version in Region 1's cache before acknowledging, so no reader can
 /// afterwards fill an older version (the cache's version guard refuses it). A Redis failure
 /// never fails the write: the cache distrusts itself and bumps its generation as soon as Redis
-/// answers again, so the entry it could not update is never served (`tandem_shared::cache`).
+/// answers again, so the entry it could not update is never served (`tandem_store::cache`).
 async fn refresh_cache(app: &AppState, outcome: &WriteOutcome, body: Option<Bytes>) {
     let key = DocumentKey::new(outcome.collection.clone(), outcome.id.clone());
     let entry = match body {
@@ -236,7 +236,7 @@ fn respond(result: &WriteResult, body: Option<Bytes>) -> Response {
             }
             response
         }
-        None => tandem_shared::http::empty(StatusCode::NO_CONTENT),
+        None => tandem_http::http::empty(StatusCode::NO_CONTENT),
     };
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&etag(outcome.version)) {

@@ -153,7 +153,7 @@ impl Stored {
 }
 
 /// A condition on the current version, as `If-Match` / `If-None-Match` state it (their header
-/// syntax is parsed on the HTTP side: `tandem_shared::http::parse_entity_tags`).
+/// syntax is parsed on the HTTP side: `tandem_http::http::parse_entity_tags`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntityTagCondition {
     /// `*`: any current representation.

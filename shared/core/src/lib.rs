@@ -10,12 +10,12 @@
 //! `tokio-postgres`, `deadpool-postgres`, `redis`, `rdkafka`, `axum`, `lambda_http`,
 //! `lambda_runtime`, `reqwest`, `aws-*`, `refinery`): `scripts/check-layers.py` (run by
 //! `make lint` and `make test`) fails if one appears. Every other crate may depend on this
-//! one; HTTP syntax (paths, entity tags as header text) lives in `tandem-shared`'s `http`.
+//! one; HTTP syntax (paths, entity tags as header text) lives in `tandem-http`'s `http`.
 //!
 //! | module | what |
 //! |---|---|
 //! | [`document`] | collection, id, key, document, stored state, preconditions, merge patch |
-//! | [`write`] | a write request and its outcome, and the rules that decide it |
+//! | [`write`](mod@write) | a write request and its outcome, and the rules that decide it |
 //! | [`event`] | the change event (the one payload shape) and its Kafka headers codec |
 //! | [`consistency`] | the `X-Consistency-Token` encoding |
 //! | [`traceparent`] | W3C trace context values |

@@ -217,7 +217,7 @@ async fn every_bad_write_gets_a_problem_json_error_and_writes_nothing() {
         match case.auth {
             None => {}
             Some(["garbage"]) => {
-                let forged = tandem_shared::auth::mint_hs256(
+                let forged = tandem_http::auth::mint_hs256(
                     "not-the-secret",
                     "mallory",
                     &["tandem:write"],

@@ -4,7 +4,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tandem_core::document::Stored;
 use tandem_core::document::{Collection, DocumentId, DocumentKey};
-use tandem_shared::cache::Entry;
+use tandem_store::cache::Entry;
 use tandem_tests::{Redis, TestAppOptions, spawn_app, spawn_app_with};
 
 fn key(collection: &str, id: &str) -> DocumentKey {

@@ -13,7 +13,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-use tandem_shared::auth::{
+use tandem_http::auth::{
     AuthError, AuthSettings, Authenticator, CLOCK_LEEWAY_SECONDS, WRITE_SCOPE,
 };
 
@@ -134,7 +134,7 @@ async fn es256_tokens_verify_against_a_rotating_jwks() {
         .await
         .is_err()
     );
-    let hs = tandem_shared::auth::mint_hs256(
+    let hs = tandem_http::auth::mint_hs256(
         "secret",
         "x",
         &["tandem:write"],

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use lambda_http::request::LambdaRequest;
 use lambda_runtime::{Context, LambdaEvent};
 use serde_json::Value;
-use tandem_shared::auth::DEV_HS256_SECRET;
+use tandem_http::auth::DEV_HS256_SECRET;
 use tandem_tests::{TestAppOptions, spawn_app_with};
 use tower::ServiceExt;
 
@@ -22,7 +22,7 @@ fn fixture(function: &str, name: &str) -> LambdaRequest {
 }
 
 async fn invoke(router: axum::Router, event: LambdaRequest) -> Value {
-    let service = tandem_shared::serve::lambda_service(router);
+    let service = tandem_http::serve::lambda_service(router);
     let adapter = lambda_http::Adapter::from(service);
     let response = adapter
         .oneshot(LambdaEvent::new(event, Context::default()))

@@ -289,7 +289,7 @@ async fn idempotency_key_replays_the_original_response_and_writes_once() {
         .client
         .post(format!("{}/v1/payments", app.write_url))
         .bearer_auth(
-            tandem_shared::auth::mint_hs256(
+            tandem_http::auth::mint_hs256(
                 &app.secret,
                 "someone-else",
                 &["tandem:write"],

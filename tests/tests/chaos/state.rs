@@ -238,7 +238,7 @@ async fn gather_once(system: &ChaosSystem) -> anyhow::Result<FinalState> {
 }
 
 /// Every live cache entry of the chaos collection, read straight from Redis, and the cache's
-/// generation. The layout is `shared/src/cache.rs`'s: entries of the current generation
+/// generation. The layout is `shared/store/src/cache.rs`'s: entries of the current generation
 /// (`{prefix}:gen`, 0 when absent) are `{prefix}:g{generation}:doc:{collection}/{id}`, entries of
 /// older generations are dead (every lookup misses them). Entries in the layout before
 /// generations (`{prefix}:doc:{collection}/{id}`) are read too, so the check also judges

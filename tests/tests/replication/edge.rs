@@ -16,7 +16,7 @@ async fn reads_through_the_edge_fail_over_to_region2_when_region1_read_stops() {
         .expect("bind");
     let read1 = format!("{}", listener.local_addr().expect("addr"));
     let router = tandem_read::router(regions.region1.read_state.clone());
-    let server = tokio::spawn(tandem_shared::serve::serve(listener, router, async move {
+    let server = tokio::spawn(tandem_http::serve::serve(listener, router, async move {
         let _ = stopped.await;
     }));
 

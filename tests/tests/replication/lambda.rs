@@ -23,8 +23,8 @@ use tandem_core::event::{HEADER_EVENT_TYPE, TYPE_HEARTBEAT};
 use tandem_region2_apply::lambda::{KafkaApply, KafkaEvent};
 use tandem_region2_apply::metrics::OutcomeLabels;
 use tandem_region2_apply::{Applier, ConsumerMetrics};
-use tandem_shared::cache::{Cache, CacheSettings};
-use tandem_shared::db::DatabaseSettings;
+use tandem_store::cache::{Cache, CacheSettings};
+use tandem_store::db::DatabaseSettings;
 use tandem_tests::{ManagedProcess, TwoRegions, binary, scratch_dir, serve};
 use tokio::sync::{Mutex, mpsc};
 use tower::ServiceExt;
@@ -40,7 +40,7 @@ async fn function(regions: &TwoRegions, lock_timeout: Option<Duration>) -> Kafka
     if let Some(timeout) = lock_timeout {
         database.limits.lock_timeout = timeout;
     }
-    let pool = tandem_shared::db::connect_pool(&database)
+    let pool = tandem_store::db::connect_pool(&database)
         .await
         .expect("Region 2 pool");
     let mut cache = CacheSettings::from_url(&regions.region2_redis_url);

@@ -23,7 +23,8 @@ use serde::Deserialize;
 use tokio_postgres::NoTls;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::config::{self, ConfigError};
+use tandem_runtime::config::{self, ConfigError};
+use tandem_runtime::metrics::PoolUsage;
 
 /// Whether and how to use TLS towards PostgreSQL (`DATABASE_TLS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -349,7 +350,8 @@ async fn resolve_config(source: &CredentialSource) -> anyhow::Result<tokio_postg
             .parse()
             .context("DATABASE_URL is not a valid PostgreSQL connection string"),
         CredentialSource::SecretsManager { secret_id } => {
-            let text = crate::secrets::read_string(secret_id, "database credentials").await?;
+            let text =
+                tandem_runtime::secrets::read_string(secret_id, "database credentials").await?;
             config_from_secret(&text)
                 .with_context(|| format!("Secret {secret_id} is not an RDS secret"))
         }
@@ -431,15 +433,7 @@ fn spawn_refresher(settings: DatabaseSettings, slot: ConfigSlot) {
     });
 }
 
-/// A point-in-time view of the pool for `/metrics`.
-#[derive(Debug, Clone, Copy)]
-pub struct PoolUsage {
-    pub max: usize,
-    pub open: usize,
-    pub idle: usize,
-    pub waiting: usize,
-}
-
+/// The pool's usage, for [`tandem_runtime::metrics::Metrics::set_pool_usage`].
 pub fn pool_usage(pool: &Pool) -> PoolUsage {
     let status = pool.status();
     PoolUsage {

@@ -20,10 +20,10 @@ use serde::Serialize;
 use deadpool_postgres::Pool;
 use tandem_core::document::{DocumentKey, EntityTagCondition};
 
-use crate::cache::Cache;
-use crate::metrics::{HttpLabels, Metrics};
 use crate::problem::ApiError;
-use crate::store::Store;
+use tandem_runtime::metrics::{HttpLabels, Metrics};
+use tandem_store::cache::Cache;
+use tandem_store::documents::Store;
 
 pub const REGION_HEADER: &str = "x-tandem-region";
 pub const CONSISTENCY_TOKEN_HEADER: &str = "x-consistency-token";
@@ -98,7 +98,7 @@ pub type ScrapeHook = Arc<dyn Fn(&Metrics) + Send + Sync>;
 
 /// Reports the connection pool's usage on every scrape.
 pub fn pool_scrape_hook(pool: Pool) -> ScrapeHook {
-    Arc::new(move |metrics| metrics.set_pool_usage(crate::db::pool_usage(&pool)))
+    Arc::new(move |metrics| metrics.set_pool_usage(tandem_store::db::pool_usage(&pool)))
 }
 
 #[derive(Clone)]

@@ -27,7 +27,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, RwLock};
 
-use crate::config::{self, ConfigError};
+use tandem_runtime::config::{self, ConfigError};
 
 pub const WRITE_SCOPE: &str = "tandem:write";
 pub const READ_SCOPE: &str = "tandem:read";

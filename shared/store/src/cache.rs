@@ -34,8 +34,8 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 
-use crate::config::{self, ConfigError};
 use tandem_core::document::DocumentKey;
+use tandem_runtime::config::{self, ConfigError};
 
 /// Cache settings, read from the environment.
 #[derive(Debug, Clone)]
@@ -86,7 +86,7 @@ impl CacheSettings {
         let Some(secret_id) = &self.auth_secret_id else {
             return Ok(());
         };
-        let token = crate::secrets::read_string(secret_id, "the Redis AUTH token").await?;
+        let token = tandem_runtime::secrets::read_string(secret_id, "the Redis AUTH token").await?;
         let mut url =
             url::Url::parse(&self.url).map_err(|e| anyhow::anyhow!("REDIS_URL is invalid: {e}"))?;
         url.set_password(Some(token.trim()))

@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::auth::AuthError;
-use crate::store::{StoreError, WriteError};
 use tandem_core::document::NameError;
+use tandem_store::documents::{StoreError, WriteError};
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 

@@ -9,8 +9,8 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-use crate::config::ServiceSettings;
 use tandem_core::limits::LAMBDA_MAX_RESPONSE_BYTES;
+use tandem_runtime::config::ServiceSettings;
 
 /// Runs the router until SIGTERM/Ctrl-C (HTTP) or for the Lambda sandbox's lifetime.
 pub async fn run(router: Router, settings: &ServiceSettings) -> anyhow::Result<()> {
@@ -26,7 +26,12 @@ pub async fn run(router: Router, settings: &ServiceSettings) -> anyhow::Result<(
                 format!("Failed to bind {}:{}", settings.bind_address, settings.port)
             })?;
         tracing::info!(address = %listener.local_addr()?, "listening");
-        serve(listener, router, shutdown_signal()).await
+        serve(
+            listener,
+            router,
+            tandem_runtime::shutdown::shutdown_signal(),
+        )
+        .await
     }
 }
 
@@ -111,29 +116,6 @@ fn strip_stage(mut request: lambda_http::Request) -> lambda_http::Request {
         }
     }
     request
-}
-
-/// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends before killing a pod).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-    tracing::info!("shutdown signal received; draining");
 }
 
 #[cfg(test)]

@@ -122,16 +122,3 @@ async fn try_acquire(settings: &DatabaseSettings, lock: i64) -> anyhow::Result<O
         fence: Fence { role, epoch },
     }))
 }
-
-/// A shutdown flag every loop can watch: set once, on SIGTERM/Ctrl-C.
-pub fn shutdown_channel() -> (watch::Sender<bool>, watch::Receiver<bool>) {
-    watch::channel(false)
-}
-
-/// Sets the flag when the process is asked to stop.
-pub fn trigger_on_signal(sender: watch::Sender<bool>) {
-    tokio::spawn(async move {
-        crate::serve::shutdown_signal().await;
-        let _ = sender.send(true);
-    });
-}

@@ -107,7 +107,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn set_pool_usage(&self, usage: crate::db::PoolUsage) {
+    pub fn set_pool_usage(&self, usage: PoolUsage) {
         for (state, value) in [
             ("max", usage.max),
             ("open", usage.open),
@@ -129,4 +129,13 @@ impl Metrics {
         }
         out
     }
+}
+
+/// A point-in-time view of the pool for `/metrics`.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolUsage {
+    pub max: usize,
+    pub open: usize,
+    pub idle: usize,
+    pub waiting: usize,
 }

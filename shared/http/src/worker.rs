@@ -1,5 +1,5 @@
 //! What the two long-running workers, the outbox relay and the Region 2 consumer, share: one
-//! active replica at a time, elected with a PostgreSQL advisory lock ([`crate::leader`]); its
+//! active replica at a time, elected with a PostgreSQL advisory lock ([`tandem_store::leader`]); its
 //! role, reported on `/readyz` and as a `*_leader` gauge; and the operations server that runs
 //! beside the work.
 
@@ -13,11 +13,12 @@ use futures_util::FutureExt;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
-use crate::config::ServiceSettings;
-use crate::db::DatabaseSettings;
 use crate::http::{Readiness, ReadyCheck, ScrapeHook};
-use crate::leader::{Leadership, shutdown_channel, trigger_on_signal};
-use crate::metrics::Metrics;
+use tandem_runtime::config::ServiceSettings;
+use tandem_runtime::metrics::Metrics;
+use tandem_runtime::shutdown::{shutdown_channel, trigger_on_signal};
+use tandem_store::db::DatabaseSettings;
+use tandem_store::leader::Leadership;
 
 /// Whether this replica is the active one.
 #[derive(Debug, Default)]

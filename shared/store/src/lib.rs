@@ -1,0 +1,18 @@
+//! Every SQL statement and Redis script of Tandem's shared tables, one module per table
+//! family: connection pools and credentials ([`db`]), the schema ([`migrations`], the SQL files
+//! in `migrations/`), the documents and the outbox rows their writes enqueue in the same
+//! transaction ([`documents`]), the leader election and its epochs ([`leader`]), and the Redis
+//! read cache ([`cache`]).
+//!
+//! # Layout
+//!
+//! Layer 2, above `tandem-runtime` and `tandem-core`. It may depend on those two and on the
+//! database, cache and AWS SDK crates, never on `tandem-http` or anything above it
+//! (`scripts/check-layers.py`, run by `make lint` and `make test`, fails if it does). Domain
+//! types and rules belong in `tandem-core`; this crate stores and loads them.
+
+pub mod cache;
+pub mod db;
+pub mod documents;
+pub mod leader;
+pub mod migrations;
