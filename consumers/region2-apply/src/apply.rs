@@ -1,29 +1,27 @@
 //! Applying Kafka records to Region 2, a batch at a time: one transaction per batch (the
 //! effects, the event ids, the heartbeats and the positions), the cache update after the
 //! commit, the dead-letter path and the retry policy. The consumer pod and the Lambda function
-//! both apply through it.
+//! both apply through it. The SQL it runs is `tandem_store::replica`'s.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Pool, Transaction};
+use deadpool_postgres::Pool;
 #[cfg(feature = "rdkafka")]
 use rdkafka::message::{Headers, Message};
 use tandem_core::document::{DocumentKey, Stored};
 use tandem_core::event::{ChangeEvent, DocumentState, EventHeaders, Heartbeat};
 use tandem_store::cache::{Cache, CacheError, Entry};
 use tandem_store::documents::StoreError;
-use tandem_store::leader::{FENCE_CHECK, Fence};
+use tandem_store::leader::Fence;
+use tandem_store::replica::{self, ApplyTx, DeadLetter, EventColumns, Position, StatesApplied};
 use time::OffsetDateTime;
 use tokio::sync::watch;
-use tokio_postgres::types::{Json, ToSql};
 
 use crate::metrics::ConsumerMetrics;
 
-/// How long applied event ids are remembered: longer than the relay's default replay window
-/// (`OUTBOX_RETENTION_HOURS`, 72 h), so a replay is recognised as duplicates.
-pub const APPLIED_EVENTS_RETENTION_DAYS: i32 = 7;
+pub use tandem_store::replica::{APPLIED_EVENTS_RETENTION_DAYS, Proof};
 
 /// How many times an event that fails alone for a non-transient reason is tried before it is
 /// dead-lettered.
@@ -113,6 +111,20 @@ impl Incoming {
         record_hash(self.key.as_deref(), &self.payload)
     }
 
+    /// The message as a dead letter, byte for byte.
+    fn dead_letter<'a>(&'a self, reason: &'a str) -> DeadLetter<'a> {
+        DeadLetter {
+            topic: &self.topic,
+            partition: self.partition,
+            offset: self.offset,
+            key: self.key.as_deref(),
+            payload: &self.payload,
+            header_names: self.headers.iter().map(|h| h.name.as_deref()).collect(),
+            header_values: self.headers.iter().map(|h| h.value.as_deref()).collect(),
+            reason,
+        }
+    }
+
     /// Why the headers alone make this message poison, if they do.
     fn header_problem(&self) -> Option<String> {
         let unreadable = self.headers.iter().filter(|h| h.name.is_none()).count();
@@ -134,14 +146,6 @@ pub fn record_hash(key: Option<&[u8]>, payload: &[u8]) -> Vec<u8> {
     }
     hasher.update(payload);
     hasher.finalize().to_vec()
-}
-
-/// What proves the record before a stored position: its hash (every record since the proof
-/// was introduced) or, for positions stored before, its event id.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Proof {
-    pub event_id: Option<uuid::Uuid>,
-    pub record_hash: Option<Vec<u8>>,
 }
 
 /// One Kafka header. `name` is `None` when the producer sent a name that is not UTF-8: the
@@ -217,49 +221,6 @@ impl Outcome {
     }
 }
 
-const RECORD_EVENTS: &str = "INSERT INTO applied_events \
-     (event_id, collection, document_id, version, outcome, event_time) \
-     SELECT e, c, d, v, 'applied', t \
-     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::timestamptz[]) AS u (e, c, d, v, t) \
-     ON CONFLICT (event_id) DO NOTHING RETURNING event_id";
-/// The stored versions of the batch's documents, read before the batch writes them.
-const VERSIONS_BEFORE: &str = "SELECT d.collection, d.id, d.version FROM documents d \
-     JOIN unnest($1::text[], $2::text[]) AS k (collection, id) \
-       ON d.collection = k.collection COLLATE \"C\" AND d.id = k.id COLLATE \"C\"";
-const MARK_STALE: &str = "UPDATE applied_events SET outcome = 'stale' WHERE event_id = ANY($1)";
-/// One row per document (the batch's newest version of it): `ON CONFLICT DO UPDATE` cannot
-/// touch a row twice in one statement.
-const UPSERT_DOCUMENTS: &str = "INSERT INTO documents \
-     (collection, id, version, data, deleted, created_at, updated_at) \
-     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::jsonb[], $5::bool[], \
-       $6::timestamptz[], $7::timestamptz[]) \
-     ON CONFLICT (collection, id) DO UPDATE SET \
-       version = EXCLUDED.version, data = EXCLUDED.data, deleted = EXCLUDED.deleted, \
-       created_at = CASE WHEN EXCLUDED.deleted THEN documents.created_at ELSE EXCLUDED.created_at END, \
-       updated_at = EXCLUDED.updated_at \
-     WHERE documents.version < EXCLUDED.version \
-     RETURNING collection, id";
-/// The next position per partition, with the proof of the record before it: its event id (when
-/// it had one) and the SHA-256 of its key and payload (always).
-const STORE_OFFSETS: &str = "INSERT INTO consumer_offsets \
-       (topic, partition, next_offset, last_event_id, last_record_hash, updated_at) \
-     SELECT $1::text, p, n, e, h, clock_timestamp() \
-     FROM unnest($2::int[], $3::bigint[], $4::uuid[], $5::bytea[]) AS u (p, n, e, h) \
-     ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, \
-       last_event_id = EXCLUDED.last_event_id, last_record_hash = EXCLUDED.last_record_hash, \
-       updated_at = EXCLUDED.updated_at";
-/// The newest heartbeat per partition (its origin time only moves forward).
-const RECORD_HEARTBEATS: &str = "INSERT INTO replication_heartbeats (topic, partition, origin_time, applied_at) \
-     SELECT $1::text, p, t, clock_timestamp() FROM unnest($2::int[], $3::timestamptz[]) AS u (p, t) \
-     ON CONFLICT (topic, partition) DO UPDATE SET \
-       origin_time = GREATEST(replication_heartbeats.origin_time, EXCLUDED.origin_time), \
-       applied_at = EXCLUDED.applied_at";
-const RECORD_PROGRESS: &str = "UPDATE replication_status SET \
-     last_event_time = GREATEST(last_event_time, $1), last_applied_at = clock_timestamp() WHERE id = 1";
-const DEAD_LETTER: &str = "INSERT INTO dead_letters (topic, partition, \"offset\", message_key, payload, \
-       header_names, header_values, reason) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (topic, partition, \"offset\") DO NOTHING";
-
 /// Applies events; cheap to clone.
 #[derive(Clone)]
 pub struct Applier {
@@ -292,60 +253,16 @@ impl Applier {
         self.fence.lock().ok().and_then(|f| *f)
     }
 
-    /// Checks inside `tx` that this process still leads ([`FENCE_CHECK`]).
-    async fn check_fence(&self, tx: &Transaction<'_>) -> Result<(), StoreError> {
-        let Some(fence) = self.fence() else {
-            return Ok(());
-        };
-        let stmt = tx.prepare_cached(FENCE_CHECK).await?;
-        if tx
-            .query_opt(&stmt, &[&fence.role, &fence.epoch])
-            .await?
-            .is_none()
-        {
-            return Err(StoreError::Fenced { epoch: fence.epoch });
-        }
-        Ok(())
+    /// `(partition, next_offset, proof of the record before it)` per partition.
+    pub async fn stored_positions(&self, topic: &str) -> anyhow::Result<Vec<(i32, i64, Proof)>> {
+        Ok(replica::stored_positions(&self.pool, topic).await?)
     }
 
-    /// `(partition, next_offset, proof of the record before it)` per partition.
     /// Forgets the stored position of a partition found recreated: until the re-read from its
     /// beginning has applied something, a restart reads it from the beginning too (the
     /// position stored last may name a record of the new partition, past records never read).
     pub async fn forget_position(&self, topic: &str, partition: i32) -> anyhow::Result<()> {
-        let client = self.pool.get().await?;
-        client
-            .execute(
-                "UPDATE consumer_offsets SET next_offset = 0, last_event_id = NULL, \
-                   last_record_hash = NULL, updated_at = clock_timestamp() \
-                 WHERE topic = $1 AND partition = $2",
-                &[&topic, &partition],
-            )
-            .await?;
-        Ok(())
-    }
-
-    pub async fn stored_positions(&self, topic: &str) -> anyhow::Result<Vec<(i32, i64, Proof)>> {
-        let client = self.pool.get().await?;
-        let rows = client
-            .query(
-                "SELECT partition, next_offset, last_event_id, last_record_hash FROM consumer_offsets WHERE topic = $1 AND next_offset > 0",
-                &[&topic],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                (
-                    r.get(0),
-                    r.get(1),
-                    Proof {
-                        event_id: r.get(2),
-                        record_hash: r.get(3),
-                    },
-                )
-            })
-            .collect())
+        Ok(replica::forget_position(&self.pool, topic, partition).await?)
     }
 
     /// Applies a batch of messages, in order; retries while the database is unavailable
@@ -603,10 +520,13 @@ impl Applier {
         let decoded: Vec<Decoded> = batch.iter().map(Decoded::of).collect();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        self.check_fence(&tx).await?;
+        let writes = ApplyTx::new(&tx);
+        writes.check_fence(self.fence()).await?;
         for (incoming, decoded) in batch.iter().zip(&decoded) {
             if let Decoded::Poison(reason) = decoded {
-                insert_dead_letter(&tx, incoming, reason).await?;
+                writes
+                    .insert_dead_letter(&incoming.dead_letter(reason))
+                    .await?;
             }
         }
         let events: Vec<&ChangeEvent> = decoded
@@ -616,7 +536,7 @@ impl Applier {
                 _ => None,
             })
             .collect();
-        let (applied, entries) = self.apply_events(&tx, &events).await?;
+        let (applied, entries) = self.apply_events(&writes, &events).await?;
         let mut applied = applied.into_iter();
         let outcomes: Vec<Outcome> = decoded
             .iter()
@@ -649,38 +569,22 @@ impl Applier {
             }
         }
         let topic = batch.first().map_or("", |m| m.topic.as_str());
-        let partitions: Vec<i32> = positions.keys().copied().collect();
-        let next_offsets: Vec<i64> = positions.values().map(|p| p.0).collect();
-        let last_ids: Vec<Option<uuid::Uuid>> = positions.values().map(|p| p.1).collect();
-        let hashes: Vec<&[u8]> = positions.values().map(|p| p.2.as_slice()).collect();
-        let store = tx.prepare_cached(STORE_OFFSETS).await?;
-        let progress = tx.prepare_cached(RECORD_PROGRESS).await?;
-        let beats = tx.prepare_cached(RECORD_HEARTBEATS).await?;
-        let store_params: [&(dyn ToSql + Sync); 5] =
-            [&topic, &partitions, &next_offsets, &last_ids, &hashes];
+        let positions: Vec<Position> = positions
+            .into_iter()
+            .map(
+                |(partition, (next_offset, last_event_id, last_record_hash))| Position {
+                    partition,
+                    next_offset,
+                    last_event_id,
+                    last_record_hash,
+                },
+            )
+            .collect();
+        let heartbeats: Vec<(i32, OffsetDateTime)> = heartbeats.into_iter().collect();
         let newest = events.iter().map(|e| e.time).max();
-        let beat_partitions: Vec<i32> = heartbeats.keys().copied().collect();
-        let beat_times: Vec<OffsetDateTime> = heartbeats.values().copied().collect();
-        let (stored, recorded, beaten) = tokio::join!(
-            tx.execute(&store, &store_params),
-            async {
-                match &newest {
-                    Some(newest) => tx.execute(&progress, &[newest]).await.map(|_| ()),
-                    None => Ok(()),
-                }
-            },
-            async {
-                if beat_partitions.is_empty() {
-                    return Ok(());
-                }
-                tx.execute(&beats, &[&topic, &beat_partitions, &beat_times])
-                    .await
-                    .map(|_| ())
-            }
-        );
-        stored?;
-        recorded?;
-        beaten?;
+        writes
+            .record_progress(topic, &positions, newest, &heartbeats)
+            .await?;
         tx.commit().await?;
         self.refresh_cache(&entries).await;
         let now = OffsetDateTime::now_utc();
@@ -703,17 +607,19 @@ impl Applier {
     /// them one by one).
     async fn apply_events(
         &self,
-        tx: &Transaction<'_>,
+        writes: &ApplyTx<'_, '_>,
         events: &[&ChangeEvent],
     ) -> Result<(Vec<Outcome>, Vec<(DocumentKey, Entry)>), StoreError> {
         if events.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
-        let collections: Vec<&str> = events.iter().map(|e| e.data.collection.as_str()).collect();
-        let document_ids: Vec<&str> = events.iter().map(|e| e.data.id.as_str()).collect();
-        let versions: Vec<i64> = events.iter().map(|e| e.data.version).collect();
-        let times: Vec<OffsetDateTime> = events.iter().map(|e| e.time).collect();
+        let columns = EventColumns {
+            ids: events.iter().map(|e| e.id).collect(),
+            collections: events.iter().map(|e| e.data.collection.as_str()).collect(),
+            document_ids: events.iter().map(|e| e.data.id.as_str()).collect(),
+            versions: events.iter().map(|e| e.data.version).collect(),
+            times: events.iter().map(|e| e.time).collect(),
+        };
         // The newest state per document. A duplicate may be the newest: writing it again is a
         // no-op under the version guard (Region 2 holds it already), so freshness need not be
         // known before the write, and the three statements below travel together.
@@ -726,29 +632,11 @@ impl Applier {
             }
         }
         let states: Vec<&DocumentState> = newest.into_values().collect();
-        let keys: (Vec<&str>, Vec<&str>) = states
-            .iter()
-            .map(|s| (s.collection.as_str(), s.id.as_str()))
-            .unzip();
-        // Prepared first, so that the three statements go out in this order and the versions
-        // are read before the upsert changes them.
-        let record = tx.prepare_cached(RECORD_EVENTS).await?;
-        let before = tx.prepare_cached(VERSIONS_BEFORE).await?;
-        let upsert = tx.prepare_cached(UPSERT_DOCUMENTS).await?;
-        let record_params: [&(dyn ToSql + Sync); 5] =
-            [&ids, &collections, &document_ids, &versions, &times];
-        let before_params: [&(dyn ToSql + Sync); 2] = [&keys.0, &keys.1];
-        let (fresh, before, written) = tokio::join!(
-            tx.query(&record, &record_params),
-            tx.query(&before, &before_params),
-            upsert_documents(tx, &upsert, &states),
-        );
-        let mut fresh: HashSet<uuid::Uuid> = fresh?.iter().map(|row| row.get(0)).collect();
-        let mut held: HashMap<(String, String), i64> = before?
-            .iter()
-            .map(|row| ((row.get(0), row.get(1)), row.get(2)))
-            .collect();
-        let written = written?;
+        let StatesApplied {
+            mut fresh,
+            held_before: mut held,
+            written,
+        } = writes.apply_states(&columns, &states).await?;
 
         // The outcomes applying the events one by one, in order, would have had: `held` is
         // the version Region 2 holds after each event.
@@ -777,10 +665,7 @@ impl Applier {
             };
             outcomes.push(outcome);
         }
-        if !stale.is_empty() {
-            let stmt = tx.prepare_cached(MARK_STALE).await?;
-            tx.execute(&stmt, &[&stale]).await?;
-        }
+        writes.mark_stale(&stale).await?;
 
         let entries: Vec<(DocumentKey, Entry)> = states
             .iter()
@@ -829,20 +714,20 @@ impl Applier {
     async fn dead_letter(&self, incoming: &Incoming, reason: &str) -> Result<(), StoreError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        self.check_fence(&tx).await?;
-        insert_dead_letter(&tx, incoming, reason).await?;
-        let stmt = tx.prepare_cached(STORE_OFFSETS).await?;
-        tx.execute(
-            &stmt,
-            &[
-                &incoming.topic,
-                &vec![incoming.partition],
-                &vec![incoming.offset + 1],
-                &vec![None::<uuid::Uuid>],
-                &vec![incoming.record_hash()],
-            ],
-        )
-        .await?;
+        let writes = ApplyTx::new(&tx);
+        writes.check_fence(self.fence()).await?;
+        writes
+            .insert_dead_letter(&incoming.dead_letter(reason))
+            .await?;
+        let position = Position {
+            partition: incoming.partition,
+            next_offset: incoming.offset + 1,
+            last_event_id: None,
+            last_record_hash: incoming.record_hash(),
+        };
+        writes
+            .record_progress(&incoming.topic, &[position], None, &[])
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -851,22 +736,7 @@ impl Applier {
     /// partition without a heartbeat yet counts from now), and none for partitions the topic
     /// no longer has.
     pub async fn track_partitions(&self, topic: &str, partitions: &[i32]) -> anyhow::Result<()> {
-        let client = self.pool.get().await?;
-        client
-            .execute(
-                "INSERT INTO replication_heartbeats (topic, partition, origin_time) \
-                 SELECT $1, p, clock_timestamp() FROM unnest($2::int[]) AS p \
-                 ON CONFLICT (topic, partition) DO NOTHING",
-                &[&topic, &partitions],
-            )
-            .await?;
-        client
-            .execute(
-                "DELETE FROM replication_heartbeats WHERE topic <> $1 OR NOT partition = ANY($2)",
-                &[&topic, &partitions],
-            )
-            .await?;
-        Ok(())
+        Ok(replica::track_partitions(&self.pool, topic, partitions).await?)
     }
 
     /// Counts these partitions of the topic in the lag from now on, when they are not counted
@@ -879,66 +749,28 @@ impl Applier {
         topic: &str,
         partitions: &[i32],
     ) -> Result<u64, StoreError> {
-        let client = self.pool.get().await?;
-        Ok(client
-            .execute(
-                "INSERT INTO replication_heartbeats (topic, partition, origin_time) \
-                 SELECT $1, p, clock_timestamp() FROM unnest($2::int[]) AS p \
-                 ON CONFLICT (topic, partition) DO NOTHING",
-                &[&topic, &partitions],
-            )
-            .await?)
+        replica::count_partitions_in_lag(&self.pool, topic, partitions).await
     }
 
     /// Liveness and backlog, for the Read API's lag report.
     pub async fn record_heartbeat(&self, backlog: i64) {
         self.metrics.backlog.set(backlog);
-        let Ok(client) = self.pool.get().await else {
-            return;
-        };
-        let _ = client
-            .execute(
-                "UPDATE replication_status SET heartbeat_at = clock_timestamp(), backlog = $1 WHERE id = 1",
-                &[&backlog],
-            )
-            .await;
+        let _ = replica::record_heartbeat(&self.pool, backlog).await;
     }
 
     /// Forgets applied event ids older than [`APPLIED_EVENTS_RETENTION_DAYS`], in chunks, so
     /// the table does not grow without bound. Past that window a redelivered event is still
     /// harmless: the version guard records it as `stale`.
     pub async fn prune_applied_events(&self) -> Result<u64, StoreError> {
-        let client = self.pool.get().await?;
-        let mut total = 0;
-        loop {
-            let n = client
-                .execute(
-                    "DELETE FROM applied_events WHERE event_id IN (SELECT event_id FROM applied_events \
-                     WHERE applied_at < now() - make_interval(days => $1) LIMIT 10000)",
-                    &[&APPLIED_EVENTS_RETENTION_DAYS],
-                )
-                .await?;
-            total += n;
-            if n < 10_000 {
-                return Ok(total);
-            }
-        }
+        replica::prune_applied_events(&self.pool).await
     }
 
     /// Re-applies dead letters (one, or all not yet redriven). Events that still fail stay
     /// dead-lettered with the new reason. Returns `(id, result)` per letter.
     pub async fn redrive(&self, only: Option<i64>) -> anyhow::Result<Vec<(i64, String)>> {
-        let client = self.pool.get().await?;
-        let rows = client
-            .query(
-                "SELECT id, payload FROM dead_letters WHERE redriven_at IS NULL AND ($1::bigint IS NULL OR id = $1) ORDER BY id",
-                &[&only],
-            )
-            .await?;
+        let letters = replica::pending_dead_letters(&self.pool, only).await?;
         let mut results = Vec::new();
-        for row in rows {
-            let id: i64 = row.get(0);
-            let payload: Option<Vec<u8>> = row.get(1);
+        for (id, payload) in letters {
             // One letter failing (the database refusing it, say) does not stop the others.
             let result = match self
                 .redrive_one(payload.as_deref().unwrap_or_default())
@@ -947,13 +779,7 @@ impl Applier {
                 Ok(result) => result,
                 Err(e) => format!("still poison: could not be applied: {e:#}"),
             };
-            if let Err(e) = client
-                .execute(
-                    "UPDATE dead_letters SET redriven_at = CASE WHEN $2 LIKE 'still poison%' THEN NULL ELSE clock_timestamp() END, redrive_result = $2 WHERE id = $1",
-                    &[&id, &result],
-                )
-                .await
-            {
+            if let Err(e) = replica::record_redrive(&self.pool, id, &result).await {
                 tracing::error!(id, error = %e, "failed to record a redrive result");
             }
             results.push((id, result));
@@ -968,7 +794,7 @@ impl Applier {
         };
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let (outcomes, entries) = self.apply_events(&tx, &[&event]).await?;
+        let (outcomes, entries) = self.apply_events(&ApplyTx::new(&tx), &[&event]).await?;
         tx.commit().await?;
         self.refresh_cache(&entries).await;
         Ok(outcomes
@@ -976,75 +802,6 @@ impl Applier {
             .map_or("duplicate", Outcome::label)
             .to_owned())
     }
-}
-
-/// Upserts the states (at most one per document) where they are newer than the stored
-/// version; returns the `(collection, id)` of the documents that changed.
-async fn upsert_documents(
-    tx: &Transaction<'_>,
-    stmt: &tokio_postgres::Statement,
-    states: &[&DocumentState],
-) -> Result<HashSet<(String, String)>, StoreError> {
-    if states.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let collections: Vec<&str> = states.iter().map(|s| s.collection.as_str()).collect();
-    let ids: Vec<&str> = states.iter().map(|s| s.id.as_str()).collect();
-    let versions: Vec<i64> = states.iter().map(|s| s.version).collect();
-    let data: Vec<Option<Json<&serde_json::Map<String, serde_json::Value>>>> =
-        states.iter().map(|s| s.data.as_ref().map(Json)).collect();
-    let deleted: Vec<bool> = states.iter().map(|s| s.deleted).collect();
-    let created_at: Vec<OffsetDateTime> = states
-        .iter()
-        .map(|s| s.created_at.unwrap_or(s.updated_at))
-        .collect();
-    let updated_at: Vec<OffsetDateTime> = states.iter().map(|s| s.updated_at).collect();
-    let rows = tx
-        .query(
-            stmt,
-            &[
-                &collections,
-                &ids,
-                &versions,
-                &data,
-                &deleted,
-                &created_at,
-                &updated_at,
-            ],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-}
-
-async fn insert_dead_letter(
-    tx: &Transaction<'_>,
-    incoming: &Incoming,
-    reason: &str,
-) -> Result<(), StoreError> {
-    let stmt = tx.prepare_cached(DEAD_LETTER).await?;
-    let names: Vec<Option<&str>> = incoming.headers.iter().map(|h| h.name.as_deref()).collect();
-    let values: Vec<Option<&[u8]>> = incoming
-        .headers
-        .iter()
-        .map(|h| h.value.as_deref())
-        .collect();
-    // text columns cannot hold NUL: the reason quotes payloads, so strip it there.
-    let reason = reason.replace('\0', "\\0");
-    tx.execute(
-        &stmt,
-        &[
-            &incoming.topic,
-            &incoming.partition,
-            &incoming.offset,
-            &incoming.key,
-            &incoming.payload,
-            &names,
-            &values,
-            &reason,
-        ],
-    )
-    .await?;
-    Ok(())
 }
 
 /// The message's headers, each read on its own: rdkafka panics on a header name that is not

@@ -1,0 +1,446 @@
+//! Region 2's tables, as its apply writes them (the consumer pod and the Lambda function alike):
+//! the replicated `documents` (version-guarded upserts), `applied_events` (the ids that make
+//! redelivery harmless), `consumer_offsets` (positions with the proof of the record before
+//! them), `replication_heartbeats` and `replication_status` (what the lag is computed from),
+//! and `dead_letters`. Everything a batch writes goes through [`ApplyTx`], inside the batch's
+//! one transaction.
+//!
+//! The Region 1 side of `documents` (and the outbox rows its writes enqueue) is in
+//! [`crate::documents`].
+
+use std::collections::{HashMap, HashSet};
+
+use deadpool_postgres::{Pool, Transaction};
+use tandem_core::event::DocumentState;
+use time::OffsetDateTime;
+use tokio_postgres::types::{Json, ToSql};
+
+use crate::documents::StoreError;
+use crate::leader::{FENCE_CHECK, Fence};
+
+/// How long applied event ids are remembered: longer than the relay's default replay window
+/// (`OUTBOX_RETENTION_HOURS`, 72 h), so a replay is recognised as duplicates.
+pub const APPLIED_EVENTS_RETENTION_DAYS: i32 = 7;
+
+const RECORD_EVENTS: &str = "INSERT INTO applied_events \
+     (event_id, collection, document_id, version, outcome, event_time) \
+     SELECT e, c, d, v, 'applied', t \
+     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::timestamptz[]) AS u (e, c, d, v, t) \
+     ON CONFLICT (event_id) DO NOTHING RETURNING event_id";
+/// The stored versions of the batch's documents, read before the batch writes them.
+const VERSIONS_BEFORE: &str = "SELECT d.collection, d.id, d.version FROM documents d \
+     JOIN unnest($1::text[], $2::text[]) AS k (collection, id) \
+       ON d.collection = k.collection COLLATE \"C\" AND d.id = k.id COLLATE \"C\"";
+const MARK_STALE: &str = "UPDATE applied_events SET outcome = 'stale' WHERE event_id = ANY($1)";
+/// One row per document (the batch's newest version of it): `ON CONFLICT DO UPDATE` cannot
+/// touch a row twice in one statement.
+const UPSERT_DOCUMENTS: &str = "INSERT INTO documents \
+     (collection, id, version, data, deleted, created_at, updated_at) \
+     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::jsonb[], $5::bool[], \
+       $6::timestamptz[], $7::timestamptz[]) \
+     ON CONFLICT (collection, id) DO UPDATE SET \
+       version = EXCLUDED.version, data = EXCLUDED.data, deleted = EXCLUDED.deleted, \
+       created_at = CASE WHEN EXCLUDED.deleted THEN documents.created_at ELSE EXCLUDED.created_at END, \
+       updated_at = EXCLUDED.updated_at \
+     WHERE documents.version < EXCLUDED.version \
+     RETURNING collection, id";
+/// The next position per partition, with the proof of the record before it: its event id (when
+/// it had one) and the SHA-256 of its key and payload (always).
+const STORE_OFFSETS: &str = "INSERT INTO consumer_offsets \
+       (topic, partition, next_offset, last_event_id, last_record_hash, updated_at) \
+     SELECT $1::text, p, n, e, h, clock_timestamp() \
+     FROM unnest($2::int[], $3::bigint[], $4::uuid[], $5::bytea[]) AS u (p, n, e, h) \
+     ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, \
+       last_event_id = EXCLUDED.last_event_id, last_record_hash = EXCLUDED.last_record_hash, \
+       updated_at = EXCLUDED.updated_at";
+/// The newest heartbeat per partition (its origin time only moves forward).
+const RECORD_HEARTBEATS: &str = "INSERT INTO replication_heartbeats (topic, partition, origin_time, applied_at) \
+     SELECT $1::text, p, t, clock_timestamp() FROM unnest($2::int[], $3::timestamptz[]) AS u (p, t) \
+     ON CONFLICT (topic, partition) DO UPDATE SET \
+       origin_time = GREATEST(replication_heartbeats.origin_time, EXCLUDED.origin_time), \
+       applied_at = EXCLUDED.applied_at";
+const RECORD_PROGRESS: &str = "UPDATE replication_status SET \
+     last_event_time = GREATEST(last_event_time, $1), last_applied_at = clock_timestamp() WHERE id = 1";
+const DEAD_LETTER: &str = "INSERT INTO dead_letters (topic, partition, \"offset\", message_key, payload, \
+       header_names, header_values, reason) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (topic, partition, \"offset\") DO NOTHING";
+/// A partition starts counting in the lag from now when it has no heartbeat yet.
+const TRACK_PARTITIONS: &str = "INSERT INTO replication_heartbeats (topic, partition, origin_time) \
+     SELECT $1, p, clock_timestamp() FROM unnest($2::int[]) AS p \
+     ON CONFLICT (topic, partition) DO NOTHING";
+
+/// What proves that a stored position belongs to the partition it is read from: the record
+/// before it: its hash (every record since the proof was introduced) or, for positions stored
+/// before, its event id.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Proof {
+    pub event_id: Option<uuid::Uuid>,
+    pub record_hash: Option<Vec<u8>>,
+}
+
+/// The next position of one partition, and the proof of the record before it.
+#[derive(Debug, Clone)]
+pub struct Position {
+    pub partition: i32,
+    pub next_offset: i64,
+    pub last_event_id: Option<uuid::Uuid>,
+    pub last_record_hash: Vec<u8>,
+}
+
+/// One record set aside, byte for byte: header names a Kafka client cannot read are `None`.
+#[derive(Debug)]
+pub struct DeadLetter<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+    pub header_names: Vec<Option<&'a str>>,
+    pub header_values: Vec<Option<&'a [u8]>>,
+    pub reason: &'a str,
+}
+
+/// The events of a batch, as columns.
+#[derive(Debug, Default)]
+pub struct EventColumns<'a> {
+    pub ids: Vec<uuid::Uuid>,
+    pub collections: Vec<&'a str>,
+    pub document_ids: Vec<&'a str>,
+    pub versions: Vec<i64>,
+    pub times: Vec<OffsetDateTime>,
+}
+
+/// What [`ApplyTx::apply_states`] found and did.
+#[derive(Debug, Default)]
+pub struct StatesApplied {
+    /// The event ids recorded for the first time (the others were applied before).
+    pub fresh: HashSet<uuid::Uuid>,
+    /// The version each document had before the batch.
+    pub held_before: HashMap<(String, String), i64>,
+    /// The documents whose state the batch changed.
+    pub written: HashSet<(String, String)>,
+}
+
+/// The writes of one apply transaction.
+pub struct ApplyTx<'a, 'b> {
+    tx: &'a Transaction<'b>,
+}
+
+impl<'a, 'b> ApplyTx<'a, 'b> {
+    pub fn new(tx: &'a Transaction<'b>) -> Self {
+        Self { tx }
+    }
+
+    /// Fails with [`StoreError::Fenced`] unless `fence`'s epoch still leads ([`FENCE_CHECK`]).
+    pub async fn check_fence(&self, fence: Option<Fence>) -> Result<(), StoreError> {
+        let Some(fence) = fence else {
+            return Ok(());
+        };
+        let stmt = self.tx.prepare_cached(FENCE_CHECK).await?;
+        if self
+            .tx
+            .query_opt(&stmt, &[&fence.role, &fence.epoch])
+            .await?
+            .is_none()
+        {
+            return Err(StoreError::Fenced { epoch: fence.epoch });
+        }
+        Ok(())
+    }
+
+    /// Records the events' ids, reads the documents' versions before the batch and upserts
+    /// `states` (at most one per document, the batch's newest) where they are newer than the
+    /// stored version. The three statements are pipelined, in that order, so the versions are
+    /// read before the upsert changes them.
+    pub async fn apply_states(
+        &self,
+        events: &EventColumns<'_>,
+        states: &[&DocumentState],
+    ) -> Result<StatesApplied, StoreError> {
+        let tx = self.tx;
+        let keys: (Vec<&str>, Vec<&str>) = states
+            .iter()
+            .map(|s| (s.collection.as_str(), s.id.as_str()))
+            .unzip();
+        // Prepared first, so that the three statements go out in this order.
+        let record = tx.prepare_cached(RECORD_EVENTS).await?;
+        let before = tx.prepare_cached(VERSIONS_BEFORE).await?;
+        let upsert = tx.prepare_cached(UPSERT_DOCUMENTS).await?;
+        let record_params: [&(dyn ToSql + Sync); 5] = [
+            &events.ids,
+            &events.collections,
+            &events.document_ids,
+            &events.versions,
+            &events.times,
+        ];
+        let before_params: [&(dyn ToSql + Sync); 2] = [&keys.0, &keys.1];
+        let (fresh, before, written) = tokio::join!(
+            tx.query(&record, &record_params),
+            tx.query(&before, &before_params),
+            upsert_documents(tx, &upsert, states),
+        );
+        Ok(StatesApplied {
+            fresh: fresh?.iter().map(|row| row.get(0)).collect(),
+            held_before: before?
+                .iter()
+                .map(|row| ((row.get(0), row.get(1)), row.get(2)))
+                .collect(),
+            written: written?,
+        })
+    }
+
+    /// Marks recorded events as stale (they arrived after a newer version).
+    pub async fn mark_stale(&self, ids: &[uuid::Uuid]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let stmt = self.tx.prepare_cached(MARK_STALE).await?;
+        self.tx.execute(&stmt, &[&ids]).await?;
+        Ok(())
+    }
+
+    /// Stores the partitions' positions, the newest event time applied and the partitions'
+    /// newest heartbeats, pipelined.
+    pub async fn record_progress(
+        &self,
+        topic: &str,
+        positions: &[Position],
+        newest_event: Option<OffsetDateTime>,
+        heartbeats: &[(i32, OffsetDateTime)],
+    ) -> Result<(), StoreError> {
+        let tx = self.tx;
+        let partitions: Vec<i32> = positions.iter().map(|p| p.partition).collect();
+        let next_offsets: Vec<i64> = positions.iter().map(|p| p.next_offset).collect();
+        let last_ids: Vec<Option<uuid::Uuid>> = positions.iter().map(|p| p.last_event_id).collect();
+        let hashes: Vec<&[u8]> = positions
+            .iter()
+            .map(|p| p.last_record_hash.as_slice())
+            .collect();
+        let store = tx.prepare_cached(STORE_OFFSETS).await?;
+        let progress = tx.prepare_cached(RECORD_PROGRESS).await?;
+        let beats = tx.prepare_cached(RECORD_HEARTBEATS).await?;
+        let store_params: [&(dyn ToSql + Sync); 5] =
+            [&topic, &partitions, &next_offsets, &last_ids, &hashes];
+        let beat_partitions: Vec<i32> = heartbeats.iter().map(|h| h.0).collect();
+        let beat_times: Vec<OffsetDateTime> = heartbeats.iter().map(|h| h.1).collect();
+        let (stored, recorded, beaten) = tokio::join!(
+            tx.execute(&store, &store_params),
+            async {
+                match &newest_event {
+                    Some(newest) => tx.execute(&progress, &[newest]).await.map(|_| ()),
+                    None => Ok(()),
+                }
+            },
+            async {
+                if beat_partitions.is_empty() {
+                    return Ok(());
+                }
+                tx.execute(&beats, &[&topic, &beat_partitions, &beat_times])
+                    .await
+                    .map(|_| ())
+            }
+        );
+        stored?;
+        recorded?;
+        beaten?;
+        Ok(())
+    }
+
+    /// Sets a record aside (once per position).
+    pub async fn insert_dead_letter(&self, letter: &DeadLetter<'_>) -> Result<(), StoreError> {
+        let stmt = self.tx.prepare_cached(DEAD_LETTER).await?;
+        // text columns cannot hold NUL: the reason quotes payloads, so strip it there.
+        let reason = letter.reason.replace('\0', "\\0");
+        self.tx
+            .execute(
+                &stmt,
+                &[
+                    &letter.topic,
+                    &letter.partition,
+                    &letter.offset,
+                    &letter.key,
+                    &letter.payload,
+                    &letter.header_names,
+                    &letter.header_values,
+                    &reason,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Upserts the states (at most one per document) where they are newer than the stored
+/// version; returns the `(collection, id)` of the documents that changed.
+async fn upsert_documents(
+    tx: &Transaction<'_>,
+    stmt: &tokio_postgres::Statement,
+    states: &[&DocumentState],
+) -> Result<HashSet<(String, String)>, StoreError> {
+    if states.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let collections: Vec<&str> = states.iter().map(|s| s.collection.as_str()).collect();
+    let ids: Vec<&str> = states.iter().map(|s| s.id.as_str()).collect();
+    let versions: Vec<i64> = states.iter().map(|s| s.version).collect();
+    let data: Vec<Option<Json<&serde_json::Map<String, serde_json::Value>>>> =
+        states.iter().map(|s| s.data.as_ref().map(Json)).collect();
+    let deleted: Vec<bool> = states.iter().map(|s| s.deleted).collect();
+    let created_at: Vec<OffsetDateTime> = states
+        .iter()
+        .map(|s| s.created_at.unwrap_or(s.updated_at))
+        .collect();
+    let updated_at: Vec<OffsetDateTime> = states.iter().map(|s| s.updated_at).collect();
+    let rows = tx
+        .query(
+            stmt,
+            &[
+                &collections,
+                &ids,
+                &versions,
+                &data,
+                &deleted,
+                &created_at,
+                &updated_at,
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// `(partition, next_offset, proof of the record before it)` of every partition of `topic`
+/// with a position.
+pub async fn stored_positions(
+    pool: &Pool,
+    topic: &str,
+) -> Result<Vec<(i32, i64, Proof)>, StoreError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT partition, next_offset, last_event_id, last_record_hash FROM consumer_offsets \
+             WHERE topic = $1 AND next_offset > 0",
+            &[&topic],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                r.get(1),
+                Proof {
+                    event_id: r.get(2),
+                    record_hash: r.get(3),
+                },
+            )
+        })
+        .collect())
+}
+
+/// Forgets a partition's stored position: it is read from its beginning next time.
+pub async fn forget_position(pool: &Pool, topic: &str, partition: i32) -> Result<(), StoreError> {
+    let client = pool.get().await?;
+    client
+        .execute(
+            "UPDATE consumer_offsets SET next_offset = 0, last_event_id = NULL, \
+               last_record_hash = NULL, updated_at = clock_timestamp() \
+             WHERE topic = $1 AND partition = $2",
+            &[&topic, &partition],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Counts exactly these partitions of `topic` in the lag: one heartbeat row each (a partition
+/// without one yet counts from now), and none for other partitions or topics.
+pub async fn track_partitions(
+    pool: &Pool,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<(), StoreError> {
+    let client = pool.get().await?;
+    client
+        .execute(TRACK_PARTITIONS, &[&topic, &partitions])
+        .await?;
+    client
+        .execute(
+            "DELETE FROM replication_heartbeats WHERE topic <> $1 OR NOT partition = ANY($2)",
+            &[&topic, &partitions],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Counts these partitions in the lag when they are not counted yet, forgetting none. Returns
+/// how many were added.
+pub async fn count_partitions_in_lag(
+    pool: &Pool,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<u64, StoreError> {
+    let client = pool.get().await?;
+    Ok(client
+        .execute(TRACK_PARTITIONS, &[&topic, &partitions])
+        .await?)
+}
+
+/// The consumer's liveness and backlog, for the Read API's lag report.
+pub async fn record_heartbeat(pool: &Pool, backlog: i64) -> Result<(), StoreError> {
+    let client = pool.get().await?;
+    client
+        .execute(
+            "UPDATE replication_status SET heartbeat_at = clock_timestamp(), backlog = $1 WHERE id = 1",
+            &[&backlog],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Forgets applied event ids older than [`APPLIED_EVENTS_RETENTION_DAYS`], in chunks of
+/// 10,000. Returns how many were removed.
+pub async fn prune_applied_events(pool: &Pool) -> Result<u64, StoreError> {
+    let client = pool.get().await?;
+    let mut total = 0;
+    loop {
+        let n = client
+            .execute(
+                "DELETE FROM applied_events WHERE event_id IN (SELECT event_id FROM applied_events \
+                 WHERE applied_at < now() - make_interval(days => $1) LIMIT 10000)",
+                &[&APPLIED_EVENTS_RETENTION_DAYS],
+            )
+            .await?;
+        total += n;
+        if n < 10_000 {
+            return Ok(total);
+        }
+    }
+}
+
+/// The dead letters not yet redriven (or only `only`): `(id, payload)`, oldest first.
+pub async fn pending_dead_letters(
+    pool: &Pool,
+    only: Option<i64>,
+) -> Result<Vec<(i64, Option<Vec<u8>>)>, StoreError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT id, payload FROM dead_letters WHERE redriven_at IS NULL \
+             AND ($1::bigint IS NULL OR id = $1) ORDER BY id",
+            &[&only],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Records a redrive's result: a letter that is `still poison` stays pending.
+pub async fn record_redrive(pool: &Pool, id: i64, result: &str) -> Result<(), StoreError> {
+    let client = pool.get().await?;
+    client
+        .execute(
+            "UPDATE dead_letters SET redriven_at = CASE WHEN $2 LIKE 'still poison%' THEN NULL \
+             ELSE clock_timestamp() END, redrive_result = $2 WHERE id = $1",
+            &[&id, &result],
+        )
+        .await?;
+    Ok(())
+}
