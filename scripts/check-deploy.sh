@@ -16,8 +16,8 @@
 #                         requires are derived from the Rust sources; the manifest and Lambda env
 #                         rules reject a stale and a missing variable
 #   terraform-structure   scripts/check_terraform.py: types, descriptions, module inputs, layout,
-#                         references (var, local, module outputs, data, resources), Lambda
-#                         environments against the binaries' env contract
+#                         references (var, local, module outputs, data, resources), moved blocks,
+#                         Lambda environments against the binaries' env contract
 #   terraform-fmt         terraform fmt -check -recursive terraform/ (SKIP without terraform)
 #   kustomize-*           kubectl kustomize eks/base and eks/overlays/region{1,2}
 #   kubernetes-validate   kubernetes-validate --strict against Kubernetes $K8S_VERSION

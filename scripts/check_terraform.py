@@ -17,6 +17,8 @@ so this script checks what can be checked from the source alone, with python-hcl
   `local.X` to a local, `module.M.O` to a module block whose (local) source declares output O,
   `data.T.N` and `T.N` (resources of the aws, random, tls and kafka providers) to a declared block;
   the most common `terraform validate` errors, caught without providers;
+* every `moved` block moves from an address the configuration no longer declares to one it does
+  (module.a.module.b, module.a.aws_x.y, followed through local module sources), each `from` once;
 * every call of modules/lambda or modules/lambda_kafka sets only environment variables its
   binary (Write, Read or Region 2's apply, from var.lambda_zip_paths) reads and every one it
   requires, as derived from the Rust sources by
@@ -125,6 +127,10 @@ PLAN_OUT = re.compile(r"terraform\s+plan\b[^\n]*?-out[= ]\s*([^\s;|&]+)")
 SAME_REPOSITORY = "github.event.pull_request.head.repo.full_name == github.repository"
 # Comments, and (harmlessly: it only hides references) the rest of a line after `//` in a URL.
 COMMENT = re.compile(r"/\*.*?\*/|(?:#|//)[^\n]*", re.S)
+# `moved { ... }` and `removed { ... }` blocks (their bodies hold no braces).
+STATE_BLOCK = re.compile(r"^[ \t]*(?:moved|removed)[ \t]*\{[^{}]*\}", re.M)
+# One step of a moved block's address: module.NAME or TYPE.NAME, with an optional [key].
+ADDRESS_STEP = re.compile(r'(module|[a-z][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_-]*)(?:\[[^\]]*\])?(?:\.|$)')
 
 
 @dataclass
@@ -468,7 +474,8 @@ class Checker:
                                     (unquote(type_name), unquote(n)) for n in named if not n.startswith("__")
                                 }
             for path, _ in files:
-                text = COMMENT.sub("", path.read_text(encoding="utf-8"))
+                # moved/removed blocks name addresses, not values: check_moved_blocks checks them.
+                text = STATE_BLOCK.sub("", COMMENT.sub("", path.read_text(encoding="utf-8")))
                 for name in sorted(set(VAR_REF.findall(text)) - variables):
                     self.problem(path, f"var.{name} is not declared")
                 for name in sorted(set(LOCAL_REF.findall(text)) - local_names):
@@ -486,6 +493,69 @@ class Checker:
                     for ref in sorted(set(pattern.findall(text)) - declared[kind]):
                         prefix = "data." if kind == "data" else ""
                         self.problem(path, f"{prefix}{ref[0]}.{ref[1]} is not declared")
+
+    def declared_in(self, directory: Path, kind: str, type_name: str, name: str) -> dict | None:
+        """The body of `module "name"` (kind module) or `resource "type" "name"` in a directory."""
+        for _, parsed in self.files_in(directory):
+            if kind == "module":
+                for label, body in labelled_blocks(parsed, "module"):
+                    if label == name:
+                        return body
+                continue
+            for entry in parsed.get("resource", []):
+                for found_type, named in entry.items():
+                    if unquote(found_type) == type_name and isinstance(named, dict):
+                        for label, body in named.items():
+                            if unquote(label) == name:
+                                return body if isinstance(body, dict) else {}
+        return None
+
+    def resolve_address(self, directory: Path, address: str) -> str | None:
+        """None when `address` (module.a.module.b, module.a.aws_x.y, ...) names something the
+        configuration declares from `directory`, else why not."""
+        steps = []
+        rest = address
+        while rest:
+            match = ADDRESS_STEP.match(rest)
+            if not match:
+                return f"cannot parse {rest!r}"
+            steps.append((match.group(1), match.group(2)))
+            rest = rest[match.end():]
+        for index, (kind, name) in enumerate(steps):
+            if kind == "module":
+                body = self.declared_in(directory, "module", "", name)
+                if body is None:
+                    return f"{directory.relative_to(self.root.parent)} declares no module \"{name}\""
+                source = unquote(body.get("source", ""))
+                if not source.startswith(("./", "../")):
+                    return None  # a registry module: not followed offline
+                directory = (directory / source).resolve()
+            else:
+                if index != len(steps) - 1:
+                    return f"{kind}.{name} is not the last step"
+                if self.declared_in(directory, "resource", kind, name) is None:
+                    return f"{directory.relative_to(self.root.parent)} declares no {kind}.{name}"
+        return None
+
+    def check_moved_blocks(self) -> None:
+        """Every moved block's `to` resolves in the configuration, and its `from` no longer does
+        (Terraform refuses a move from an object that still exists; a `to` that resolves to
+        nothing would move state to an address that the next plan destroys)."""
+        for path, parsed in self.parsed.items():
+            sources: dict[str, str] = {}
+            for block in parsed.get("moved", []):
+                if not isinstance(block, dict):
+                    continue
+                source, target = (interpolated(block.get(key, "")) for key in ("from", "to"))
+                where = f"{path.relative_to(self.root.parent)} moved {{ from = {source} }}"
+                if source in sources:
+                    self.problem(where, f"moved twice (also to {sources[source]})")
+                sources[source] = target
+                if self.resolve_address(path.parent, source) is None:
+                    self.problem(where, f"{source} is still declared: nothing moves")
+                why = self.resolve_address(path.parent, target)
+                if why is not None:
+                    self.problem(where, f"to = {target} does not resolve: {why}")
 
     def locals_in(self, directory: Path) -> dict:
         values: dict = {}
@@ -755,6 +825,7 @@ class Checker:
         self.check_module_directories()
         self.check_module_calls()
         self.check_references()
+        self.check_moved_blocks()
         self.check_lambda_environments()
         self.check_kms_decrypt_scoped()
         self.check_msk_configurations()
