@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -675,6 +676,45 @@ module "region1" {{
             any("cannot tell the keys" in p for p in found),
             found,
         )
+
+        # ...and on a copy of this repository's own tree, whose Lambda functions live in
+        # modules/region: a stale and a missing variable in the deployment's shared
+        # environment must fail every function of both regions that gets it.
+        source = ROOT / "terraform"
+        deployment_main = "deployments/tandem/main.tf"
+        text = (source / deployment_main).read_text(encoding="utf-8")
+        stale_anchor = "  lambda_base_env = {\n"
+        missing_line = re.search(r"^ *TANDEM_JWKS_URL *= *local\.jwks_url\n", text, re.M)
+        expect(
+            "terraform: the deployment still sets lambda_base_env and TANDEM_JWKS_URL (self-test anchors)",
+            stale_anchor in text and missing_line is not None,
+        )
+        if stale_anchor in text and missing_line is not None:
+            with tempfile.TemporaryDirectory() as directory:
+                root = Path(directory) / "terraform"
+                shutil.copytree(source, root, ignore=shutil.ignore_patterns(".terraform"))
+                mutated = text.replace(missing_line.group(0), "")
+                mutated = mutated.replace(stale_anchor, stale_anchor + '    KAFKA_BROKERS = "b:9096"\n')
+                (root / deployment_main).write_text(mutated, encoding="utf-8")
+                checker = check_terraform.Checker(root.resolve())
+                checker.parse_all()
+                checker.check_lambda_environments()
+                found = checker.problems
+            for call in ("region1", "region2"):
+                via = f'via terraform/deployments/tandem/main.tf module "{call}"'
+                expect(
+                    f"terraform: this tree with stale KAFKA_BROKERS in lambda_base_env fails {call}'s Read function",
+                    any("lambda_read" in p and via in p and "KAFKA_BROKERS" in p for p in found),
+                    found,
+                )
+            expect(
+                "terraform: this tree without TANDEM_JWKS_URL fails Region 1's Write function",
+                any(
+                    "lambda_write" in p and 'module "region1"' in p and "TANDEM_JWKS_URL" in p and "requires" in p
+                    for p in found
+                ),
+                found,
+            )
 
     if failures:
         print(f"env_contract self-test: {len(failures)} failure(s)")
