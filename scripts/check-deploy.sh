@@ -14,10 +14,11 @@
 # Checks (each reported PASS/FAIL/SKIP, summary at the end, exit 1 on any failure):
 #   env-contract          scripts/env_contract.py --self-test: the variables each binary reads and
 #                         requires are derived from the Rust sources; the manifest and Lambda env
-#                         rules reject a stale and a missing variable
+#                         rules reject a stale and a missing variable (the Lambda rule also when the
+#                         environment reaches the function through a module input)
 #   terraform-structure   scripts/check_terraform.py: types, descriptions, module inputs, layout,
-#                         references (var, local, module outputs, data, resources), Lambda
-#                         environments against the binaries' env contract
+#                         references (var, local, module outputs, data, resources), moved blocks,
+#                         Lambda environments against the binaries' env contract
 #   terraform-fmt         terraform fmt -check -recursive terraform/ (SKIP without terraform)
 #   kustomize-*           kubectl kustomize eks/base and eks/overlays/region{1,2}
 #   kubernetes-validate   kubernetes-validate --strict against Kubernetes $K8S_VERSION

@@ -17,10 +17,17 @@ so this script checks what can be checked from the source alone, with python-hcl
   `local.X` to a local, `module.M.O` to a module block whose (local) source declares output O,
   `data.T.N` and `T.N` (resources of the aws, random, tls and kafka providers) to a declared block;
   the most common `terraform validate` errors, caught without providers;
-* every call of modules/lambda or modules/lambda_kafka sets only environment variables its
+* every `moved` block moves from an address the configuration no longer declares to one it does
+  (module.a.module.b, module.a.aws_x.y, followed through local module sources), each `from` once;
+* every call of modules/lambda or modules/lambda_kafka (from a deployment, or from a module such
+  as modules/region) sets only environment variables its
   binary (Write, Read or Region 2's apply, from var.lambda_zip_paths) reads and every one it
   requires, as derived from the Rust sources by
-  env_contract.py (no stale, no missing setting); sets TANDEM_REGION, uses IAM database
+  env_contract.py (no stale, no missing setting). The environment may be map literals, `local.X`,
+  `var.X` and merge() of them; a `var.X` is followed to what each call of the enclosing module
+  passes (or the variable's default), so a call inside a module is checked once per chain of
+  calls that instantiates it, and one whose keys cannot be followed is a problem, not a pass.
+  Each function also sets TANDEM_REGION, uses IAM database
   authentication, and sets none that Lambda reserves or ignores (AWS_REGION, AWS_DEFAULT_REGION,
   PORT, BIND_ADDRESS), no DATABASE_CA_FILE (nothing in the package to point it at; RDS Proxy needs
   no extra CA) and not the local-only TANDEM_JWT_HS256_SECRET;
@@ -95,6 +102,10 @@ ZIP_KEY = re.compile(r'lambda_zip_paths\[\s*"([A-Za-z0-9_-]+)"\s*\]')
 NAME_SUFFIX = re.compile(r"-([a-z0-9]+)\"?$")
 ENV_KEY = re.compile(r"\b([A-Z][A-Z0-9_]*)\s*=(?!=)")
 LOCAL_REF = re.compile(r"\blocal\.([A-Za-z0-9_]+)")
+# Whole expressions: a map the Lambda environment rule follows, or merges.
+LOCAL_ONLY_REF = re.compile(r"local\.([A-Za-z0-9_]+)")
+VAR_ONLY_REF = re.compile(r"var\.([A-Za-z_][A-Za-z0-9_-]*)")
+MERGE_CALL = re.compile(r"merge\((.*)\)", re.S)
 VAR_REF = re.compile(r"(?<![\w.])var\.([A-Za-z_][A-Za-z0-9_-]*)")
 MODULE_REF = re.compile(r"(?<![\w.])module\.([A-Za-z_][A-Za-z0-9_-]*)(?:\[[^\]]*\])?(?:\.([A-Za-z_][A-Za-z0-9_-]*))?")
 DATA_REF = re.compile(r"(?<![\w.])data\.([a-z][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_-]*)")
@@ -125,6 +136,10 @@ PLAN_OUT = re.compile(r"terraform\s+plan\b[^\n]*?-out[= ]\s*([^\s;|&]+)")
 SAME_REPOSITORY = "github.event.pull_request.head.repo.full_name == github.repository"
 # Comments, and (harmlessly: it only hides references) the rest of a line after `//` in a URL.
 COMMENT = re.compile(r"/\*.*?\*/|(?:#|//)[^\n]*", re.S)
+# `moved { ... }` and `removed { ... }` blocks (their bodies hold no braces).
+STATE_BLOCK = re.compile(r"^[ \t]*(?:moved|removed)[ \t]*\{[^{}]*\}", re.M)
+# One step of a moved block's address: module.NAME or TYPE.NAME, with an optional [key].
+ADDRESS_STEP = re.compile(r'(module|[a-z][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_-]*)(?:\[[^\]]*\])?(?:\.|$)')
 
 
 @dataclass
@@ -214,6 +229,52 @@ def string_list(value: object, local_values: dict) -> list[str] | None:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         return None
     return [unquote(item) for item in value]
+
+
+def split_arguments(text: str) -> list[str] | None:
+    """The top-level comma-separated parts of an HCL expression list (function arguments, object
+    items); None when its brackets, braces or quotes do not balance."""
+    closers = {"(": ")", "[": "]", "{": "}"}
+    parts: list[str] = []
+    stack: list[str] = []
+    start = i = 0
+    while i < len(text):
+        c = text[i]
+        if stack and stack[-1] == '"':  # inside a string: only escapes, ${ and its end matter
+            if c == "\\":
+                i += 2
+                continue
+            if text.startswith("${", i):
+                stack.append("}")
+                i += 2
+                continue
+            if c == '"':
+                stack.pop()
+        elif c == '"':
+            stack.append('"')
+        elif c in closers:
+            stack.append(closers[c])
+        elif c in ")]}":
+            if not stack or stack[-1] != c:
+                return None
+            stack.pop()
+        elif c == "," and not stack:
+            parts.append(text[start:i].strip())
+            start = i + 1
+        i += 1
+    if stack:
+        return None
+    if text[start:].strip():
+        parts.append(text[start:].strip())
+    return parts
+
+
+def unwrap_interpolation(text: str) -> str:
+    """`${expr}` -> `expr` when the whole text is one interpolation (python-hcl2 wraps every
+    expression that way)."""
+    if text.startswith("${") and text.endswith("}") and split_arguments(text[2:-1]) is not None:
+        return text[2:-1].strip()
+    return text
 
 
 def lambda_env_problems(binary: str, keys: set[str]) -> list[str]:
@@ -468,7 +529,8 @@ class Checker:
                                     (unquote(type_name), unquote(n)) for n in named if not n.startswith("__")
                                 }
             for path, _ in files:
-                text = COMMENT.sub("", path.read_text(encoding="utf-8"))
+                # moved/removed blocks name addresses, not values: check_moved_blocks checks them.
+                text = STATE_BLOCK.sub("", COMMENT.sub("", path.read_text(encoding="utf-8")))
                 for name in sorted(set(VAR_REF.findall(text)) - variables):
                     self.problem(path, f"var.{name} is not declared")
                 for name in sorted(set(LOCAL_REF.findall(text)) - local_names):
@@ -487,6 +549,69 @@ class Checker:
                         prefix = "data." if kind == "data" else ""
                         self.problem(path, f"{prefix}{ref[0]}.{ref[1]} is not declared")
 
+    def declared_in(self, directory: Path, kind: str, type_name: str, name: str) -> dict | None:
+        """The body of `module "name"` (kind module) or `resource "type" "name"` in a directory."""
+        for _, parsed in self.files_in(directory):
+            if kind == "module":
+                for label, body in labelled_blocks(parsed, "module"):
+                    if label == name:
+                        return body
+                continue
+            for entry in parsed.get("resource", []):
+                for found_type, named in entry.items():
+                    if unquote(found_type) == type_name and isinstance(named, dict):
+                        for label, body in named.items():
+                            if unquote(label) == name:
+                                return body if isinstance(body, dict) else {}
+        return None
+
+    def resolve_address(self, directory: Path, address: str) -> str | None:
+        """None when `address` (module.a.module.b, module.a.aws_x.y, ...) names something the
+        configuration declares from `directory`, else why not."""
+        steps = []
+        rest = address
+        while rest:
+            match = ADDRESS_STEP.match(rest)
+            if not match:
+                return f"cannot parse {rest!r}"
+            steps.append((match.group(1), match.group(2)))
+            rest = rest[match.end():]
+        for index, (kind, name) in enumerate(steps):
+            if kind == "module":
+                body = self.declared_in(directory, "module", "", name)
+                if body is None:
+                    return f"{directory.relative_to(self.root.parent)} declares no module \"{name}\""
+                source = unquote(body.get("source", ""))
+                if not source.startswith(("./", "../")):
+                    return None  # a registry module: not followed offline
+                directory = (directory / source).resolve()
+            else:
+                if index != len(steps) - 1:
+                    return f"{kind}.{name} is not the last step"
+                if self.declared_in(directory, "resource", kind, name) is None:
+                    return f"{directory.relative_to(self.root.parent)} declares no {kind}.{name}"
+        return None
+
+    def check_moved_blocks(self) -> None:
+        """Every moved block's `to` resolves in the configuration, and its `from` no longer does
+        (Terraform refuses a move from an object that still exists; a `to` that resolves to
+        nothing would move state to an address that the next plan destroys)."""
+        for path, parsed in self.parsed.items():
+            sources: dict[str, str] = {}
+            for block in parsed.get("moved", []):
+                if not isinstance(block, dict):
+                    continue
+                source, target = (interpolated(block.get(key, "")) for key in ("from", "to"))
+                where = f"{path.relative_to(self.root.parent)} moved {{ from = {source} }}"
+                if source in sources:
+                    self.problem(where, f"moved twice (also to {sources[source]})")
+                sources[source] = target
+                if self.resolve_address(path.parent, source) is None:
+                    self.problem(where, f"{source} is still declared: nothing moves")
+                why = self.resolve_address(path.parent, target)
+                if why is not None:
+                    self.problem(where, f"to = {target} does not resolve: {why}")
+
     def locals_in(self, directory: Path) -> dict:
         values: dict = {}
         for _, parsed in self.files_in(directory):
@@ -494,33 +619,106 @@ class Checker:
                 values.update({k: v for k, v in block.items() if not k.startswith("__")})
         return values
 
+    def call_chains(self, directory: Path, seen: tuple[Path, ...] = ()) -> list[tuple[tuple[Path, str, dict], ...]]:
+        """Every chain of module calls (outermost first) that instantiates `directory`: one empty
+        chain for a directory nothing calls (a root module)."""
+        chains: list[tuple[tuple[Path, str, dict], ...]] = []
+        callers = [call for call in self.module_calls_of(directory) if call[0].parent not in seen]
+        if not callers:
+            return [()]
+        for call in callers:
+            for chain in self.call_chains(call[0].parent, (*seen, directory)):
+                chains.append((*chain, call))
+        return chains
+
+    def map_keys(self, directory: Path, value: object, chain: tuple, depth: int = 0) -> tuple[set[str], list[str]]:
+        """(keys, problems) of a map expression in `directory`, as instantiated through `chain`:
+        a map literal, `local.X`, `var.X` (followed to what the innermost call of `chain` passes,
+        or the variable's default) or `merge()` of those; anything else is a problem (the rule
+        cannot see its keys)."""
+        if depth > 20:
+            return set(), ["environment: references nest too deep (a cycle?)"]
+        if value is None:
+            return set(), []
+        if isinstance(value, dict):
+            return {unquote(key) for key in value if not key.startswith("__")}, []
+        text = unwrap_interpolation(str(value).strip())
+        merge = MERGE_CALL.fullmatch(text)
+        if merge:
+            arguments = split_arguments(merge.group(1))
+            if arguments is None:
+                return set(), [f"environment: cannot split the arguments of {text!r}"]
+            keys: set[str] = set()
+            problems: list[str] = []
+            for argument in arguments:
+                more, found = self.map_keys(directory, argument, chain, depth + 1)
+                keys |= more
+                problems += found
+            return keys, problems
+        if text.startswith("{") and text.endswith("}") and split_arguments(text[1:-1]) is not None:
+            return set(ENV_KEY.findall(text)), []
+        local = LOCAL_ONLY_REF.fullmatch(text)
+        if local:
+            local_values = self.locals_in(directory)
+            if local.group(1) not in local_values:
+                return set(), [f"environment uses local.{local.group(1)}, which is not defined"]
+            return self.map_keys(directory, local_values[local.group(1)], chain, depth + 1)
+        variable = VAR_ONLY_REF.fullmatch(text)
+        if variable:
+            name = variable.group(1)
+            where = self.root.parent
+            if not chain:
+                return set(), [
+                    f"environment uses var.{name}, but nothing calls {directory.relative_to(where)} "
+                    "to pass it (the rule follows module inputs to the calls that set them)"
+                ]
+            call_path, call_name, call_body = chain[-1]
+            if name in call_body:
+                return self.map_keys(call_path.parent, call_body[name], chain[:-1], depth + 1)
+            default = self.variable_defaults(directory).get(name, REQUIRED)
+            if isinstance(default, dict):
+                return self.map_keys(directory, default, chain, depth + 1)
+            return set(), [
+                f'environment uses var.{name}, which {call_path.relative_to(where)} module "{call_name}" '
+                "does not pass and whose default is no map literal"
+            ]
+        return set(), [
+            f"environment: cannot tell the keys of {text!r} (use map literals, local.X, var.X and merge() of them)"
+        ]
+
+    def calls_lambda_module(self, path: Path, body: dict) -> bool:
+        """Whether a module block (in file `path`) calls one of LAMBDA_MODULES, by the directory its
+        source resolves to: ../../modules/lambda from a deployment, ../lambda from a module."""
+        source = unquote(body.get("source", ""))
+        if not source.startswith(("./", "../")):
+            return False
+        target = (path.parent / source).resolve()
+        return any(target == (self.root / module).resolve() for module in LAMBDA_MODULES)
+
     def check_lambda_environments(self) -> None:
         for path, parsed in self.parsed.items():
             for name, body in labelled_blocks(parsed, "module"):
-                if not unquote(body.get("source", "")).rstrip("/").endswith(LAMBDA_MODULES):
+                if not self.calls_lambda_module(path, body):
                     continue
                 where = f"{path.relative_to(self.root.parent)} module \"{name}\""
-                environment = body.get("environment")
-                keys: set[str] = set()
-                if isinstance(environment, dict):
-                    keys |= {k for k in environment if not k.startswith("__")}
-                    text = ""
-                else:
-                    text = str(environment)
-                    keys |= set(ENV_KEY.findall(text))
-                local_values = self.locals_in(path.parent)
-                for ref in LOCAL_REF.findall(text):
-                    value = local_values.get(ref)
-                    if isinstance(value, dict):
-                        keys |= {k for k in value if not k.startswith("__")}
-                    else:
-                        self.problem(where, f"environment uses local.{ref}, which is not a map literal")
                 binary = lambda_binary(body)
                 if binary is None:
                     self.problem(where, f"cannot tell which binary it deploys (zip_path key or function_name suffix in {sorted(LAMBDA_BINARIES)})")
                     continue
-                for message in lambda_env_problems(binary, keys):
-                    self.problem(where, f"{binary}: {message}")
+                # A module that calls modules/lambda with environment values from its own inputs
+                # (modules/region) is checked once per call of it, with what that call passes.
+                for chain in self.call_chains(path.parent):
+                    via = "".join(
+                        f' (via {call_path.relative_to(self.root.parent)} module "{call_name}")'
+                        for call_path, call_name, _ in reversed(chain)
+                    )
+                    keys, problems = self.map_keys(path.parent, body.get("environment"), chain)
+                    for message in problems:
+                        self.problem(where + via, message)
+                    if problems:
+                        continue
+                    for message in lambda_env_problems(binary, keys):
+                        self.problem(where + via, f"{binary}: {message}")
 
     # -- IAM -----------------------------------------------------------------------------------
 
@@ -755,6 +953,7 @@ class Checker:
         self.check_module_directories()
         self.check_module_calls()
         self.check_references()
+        self.check_moved_blocks()
         self.check_lambda_environments()
         self.check_kms_decrypt_scoped()
         self.check_msk_configurations()

@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import functools
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -593,6 +595,126 @@ def self_test() -> int:
             any("DATABASE_IAM_DBNAME" in p for p in found),
             found,
         )
+
+        # The same rule through module inputs: a module (like modules/region) that calls
+        # modules/lambda with an environment merged from its own variables is checked with what
+        # each call of it passes, on small trees written for the test...
+        module_tf = """
+module "lambda_write" {
+  source        = "../lambda"
+  function_name = "${var.name}-write"
+  zip_path      = var.lambda_zip_paths["write"]
+  environment = merge(var.function_environment, var.extra_environment, {
+    TANDEM_REGION       = var.name
+    DATABASE_IAM_HOST   = "proxy"
+    DATABASE_IAM_USER   = "tandem"
+    DATABASE_IAM_DBNAME = "tandem"
+    REDIS_URL           = "rediss://cache:6379"
+  })
+}
+"""
+        variables_tf = """
+variable "name" {}
+variable "lambda_zip_paths" {}
+variable "function_environment" {}
+variable "extra_environment" {
+  default = {}
+}
+"""
+
+        def deployment(environment: str) -> str:
+            return f"""
+locals {{
+  environment = {environment}
+}}
+
+module "region1" {{
+  source               = "../../modules/region"
+  name                 = "region1"
+  lambda_zip_paths     = {{ write = "write.zip" }}
+  function_environment = local.environment
+}}
+"""
+
+        def tree_problems(files: dict[str, str]) -> list[str]:
+            with tempfile.TemporaryDirectory() as directory:
+                root = Path(directory) / "terraform"
+                for name, text in files.items():
+                    (root / name).parent.mkdir(parents=True, exist_ok=True)
+                    (root / name).write_text(text, encoding="utf-8")
+                checker = check_terraform.Checker(root.resolve())
+                checker.parse_all()
+                checker.check_lambda_environments()
+                return checker.problems
+
+        region = {"modules/region/main.tf": module_tf, "modules/region/variables.tf": variables_tf}
+        good = '{ TANDEM_JWKS_URL = "https://issuer/jwks.json", RUST_LOG = "info" }'
+        found = tree_problems({**region, "deployments/x/main.tf": deployment(good)})
+        expect("terraform: a module's Write Lambda, complete through the caller's input, passes", not found, found)
+        stale = '{ TANDEM_JWKS_URL = "https://issuer/jwks.json", KAFKA_BROKERS = "b:9096" }'
+        found = tree_problems({**region, "deployments/x/main.tf": deployment(stale)})
+        expect(
+            "terraform: stale KAFKA_BROKERS passed through a module input is rejected, naming the call",
+            any("KAFKA_BROKERS" in p and 'via terraform/deployments/x/main.tf module "region1"' in p for p in found),
+            found,
+        )
+        found = tree_problems({**region, "deployments/x/main.tf": deployment('merge({ RUST_LOG = "info" })')})
+        expect(
+            "terraform: the required TANDEM_JWKS_URL missing from a module input is rejected",
+            any("TANDEM_JWKS_URL" in p and "requires" in p for p in found),
+            found,
+        )
+        found = tree_problems(region)
+        expect(
+            "terraform: an environment input that no call passes is rejected, not skipped",
+            any("nothing calls" in p and "var.function_environment" in p for p in found),
+            found,
+        )
+        found = tree_problems({**region, "deployments/x/main.tf": deployment('jsondecode("{}")')})
+        expect(
+            "terraform: an environment whose keys cannot be seen is rejected, not skipped",
+            any("cannot tell the keys" in p for p in found),
+            found,
+        )
+
+        # ...and on a copy of this repository's own tree, whose Lambda functions live in
+        # modules/region: a stale and a missing variable in the deployment's shared
+        # environment must fail every function of both regions that gets it.
+        source = ROOT / "terraform"
+        deployment_main = "deployments/tandem/main.tf"
+        text = (source / deployment_main).read_text(encoding="utf-8")
+        stale_anchor = "  lambda_base_env = {\n"
+        missing_line = re.search(r"^ *TANDEM_JWKS_URL *= *local\.jwks_url\n", text, re.M)
+        expect(
+            "terraform: the deployment still sets lambda_base_env and TANDEM_JWKS_URL (self-test anchors)",
+            stale_anchor in text and missing_line is not None,
+        )
+        if stale_anchor in text and missing_line is not None:
+            with tempfile.TemporaryDirectory() as directory:
+                root = Path(directory) / "terraform"
+                shutil.copytree(source, root, ignore=shutil.ignore_patterns(".terraform"))
+                mutated = text.replace(missing_line.group(0), "")
+                mutated = mutated.replace(stale_anchor, stale_anchor + '    KAFKA_BROKERS = "b:9096"\n')
+                (root / deployment_main).write_text(mutated, encoding="utf-8")
+                checker = check_terraform.Checker(root.resolve())
+                checker.parse_all()
+                checker.check_lambda_environments()
+                found = checker.problems
+            for call in ("region1", "region2"):
+                via = f'via terraform/deployments/tandem/main.tf module "{call}"'
+                expect(
+                    f"terraform: this tree with stale KAFKA_BROKERS in lambda_base_env fails {call}'s Read function",
+                    any("lambda_read" in p and via in p and "KAFKA_BROKERS" in p for p in found),
+                    found,
+                )
+            expect(
+                "terraform: this tree without TANDEM_JWKS_URL fails Region 1's Write function",
+                any(
+                    "lambda_write" in p and 'module "region1"' in p and "TANDEM_JWKS_URL" in p and "requires" in p
+                    for p in found
+                ),
+                found,
+            )
 
     if failures:
         print(f"env_contract self-test: {len(failures)} failure(s)")

@@ -25,8 +25,8 @@ output "health_check_ids" {
 output "load_balancer_dns_names" {
   description = "ALB DNS name per region (for debugging without Route 53)."
   value = {
-    region1 = module.alb_region1.dns_name
-    region2 = module.alb_region2.dns_name
+    region1 = module.region1.load_balancer_dns_name
+    region2 = module.region2.load_balancer_dns_name
   }
 }
 
@@ -51,32 +51,32 @@ output "ecr_replica_repository_urls" {
 output "eks_cluster_names" {
   description = "EKS cluster name per region."
   value = {
-    region1 = module.eks_region1.cluster_name
-    region2 = module.eks_region2.cluster_name
+    region1 = module.region1.eks_cluster_name
+    region2 = module.region2.eks_cluster_name
   }
 }
 
 output "kubeconfig_commands" {
   description = "Commands that add both clusters to ~/.kube/config."
   value = {
-    region1 = "aws eks update-kubeconfig --region ${var.region1} --name ${module.eks_region1.cluster_name} --alias tandem-region1"
-    region2 = "aws eks update-kubeconfig --region ${var.region2} --name ${module.eks_region2.cluster_name} --alias tandem-region2"
+    region1 = "aws eks update-kubeconfig --region ${var.region1} --name ${module.region1.eks_cluster_name} --alias tandem-region1"
+    region2 = "aws eks update-kubeconfig --region ${var.region2} --name ${module.region2.eks_cluster_name} --alias tandem-region2"
   }
 }
 
 output "vpc_ids" {
   description = "VPC ID per region (Helm value vpcId of the AWS Load Balancer Controller)."
   value = {
-    region1 = module.network_region1.vpc_id
-    region2 = module.network_region2.vpc_id
+    region1 = module.region1.vpc_id
+    region2 = module.region2.vpc_id
   }
 }
 
 output "lb_controller_role_arns" {
   description = "IRSA role ARN of the AWS Load Balancer Controller per region (kube-system/aws-load-balancer-controller)."
   value = {
-    region1 = module.eks_region1.lb_controller_role_arn
-    region2 = module.eks_region2.lb_controller_role_arn
+    region1 = module.region1.lb_controller_role_arn
+    region2 = module.region2.lb_controller_role_arn
   }
 }
 
@@ -87,16 +87,16 @@ output "lb_controller_role_arns" {
 output "workload_role_arns" {
   description = "IRSA role ARN per region and workload: the eks.amazonaws.com/role-arn annotations of the ServiceAccounts."
   value = {
-    region1 = module.iam_region1.role_arns
-    region2 = module.iam_region2.role_arns
+    region1 = module.region1.workload_role_arns
+    region2 = module.region2.workload_role_arns
   }
 }
 
 output "target_group_arns" {
   description = "IP target group ARN per region and workload: spec.targetGroupARN of the TargetGroupBinding objects."
   value = {
-    region1 = module.alb_region1.pod_target_group_arns
-    region2 = module.alb_region2.pod_target_group_arns
+    region1 = module.region1.pod_target_group_arns
+    region2 = module.region2.pod_target_group_arns
   }
 }
 
@@ -113,9 +113,9 @@ output "overlay_values" {
   value = {
     region1 = {
       AWS_REGION           = var.region1
-      DATABASE_SECRET_ID   = module.rds_region1.app_secret_name
-      REDIS_URL            = module.elasticache_region1.redis_url
-      REDIS_AUTH_SECRET_ID = module.elasticache_region1.auth_secret_name
+      DATABASE_SECRET_ID   = module.region1.database_secret_name
+      REDIS_URL            = module.region1.redis_url
+      REDIS_AUTH_SECRET_ID = module.region1.redis_auth_secret_name
       KAFKA_BROKERS        = module.msk.bootstrap_brokers_sasl_scram
       KAFKA_TOPIC          = var.kafka_topic
       KAFKA_SASL_SECRET_ID = module.msk.scram_secret_names["relay"]
@@ -126,9 +126,9 @@ output "overlay_values" {
     }
     region2 = {
       AWS_REGION              = var.region2
-      DATABASE_SECRET_ID      = module.rds_region2.app_secret_name
-      REDIS_URL               = module.elasticache_region2.redis_url
-      REDIS_AUTH_SECRET_ID    = module.elasticache_region2.auth_secret_name
+      DATABASE_SECRET_ID      = module.region2.database_secret_name
+      REDIS_URL               = module.region2.redis_url
+      REDIS_AUTH_SECRET_ID    = module.region2.redis_auth_secret_name
       KAFKA_BROKERS           = module.msk.bootstrap_brokers_sasl_scram
       KAFKA_TOPIC             = var.kafka_topic
       KAFKA_SASL_SECRET_ID    = module.msk.scram_secret_names["consumer"]
@@ -161,33 +161,33 @@ output "kafka_acl_inputs" {
 output "database_master_secret_arns" {
   description = "RDS-managed master secret per region (bootstrap SQL only; never given to a workload)."
   value = {
-    region1 = module.rds_region1.master_secret_arn
-    region2 = module.rds_region2.master_secret_arn
+    region1 = module.region1.database_master_secret_arn
+    region2 = module.region2.database_master_secret_arn
   }
 }
 
 output "database_addresses" {
   description = "PostgreSQL host per region (bootstrap SQL)."
   value = {
-    region1 = module.rds_region1.address
-    region2 = module.rds_region2.address
+    region1 = module.region1.database_address
+    region2 = module.region2.database_address
   }
 }
 
 output "rds_proxy_endpoints" {
   description = "RDS Proxy endpoint per region (Lambda mode only; null otherwise)."
   value = {
-    region1 = module.rds_region1.proxy_endpoint
-    region2 = module.rds_region2.proxy_endpoint
+    region1 = module.region1.rds_proxy_endpoint
+    region2 = module.region2.rds_proxy_endpoint
   }
 }
 
 output "lambda_function_names" {
   description = "Lambda function names (Lambda mode only)."
   value = {
-    region1_write = one(module.lambda_write_region1[*].function_name)
-    region1_read  = one(module.lambda_read_region1[*].function_name)
-    region2_read  = one(module.lambda_read_region2[*].function_name)
+    region1_write = module.region1.write_function_name
+    region1_read  = module.region1.read_function_name
+    region2_read  = module.region2.read_function_name
   }
 }
 
@@ -199,8 +199,8 @@ output "region2_apply" {
   description = "What applies Kafka's events to Region 2 (region2_apply_mode) and, in lambda mode, its function, event source mapping and the queue of batches the event source gave up on (alarm when it is not empty)."
   value = {
     mode                      = var.region2_apply_mode
-    function_name             = local.region2_apply_lambda ? module.lambda_apply_region2[0].function_name : null
-    event_source_mapping_uuid = local.region2_apply_lambda ? module.lambda_apply_region2[0].event_source_mapping_uuid : null
-    discarded_queue_url       = local.region2_apply_lambda ? module.lambda_apply_region2[0].discarded_queue_url : null
+    function_name             = module.region2.apply_function_name
+    event_source_mapping_uuid = module.region2.apply_event_source_mapping_uuid
+    discarded_queue_url       = module.region2.apply_discarded_queue_url
   }
 }
