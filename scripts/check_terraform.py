@@ -83,8 +83,8 @@ BANNER = "#" * 20
 LAMBDA_NOT_APPLICABLE = {
     "AWS_REGION": "Lambda reserves (it sets it itself)",
     "AWS_DEFAULT_REGION": "Lambda reserves (it sets it itself)",
-    "PORT": "the function ignores under the Lambda runtime (shared/src/serve.rs)",
-    "BIND_ADDRESS": "the function ignores under the Lambda runtime (shared/src/serve.rs)",
+    "PORT": "the function ignores under the Lambda runtime (shared/http/src/serve.rs)",
+    "BIND_ADDRESS": "the function ignores under the Lambda runtime (shared/http/src/serve.rs)",
     "DATABASE_CA_FILE": "the function cannot use: its package has no CA bundle, and RDS Proxy's "
     "certificates chain to Amazon's public roots, already among the web PKI roots the binaries trust",
 }
