@@ -95,6 +95,9 @@ pub struct Region2Consumer {
     pub settings: Settings,
     /// `/readyz`'s own connection.
     pub probe: Pool,
+    /// Kept across leadership terms: a term that ends right after a topic was recreated
+    /// must not take with it the anchors that would show it.
+    anchors: Anchors,
 }
 
 impl Region2Consumer {
@@ -107,6 +110,7 @@ impl Region2Consumer {
         Ok(Self {
             applier: Applier::new(pool, cache, Arc::new(ConsumerMetrics::new())),
             probe: tandem_store::db::connect_probe(&settings.database).await?,
+            anchors: Anchors::default(),
             settings,
         })
     }
@@ -222,7 +226,7 @@ impl Region2Consumer {
             grown_tx,
         ));
         // A topic deleted and recreated under the running consumer (see [`Anchors`]).
-        let anchors = Anchors::default();
+        let anchors = self.anchors.clone();
         let (recreated_tx, mut recreated) = mpsc::channel(1);
         probe_config
             .set("auto.offset.reset", "error")
@@ -537,15 +541,17 @@ fn reassign_from_beginning(
         .context("Failed to reassign partitions")
 }
 
-/// The first record read from a partition in this term.
+/// The first record read from a partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Anchor {
     offset: i64,
     record_hash: Vec<u8>,
 }
 
-/// The first record this term read from each partition. Kafka's consumer cannot tell a topic
-/// deleted and recreated under it from the old one (librdkafka keeps fetching at the old
+/// The first record this process read from each partition (since it was last re-read; kept
+/// across leadership terms, so a term that ends right after a recreation cannot resume past
+/// it unnoticed). Kafka's consumer cannot tell a topic deleted and recreated under it from the
+/// old one (librdkafka keeps fetching at the old
 /// offsets, so when the new partition has grown past them its first records are never read).
 /// A partition's records never move, so the anchor must stay where it was: if the record at its
 /// offset changes, or the partition becomes shorter than it, the partition was recreated and is
@@ -648,7 +654,8 @@ async fn watch_for_recreation(
 
 /// Reads the record at the anchor's offset (a blocking call: watermarks, then one fetch).
 fn check_anchor(probe: &BaseConsumer, topic: &str, partition: i32, anchor: &Anchor) -> AnchorCheck {
-    const TIMEOUT: Duration = Duration::from_secs(2);
+    // Generous: a slow answer only delays the check, and it runs every 5 s off the hot path.
+    const TIMEOUT: Duration = Duration::from_secs(4);
     let Ok((low, high)) = probe.fetch_watermarks(topic, partition, TIMEOUT) else {
         return AnchorCheck::Unknown;
     };
