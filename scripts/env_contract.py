@@ -303,6 +303,21 @@ def _merge(into: dict[str, list[str]], reads: dict[str, list[str]]) -> None:
         into.setdefault(name, []).extend(where)
 
 
+RENAMED_TABLE = re.compile(r"pub const RENAMED: &\[\(&str, &str\)\] = &\[(?P<body>.*?)\];", re.S)
+RENAMED_PAIR = re.compile(r'\(\s*"(?P<new>[A-Z0-9_]+)"\s*,\s*"(?P<old>[A-Z0-9_]+)"\s*\)')
+
+
+@functools.lru_cache(maxsize=None)
+def renamed(root: Path = ROOT) -> dict[str, str]:
+    """Old name -> new name, from `RENAMED` in shared/runtime/src/config.rs. The services still
+    read an old name (with a warning) for one release, but a deployment must use the new one."""
+    text = _read(Path(root), "shared/runtime/src/config.rs")
+    table = RENAMED_TABLE.search(text)
+    if table is None:
+        raise ContractError("shared/runtime/src/config.rs has no RENAMED table: update scripts/env_contract.py")
+    return {m.group("old"): m.group("new") for m in RENAMED_PAIR.finditer(table.group("body"))}
+
+
 @functools.lru_cache(maxsize=None)
 def load(root: Path = ROOT) -> dict[str, Contract]:
     """Binary name -> Contract, from the sources under `root`. Raises ContractError."""
@@ -429,6 +444,8 @@ def env_problems(
     for name in sorted(names):
         if name in not_applicable:
             problems.append(f"sets {name}, which {not_applicable[name]}")
+        elif name in renamed() and renamed()[name] in contract.reads:
+            problems.append(f"sets {name}, an old name: rename it {renamed()[name]} (runtime/src/config.rs, RENAMED)")
         elif name not in contract.reads:
             problems.append(f"sets {name}, which {binary} does not read")
     for name in sorted(contract.required - names):
@@ -544,6 +561,12 @@ def self_test() -> int:
     expect(
         "manifests: stale TANDEM_MIGRATE_ON_START (via envFrom) on tandem-outbox-relay is rejected",
         any("TANDEM_MIGRATE_ON_START" in p and "does not read" in p for p in found),
+        found,
+    )
+    found = manifest_problems("tandem-outbox-relay", relay_env + ["OUTBOX_RETENTION_HOURS"], {})
+    expect(
+        "manifests: a setting under its old name (OUTBOX_RETENTION_HOURS) is rejected with the new one",
+        any("OUTBOX_RETENTION_HOURS" in p and "RELAY_OUTBOX_RETENTION_HOURS" in p for p in found),
         found,
     )
     found = manifest_problems("tandem-write", write_env, {k: v for k, v in write_map.items() if k != "REDIS_URL"})

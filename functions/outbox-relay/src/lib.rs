@@ -51,7 +51,7 @@ pub struct Settings {
     pub batch_bytes: i64,
     /// Poll interval when no notification arrives (`RELAY_POLL_INTERVAL_MS`, default 500).
     pub poll_interval: Duration,
-    /// How long published rows are kept for replay (`OUTBOX_RETENTION_HOURS`, default 72).
+    /// How long published rows are kept for replay (`RELAY_OUTBOX_RETENTION_HOURS`, default 72).
     pub retention: Duration,
 }
 
@@ -65,7 +65,7 @@ impl Settings {
             batch_bytes: config::parsed_or("RELAY_BATCH_BYTES", 16 * 1024 * 1024)?,
             poll_interval: config::millis_or("RELAY_POLL_INTERVAL_MS", Duration::from_millis(500))?,
             retention: Duration::from_secs(
-                config::parsed_or::<u64>("OUTBOX_RETENTION_HOURS", 72)? * 3600,
+                config::parsed_or::<u64>("RELAY_OUTBOX_RETENTION_HOURS", 72)? * 3600,
             ),
         })
     }

@@ -27,9 +27,30 @@ pub enum ConfigError {
     },
 }
 
-/// Reads an optional variable; an empty value counts as unset.
+/// Variables renamed so that every name says what it belongs to (`DATABASE_`, `REDIS_`,
+/// `KAFKA_` for a dependency's client; `RELAY_`, `CONSUMER_` for one worker; `TANDEM_` for the
+/// service's own behaviour) and its unit: `(new name, old name)`. The old name still works
+/// in this release, with a warning; it stops working in the next one (README, "Renamed
+/// settings"). `scripts/env_contract.py` reads this table.
+pub const RENAMED: &[(&str, &str)] = &[
+    ("REDIS_TTL_SECONDS", "CACHE_TTL_SECONDS"),
+    ("RELAY_OUTBOX_RETENTION_HOURS", "OUTBOX_RETENTION_HOURS"),
+];
+
+/// Reads an optional variable; an empty value counts as unset. A variable that was renamed is
+/// also read under its old name ([`RENAMED`]) when the new one is unset.
 pub fn optional(name: &'static str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+    let read = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    read(name).or_else(|| {
+        let (_, old) = RENAMED.iter().find(|(new, _)| *new == name)?;
+        let value = read(old)?;
+        tracing::warn!(
+            old = *old,
+            new = name,
+            "a setting is configured under its old name; rename it, the old name stops working in the next release"
+        );
+        Some(value)
+    })
 }
 
 /// Reads a required variable.

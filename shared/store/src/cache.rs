@@ -42,7 +42,7 @@ use tandem_runtime::config::{self, ConfigError};
 pub struct CacheSettings {
     /// `REDIS_URL` (`redis://` or `rediss://` for TLS, credentials in the URL).
     pub url: String,
-    /// Entry lifetime (`CACHE_TTL_SECONDS`, default 300).
+    /// Entry lifetime (`REDIS_TTL_SECONDS`, default 300).
     pub ttl: Duration,
     /// Per-command and connect timeout (`REDIS_TIMEOUT_MS`, default 250).
     pub timeout: Duration,
@@ -61,7 +61,7 @@ impl CacheSettings {
     pub fn from_env() -> Result<Self, ConfigError> {
         Ok(Self {
             url: config::required("REDIS_URL", "redis://host:6379 (rediss:// for TLS)")?,
-            ttl: Duration::from_secs(config::parsed_or("CACHE_TTL_SECONDS", 300)?),
+            ttl: Duration::from_secs(config::parsed_or("REDIS_TTL_SECONDS", 300)?),
             timeout: config::millis_or("REDIS_TIMEOUT_MS", Duration::from_millis(250))?,
             cooldown: config::millis_or("REDIS_COOLDOWN_MS", Duration::from_millis(100))?,
             key_prefix: config::optional("REDIS_KEY_PREFIX").unwrap_or_else(|| "tandem".to_owned()),

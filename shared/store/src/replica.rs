@@ -19,7 +19,7 @@ use crate::documents::StoreError;
 use crate::leader::{FENCE_CHECK, Fence};
 
 /// How long applied event ids are remembered: longer than the relay's default replay window
-/// (`OUTBOX_RETENTION_HOURS`, 72 h), so a replay is recognised as duplicates.
+/// (`RELAY_OUTBOX_RETENTION_HOURS`, 72 h), so a replay is recognised as duplicates.
 pub const APPLIED_EVENTS_RETENTION_DAYS: i32 = 7;
 
 const RECORD_EVENTS: &str = "INSERT INTO applied_events \

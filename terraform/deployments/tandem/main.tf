@@ -65,7 +65,7 @@ locals {
     DATABASE_POOL_SIZE                   = "2"
     DATABASE_POOL_TIMEOUT_MS             = "2000"
     DATABASE_CREDENTIALS_REFRESH_SECONDS = "600"
-    CACHE_TTL_SECONDS                    = "300"
+    REDIS_TTL_SECONDS                    = "300"
     REDIS_TIMEOUT_MS                     = "250"
     REDIS_COOLDOWN_MS                    = "1000"
     REDIS_KEY_PREFIX                     = "tandem"

@@ -105,3 +105,43 @@ async fn every_binarys_migrate_needs_only_the_database() {
         assert_eq!(tables, 3, "{binary} migrate created the schema");
     }
 }
+
+/// A renamed setting still works under its old name for one release, with a warning naming
+/// both; the new name wins when both are set. The value is made invalid so that the binary
+/// stops at its configuration and says which value it took.
+#[test]
+fn a_setting_under_its_old_name_is_read_with_a_warning_and_the_new_name_wins() {
+    let run = |envs: &[(&str, &str)]| {
+        let output = std::process::Command::new(tandem_tests::binary("tandem-outbox-relay"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("DATABASE_URL", "postgres://tandem@127.0.0.1:1/none")
+            .env("KAFKA_BROKERS", "127.0.0.1:1")
+            .envs(envs.iter().copied())
+            .output()
+            .expect("run the relay");
+        assert!(!output.status.success(), "an invalid value must stop it");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let old = run(&[("OUTBOX_RETENTION_HOURS", "soon")]);
+    assert!(
+        old.contains(r#"RELAY_OUTBOX_RETENTION_HOURS="soon" is invalid"#),
+        "the old name's value was not read: {old}"
+    );
+    assert!(
+        old.contains("old name") && old.contains("OUTBOX_RETENTION_HOURS"),
+        "no warning naming the old setting: {old}"
+    );
+    let both = run(&[
+        ("RELAY_OUTBOX_RETENTION_HOURS", "later"),
+        ("OUTBOX_RETENTION_HOURS", "soon"),
+    ]);
+    assert!(
+        both.contains(r#"RELAY_OUTBOX_RETENTION_HOURS="later" is invalid"#),
+        "the new name must win: {both}"
+    );
+    assert!(
+        !both.contains("old name"),
+        "no warning when the new name is set: {both}"
+    );
+}
