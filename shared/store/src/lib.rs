@@ -3,8 +3,8 @@
 //! in `migrations/`), the documents and the outbox rows their writes enqueue in the same
 //! transaction ([`documents`]), the relay's side of the outbox: fetching, marking, setting
 //! aside, pruning and replaying its rows ([`outbox`]), Region 2's tables as its apply writes
-//! them ([`replica`]), the leader election and its epochs ([`leader`]), and the Redis read
-//! cache ([`cache`]).
+//! them ([`replica`]) and as its Read API reads the lag from them ([`lag`]), the leader
+//! election and its epochs ([`leader`]), and the Redis read cache ([`cache`]).
 //!
 //! # Layout
 //!
@@ -16,6 +16,7 @@
 pub mod cache;
 pub mod db;
 pub mod documents;
+pub mod lag;
 pub mod leader;
 pub mod migrations;
 pub mod outbox;
