@@ -30,9 +30,8 @@ use tandem_runtime::config::{self, ConfigError, ServiceSettings};
 use tandem_runtime::kafka::{KafkaSettings, owned_headers};
 use tandem_store::db::DatabaseSettings;
 use tandem_store::documents::StoreError;
-use tandem_store::leader::{FENCE_CHECK, Fence};
-use tandem_store::leader::{Leadership, RELAY_LOCK};
-use time::OffsetDateTime;
+use tandem_store::leader::{Fence, Leadership, RELAY_LOCK};
+use tandem_store::outbox::{self, OutboxRow};
 use tokio::sync::watch;
 
 pub use metrics::RelayMetrics;
@@ -87,8 +86,8 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("compression.type", "lz4"),
 ];
 
-/// One outbox row, as published: its envelope is built around the stored payload text.
-struct OutboxRow {
+/// One outbox row, ready to publish: its envelope is built around the stored payload text.
+struct Outgoing {
     seq: i64,
     event_id: uuid::Uuid,
     key: DocumentKey,
@@ -97,35 +96,6 @@ struct OutboxRow {
     traceparent: Option<String>,
 }
 
-/// The oldest unpublished rows, at most `$1` of them and no more than `$2` payload bytes (the
-/// first row always comes). The payload comes as the text PostgreSQL renders, passed through
-/// to Kafka unparsed.
-const FETCH_UNPUBLISHED: &str = "WITH head AS ( \
-       SELECT seq, payload_bytes, sum(payload_bytes) OVER (ORDER BY seq) - payload_bytes AS before \
-       FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1) \
-     SELECT o.seq, o.event_id, o.collection, o.document_id, o.operation, o.payload::text, \
-       o.traceparent, o.created_at, head.payload_bytes \
-     FROM head JOIN outbox o USING (seq) \
-     WHERE head.before = 0 OR head.before + head.payload_bytes <= $2 ORDER BY o.seq";
-const MARK_PUBLISHED: &str =
-    "UPDATE outbox SET published_at = clock_timestamp() WHERE seq = ANY($1)";
-/// Moves rows that cannot be published aside, with their reasons, in one statement.
-const DEAD_LETTER_ROWS: &str = "WITH moved AS ( \
-       DELETE FROM outbox WHERE seq = ANY($1) AND published_at IS NULL RETURNING *) \
-     INSERT INTO relay_dead_letters (seq, event_id, collection, document_id, version, \
-       operation, payload, traceparent, created_at, reason) \
-     SELECT m.seq, m.event_id, m.collection, m.document_id, m.version, m.operation, m.payload, \
-       m.traceparent, m.created_at, r.reason \
-     FROM moved m JOIN unnest($1::bigint[], $2::text[]) AS r (seq, reason) ON r.seq = m.seq";
-const PRUNE_PUBLISHED: &str = "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox \
-     WHERE published_at < now() - make_interval(secs => $1) LIMIT 10000)";
-const COUNT_UNPUBLISHED: &str = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
-/// A heartbeat's time: the commit time of the oldest unpublished row (everything before it is
-/// published), or now when there is none. A transaction still in flight when this is read can
-/// commit a row older than it: the heartbeat then understates the lag by that transaction's
-/// remaining duration (milliseconds).
-const HEARTBEAT_TIME: &str = "SELECT coalesce((SELECT created_at FROM outbox \
-     WHERE published_at IS NULL ORDER BY seq LIMIT 1), clock_timestamp())";
 /// How often the leader sends a heartbeat through every partition.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the leader re-reads the topic's partitions (for heartbeats to new ones).
@@ -203,12 +173,7 @@ impl Relay {
         shutdown: &mut watch::Receiver<bool>,
         last_prune: &mut Instant,
     ) -> anyhow::Result<()> {
-        leadership
-            .session
-            .client
-            .batch_execute("LISTEN tandem_outbox")
-            .await
-            .context("Failed to LISTEN")?;
+        outbox::listen(&leadership.session.client).await?;
         let mut backoff = Duration::from_millis(100);
         let mut producer = self.create_producer().await?;
         let mut last_count = Instant::now() - BACKLOG_COUNT_INTERVAL;
@@ -318,14 +283,9 @@ impl Relay {
             .get()
             .await
             .context("Failed to get a database connection")?;
-        let stmt = client.prepare_cached(FETCH_UNPUBLISHED).await?;
-        let rows = client
-            .query(
-                &stmt,
-                &[&self.settings.batch_size, &self.settings.batch_bytes],
-            )
-            .await
-            .context("Failed to read the outbox")?;
+        let rows =
+            outbox::fetch_unpublished(&client, self.settings.batch_size, self.settings.batch_bytes)
+                .await?;
         if rows.is_empty() {
             self.metrics.backlog.set(0);
             return Ok(0);
@@ -334,11 +294,13 @@ impl Relay {
         let mut batch = Vec::with_capacity(rows.len());
         let mut refused: Vec<(i64, String)> = Vec::new();
         let mut batch_bytes: i64 = 0;
-        for row in &rows {
-            let seq: i64 = row.try_get(0)?;
-            let payload_bytes: i32 = row.try_get(8)?;
+        for row in rows.rows() {
+            let (seq, payload_bytes, prepared) = match row {
+                Ok(row) => (row.seq, row.payload_bytes, outgoing(&row, region)),
+                Err(bad) => (bad.seq, bad.payload_bytes, Err(bad.error.into())),
+            };
             batch_bytes += i64::from(payload_bytes);
-            match outbox_row(row, region) {
+            match prepared {
                 Ok(row) if row.encoded.len() > MAX_EVENT_BYTES => refused.push((
                     seq,
                     format!(
@@ -414,31 +376,8 @@ impl Relay {
                 }
             }
         }
-        if !acknowledged.is_empty() || !refused.is_empty() {
-            let tx = client.transaction().await?;
-            if let Some(fence) = fence {
-                let stmt = tx.prepare_cached(FENCE_CHECK).await?;
-                if tx
-                    .query_opt(&stmt, &[&fence.role, &fence.epoch])
-                    .await?
-                    .is_none()
-                {
-                    return Err(StoreError::Fenced { epoch: fence.epoch }.into());
-                }
-            }
-            if !acknowledged.is_empty() {
-                let stmt = tx.prepare_cached(MARK_PUBLISHED).await?;
-                tx.execute(&stmt, &[&acknowledged])
-                    .await
-                    .context("Failed to mark rows published")?;
-            }
-            if !refused.is_empty() {
-                self.dead_letter(&tx, &refused).await?;
-            }
-            tx.commit()
-                .await
-                .context("Failed to commit the batch's marks")?;
-        }
+        let moved = outbox::settle(&mut client, fence, &acknowledged, &refused).await?;
+        self.record_dead_letters(moved, &refused);
         self.metrics.published.inc_by(acknowledged.len() as u64);
         self.metrics.batch_size.observe(acknowledged.len() as f64);
         self.metrics
@@ -457,19 +396,8 @@ impl Relay {
         }
     }
 
-    /// Moves rows aside into `relay_dead_letters` with their reasons.
-    async fn dead_letter(
-        &self,
-        client: &deadpool_postgres::Transaction<'_>,
-        refused: &[(i64, String)],
-    ) -> anyhow::Result<()> {
-        let (seqs, reasons): (Vec<i64>, Vec<&str>) =
-            refused.iter().map(|(s, r)| (*s, r.as_str())).unzip();
-        let stmt = client.prepare_cached(DEAD_LETTER_ROWS).await?;
-        let moved = client
-            .execute(&stmt, &[&seqs, &reasons])
-            .await
-            .context("Failed to move unpublishable rows to relay_dead_letters")?;
+    /// Counts and logs the rows a committed batch moved into `relay_dead_letters`.
+    fn record_dead_letters(&self, moved: u64, refused: &[(i64, String)]) {
         self.metrics.dead_lettered.inc_by(moved);
         for (seq, reason) in refused {
             tracing::error!(
@@ -478,7 +406,6 @@ impl Relay {
                 "outbox row cannot be published; moved to relay_dead_letters"
             );
         }
-        Ok(())
     }
 
     /// The topic's partitions, from the producer's metadata (a blocking call).
@@ -510,10 +437,7 @@ impl Relay {
         if partitions.is_empty() {
             anyhow::bail!("the topic's partitions are not known yet");
         }
-        let time: OffsetDateTime = {
-            let client = self.pool.get().await?;
-            client.query_one(HEARTBEAT_TIME, &[]).await?.try_get(0)?
-        };
+        let time = outbox::heartbeat_time(&self.pool).await?;
         let region = &self.settings.service.region;
         let mut deliveries = Vec::with_capacity(partitions.len());
         for &partition in partitions {
@@ -550,29 +474,13 @@ impl Relay {
 
     /// Sets the `backlog` gauge to the number of unpublished rows.
     async fn count_backlog(&self) {
-        let Ok(client) = self.pool.get().await else {
-            return;
-        };
-        if let Ok(row) = client.query_one(COUNT_UNPUBLISHED, &[]).await {
-            self.metrics.backlog.set(row.get(0));
+        if let Ok(backlog) = outbox::count_unpublished(&self.pool).await {
+            self.metrics.backlog.set(backlog);
         }
     }
 
     async fn prune(&self) {
-        let retention = self.settings.retention.as_secs_f64();
-        let result = async {
-            let client = self.pool.get().await?;
-            let mut total = 0;
-            loop {
-                let n = client.execute(PRUNE_PUBLISHED, &[&retention]).await?;
-                total += n;
-                if n < 10_000 {
-                    return Ok::<u64, anyhow::Error>(total);
-                }
-            }
-        }
-        .await;
-        match result {
+        match outbox::prune_published(&self.pool, self.settings.retention).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(pruned = n, "published outbox rows past retention removed"),
             Err(e) => tracing::warn!(error = format!("{e:#}"), "failed to prune the outbox"),
@@ -580,30 +488,31 @@ impl Relay {
     }
 }
 
-/// The envelope of one fetched outbox row (`FETCH_UNPUBLISHED`'s columns).
-fn outbox_row(row: &tokio_postgres::Row, region: &str) -> anyhow::Result<OutboxRow> {
-    let collection: &str = row.try_get(2)?;
-    let document_id: &str = row.try_get(3)?;
+/// The envelope of one fetched outbox row.
+fn outgoing(row: &OutboxRow<'_>, region: &str) -> anyhow::Result<Outgoing> {
     let key = DocumentKey::new(
-        Collection::parse(collection)?,
-        DocumentId::parse(document_id)?,
+        Collection::parse(row.collection)?,
+        DocumentId::parse(row.document_id)?,
     );
-    let operation: &str = row.try_get(4)?;
-    let deleted = match operation {
+    let deleted = match row.operation {
         "upsert" => false,
         "delete" => true,
         other => anyhow::bail!("unknown operation {other:?}"),
     };
-    let event_id: uuid::Uuid = row.try_get(1)?;
-    let payload: &str = row.try_get(5)?;
-    let created_at: OffsetDateTime = row.try_get(7)?;
-    Ok(OutboxRow {
-        seq: row.try_get(0)?,
-        event_id,
-        encoded: encode_envelope(event_id, region, created_at, deleted, &key, payload),
+    Ok(Outgoing {
+        seq: row.seq,
+        event_id: row.event_id,
+        encoded: encode_envelope(
+            row.event_id,
+            region,
+            row.created_at,
+            deleted,
+            &key,
+            row.payload,
+        ),
         key,
         deleted,
-        traceparent: row.try_get(6)?,
+        traceparent: row.traceparent.map(str::to_owned),
     })
 }
 
@@ -622,33 +531,6 @@ fn is_permanent(error: &KafkaError) -> bool {
                 | Code::BadMessage
         )
     )
-}
-
-/// Marks every retained row created at or after `since` as unpublished, so the active relay
-/// publishes them again (after a broker lost its data). Returns how many rows will be replayed.
-pub async fn replay_since(pool: &Pool, since: OffsetDateTime) -> anyhow::Result<u64> {
-    let client = pool
-        .get()
-        .await
-        .context("Failed to get a database connection")?;
-    let oldest: Option<OffsetDateTime> = client
-        .query_one("SELECT min(created_at) FROM outbox", &[])
-        .await?
-        .get(0);
-    if let Some(oldest) = oldest {
-        if oldest > since {
-            tracing::warn!(%oldest, "rows older than the retention period are gone; replay starts at the oldest retained row");
-        }
-    }
-    let n = client
-        .execute(
-            "UPDATE outbox SET published_at = NULL WHERE created_at >= $1 AND published_at IS NOT NULL",
-            &[&since],
-        )
-        .await
-        .context("Failed to mark rows for replay")?;
-    client.execute("NOTIFY tandem_outbox", &[]).await.ok();
-    Ok(n)
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ async fn main() -> anyhow::Result<()> {
                 _ => anyhow::bail!("usage: tandem-outbox-relay replay --since <RFC 3339 time>"),
             };
             let pool = tandem_store::db::connect_pool(&settings.database).await?;
-            let n = tandem_outbox_relay::replay_since(&pool, since).await?;
+            let n = tandem_store::outbox::replay_since(&pool, since).await?;
             tracing::info!(rows = n, %since, "events marked for replay; the active relay publishes them now");
             Ok(())
         }

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use tandem_core::consistency::ConsistencyToken;
 use tandem_http::problem::ApiError;
 use tandem_runtime::config::{self, ConfigError};
-use tandem_store::documents::{Store, StoreError};
+use tandem_store::documents::Store;
+use tandem_store::lag;
 
 /// Replica settings, read from the environment.
 #[derive(Debug, Clone)]
@@ -74,9 +75,6 @@ struct Lag {
 const UNKNOWN: i64 = i64::MIN;
 /// How often the lag is re-read from Region 2's database.
 const LAG_REFRESH: Duration = Duration::from_millis(250);
-/// Region 2's database clock minus the oldest partition's newest heartbeat time.
-const HEARTBEAT_AGE: &str = "SELECT (extract(epoch FROM clock_timestamp() - min(origin_time)) \
-     * 1000)::float8 FROM replication_heartbeats";
 
 impl Replica {
     pub fn new(settings: ReplicaSettings) -> Self {
@@ -101,7 +99,7 @@ impl Replica {
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
-                match replica.read_heartbeat_age(&store).await {
+                match lag::heartbeat_age_ms(store.pool()).await {
                     Ok(Some(age_ms)) => replica
                         .lag
                         .origin_ms
@@ -112,12 +110,6 @@ impl Replica {
                 }
             }
         });
-    }
-
-    async fn read_heartbeat_age(&self, store: &Store) -> Result<Option<i64>, StoreError> {
-        let client = store.pool().get().await?;
-        let age: Option<f64> = client.query_one(HEARTBEAT_AGE, &[]).await?.try_get(0)?;
-        Ok(age.map(|ms| ms.max(0.0) as i64))
     }
 
     /// The replication lag in milliseconds; `None` before any heartbeat was applied.

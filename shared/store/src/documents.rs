@@ -1,6 +1,10 @@
 //! PostgreSQL storage of documents. Every write commits the document row, exactly one outbox
 //! row and (when the client sent an `Idempotency-Key`) the recorded outcome in one
 //! transaction; a write that fails anywhere commits none of them.
+//!
+//! So the outbox's *enqueue* statements live here, with the document's; what happens to the
+//! rows afterwards (the relay fetching, marking, setting aside, pruning and replaying them)
+//! lives in [`crate::outbox`].
 
 use deadpool_postgres::{Pool, PoolError, Transaction};
 use serde_json::{Map, Value};

@@ -16,6 +16,7 @@ use anyhow::Context;
 use tokio::sync::watch;
 
 use crate::db::{DatabaseSettings, SessionConnection, connect_session};
+use crate::documents::StoreError;
 
 /// Advisory lock of the outbox relay (Region 1 database).
 pub const RELAY_LOCK: i64 = 0x7461_6e64_656d_0001;
@@ -49,6 +50,24 @@ pub const FENCE_CHECK: &str =
 pub struct Fence {
     pub role: &'static str,
     pub epoch: i64,
+}
+
+/// Checks inside `tx`, first thing, that `fence` is still the current epoch of its role
+/// ([`FENCE_CHECK`]): [`StoreError::Fenced`] when a newer leader was elected, and the
+/// transaction must not commit.
+pub async fn check_fence(
+    tx: &deadpool_postgres::Transaction<'_>,
+    fence: Fence,
+) -> Result<(), StoreError> {
+    let stmt = tx.prepare_cached(FENCE_CHECK).await?;
+    if tx
+        .query_opt(&stmt, &[&fence.role, &fence.epoch])
+        .await?
+        .is_none()
+    {
+        return Err(StoreError::Fenced { epoch: fence.epoch });
+    }
+    Ok(())
 }
 
 /// A held leadership: the session holding the lock. Dropping it closes the session, which

@@ -1,8 +1,10 @@
 //! Every SQL statement and Redis script of Tandem's shared tables, one module per table
 //! family: connection pools and credentials ([`db`]), the schema ([`migrations`], the SQL files
 //! in `migrations/`), the documents and the outbox rows their writes enqueue in the same
-//! transaction ([`documents`]), Region 2's tables as its apply writes them ([`replica`]), the
-//! leader election and its epochs ([`leader`]), and the Redis read cache ([`cache`]).
+//! transaction ([`documents`]), the relay's side of the outbox: fetching, marking, setting
+//! aside, pruning and replaying its rows ([`outbox`]), Region 2's tables as its apply writes
+//! them ([`replica`]) and as its Read API reads the lag from them ([`lag`]), the leader
+//! election and its epochs ([`leader`]), and the Redis read cache ([`cache`]).
 //!
 //! # Layout
 //!
@@ -14,6 +16,8 @@
 pub mod cache;
 pub mod db;
 pub mod documents;
+pub mod lag;
 pub mod leader;
 pub mod migrations;
+pub mod outbox;
 pub mod replica;

@@ -1,0 +1,285 @@
+//! The relay's side of the outbox (Region 1): every statement the outbox relay runs on the
+//! `outbox` and `relay_dead_letters` tables. The relay keeps the Kafka side; it fetches the
+//! oldest unpublished rows here ([`fetch_unpublished`]), publishes them, and records the
+//! outcome here ([`settle`]): published rows marked, unpublishable ones moved aside.
+//!
+//! Rows are *enqueued* elsewhere: the write that changes a document inserts its outbox row in
+//! the same transaction, so that statement lives with the document's
+//! ([`crate::documents::Store::write`]). Published rows stay for `OUTBOX_RETENTION_HOURS`
+//! ([`prune_published`]), which is what makes [`replay_since`] possible.
+//!
+//! Payloads pass through as the text PostgreSQL renders from the `jsonb` column: never parsed
+//! here, so a batch costs no JSON tree per row.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use deadpool_postgres::{Client, Pool};
+use time::OffsetDateTime;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::leader::{Fence, check_fence};
+
+/// The oldest unpublished rows, at most `$1` of them and no more than `$2` payload bytes (the
+/// first row always comes). The payload comes as the text PostgreSQL renders, passed through
+/// to Kafka unparsed.
+const FETCH_UNPUBLISHED: &str = "WITH head AS ( \
+       SELECT seq, payload_bytes, sum(payload_bytes) OVER (ORDER BY seq) - payload_bytes AS before \
+       FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1) \
+     SELECT o.seq, o.event_id, o.collection, o.document_id, o.operation, o.payload::text, \
+       o.traceparent, o.created_at, head.payload_bytes \
+     FROM head JOIN outbox o USING (seq) \
+     WHERE head.before = 0 OR head.before + head.payload_bytes <= $2 ORDER BY o.seq";
+const MARK_PUBLISHED: &str =
+    "UPDATE outbox SET published_at = clock_timestamp() WHERE seq = ANY($1)";
+/// Moves rows that cannot be published aside, with their reasons, in one statement.
+const DEAD_LETTER_ROWS: &str = "WITH moved AS ( \
+       DELETE FROM outbox WHERE seq = ANY($1) AND published_at IS NULL RETURNING *) \
+     INSERT INTO relay_dead_letters (seq, event_id, collection, document_id, version, \
+       operation, payload, traceparent, created_at, reason) \
+     SELECT m.seq, m.event_id, m.collection, m.document_id, m.version, m.operation, m.payload, \
+       m.traceparent, m.created_at, r.reason \
+     FROM moved m JOIN unnest($1::bigint[], $2::text[]) AS r (seq, reason) ON r.seq = m.seq";
+/// One round of pruning: at most [`PRUNE_BATCH`] rows, so no statement holds many locks.
+const PRUNE_PUBLISHED: &str = "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox \
+     WHERE published_at < now() - make_interval(secs => $1) LIMIT 10000)";
+/// The `LIMIT` of [`PRUNE_PUBLISHED`]: a round that removes fewer was the last.
+const PRUNE_BATCH: u64 = 10_000;
+const COUNT_UNPUBLISHED: &str = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
+/// A heartbeat's time: the commit time of the oldest unpublished row (everything before it is
+/// published), or now when there is none. A transaction still in flight when this is read can
+/// commit a row older than it: the heartbeat then understates the lag by that transaction's
+/// remaining duration (milliseconds).
+const HEARTBEAT_TIME: &str = "SELECT coalesce((SELECT created_at FROM outbox \
+     WHERE published_at IS NULL ORDER BY seq LIMIT 1), clock_timestamp())";
+const OLDEST_RETAINED: &str = "SELECT min(created_at) FROM outbox";
+const MARK_FOR_REPLAY: &str =
+    "UPDATE outbox SET published_at = NULL WHERE created_at >= $1 AND published_at IS NOT NULL";
+/// The channel a statement trigger on `outbox` notifies after every insert (migration V2):
+/// the relay's leader listens on its session ([`listen`]); a replay wakes it the same way.
+const LISTEN: &str = "LISTEN tandem_outbox";
+const NOTIFY: &str = "NOTIFY tandem_outbox";
+
+/// Subscribes `session` (the leader's own connection, outside the pool) to the outbox's
+/// notifications (`LISTEN tandem_outbox`): each says that rows were enqueued (or marked for
+/// replay).
+pub async fn listen(session: &tokio_postgres::Client) -> anyhow::Result<()> {
+    session
+        .batch_execute(LISTEN)
+        .await
+        .context("Failed to LISTEN")
+}
+
+/// One unpublished outbox row, borrowed from its batch ([`Unpublished`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutboxRow<'a> {
+    /// Insertion order; the relay publishes in this order.
+    pub seq: i64,
+    pub event_id: Uuid,
+    pub collection: &'a str,
+    pub document_id: &'a str,
+    /// `upsert` or `delete` (the table's CHECK constraint).
+    pub operation: &'a str,
+    /// The change event's payload as JSON text, as PostgreSQL rendered it.
+    pub payload: &'a str,
+    pub traceparent: Option<&'a str>,
+    /// When the writing transaction inserted the row (Region 1's commit clock).
+    pub created_at: OffsetDateTime,
+    /// The stored payload's size, counted against the batch's byte budget.
+    pub payload_bytes: i32,
+}
+
+/// A fetched row whose columns could not be decoded: the relay sets it aside by its `seq`.
+#[derive(Debug)]
+pub struct Undecodable {
+    pub seq: i64,
+    pub payload_bytes: i32,
+    pub error: tokio_postgres::Error,
+}
+
+/// One batch of unpublished rows, oldest first ([`fetch_unpublished`]). It holds the rows as
+/// they arrived; [`Unpublished::rows`] lends them out without copying their payloads, so drop
+/// the batch once its rows are encoded.
+#[derive(Debug)]
+pub struct Unpublished {
+    rows: Vec<Row>,
+    /// Each row's `seq` and `payload_bytes`, decoded when the batch arrived.
+    heads: Vec<(i64, i32)>,
+}
+
+impl Unpublished {
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The rows in `seq` order; a row whose other columns cannot be decoded comes as
+    /// [`Undecodable`], in its place.
+    pub fn rows(&self) -> impl Iterator<Item = Result<OutboxRow<'_>, Undecodable>> {
+        self.rows
+            .iter()
+            .zip(&self.heads)
+            .map(|(row, &(seq, payload_bytes))| {
+                outbox_row(row, seq, payload_bytes).map_err(|error| Undecodable {
+                    seq,
+                    payload_bytes,
+                    error,
+                })
+            })
+    }
+}
+
+/// The columns of one [`FETCH_UNPUBLISHED`] row besides its `seq` and `payload_bytes`.
+fn outbox_row(
+    row: &Row,
+    seq: i64,
+    payload_bytes: i32,
+) -> Result<OutboxRow<'_>, tokio_postgres::Error> {
+    Ok(OutboxRow {
+        seq,
+        event_id: row.try_get(1)?,
+        collection: row.try_get(2)?,
+        document_id: row.try_get(3)?,
+        operation: row.try_get(4)?,
+        payload: row.try_get(5)?,
+        traceparent: row.try_get(6)?,
+        created_at: row.try_get(7)?,
+        payload_bytes,
+    })
+}
+
+/// The oldest unpublished rows: at most `max_rows`, and no more than `max_bytes` of payload
+/// (the first row always comes, however large). Run on the connection that will [`settle`]
+/// the batch.
+pub async fn fetch_unpublished(
+    client: &Client,
+    max_rows: i64,
+    max_bytes: i64,
+) -> anyhow::Result<Unpublished> {
+    let stmt = client.prepare_cached(FETCH_UNPUBLISHED).await?;
+    let rows = client
+        .query(&stmt, &[&max_rows, &max_bytes])
+        .await
+        .context("Failed to read the outbox")?;
+    let heads = rows
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(8)?)))
+        .collect::<Result<_, tokio_postgres::Error>>()?;
+    Ok(Unpublished { rows, heads })
+}
+
+/// Records a batch's outcome in one transaction: the `published` rows (the broker acknowledged
+/// them) are marked published, and the `refused` ones (`seq`, reason: retrying cannot publish
+/// them) are moved to `relay_dead_letters`. With a `fence`, nothing commits unless this
+/// process is still the elected leader ([`crate::documents::StoreError::Fenced`] then).
+/// Returns how many rows were moved aside. Does nothing when both are empty.
+pub async fn settle(
+    client: &mut Client,
+    fence: Option<Fence>,
+    published: &[i64],
+    refused: &[(i64, String)],
+) -> anyhow::Result<u64> {
+    if published.is_empty() && refused.is_empty() {
+        return Ok(0);
+    }
+    let tx = client.transaction().await?;
+    if let Some(fence) = fence {
+        check_fence(&tx, fence).await?;
+    }
+    if !published.is_empty() {
+        let stmt = tx.prepare_cached(MARK_PUBLISHED).await?;
+        tx.execute(&stmt, &[&published])
+            .await
+            .context("Failed to mark rows published")?;
+    }
+    let mut moved = 0;
+    if !refused.is_empty() {
+        let (seqs, reasons): (Vec<i64>, Vec<&str>) =
+            refused.iter().map(|(s, r)| (*s, r.as_str())).unzip();
+        let stmt = tx.prepare_cached(DEAD_LETTER_ROWS).await?;
+        moved = tx
+            .execute(&stmt, &[&seqs, &reasons])
+            .await
+            .context("Failed to move unpublishable rows to relay_dead_letters")?;
+    }
+    tx.commit()
+        .await
+        .context("Failed to commit the batch's marks")?;
+    Ok(moved)
+}
+
+/// The time the next heartbeat carries: the commit time of the oldest unpublished row
+/// (everything committed before it is published), or now when there is none.
+pub async fn heartbeat_time(pool: &Pool) -> anyhow::Result<OffsetDateTime> {
+    let client = pool.get().await?;
+    Ok(client.query_one(HEARTBEAT_TIME, &[]).await?.try_get(0)?)
+}
+
+/// How many rows wait to be published (the relay's backlog).
+pub async fn count_unpublished(pool: &Pool) -> anyhow::Result<i64> {
+    let client = pool.get().await?;
+    Ok(client.query_one(COUNT_UNPUBLISHED, &[]).await?.try_get(0)?)
+}
+
+/// Removes rows published longer than `retention` ago, 10,000 at a time; returns how many.
+pub async fn prune_published(pool: &Pool, retention: Duration) -> anyhow::Result<u64> {
+    let retention = retention.as_secs_f64();
+    let client = pool.get().await?;
+    let mut total = 0;
+    loop {
+        let n = client.execute(PRUNE_PUBLISHED, &[&retention]).await?;
+        total += n;
+        if n < PRUNE_BATCH {
+            return Ok(total);
+        }
+    }
+}
+
+/// Marks every retained row created at or after `since` as unpublished, so the active relay
+/// publishes them again (after a broker lost its data), and wakes it. Returns how many rows
+/// will be replayed.
+pub async fn replay_since(pool: &Pool, since: OffsetDateTime) -> anyhow::Result<u64> {
+    let client = pool
+        .get()
+        .await
+        .context("Failed to get a database connection")?;
+    let oldest: Option<OffsetDateTime> = client.query_one(OLDEST_RETAINED, &[]).await?.get(0);
+    if let Some(oldest) = oldest {
+        if oldest > since {
+            tracing::warn!(%oldest, "rows older than the retention period are gone; replay starts at the oldest retained row");
+        }
+    }
+    let n = client
+        .execute(MARK_FOR_REPLAY, &[&since])
+        .await
+        .context("Failed to mark rows for replay")?;
+    client.execute(NOTIFY, &[]).await.ok();
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_relay_listens_where_the_trigger_notifies() {
+        let trigger = include_str!("../migrations/V2__replication.sql");
+        for statement in [LISTEN, NOTIFY] {
+            let channel = statement.split_once(' ').map(|(_, c)| c);
+            let notified = channel.map(|c| format!("pg_notify('{c}'"));
+            assert!(
+                notified.is_some_and(|n| trigger.contains(&n)),
+                "{statement:?} names a channel the outbox trigger does not notify"
+            );
+        }
+    }
+
+    #[test]
+    fn the_prune_batch_is_the_statement_limit() {
+        assert!(PRUNE_PUBLISHED.ends_with(&format!("LIMIT {PRUNE_BATCH})")));
+    }
+}
