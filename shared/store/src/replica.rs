@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use tokio_postgres::types::{Json, ToSql};
 
 use crate::documents::StoreError;
-use crate::leader::{FENCE_CHECK, Fence};
+use crate::leader::Fence;
 
 /// How long applied event ids are remembered: longer than the relay's default replay window
 /// (`RELAY_OUTBOX_RETENTION_HOURS`, 72 h), so a replay is recognised as duplicates.
@@ -131,21 +131,12 @@ impl<'a, 'b> ApplyTx<'a, 'b> {
         Self { tx }
     }
 
-    /// Fails with [`StoreError::Fenced`] unless `fence`'s epoch still leads ([`FENCE_CHECK`]).
+    /// Fails with [`StoreError::Fenced`] unless `fence`'s epoch still leads (`None`: unfenced).
     pub async fn check_fence(&self, fence: Option<Fence>) -> Result<(), StoreError> {
-        let Some(fence) = fence else {
-            return Ok(());
-        };
-        let stmt = self.tx.prepare_cached(FENCE_CHECK).await?;
-        if self
-            .tx
-            .query_opt(&stmt, &[&fence.role, &fence.epoch])
-            .await?
-            .is_none()
-        {
-            return Err(StoreError::Fenced { epoch: fence.epoch });
+        match fence {
+            Some(fence) => crate::leader::check_fence(self.tx, fence).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Records the events' ids, reads the documents' versions before the batch and upserts
