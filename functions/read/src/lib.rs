@@ -60,6 +60,12 @@ pub struct AppState {
     pub lag_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
+impl axum::extract::FromRef<AppState> for Authenticator {
+    fn from_ref(state: &AppState) -> Self {
+        state.auth.clone()
+    }
+}
+
 impl AppState {
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         let auth = Authenticator::new(&settings.auth)?;

@@ -3,8 +3,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -13,8 +12,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::FutureExt;
 use tandem_core::consistency::ConsistencyToken;
 use tandem_core::document::Stored;
-use tandem_core::document::{Collection, DocumentId, DocumentKey};
-use tandem_http::auth::READ_SCOPE;
+use tandem_core::document::{DocumentId, DocumentKey};
+use tandem_http::extract::{CollectionPath, DocumentPath, Reader};
 use tandem_http::http::{
     CONSISTENCY_TOKEN_HEADER, REPLICATION_LAG_HEADER, Readiness, ReadyCheck, document_path, etag,
     finish, ops_router, parse_entity_tags, pool_scrape_hook,
@@ -86,12 +85,10 @@ pub fn router(state: AppState) -> Router {
 
 async fn get_document(
     State(app): State<AppState>,
-    path: Result<Path<(String, String)>, PathRejection>,
+    _: Reader,
+    DocumentPath(key): DocumentPath,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authorize(&app, &headers).await?;
-    let Path((collection, id)) = path.map_err(bad_path)?;
-    let key = DocumentKey::new(Collection::parse(&collection)?, DocumentId::parse(&id)?);
     let min_version =
         honour_consistency_token(&app, &headers, &document_path(&key), Some(&key)).await?;
     let Some(Entry::Live { version, body }) = lookup(&app, &key, min_version).await? else {
@@ -159,13 +156,11 @@ async fn lookup(
 
 async fn list_documents(
     State(app): State<AppState>,
-    path: Result<Path<String>, PathRejection>,
+    _: Reader,
+    CollectionPath(collection): CollectionPath,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authorize(&app, &headers).await?;
-    let Path(collection) = path.map_err(bad_path)?;
-    let collection = Collection::parse(&collection)?;
     let (limit, after) = page_parameters(query.as_deref())?;
     let list_path = match &query {
         Some(q) => format!("/v1/{collection}?{q}"),
@@ -222,16 +217,6 @@ fn page_parameters(query: Option<&str>) -> Result<(u32, Option<DocumentId>), Api
         }
     }
     Ok((limit, after))
-}
-
-async fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    if app.auth.read_requires_auth {
-        let authorization = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        app.auth.authorize(authorization, READ_SCOPE).await?;
-    }
-    Ok(())
 }
 
 /// A read carrying `X-Consistency-Token` observes that write or a newer one, from the
@@ -308,11 +293,4 @@ async fn report_lag(
         }
     }
     response
-}
-
-fn bad_path(rejection: PathRejection) -> ApiError {
-    ApiError::BadRequest {
-        title: "Invalid path",
-        detail: rejection.body_text(),
-    }
 }

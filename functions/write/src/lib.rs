@@ -53,6 +53,12 @@ pub struct AppState {
     pub request_timeout: std::time::Duration,
 }
 
+impl axum::extract::FromRef<AppState> for Authenticator {
+    fn from_ref(state: &AppState) -> Self {
+        state.auth.clone()
+    }
+}
+
 impl AppState {
     /// Connects (lazily), optionally migrates, and refuses to start without a way to
     /// authenticate writers.

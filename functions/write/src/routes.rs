@@ -4,22 +4,19 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
 use futures_util::FutureExt;
-use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 use tandem_core::consistency::ConsistencyToken;
-use tandem_core::document::{Collection, DocumentId, DocumentKey, Preconditions};
-use tandem_core::traceparent::TraceParent;
+use tandem_core::document::{DocumentId, DocumentKey, Preconditions};
 use tandem_core::write::{Idempotency, WriteCommand, WriteOutcome, WriteRequest, WriteResult};
-use tandem_http::auth::{Principal, WRITE_SCOPE};
+use tandem_http::auth::Principal;
+use tandem_http::extract::{CollectionPath, DocumentPath, RequestPreconditions, Trace, Writer};
 use tandem_http::http::{
     CONSISTENCY_TOKEN_HEADER, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, Readiness,
-    ReadyCheck, document_path, etag, finish, ops_router, parse_entity_tags, pool_scrape_hook,
+    ReadyCheck, document_path, etag, finish, ops_router, pool_scrape_hook,
 };
 use tandem_http::problem::ApiError;
 use tandem_store::cache::{CacheError, Entry};
@@ -60,106 +57,88 @@ pub fn router(state: AppState) -> Router {
 
 async fn put_document(
     State(app): State<AppState>,
-    path: Result<Path<(String, String)>, PathRejection>,
+    Writer(principal): Writer,
+    DocumentPath(key): DocumentPath,
+    RequestPreconditions(preconditions): RequestPreconditions,
+    Trace(traceparent): Trace,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let principal = authorize(&app, &headers).await?;
-    let key = document_key(path)?;
     require_content_type(&headers, JSON)?;
     let bytes = read_limited(body).await?;
     let data = parse_object(&bytes)?;
+    let path = document_path(&key);
     let request = WriteRequest {
-        idempotency: idempotency(
-            &headers,
-            &principal,
-            &Method::PUT,
-            &document_path(&key),
-            &bytes,
-        )?,
+        idempotency: idempotency(&headers, &principal, &Method::PUT, &path, &bytes)?,
         key,
         command: WriteCommand::Put(data),
-        preconditions: preconditions(&headers),
-        traceparent: traceparent(&headers),
+        preconditions,
+        traceparent,
     };
     execute(&app, request).await
 }
 
 async fn create_document(
     State(app): State<AppState>,
-    path: Result<Path<String>, PathRejection>,
+    Writer(principal): Writer,
+    CollectionPath(collection): CollectionPath,
+    Trace(traceparent): Trace,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let principal = authorize(&app, &headers).await?;
-    let Path(collection) = path.map_err(bad_path)?;
-    let collection = Collection::parse(&collection)?;
     require_content_type(&headers, JSON)?;
     let bytes = read_limited(body).await?;
     let data = parse_object(&bytes)?;
+    let path = format!("/v1/{collection}");
     let request = WriteRequest {
-        idempotency: idempotency(
-            &headers,
-            &principal,
-            &Method::POST,
-            &format!("/v1/{collection}"),
-            &bytes,
-        )?,
+        idempotency: idempotency(&headers, &principal, &Method::POST, &path, &bytes)?,
         key: DocumentKey::new(collection, DocumentId::generate()),
         command: WriteCommand::Create(data),
         preconditions: Preconditions::default(),
-        traceparent: traceparent(&headers),
+        traceparent,
     };
     execute(&app, request).await
 }
 
 async fn patch_document(
     State(app): State<AppState>,
-    path: Result<Path<(String, String)>, PathRejection>,
+    Writer(principal): Writer,
+    DocumentPath(key): DocumentPath,
+    RequestPreconditions(preconditions): RequestPreconditions,
+    Trace(traceparent): Trace,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let principal = authorize(&app, &headers).await?;
-    let key = document_key(path)?;
     require_content_type(&headers, MERGE_PATCH_JSON)?;
     let bytes = read_limited(body).await?;
     // A merge patch that is not an object would replace the whole document with a non-object.
     let patch = parse_object(&bytes)?;
+    let path = document_path(&key);
     let request = WriteRequest {
-        idempotency: idempotency(
-            &headers,
-            &principal,
-            &Method::PATCH,
-            &document_path(&key),
-            &bytes,
-        )?,
+        idempotency: idempotency(&headers, &principal, &Method::PATCH, &path, &bytes)?,
         key,
         command: WriteCommand::Patch(patch),
-        preconditions: preconditions(&headers),
-        traceparent: traceparent(&headers),
+        preconditions,
+        traceparent,
     };
     execute(&app, request).await
 }
 
 async fn delete_document(
     State(app): State<AppState>,
-    path: Result<Path<(String, String)>, PathRejection>,
+    Writer(principal): Writer,
+    DocumentPath(key): DocumentPath,
+    RequestPreconditions(preconditions): RequestPreconditions,
+    Trace(traceparent): Trace,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let principal = authorize(&app, &headers).await?;
-    let key = document_key(path)?;
+    let path = document_path(&key);
     let request = WriteRequest {
-        idempotency: idempotency(
-            &headers,
-            &principal,
-            &Method::DELETE,
-            &document_path(&key),
-            &[],
-        )?,
+        idempotency: idempotency(&headers, &principal, &Method::DELETE, &path, &[])?,
         key,
         command: WriteCommand::Delete,
-        preconditions: preconditions(&headers),
-        traceparent: traceparent(&headers),
+        preconditions,
+        traceparent,
     };
     execute(&app, request).await
 }
@@ -254,51 +233,7 @@ fn respond(result: &WriteResult, body: Option<Bytes>) -> Response {
     response
 }
 
-async fn authorize(app: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    Ok(app.auth.authorize(authorization, WRITE_SCOPE).await?)
-}
-
-fn bad_path(rejection: PathRejection) -> ApiError {
-    ApiError::BadRequest {
-        title: "Invalid path",
-        detail: rejection.body_text(),
-    }
-}
-
-fn document_key(
-    path: Result<Path<(String, String)>, PathRejection>,
-) -> Result<DocumentKey, ApiError> {
-    let Path((collection, id)) = path.map_err(bad_path)?;
-    Ok(DocumentKey::new(
-        Collection::parse(&collection)?,
-        DocumentId::parse(&id)?,
-    ))
-}
-
-fn preconditions(headers: &HeaderMap) -> Preconditions {
-    let parse = |name: header::HeaderName| {
-        headers
-            .get(name)
-            .map(|v| parse_entity_tags(v.to_str().unwrap_or("")))
-    };
-    Preconditions {
-        if_match: parse(header::IF_MATCH),
-        if_none_match: parse(header::IF_NONE_MATCH),
-    }
-}
-
-fn traceparent(headers: &HeaderMap) -> TraceParent {
-    headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceParent::parse)
-        .unwrap_or_else(TraceParent::generate)
-}
-
-/// Reads `Idempotency-Key` (1–255 visible ASCII characters) and fingerprints the request.
+/// Reads `Idempotency-Key` and fingerprints the request (`tandem_core::write::Idempotency`).
 fn idempotency(
     headers: &HeaderMap,
     principal: &Principal,
@@ -309,51 +244,13 @@ fn idempotency(
     let Some(value) = headers.get(IDEMPOTENCY_KEY_HEADER) else {
         return Ok(None);
     };
-    let key = value
+    value
         .to_str()
         .ok()
-        .filter(|k| {
-            (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
-        })
+        .and_then(|key| Idempotency::new(&principal.subject, key, method.as_str(), path, body))
+        .map(Some)
         .ok_or_else(|| ApiError::BadRequest {
             title: "Invalid Idempotency-Key",
             detail: "Idempotency-Key must be 1 to 255 visible ASCII characters".to_owned(),
-        })?;
-    let mut hasher = Sha256::new();
-    hasher.update(method.as_str().as_bytes());
-    hasher.update(b"\n");
-    hasher.update(path.as_bytes());
-    hasher.update(b"\n");
-    hasher.update(canonical_body(body));
-    Ok(Some(Idempotency {
-        principal: principal.subject.clone(),
-        key: key.to_owned(),
-        fingerprint: hasher.finalize().into(),
-    }))
-}
-
-/// The body as compared for idempotency: parsed and re-serialised when it is JSON, so a retry
-/// that differs only in whitespace or key order counts as the same request.
-fn canonical_body(body: &[u8]) -> Vec<u8> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(value) => serde_json::to_vec(&sort_keys(value)).unwrap_or_else(|_| body.to_vec()),
-        Err(_) => body.to_vec(),
-    }
-}
-
-fn sort_keys(value: Value) -> Value {
-    match value {
-        Value::Object(map) => {
-            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
-            Value::Object(
-                entries
-                    .into_iter()
-                    .map(|(k, v)| (k, sort_keys(v)))
-                    .collect::<Map<_, _>>(),
-            )
-        }
-        Value::Array(items) => Value::Array(items.into_iter().map(sort_keys).collect()),
-        other => other,
-    }
+        })
 }

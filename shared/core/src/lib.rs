@@ -5,7 +5,7 @@
 //! # Layout
 //!
 //! The lowest layer of the workspace. It may depend on plain data crates only (serde,
-//! serde_json, time, uuid, base64, bytes, rand, thiserror) and on no other Tandem crate.
+//! serde_json, time, uuid, base64, bytes, rand, sha2, thiserror) and on no other Tandem crate.
 //! No database, cache, Kafka, HTTP, async runtime or cloud SDK crate (`tokio`,
 //! `tokio-postgres`, `deadpool-postgres`, `redis`, `rdkafka`, `axum`, `lambda_http`,
 //! `lambda_runtime`, `reqwest`, `aws-*`, `refinery`): `scripts/check-layers.py` (run by

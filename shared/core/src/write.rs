@@ -34,6 +34,62 @@ pub struct Idempotency {
     pub fingerprint: [u8; 32],
 }
 
+impl Idempotency {
+    /// The longest `Idempotency-Key` accepted.
+    pub const MAX_KEY_LEN: usize = 255;
+
+    /// An idempotency record for `key` (1 to 255 visible ASCII characters, spaces allowed;
+    /// `None` otherwise), fingerprinting the request: its method, its path and its body, the
+    /// body canonicalised when it is JSON (a retry that differs only in whitespace or key order
+    /// is the same request).
+    pub fn new(principal: &str, key: &str, method: &str, path: &str, body: &[u8]) -> Option<Self> {
+        let valid = (1..=Self::MAX_KEY_LEN).contains(&key.len())
+            && key.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+        if !valid {
+            return None;
+        }
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(method.as_bytes());
+        hasher.update(b"\n");
+        hasher.update(path.as_bytes());
+        hasher.update(b"\n");
+        hasher.update(canonical_body(body));
+        Some(Self {
+            principal: principal.to_owned(),
+            key: key.to_owned(),
+            fingerprint: hasher.finalize().into(),
+        })
+    }
+}
+
+/// The body as compared for idempotency: parsed and re-serialised with sorted keys when it is
+/// JSON, else as it is.
+fn canonical_body(body: &[u8]) -> Vec<u8> {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(value) => serde_json::to_vec(&sort_keys(value)).unwrap_or_else(|_| body.to_vec()),
+        Err(_) => body.to_vec(),
+    }
+}
+
+fn sort_keys(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k, sort_keys(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(sort_keys).collect()),
+        other => other,
+    }
+}
+
 /// One write, as the Write API hands it to the store.
 #[derive(Debug, Clone)]
 pub struct WriteRequest {
@@ -210,6 +266,49 @@ pub fn plan_change(request: &WriteRequest, current: &Current) -> Result<Change, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idempotency_key_is_1_to_255_visible_ascii_characters() {
+        let make = |key: &str| Idempotency::new("p", key, "PUT", "/v1/c/d", b"{}");
+        assert!(make("a").is_some());
+        assert!(make("order 42").is_some());
+        assert!(make(&"k".repeat(255)).is_some());
+        assert!(make("").is_none());
+        assert!(make(&"k".repeat(256)).is_none());
+        assert!(make("tab\there").is_none());
+        assert!(make("é").is_none());
+    }
+
+    #[test]
+    fn the_fingerprint_ignores_json_layout_but_not_content_method_or_path() {
+        let print = |method: &str, path: &str, body: &[u8]| {
+            Idempotency::new("p", "k", method, path, body)
+                .map(|i| i.fingerprint)
+                .unwrap_or_default()
+        };
+        let base = print("PUT", "/v1/c/d", br#"{"a":1,"b":[1,{"y":2,"x":1}]}"#);
+        assert_eq!(
+            base,
+            print("PUT", "/v1/c/d", br#"{ "b": [1, {"x":1, "y":2}], "a": 1 }"#)
+        );
+        assert_ne!(
+            base,
+            print("PUT", "/v1/c/d", br#"{"a":2,"b":[1,{"y":2,"x":1}]}"#)
+        );
+        assert_ne!(
+            base,
+            print("PATCH", "/v1/c/d", br#"{"a":1,"b":[1,{"y":2,"x":1}]}"#)
+        );
+        assert_ne!(
+            base,
+            print("PUT", "/v1/c/e", br#"{"a":1,"b":[1,{"y":2,"x":1}]}"#)
+        );
+        // Not JSON: compared byte for byte.
+        assert_ne!(
+            print("PUT", "/v1/c/d", b"x "),
+            print("PUT", "/v1/c/d", b"x")
+        );
+    }
     use crate::document::EntityTagCondition;
     use serde_json::json;
 

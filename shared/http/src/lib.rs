@@ -1,5 +1,5 @@
 //! Tandem's HTTP edge and process shell: problem+json errors ([`problem`]), JWT
-//! authentication ([`auth`]), the HTTP syntax of paths and entity tags, the common layers and
+//! authentication ([`auth`]), the extractors every handler starts with ([`extract`]), the HTTP syntax of paths and entity tags, the common layers and
 //! the operations endpoints ([`http`]), the transport adapter that runs one axum `Router`
 //! either as an AWS Lambda function or as a plain HTTP server ([`serve`]), and the elected
 //! workers' shell: one active replica, its role, and the operations server beside it
@@ -13,6 +13,7 @@
 //! `make test`, fails if it does).
 
 pub mod auth;
+pub mod extract;
 pub mod http;
 pub mod problem;
 pub mod serve;
