@@ -758,13 +758,6 @@ impl Applier {
         let _ = replica::record_heartbeat(&self.pool, backlog).await;
     }
 
-    /// Forgets applied event ids older than [`APPLIED_EVENTS_RETENTION_DAYS`], in chunks, so
-    /// the table does not grow without bound. Past that window a redelivered event is still
-    /// harmless: the version guard records it as `stale`.
-    pub async fn prune_applied_events(&self) -> Result<u64, StoreError> {
-        replica::prune_applied_events(&self.pool).await
-    }
-
     /// Re-applies dead letters (one, or all not yet redriven). Events that still fail stay
     /// dead-lettered with the new reason. Returns `(id, result)` per letter.
     pub async fn redrive(&self, only: Option<i64>) -> anyhow::Result<Vec<(i64, String)>> {

@@ -146,7 +146,7 @@ fn decode(text: &str, field: &str, problems: &mut Vec<String>) -> Vec<u8> {
 
 /// How often an instance of the function prunes applied event ids past their retention (the
 /// pod does it from its heartbeat task, which the function does not have).
-const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+const PRUNE_INTERVAL: Duration = tandem_store::housekeeping::INTERVAL;
 
 /// The function's configuration.
 #[derive(Debug, Clone)]
@@ -335,7 +335,7 @@ impl KafkaApply {
         }
     }
 
-    /// Prunes applied event ids past their retention, at most every [`PRUNE_INTERVAL`] per
+    /// Region 2's housekeeping (`tandem_store::housekeeping`), at most every [`PRUNE_INTERVAL`] per
     /// instance (several instances pruning at once only share the work).
     async fn prune_when_due(&self) {
         let due = match self.last_prune.lock() {
@@ -351,10 +351,9 @@ impl KafkaApply {
         if !due {
             return;
         }
-        match self.applier.prune_applied_events().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(pruned = n, "applied event ids past retention removed"),
-            Err(e) => tracing::warn!(error = %e, "failed to prune applied event ids"),
+        match tandem_store::housekeeping::region2(&self.applier.pool).await {
+            Ok(pruned) => pruned.log(),
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "housekeeping failed"),
         }
     }
 }

@@ -703,7 +703,10 @@ async fn heartbeat(
     grown: watch::Sender<bool>,
 ) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
-    let mut last_prune = std::time::Instant::now();
+    // Housekeeping runs at the first beat of a term, then every INTERVAL.
+    let mut last_prune = std::time::Instant::now()
+        .checked_sub(tandem_store::housekeeping::INTERVAL)
+        .unwrap_or_else(std::time::Instant::now);
     let mut last_metadata = std::time::Instant::now();
     loop {
         every.tick().await;
@@ -736,12 +739,11 @@ async fn heartbeat(
                 Some((partition, (high - position).max(0)))
             })
             .collect();
-        if last_prune.elapsed() >= Duration::from_secs(600) {
+        if last_prune.elapsed() >= tandem_store::housekeeping::INTERVAL {
             last_prune = std::time::Instant::now();
-            match applier.prune_applied_events().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(pruned = n, "applied event ids past retention removed"),
-                Err(e) => tracing::warn!(error = %e, "failed to prune applied event ids"),
+            match tandem_store::housekeeping::region2(&applier.pool).await {
+                Ok(pruned) => pruned.log(),
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "housekeeping failed"),
             }
         }
         let mut backlog = 0;

@@ -30,6 +30,7 @@ use tandem_runtime::config::{self, ConfigError, ServiceSettings};
 use tandem_runtime::kafka::{KafkaSettings, owned_headers};
 use tandem_store::db::DatabaseSettings;
 use tandem_store::documents::StoreError;
+use tandem_store::housekeeping;
 use tandem_store::leader::{Fence, Leadership, RELAY_LOCK};
 use tandem_store::outbox::{self, OutboxRow};
 use tokio::sync::watch;
@@ -196,7 +197,7 @@ impl Relay {
                     tracing::warn!(error = format!("{e:#}"), "heartbeat not sent");
                 }
             }
-            if last_prune.elapsed() >= Duration::from_secs(60) {
+            if last_prune.elapsed() >= housekeeping::INTERVAL {
                 self.prune().await;
                 *last_prune = Instant::now();
             }
@@ -479,11 +480,12 @@ impl Relay {
         }
     }
 
+    /// Region 1's housekeeping (`tandem_store::housekeeping`): the outbox and the
+    /// idempotency keys.
     async fn prune(&self) {
-        match outbox::prune_published(&self.pool, self.settings.retention).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(pruned = n, "published outbox rows past retention removed"),
-            Err(e) => tracing::warn!(error = format!("{e:#}"), "failed to prune the outbox"),
+        match housekeeping::region1(&self.pool, self.settings.retention).await {
+            Ok(pruned) => pruned.log(),
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "housekeeping failed"),
         }
     }
 }

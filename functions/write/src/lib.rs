@@ -88,20 +88,4 @@ impl AppState {
             request_timeout: settings.service.request_timeout,
         })
     }
-
-    /// Removes expired idempotency keys every ten minutes, for the life of the process.
-    pub fn spawn_housekeeping(&self) {
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(std::time::Duration::from_secs(600));
-            loop {
-                every.tick().await;
-                match store.prune_idempotency_keys().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(pruned = n, "expired idempotency keys removed"),
-                    Err(e) => tracing::warn!(error = %e, "failed to prune idempotency keys"),
-                }
-            }
-        });
-    }
 }

@@ -12,6 +12,5 @@ async fn main() -> anyhow::Result<()> {
     }
     let settings = Settings::from_env().context("Invalid configuration")?;
     let state = AppState::build(&settings).await?;
-    state.spawn_housekeeping();
     tandem_http::serve::run(tandem_write::router(state), &settings.service).await
 }

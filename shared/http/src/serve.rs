@@ -49,6 +49,9 @@ pub async fn serve(
 
 /// The Router as a Lambda service. API Gateway puts a named stage in front of the path
 /// (`/prod/v1/...`); strip it so the routes match exactly as they do behind the ALB.
+/// (`lambda_http` can leave the stage out itself, but only when the function's environment
+/// sets `AWS_LAMBDA_HTTP_IGNORE_STAGE_IN_PATH`: a deployment that forgot it would answer every
+/// request 404. Stripping here makes the routes independent of that setting.)
 pub fn lambda_service(
     router: Router,
 ) -> impl tower::Service<

@@ -572,14 +572,6 @@ impl Store {
         }
         Ok(Page { documents, more })
     }
-
-    /// Forgets expired idempotency keys; returns how many.
-    pub async fn prune_idempotency_keys(&self) -> Result<u64, StoreError> {
-        let client = self.pool.get().await?;
-        Ok(client
-            .execute("DELETE FROM idempotency_keys WHERE expires_at < now()", &[])
-            .await?)
-    }
 }
 
 /// Claims the key for this transaction. `Ok(None)`: claimed, go ahead. `Ok(Some(..))`: the key

@@ -16,6 +16,7 @@
 pub mod cache;
 pub mod db;
 pub mod documents;
+pub mod housekeeping;
 pub mod lag;
 pub mod leader;
 pub mod migrations;

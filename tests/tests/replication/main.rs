@@ -7,6 +7,7 @@ mod edge;
 mod end_to_end;
 mod failures;
 mod hostile;
+mod housekeeping;
 mod lambda;
 mod load;
 mod truth;
