@@ -12,12 +12,12 @@ use deadpool_postgres::Pool;
 use rdkafka::message::{Headers, Message};
 use tandem_core::document::{DocumentKey, Stored};
 use tandem_core::event::{ChangeEvent, DocumentState, EventHeaders, Heartbeat};
+use tandem_runtime::shutdown::CancellationToken;
 use tandem_store::cache::{Cache, CacheError, Entry};
 use tandem_store::documents::StoreError;
 use tandem_store::leader::Fence;
 use tandem_store::replica::{self, ApplyTx, DeadLetter, EventColumns, Position, StatesApplied};
 use time::OffsetDateTime;
-use tokio::sync::watch;
 
 use crate::metrics::ConsumerMetrics;
 
@@ -272,7 +272,7 @@ impl Applier {
     pub async fn apply_batch_with_retry(
         &self,
         batch: &[Incoming],
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         let mut pending = vec![batch];
         while let Some(part) = pending.pop() {
@@ -313,7 +313,7 @@ impl Applier {
                 }
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.changed() => anyhow::bail!("shutting down before the batch was applied"),
+                    () = shutdown.cancelled() => anyhow::bail!("shutting down before the batch was applied"),
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
@@ -326,7 +326,7 @@ impl Applier {
     pub async fn apply_with_retry(
         &self,
         incoming: &Incoming,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         let mut backoff = Duration::from_millis(50);
         let mut internal_failures = 0;
@@ -384,7 +384,7 @@ impl Applier {
             }
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
-                _ = shutdown.changed() => anyhow::bail!("shutting down before the event was applied"),
+                () = shutdown.cancelled() => anyhow::bail!("shutting down before the event was applied"),
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }

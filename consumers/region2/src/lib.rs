@@ -36,6 +36,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tandem_http::http::{ReadyCheck, ScrapeHook, pool_scrape_hook};
 use tandem_runtime::config::{self, ConfigError, ServiceSettings};
 use tandem_runtime::kafka::KafkaSettings;
+use tandem_runtime::shutdown::CancellationToken;
 use tandem_store::cache::{Cache, CacheSettings};
 use tandem_store::db::DatabaseSettings;
 use tandem_store::leader::{CONSUMER_LOCK, Leadership};
@@ -133,7 +134,7 @@ impl Region2Consumer {
     }
 
     /// Runs until shutdown: wait for leadership, consume while leader, repeat.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         loop {
             match self.settings.kafka.ensure_topic().await {
                 Ok(()) => break,
@@ -141,7 +142,7 @@ impl Region2Consumer {
                     tracing::warn!(error = format!("{e:#}"), "waiting for the broker");
                     tokio::select! {
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = shutdown.changed() => return Ok(()),
+                        () = shutdown.cancelled() => return Ok(()),
                     }
                 }
             }
@@ -150,7 +151,7 @@ impl Region2Consumer {
             &self.settings.database,
             CONSUMER_LOCK,
             &self.applier.metrics.role,
-            &mut shutdown,
+            &shutdown,
             async |leadership, shutdown| self.consume(leadership, shutdown).await,
         )
         .await;
@@ -168,7 +169,7 @@ impl Region2Consumer {
     async fn consume(
         &self,
         leadership: &Leadership,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         self.applier.set_fence(Some(leadership.fence));
         let result = self.consume_fenced(leadership, shutdown).await;
@@ -179,7 +180,7 @@ impl Region2Consumer {
     async fn consume_fenced(
         &self,
         leadership: &Leadership,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         let topic = self.settings.kafka.topic.clone();
         let mut config = self.settings.kafka.client_config(CONSUMER_DEFAULTS).await?;
@@ -248,7 +249,7 @@ impl Region2Consumer {
             loop {
                 let first = tokio::select! {
                     message = consumer.recv() => message,
-                    _ = shutdown.changed() => return Ok(()),
+                    () = shutdown.cancelled() => return Ok(()),
                     _ = grown.changed() => anyhow::bail!("the topic gained partitions; assigning them"),
                     Some(found) = recreated.recv() => {
                         self.reread_recreated(&consumer, &topic, &partitions, &mut expected, &anchors, found)

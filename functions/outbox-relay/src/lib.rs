@@ -28,12 +28,12 @@ use tandem_core::limits::MAX_EVENT_BYTES;
 use tandem_http::http::{ReadyCheck, ScrapeHook, pool_scrape_hook};
 use tandem_runtime::config::{self, ConfigError, ServiceSettings};
 use tandem_runtime::kafka::{KafkaSettings, owned_headers};
+use tandem_runtime::shutdown::CancellationToken;
 use tandem_store::db::DatabaseSettings;
 use tandem_store::documents::StoreError;
 use tandem_store::housekeeping;
 use tandem_store::leader::{Fence, Leadership, RELAY_LOCK};
 use tandem_store::outbox::{self, OutboxRow};
-use tokio::sync::watch;
 
 pub use metrics::RelayMetrics;
 
@@ -148,7 +148,7 @@ impl Relay {
     }
 
     /// Runs until shutdown: wait for leadership, relay while leader, repeat.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         if let Err(e) = self.settings.kafka.ensure_topic().await {
             tracing::warn!(
                 error = format!("{e:#}"),
@@ -160,7 +160,7 @@ impl Relay {
             &self.settings.database,
             RELAY_LOCK,
             &self.metrics.role,
-            &mut shutdown,
+            &shutdown,
             async |leadership, shutdown| self.lead(leadership, shutdown, &mut last_prune).await,
         )
         .await;
@@ -171,7 +171,7 @@ impl Relay {
     async fn lead(
         &self,
         leadership: &mut Leadership,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &CancellationToken,
         last_prune: &mut Instant,
     ) -> anyhow::Result<()> {
         outbox::listen(&leadership.session.client).await?;
@@ -182,7 +182,7 @@ impl Relay {
         let mut last_beat = Instant::now() - HEARTBEAT_INTERVAL;
         let mut partitions: (Instant, Vec<i32>) = (Instant::now() - PARTITIONS_REFRESH, Vec::new());
         loop {
-            if *shutdown.borrow() {
+            if shutdown.is_cancelled() {
                 producer.flush(Duration::from_secs(10)).ok();
                 return Ok(());
             }
@@ -244,7 +244,7 @@ impl Relay {
                     }
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => return Ok(()),
+                        () = shutdown.cancelled() => return Ok(()),
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
@@ -261,7 +261,7 @@ impl Relay {
                         anyhow::bail!("the leader session ended");
                     }
                 }
-                _ = shutdown.changed() => return Ok(()),
+                () = shutdown.cancelled() => return Ok(()),
             }
         }
     }

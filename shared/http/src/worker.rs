@@ -11,12 +11,11 @@ use anyhow::Context;
 use deadpool_postgres::Pool;
 use futures_util::FutureExt;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::watch;
 
 use crate::http::{Readiness, ReadyCheck, ScrapeHook};
 use tandem_runtime::config::ServiceSettings;
 use tandem_runtime::metrics::Metrics;
-use tandem_runtime::shutdown::{shutdown_channel, trigger_on_signal};
+use tandem_runtime::shutdown::CancellationToken;
 use tandem_store::db::DatabaseSettings;
 use tandem_store::leader::Leadership;
 
@@ -80,8 +79,8 @@ pub async fn run_elected(
     database: &DatabaseSettings,
     lock: i64,
     role: &Role,
-    shutdown: &mut watch::Receiver<bool>,
-    mut work: impl AsyncFnMut(&mut Leadership, &mut watch::Receiver<bool>) -> anyhow::Result<()>,
+    shutdown: &CancellationToken,
+    mut work: impl AsyncFnMut(&mut Leadership, &CancellationToken) -> anyhow::Result<()>,
 ) {
     loop {
         let Some(mut leadership) =
@@ -104,7 +103,7 @@ pub async fn run_elected(
                 tracing::warn!(error = format!("{e:#}"), "stopped working; standing by");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    _ = shutdown.changed() => break,
+                    () = shutdown.cancelled() => break,
                 }
             }
         }
@@ -113,13 +112,13 @@ pub async fn run_elected(
 }
 
 /// Serves `/healthz`, `/readyz` and `/metrics` on the service's port while `work` runs, and
-/// stops both on SIGTERM or Ctrl-C (`work` gets the shutdown flag).
+/// stops both on SIGTERM or Ctrl-C (`work` gets the shutdown token).
 pub async fn serve_beside<F>(
     service: &ServiceSettings,
     metrics: Arc<Metrics>,
     ready: ReadyCheck,
     on_scrape: ScrapeHook,
-    work: impl FnOnce(watch::Receiver<bool>) -> F,
+    work: impl FnOnce(CancellationToken) -> F,
 ) -> anyhow::Result<()>
 where
     F: Future<Output = anyhow::Result<()>>,
@@ -130,14 +129,13 @@ where
         &service.region,
         service.request_timeout,
     );
-    let (sender, shutdown) = shutdown_channel();
-    trigger_on_signal(sender);
+    let shutdown = tandem_runtime::shutdown::on_signal();
     let listener = tokio::net::TcpListener::bind((service.bind_address, service.port))
         .await
         .with_context(|| format!("Failed to bind port {}", service.port))?;
-    let mut ops_shutdown = shutdown.clone();
+    let ops_shutdown = shutdown.clone();
     let server = tokio::spawn(crate::serve::serve(listener, ops, async move {
-        let _ = ops_shutdown.wait_for(|stop| *stop).await;
+        ops_shutdown.cancelled().await;
     }));
     work(shutdown).await?;
     server.await.context("ops server task failed")??;

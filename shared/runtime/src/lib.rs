@@ -1,5 +1,5 @@
 //! What every Tandem process runs on, whatever it does: configuration from the environment,
-//! secrets from AWS Secrets Manager, telemetry, the Prometheus registry, the shutdown flag and,
+//! secrets from AWS Secrets Manager, telemetry, the Prometheus registry, the shutdown token and,
 //! with feature `kafka`, the Kafka client's configuration (brokers, TLS/SASL, topic creation).
 //!
 //! # Layout
@@ -15,7 +15,7 @@
 //! | [`secrets`] | AWS Secrets Manager reads |
 //! | [`telemetry`] | logging and tracing set-up |
 //! | [`metrics`] | the Prometheus registry and the HTTP metrics every service exports |
-//! | [`shutdown`] | the shutdown flag, set on SIGTERM or Ctrl-C |
+//! | [`shutdown`] | the shutdown token (`CancellationToken`), cancelled on SIGTERM or Ctrl-C |
 //! | `kafka` | the Kafka client's configuration and topic creation (feature `kafka`) |
 
 pub mod config;

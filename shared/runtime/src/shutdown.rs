@@ -1,22 +1,22 @@
-//! Shutdown: one flag every loop can watch, set once on SIGTERM (what Kubernetes sends before
-//! killing a pod) or Ctrl-C.
+//! Shutdown: one token every loop can wait on, cancelled once, on SIGTERM (what Kubernetes sends
+//! before killing a pod) or Ctrl-C. A loop selects on [`CancellationToken::cancelled`] (which
+//! resolves at once when the token was cancelled before) or checks
+//! [`CancellationToken::is_cancelled`].
 
-use tokio::sync::watch;
+pub use tokio_util::sync::CancellationToken;
 
-/// A shutdown flag every loop can watch: set once, on SIGTERM/Ctrl-C.
-pub fn shutdown_channel() -> (watch::Sender<bool>, watch::Receiver<bool>) {
-    watch::channel(false)
-}
-
-/// Sets the flag when the process is asked to stop.
-pub fn trigger_on_signal(sender: watch::Sender<bool>) {
+/// A token cancelled when the process is asked to stop.
+pub fn on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
-        let _ = sender.send(true);
+        cancel.cancel();
     });
+    token
 }
 
-/// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends before killing a pod).
+/// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

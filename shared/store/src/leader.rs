@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::watch;
+use tandem_runtime::shutdown::CancellationToken;
 
 use crate::db::{DatabaseSettings, SessionConnection, connect_session};
 use crate::documents::StoreError;
@@ -84,11 +84,11 @@ impl Leadership {
         settings: &DatabaseSettings,
         lock: i64,
         retry_every: Duration,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &CancellationToken,
         on_standby: impl Fn(),
     ) -> Option<Self> {
         loop {
-            if *shutdown.borrow() {
+            if shutdown.is_cancelled() {
                 return None;
             }
             match try_acquire(settings, lock).await {
@@ -100,7 +100,7 @@ impl Leadership {
             }
             tokio::select! {
                 () = tokio::time::sleep(retry_every) => {}
-                _ = shutdown.changed() => return None,
+                () = shutdown.cancelled() => return None,
             }
         }
     }
