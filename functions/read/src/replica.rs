@@ -22,10 +22,24 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use tandem_core::consistency::ConsistencyToken;
-use tandem_http::problem::ApiError;
 use tandem_runtime::config::{self, ConfigError};
-use tandem_store::documents::Store;
+use tandem_store::documents::{Store, StoreError};
 use tandem_store::lag;
+
+/// Why a read with a consistency token is not served here.
+#[derive(Debug)]
+pub enum TokenWait {
+    /// This region did not hold the write within the bound: read it from Region 1, here.
+    Lagging { primary_read_url: String },
+    /// Region 2's database failed.
+    Store(StoreError),
+}
+
+impl From<StoreError> for TokenWait {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
 
 /// Replica settings, read from the environment.
 #[derive(Debug, Clone)]
@@ -125,7 +139,7 @@ impl Replica {
         store: &Store,
         token: &ConsistencyToken,
         path: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), TokenWait> {
         let deadline = Instant::now() + self.settings.consistency_wait;
         let mut pause = Duration::from_millis(2);
         loop {
@@ -136,9 +150,8 @@ impl Replica {
                 return Ok(());
             }
             if Instant::now() + pause > deadline {
-                return Err(ApiError::Lagging {
-                    primary_read_url: Some(format!("{}{path}", self.settings.primary_read_url)),
-                    retry_after_seconds: 1,
+                return Err(TokenWait::Lagging {
+                    primary_read_url: format!("{}{path}", self.settings.primary_read_url),
                 });
             }
             tokio::time::sleep(pause).await;

@@ -22,6 +22,7 @@ use tandem_http::problem::ApiError;
 use tandem_store::cache::Entry;
 
 use crate::AppState;
+use crate::replica::TokenWait;
 
 const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
@@ -258,7 +259,16 @@ async fn honour_consistency_token(
         });
     }
     match &app.replica {
-        Some(replica) => replica.await_token(&app.store, &token, path).await?,
+        Some(replica) => replica
+            .await_token(&app.store, &token, path)
+            .await
+            .map_err(|e| match e {
+                TokenWait::Lagging { primary_read_url } => ApiError::Lagging {
+                    primary_read_url: Some(primary_read_url),
+                    retry_after_seconds: 1,
+                },
+                TokenWait::Store(e) => e.into(),
+            })?,
         // The primary holds every acknowledged write: a token past its version was not
         // issued for this database's history.
         None => {
