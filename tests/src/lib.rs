@@ -18,4 +18,6 @@ pub mod services;
 pub use kafka::{Broker, KafkaCluster};
 pub use process::{ManagedProcess, free_port, wait_for_port};
 pub use regions::TwoRegions;
-pub use services::{Postgres, Redis, TestApp, TestAppOptions, serve, spawn_app, spawn_app_with};
+pub use services::{
+    Postgres, Redis, TestApp, TestAppOptions, plant_cache_entry, serve, spawn_app, spawn_app_with,
+};

@@ -329,6 +329,45 @@ pub struct TestApp {
     pub token: String,
     pub write_state: tandem_write::AppState,
     pub read_state: tandem_read::AppState,
+    /// What the Write API was started with, so a test can start another one.
+    pub write_settings: tandem_write::Settings,
+}
+
+/// Writes a live cache entry of `version` for a document straight into Redis, in the current
+/// generation: what a writer killed between its commit and its cache update leaves behind
+/// (the previous version, still cached).
+pub async fn plant_cache_entry(
+    redis_url: &str,
+    prefix: &str,
+    collection: &str,
+    id: &str,
+    version: i64,
+    data: &serde_json::Value,
+) {
+    let client = redis::Client::open(redis_url).expect("redis client");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let generation: Option<String> = redis::cmd("GET")
+        .arg(format!("{prefix}:gen"))
+        .query_async(&mut connection)
+        .await
+        .expect("read the generation");
+    let generation = generation.unwrap_or_else(|| "0".to_owned());
+    let body = serde_json::json!({"collection": collection, "id": id, "version": version,
+        "data": data, "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"});
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{prefix}:g{generation}:doc:{collection}/{id}"))
+        .arg("v")
+        .arg(version)
+        .arg("s")
+        .arg("L")
+        .arg("b")
+        .arg(body.to_string())
+        .query_async(&mut connection)
+        .await
+        .expect("plant the entry");
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -412,6 +451,7 @@ pub async fn spawn_app_with(options: TestAppOptions) -> TestApp {
         token,
         write_state,
         read_state,
+        write_settings,
     }
 }
 

@@ -194,6 +194,9 @@ impl KafkaApply {
         let mut cache_settings = settings.cache.clone();
         cache_settings.resolve_auth().await?;
         let cache = Cache::new(cache_settings)?;
+        // A cold start follows a crash or a timeout as well as a scale-out: an invocation
+        // killed between its commit and its cache update left the replaced version cached.
+        cache.invalidate_all().await;
         let applier = Applier::new(pool, cache, Arc::new(ConsumerMetrics::new()));
         tracing::info!(region = %settings.service.region, topic = %settings.topic, "Region 2 apply function starting");
         Ok(Self::start(applier, &settings.topic, settings.partitions).await)

@@ -172,6 +172,9 @@ impl Region2Consumer {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         self.applier.set_fence(Some(leadership.fence));
+        // The previous leader may have been killed between an apply's commit and its cache
+        // update: nothing cached before this term is trusted.
+        self.applier.cache.invalidate_all().await;
         let result = self.consume_fenced(leadership, shutdown).await;
         self.applier.set_fence(None);
         result

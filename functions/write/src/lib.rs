@@ -80,7 +80,11 @@ impl AppState {
             cache: {
                 let mut cache = settings.cache.clone();
                 cache.resolve_auth().await?;
-                Cache::new(cache)?
+                let cache = Cache::new(cache)?;
+                // A predecessor killed between a commit and its cache update left the
+                // replaced version cached: nothing cached before this process is trusted.
+                cache.invalidate_all().await;
+                cache
             },
             auth,
             metrics: Arc::new(Metrics::new("write")),

@@ -18,7 +18,9 @@
 //! read before the fault cannot land in the new generation; writers' updates likewise name the
 //! generation this process last saw, so an update Redis executes late (after a pause) cannot
 //! land in a newer generation either. A writer whose update could not be confirmed bumps the
-//! generation itself before it acknowledges. A changed Redis `run_id` (a
+//! generation itself before it acknowledges, and a writer that starts (or a consumer that
+//! begins a leadership term) bumps it once ([`Cache::invalidate_all`]): its predecessor may have
+//! been killed between a commit and the update that should have followed. A changed Redis `run_id` (a
 //! restart, a failover to a replica that may have missed writes) is treated the same way: each
 //! process checks it every second. Old generations expire with their entries' TTL.
 //!
@@ -320,7 +322,7 @@ impl Cache {
                 self.inner.trusted.store(true, Ordering::Release);
                 tracing::info!(
                     generation,
-                    "cache generation bumped after a Redis fault; older entries are misses now"
+                    "cache generation bumped; older entries are misses now"
                 );
             }
             Err(e) => {
@@ -356,6 +358,26 @@ impl Cache {
             Err(e) => {
                 self.failed(e);
             }
+        }
+    }
+
+    /// Makes every entry written before this call a miss, by bumping the generation.
+    ///
+    /// For a writer that starts (a Write API process, the apply function's cold start) or
+    /// begins a leadership term (the consumer): it cannot know whether its predecessor was
+    /// killed between a commit and the cache update that should have followed, which would
+    /// leave the version that commit replaced cached until its TTL. One attempt is made now;
+    /// if Redis does not answer, the cache stays bypassed by this process and the bump lands
+    /// as soon as Redis answers, as after any fault.
+    pub async fn invalidate_all(&self) {
+        self.guard();
+        self.inner.trusted.store(false, Ordering::Release);
+        self.bump_now().await;
+        if !self.is_trusted() {
+            tracing::warn!(
+                "Redis did not answer the start-up generation bump; the cache is bypassed until it does"
+            );
+            self.inner.wake.notify_one();
         }
     }
 

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use tandem_core::document::Stored;
 use tandem_core::document::{Collection, DocumentId, DocumentKey};
 use tandem_store::cache::Entry;
-use tandem_tests::{Redis, TestAppOptions, spawn_app, spawn_app_with};
+use tandem_tests::{Redis, TestAppOptions, plant_cache_entry, spawn_app, spawn_app_with};
 
 fn key(collection: &str, id: &str) -> DocumentKey {
     DocumentKey::new(
@@ -260,6 +260,7 @@ async fn after_a_redis_pause_no_read_returns_the_version_the_cache_missed() {
         app.put("paused", &format!("d{n}"), &json!({"v": 1})).await;
         app.get(&format!("/v1/paused/d{n}")).await;
     }
+    let bumps_before = app.write_state.cache.generation_bumps();
     // Redis freezes for a second while every document gets version 2: the write-through of
     // each times out (it may or may not land later).
     redis.pause(true);
@@ -285,7 +286,7 @@ async fn after_a_redis_pause_no_read_returns_the_version_the_cache_missed() {
     // And the cache serves again: the generation was bumped, not the cache abandoned.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(app.write_state.cache.is_trusted());
-    assert!(app.write_state.cache.generation_bumps() >= 1);
+    assert!(app.write_state.cache.generation_bumps() > bumps_before);
     app.get("/v1/paused/d0").await;
     let before = cache_hits(&app).await;
     let body: Value = app.get("/v1/paused/d0").await.json().await.expect("json");
@@ -390,30 +391,15 @@ async fn a_cached_entry_older_than_the_token_is_a_miss() {
         .expect("token")
         .to_owned();
     // Plant a stale entry (as a lost cache update would leave) in the current generation.
-    let client = redis::Client::open(app.redis_url.as_str()).expect("client");
-    let mut connection = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
-    let generation: Option<String> = redis::cmd("GET")
-        .arg(format!("{}:gen", app.cache_prefix))
-        .query_async(&mut connection)
-        .await
-        .expect("gen");
-    let generation = generation.unwrap_or_else(|| "0".to_owned());
-    let stale = json!({"collection": "tok", "id": "a", "version": 1, "data": {"v": 1},
-        "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"});
-    let _: () = redis::cmd("HSET")
-        .arg(format!("{}:g{generation}:doc:tok/a", app.cache_prefix))
-        .arg("v")
-        .arg(1)
-        .arg("s")
-        .arg("L")
-        .arg("b")
-        .arg(stale.to_string())
-        .query_async(&mut connection)
-        .await
-        .expect("hset");
+    plant_cache_entry(
+        &app.redis_url,
+        &app.cache_prefix,
+        "tok",
+        "a",
+        1,
+        &json!({"v": 1}),
+    )
+    .await;
     let plain: Value = app.get("/v1/tok/a").await.json().await.expect("json");
     assert_eq!(
         plain["version"], 1,
@@ -466,4 +452,40 @@ async fn cache_hits(app: &tandem_tests::TestApp) -> u64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_write_api_that_starts_trusts_nothing_cached_before_it() {
+    let app = spawn_app().await;
+    app.put("restart", "a", &json!({"v": 1})).await;
+    app.put("restart", "a", &json!({"v": 2})).await;
+    // A Write API killed between its commit of version 2 and the cache update leaves
+    // version 1 cached.
+    plant_cache_entry(
+        &app.redis_url,
+        &app.cache_prefix,
+        "restart",
+        "a",
+        1,
+        &json!({"v": 1}),
+    )
+    .await;
+    let body: Value = app.get("/v1/restart/a").await.json().await.expect("json");
+    assert_eq!(
+        body["version"], 1,
+        "the planted entry is what the cache holds"
+    );
+    // The Write API that replaces it bumps the generation as it starts.
+    let restarted = tandem_write::AppState::build(&app.write_settings)
+        .await
+        .expect("a new Write API");
+    assert!(restarted.cache.is_trusted(), "Redis answered the bump");
+    assert_eq!(restarted.cache.generation_bumps(), 1);
+    for _ in 0..3 {
+        let body: Value = app.get("/v1/restart/a").await.json().await.expect("json");
+        assert_eq!(
+            body["version"], 2,
+            "the database's version, never the planted one"
+        );
+    }
 }

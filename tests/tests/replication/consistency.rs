@@ -223,3 +223,67 @@ async fn after_a_redis_pause_in_region2_no_document_keeps_its_previous_version()
         assert_eq!(body["version"], 2);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killed_before_its_cache_update_leaves_no_stale_entry() {
+    let mut regions = TwoRegions::start().await;
+    let app = &regions.region1;
+    app.put("killed", "a", &json!({"v": 1})).await;
+    app.put("killed", "a", &json!({"v": 2})).await;
+    regions
+        .wait_region2_version("/v1/killed/a", 2, Duration::from_secs(30))
+        .await;
+    // The consumer is killed after committing version 2 and before updating the cache:
+    // Region 2's Redis still holds version 1, and the database already says the event was
+    // applied, so no consumer will apply (and cache) it again.
+    regions.consumers[0].kill_and_wait();
+    tandem_tests::plant_cache_entry(
+        &regions.region2_redis_url,
+        &regions.region2_key_prefix,
+        "killed",
+        "a",
+        1,
+        &json!({"v": 1}),
+    )
+    .await;
+    let body: Value = regions
+        .region2_get("/v1/killed/a")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        body["version"], 1,
+        "the planted entry is what the cache holds"
+    );
+    // The next consumer's leadership term starts with a generation bump.
+    regions.start_consumer();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let body: Value = regions
+            .region2_get("/v1/killed/a")
+            .await
+            .json()
+            .await
+            .expect("json");
+        if body["version"] == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Region 2 still serves the version the killed consumer's cache update replaced:\n{}",
+            regions.consumers[1].log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // And never the old one again.
+    for _ in 0..5 {
+        let body: Value = regions
+            .region2_get("/v1/killed/a")
+            .await
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(body["version"], 2);
+    }
+}

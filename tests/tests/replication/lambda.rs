@@ -743,6 +743,19 @@ async fn the_shipped_binary_serves_invocations_from_the_lambda_runtime_api() {
     }
     assert_eq!(served_version(&regions, "/v1/binary/doc").await, Some(1));
     assert_each_event_applied_once(&regions).await;
+    // Its cold start bumped Region 2's cache generation: an invocation killed between its
+    // commit and its cache update cannot leave the replaced version served past it.
+    let client = redis::Client::open(regions.region2_redis_url.as_str()).expect("client");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let generation: Option<i64> = redis::cmd("GET")
+        .arg(format!("{}:gen", regions.region2_key_prefix))
+        .query_async(&mut connection)
+        .await
+        .expect("generation");
+    assert_eq!(generation, Some(1), "one bump, at the cold start");
     drop(function);
     let _ = std::fs::remove_dir_all(dir);
 }
