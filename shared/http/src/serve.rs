@@ -60,26 +60,37 @@ pub fn lambda_service(
     Error = Infallible,
     Future = impl Send,
 > + Clone {
-    router.map_request(strip_stage).map_response(cap_response)
+    router.map_request(strip_stage).then(
+        |result: Result<axum::response::Response, Infallible>| async move {
+            match result {
+                Ok(response) => Ok(cap_response(response).await),
+                Err(never) => match never {},
+            }
+        },
+    )
 }
 
-/// The ALB passes at most [`LAMBDA_MAX_RESPONSE_BYTES`] from a Lambda function (headers
-/// included) and answers a bigger response with a bare 502. The document and page limits keep
-/// every response below it; should one still be larger, the client gets a problem naming the
-/// limit instead.
-fn cap_response(response: axum::response::Response) -> axum::response::Response {
-    use axum::body::HttpBody as _;
+/// The ALB passes at most [`LAMBDA_MAX_RESPONSE_BYTES`] from a Lambda function, measured as the
+/// JSON the runtime sends it, and answers a bigger response with a bare 502. The page budget
+/// keeps every list page below it; a document whose encoding is larger (only one over about
+/// 480 KB that is mostly quotes or backslashes) gets a problem naming the limit instead.
+async fn cap_response(response: axum::response::Response) -> axum::response::Response {
     use axum::response::IntoResponse as _;
-    let hint = response.body().size_hint();
-    let body = hint.exact().unwrap_or_else(|| hint.lower());
-    let headers: u64 = response
-        .headers()
-        .iter()
-        .map(|(name, value)| (name.as_str().len() + value.len() + 4) as u64)
-        .sum();
-    if body + headers > LAMBDA_MAX_RESPONSE_BYTES as u64 {
+    let (parts, body) = response.into_parts();
+    let bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::error!(error = %e, "response body failed");
+            return crate::problem::ApiError::Internal(anyhow::anyhow!(
+                "response body failed: {e}"
+            ))
+            .into_response();
+        }
+    };
+    let encoded = lambda_encoded_len(&parts.headers, &bytes);
+    if encoded > LAMBDA_MAX_RESPONSE_BYTES {
         tracing::error!(
-            bytes = body + headers,
+            bytes = encoded,
             "response too large for the Lambda transport"
         );
         return crate::problem::ApiError::ResponseTooLarge {
@@ -87,7 +98,58 @@ fn cap_response(response: axum::response::Response) -> axum::response::Response 
         }
         .into_response();
     }
-    response
+    axum::response::Response::from_parts(parts, axum::body::Body::from(bytes))
+}
+
+/// The size of a response as `lambda_http` hands it to the ALB: a textual body as a JSON string
+/// (each `"` and `\` escaped, control characters as `\u00XX`; serde_json leaves other UTF-8 as
+/// it is), any other body in base64, every header twice (`headers` and `multiValueHeaders`),
+/// and the envelope around them.
+fn lambda_encoded_len(headers: &axum::http::HeaderMap, body: &[u8]) -> usize {
+    const ENVELOPE: usize = 128;
+    let textual = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(is_text_content_type)
+        && std::str::from_utf8(body).is_ok();
+    let body = if textual {
+        body.iter()
+            .map(|&b| match b {
+                b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+                0..=0x1f => 6,
+                _ => 1,
+            })
+            .sum()
+    } else {
+        body.len().div_ceil(3) * 4
+    };
+    let headers: usize = headers
+        .iter()
+        .map(|(name, value)| 2 * (name.as_str().len() + 2 * value.len() + 8))
+        .sum();
+    ENVELOPE + body + headers
+}
+
+/// The content types `lambda_http` sends as text rather than base64.
+fn is_text_content_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    [
+        "text/",
+        "application/json",
+        "application/javascript",
+        "application/xml",
+        "application/yaml",
+    ]
+    .iter()
+    .any(|prefix| essence.starts_with(prefix))
+        || ["+xml", "+yaml", "+json"]
+            .iter()
+            .any(|suffix| essence.ends_with(suffix))
 }
 
 fn strip_stage(mut request: lambda_http::Request) -> lambda_http::Request {
@@ -127,17 +189,28 @@ mod tests {
     use axum::body::Body;
     use axum::http::StatusCode;
 
-    #[test]
-    fn a_response_over_the_lambda_limit_becomes_a_problem() {
+    #[tokio::test]
+    async fn a_response_over_the_lambda_limit_becomes_a_problem() {
         let small = axum::response::Response::new(Body::from(vec![b'x'; 1000]));
-        assert_eq!(cap_response(small).status(), StatusCode::OK);
+        assert_eq!(cap_response(small).await.status(), StatusCode::OK);
         let large =
             axum::response::Response::new(Body::from(vec![b'x'; LAMBDA_MAX_RESPONSE_BYTES + 1]));
-        let capped = cap_response(large);
+        let capped = cap_response(large).await;
         assert_eq!(capped.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(
             capped.headers().get("content-type").map(|v| v.as_bytes()),
             Some(&b"application/problem+json"[..])
         );
+    }
+
+    #[test]
+    fn escaping_and_base64_count_as_the_runtime_encodes_them() {
+        let mut json = axum::http::HeaderMap::new();
+        json.insert("content-type", "application/problem+json".parse().unwrap());
+        let plain = lambda_encoded_len(&json, b"{}");
+        assert_eq!(lambda_encoded_len(&json, br#"{"a":"\\"}"#) - plain, 16 - 2);
+        assert_eq!(lambda_encoded_len(&json, b"\x01") - plain, 6 - 2);
+        let none = axum::http::HeaderMap::new();
+        assert_eq!(lambda_encoded_len(&none, &[0u8; 300]), 128 + 400);
     }
 }

@@ -8,7 +8,7 @@ use lambda_http::request::LambdaRequest;
 use lambda_runtime::{Context, LambdaEvent};
 use serde_json::Value;
 use tandem_http::auth::DEV_HS256_SECRET;
-use tandem_tests::{TestAppOptions, spawn_app_with};
+use tandem_tests::{TestAppOptions, spawn_app, spawn_app_with};
 use tower::ServiceExt;
 
 fn fixture(function: &str, name: &str) -> LambdaRequest {
@@ -104,4 +104,85 @@ async fn both_functions_answer_alb_and_api_gateway_events_with_matching_routes()
         header(&refused, "content-type"),
         Some("application/problem+json")
     );
+}
+
+/// The read fixture's ALB event, for another path and query.
+fn alb_get(path: &str, query: &[(&str, &str)]) -> LambdaRequest {
+    let file =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../functions/read/events/alb-get.json");
+    let mut event: Value =
+        serde_json::from_str(&std::fs::read_to_string(file).expect("fixture")).expect("json");
+    event["path"] = Value::from(path);
+    event["queryStringParameters"] = query
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    serde_json::from_value(event).expect("an ALB event")
+}
+
+#[tokio::test]
+async fn lambda_responses_fit_the_alb_even_when_escaping_doubles_them() {
+    let app = spawn_app().await;
+    // Documents of nothing but backslashes: 200 KiB stored each, twice that once the Lambda
+    // transport escapes the response body into its JSON envelope.
+    let backslashes = "\\".repeat(100 * 1024);
+    for i in 0..5 {
+        let response = app
+            .put(
+                "escaped",
+                &format!("d{i}"),
+                &serde_json::json!({"s": backslashes}),
+            )
+            .await;
+        assert_eq!(response.status(), 201);
+    }
+    let read = || tandem_read::router(app.read_state.clone());
+    let mut seen = 0;
+    let mut after: Option<String> = None;
+    loop {
+        let mut query = vec![("limit", "1000")];
+        if let Some(after) = &after {
+            query.push(("after", after));
+        }
+        let response = invoke(read(), alb_get("/v1/escaped", &query)).await;
+        let encoded = serde_json::to_vec(&response).expect("encodes").len();
+        assert_eq!(response["statusCode"], 200, "{}", response["body"]);
+        assert!(
+            encoded < tandem_core::limits::LAMBDA_MAX_RESPONSE_BYTES,
+            "a page the ALB would refuse: {encoded} bytes"
+        );
+        let page = body(&response);
+        seen += page["items"].as_array().expect("items").len();
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, 5);
+
+    // One document the Lambda transport cannot carry: 500 KB of quotes and backslashes
+    // (written in two merge patches, each within the request limit).
+    let half = "\\".repeat(125 * 1024);
+    app.put("escaped", "huge", &serde_json::json!({"a": half}))
+        .await;
+    let patched = app
+        .client
+        .patch(format!("{}/v1/escaped/huge", app.write_url))
+        .bearer_auth(&app.token)
+        .header("content-type", "application/merge-patch+json")
+        .body(serde_json::json!({"b": half}).to_string())
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(patched.status(), 200);
+    let response = invoke(read(), alb_get("/v1/escaped/huge", &[])).await;
+    assert_eq!(response["statusCode"], 413, "{}", response["body"]);
+    assert_eq!(
+        header(&response, "content-type"),
+        Some("application/problem+json")
+    );
+    assert_eq!(body(&response)["type"], "/problems/response-too-large");
+    // The same document over plain HTTP (the EKS pods) is served.
+    assert_eq!(app.get("/v1/escaped/huge").await.status(), 200);
 }
