@@ -56,6 +56,7 @@ async fn region2_lag_rises_for_every_stall_and_recovers() {
         "relay wedged",
         "relay down",
         "broker down",
+        "broker killed",
         "consumer paused",
         "consumer blocked",
         "poison stuck",
@@ -65,6 +66,7 @@ async fn region2_lag_rises_for_every_stall_and_recovers() {
             "relay wedged" => regions.relays[0].signal("STOP"),
             "relay down" => regions.relays[0].kill_and_wait(),
             "broker down" => regions.broker.pause(true),
+            "broker killed" => single_broker(&mut regions).kill(),
             "consumer paused" => regions.consumers[0].signal("STOP"),
             "consumer blocked" => {
                 held = Some(lock_table(&regions.region2_database_url, "consumer_offsets").await);
@@ -82,12 +84,18 @@ async fn region2_lag_rises_for_every_stall_and_recovers() {
         assert!(line.contains("exceeds"), "{stall}: {line}");
         let lag = reported_lag(&regions).await.expect("lag header");
         assert!(lag > 2000, "{stall}: the header reports {lag} ms");
+        let metric = lag_metric(&regions).await;
+        assert!(metric > 2000.0, "{stall}: the metric reports {metric} ms");
         match stall {
             "relay wedged" => regions.relays[0].signal("CONT"),
             "relay down" => {
                 regions.start_relay();
             }
             "broker down" => regions.broker.pause(false),
+            "broker killed" => single_broker(&mut regions)
+                .restart()
+                .await
+                .expect("the broker restarts on its log"),
             "consumer paused" => regions.consumers[0].signal("CONT"),
             _ => drop(held.take()),
         }
@@ -98,6 +106,30 @@ async fn region2_lag_rises_for_every_stall_and_recovers() {
             regions.relays.swap(0, 1);
         }
     }
+    // And the metric comes back down with the rest.
+    let deadline = std::time::Instant::now() + recover_within;
+    loop {
+        let metric = lag_metric(&regions).await;
+        if metric < 2000.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "recovered, but the metric still reports {metric} ms"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn single_broker(regions: &mut TwoRegions) -> &mut tandem_tests::Broker {
+    match &mut regions.broker {
+        tandem_tests::regions::Kafka::Single(broker) => broker,
+        tandem_tests::regions::Kafka::Cluster(_) => panic!("this test runs on one node"),
+    }
+}
+
+/// Region 2's `tandem_replication_lag_milliseconds`, as its Read API exports it.
+async fn lag_metric(regions: &TwoRegions) -> f64 {
     let metrics = regions
         .region1
         .client
@@ -108,10 +140,11 @@ async fn region2_lag_rises_for_every_stall_and_recovers() {
         .text()
         .await
         .expect("text");
-    assert!(
-        metrics.contains("tandem_replication_lag_milliseconds "),
-        "{metrics}"
-    );
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("tandem_replication_lag_milliseconds "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no lag gauge in:\n{metrics}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
