@@ -234,7 +234,12 @@ impl KafkaApply {
         LambdaEvent<KafkaEvent>,
         Response = KafkaBatchResponse,
         Error = lambda_runtime::Error,
-    > + Clone {
+        Future = lambda_runtime::BoxFuture<
+            'static,
+            Result<KafkaBatchResponse, lambda_runtime::Error>,
+        >,
+    > + Clone
+    + Send {
         service_fn(move |event: LambdaEvent<KafkaEvent>| {
             let apply = self.clone();
             // Boxed: the apply future is deep, and the runtime's layers nest it further.

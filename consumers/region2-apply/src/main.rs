@@ -11,5 +11,8 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     tandem_runtime::telemetry::init();
     let settings = Settings::from_env().context("Invalid configuration")?;
     let apply = KafkaApply::build(&settings).await?;
-    lambda_runtime::run(apply.service()).await
+    // Concurrent only when AWS_LAMBDA_MAX_CONCURRENCY asks for it: the event source mapping
+    // never hands two batches of one partition out at once, and each batch is its own
+    // transaction, so invocations in parallel keep the per-partition order.
+    lambda_runtime::run_concurrent(apply.service()).await
 }

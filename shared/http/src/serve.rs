@@ -16,7 +16,9 @@ use tandem_runtime::config::ServiceSettings;
 pub async fn run(router: Router, settings: &ServiceSettings) -> anyhow::Result<()> {
     if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() {
         tracing::info!("starting under the AWS Lambda runtime");
-        lambda_http::run(lambda_service(router))
+        // One invocation at a time unless AWS_LAMBDA_MAX_CONCURRENCY asks for more: the
+        // router is shared state behind Arcs, so concurrent invocations need nothing else.
+        lambda_http::run_concurrent(lambda_service(router))
             .await
             .map_err(|e| anyhow::anyhow!("lambda runtime failed: {e}"))
     } else {
@@ -56,35 +58,40 @@ pub fn lambda_service(
     router: Router,
 ) -> impl tower::Service<
     lambda_http::Request,
-    Response = axum::response::Response,
+    Response = LambdaResponse,
     Error = Infallible,
     Future = impl Send,
 > + Clone {
     router.map_request(strip_stage).then(
         |result: Result<axum::response::Response, Infallible>| async move {
             match result {
-                Ok(response) => Ok(cap_response(response).await),
+                Ok(response) => Ok(lambda_response(response).await),
                 Err(never) => match never {},
             }
         },
     )
 }
 
-/// The ALB passes at most [`LAMBDA_MAX_RESPONSE_BYTES`] from a Lambda function, measured as the
-/// JSON the runtime sends it, and answers a bigger response with a bare 502. The page budget
-/// keeps every list page below it; a document whose encoding is larger (only one over about
-/// 480 KB that is mostly quotes or backslashes) gets a problem naming the limit instead.
-async fn cap_response(response: axum::response::Response) -> axum::response::Response {
+/// A response with its body collected, as the Lambda runtime sends it: text or binary.
+pub type LambdaResponse = lambda_http::Response<lambda_http::Body>;
+
+/// Collects the body and encodes it the way `lambda_http` would (text for textual content
+/// types, base64 otherwise), capped: the ALB passes at most [`LAMBDA_MAX_RESPONSE_BYTES`] from
+/// a Lambda function, measured as the JSON the runtime sends it, and answers a bigger response
+/// with a bare 502. The page budget keeps every list page below it; a document whose encoding
+/// is larger (only one over about 480 KB that is mostly quotes or backslashes) gets a problem
+/// naming the limit instead.
+async fn lambda_response(response: axum::response::Response) -> LambdaResponse {
     use axum::response::IntoResponse as _;
     let (parts, body) = response.into_parts();
     let bytes = match axum::body::to_bytes(body, usize::MAX).await {
         Ok(bytes) => bytes,
         Err(e) => {
             tracing::error!(error = %e, "response body failed");
-            return crate::problem::ApiError::Internal(anyhow::anyhow!(
-                "response body failed: {e}"
-            ))
-            .into_response();
+            let problem =
+                crate::problem::ApiError::Internal(anyhow::anyhow!("response body failed: {e}"))
+                    .into_response();
+            return Box::pin(lambda_response(problem)).await;
         }
     };
     let encoded = lambda_encoded_len(&parts.headers, &bytes);
@@ -93,12 +100,30 @@ async fn cap_response(response: axum::response::Response) -> axum::response::Res
             bytes = encoded,
             "response too large for the Lambda transport"
         );
-        return crate::problem::ApiError::ResponseTooLarge {
+        let problem = crate::problem::ApiError::ResponseTooLarge {
             limit: LAMBDA_MAX_RESPONSE_BYTES,
         }
         .into_response();
+        return Box::pin(lambda_response(problem)).await;
     }
-    axum::response::Response::from_parts(parts, axum::body::Body::from(bytes))
+    let body = if bytes.is_empty() {
+        lambda_http::Body::Empty
+    } else if is_textual(&parts.headers) {
+        match String::from_utf8(bytes.to_vec()) {
+            Ok(text) => lambda_http::Body::Text(text),
+            Err(e) => lambda_http::Body::Binary(e.into_bytes()),
+        }
+    } else {
+        lambda_http::Body::Binary(bytes.to_vec())
+    };
+    lambda_http::Response::from_parts(parts, body)
+}
+
+fn is_textual(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(is_text_content_type)
 }
 
 /// The size of a response as `lambda_http` hands it to the ALB: a textual body as a JSON string
@@ -107,11 +132,7 @@ async fn cap_response(response: axum::response::Response) -> axum::response::Res
 /// and the envelope around them.
 fn lambda_encoded_len(headers: &axum::http::HeaderMap, body: &[u8]) -> usize {
     const ENVELOPE: usize = 128;
-    let textual = headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(is_text_content_type)
-        && std::str::from_utf8(body).is_ok();
+    let textual = is_textual(headers) && std::str::from_utf8(body).is_ok();
     let body = if textual {
         body.iter()
             .map(|&b| match b {
@@ -192,10 +213,10 @@ mod tests {
     #[tokio::test]
     async fn a_response_over_the_lambda_limit_becomes_a_problem() {
         let small = axum::response::Response::new(Body::from(vec![b'x'; 1000]));
-        assert_eq!(cap_response(small).await.status(), StatusCode::OK);
+        assert_eq!(lambda_response(small).await.status(), StatusCode::OK);
         let large =
             axum::response::Response::new(Body::from(vec![b'x'; LAMBDA_MAX_RESPONSE_BYTES + 1]));
-        let capped = cap_response(large).await;
+        let capped = lambda_response(large).await;
         assert_eq!(capped.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(
             capped.headers().get("content-type").map(|v| v.as_bytes()),
