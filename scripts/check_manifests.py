@@ -3,6 +3,11 @@
 
 * TargetGroupBinding (a CRD of the AWS Load Balancer Controller, for which kubernetes-validate
   has no schema) is validated against the schema below, strictly.
+* ServiceMonitor and PrometheusRule (CRDs of the Prometheus Operator) are validated against the
+  schemas below, strictly; a ServiceMonitor selects some Service of the render that has its
+  endpoint port; a Grafana dashboard ConfigMap (label grafana_dashboard: "1") holds JSON
+  dashboards with a uid and stays under the 262,144 bytes `kubectl apply` can record. What the
+  dashboard and the rules query is checked by check_observability.py.
 * Each Deployment's environment (env plus the ConfigMaps it pulls in with envFrom) sets only the
   variables its binary reads and every variable it requires, as derived from the Rust sources by
   env_contract.py (no stale, no missing setting): exactly one database credential source, never
@@ -16,6 +21,8 @@
   is wider than a /16 (a VPC's largest size: 0.0.0.0/0 and 10.0.0.0/8 are refused) and no
   namespaceSelector is empty (every namespace). The API pods take traffic from the load balancer
   subnets only, which each overlay appends as ipBlocks (patches/network-policies.yaml).
+* With --overlay: every pod template carries the labels a ServiceMonitor copies onto its series
+  (podTargetLabels: tandem/region, which the dashboard and the alerts group by).
 * With --overlay: no `set-by-overlay` placeholder is left, images name a registry and a tag,
   IRSA annotations and target group ARNs look like real ARNs, and the pods behind every
   TargetGroupBinding admit some ipBlock (the load balancer subnets) on the Service's target port,
@@ -27,6 +34,7 @@ Usage: check_manifests.py [--overlay] RENDERED.yaml...
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import sys
 from pathlib import Path
@@ -85,6 +93,113 @@ TARGET_GROUP_BINDING_SCHEMA = {
 }
 
 
+DURATION = {"type": "string", "pattern": r"^(?:[0-9]+(?:ms|[smhdwy]))+$"}
+STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+
+# monitoring.coreos.com/v1 ServiceMonitor, the fields this project may use.
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["matchLabels"],
+                    "properties": {"matchLabels": {**STRING_MAP, "minProperties": 1}},
+                },
+                "namespaceSelector": {"type": "object"},
+                "jobLabel": {"type": "string", "minLength": 1},
+                "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                "targetLabels": {"type": "array", "items": {"type": "string"}},
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["port"],
+                        "properties": {
+                            "port": {"type": "string", "minLength": 1},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "scheme": {"enum": ["http", "https"]},
+                            "interval": DURATION,
+                            "scrapeTimeout": DURATION,
+                            "honorLabels": {"type": "boolean"},
+                            "relabelings": {"type": "array"},
+                            "metricRelabelings": {"type": "array"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+# monitoring.coreos.com/v1 PrometheusRule: a rule file's groups under spec.
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": DURATION,
+                            "query_offset": DURATION,
+                            "limit": {"type": "integer"},
+                            "labels": STRING_MAP,
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["expr"],
+                                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                    "properties": {
+                                        "alert": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"},
+                                        "record": {"type": "string", "pattern": "^[a-zA-Z_:][a-zA-Z0-9_:]*$"},
+                                        "expr": {"type": "string", "minLength": 1},
+                                        "for": DURATION,
+                                        "keep_firing_for": DURATION,
+                                        "labels": STRING_MAP,
+                                        "annotations": STRING_MAP,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+# kubectl apply (client side) keeps the whole object in an annotation, limited to 256 KiB.
+MAX_APPLIED_BYTES = 262144
+
+
 class Checker:
     def __init__(self, overlay: bool) -> None:
         self.overlay = overlay
@@ -109,6 +224,7 @@ class Checker:
         services = {doc["metadata"]["name"] for doc in docs if doc.get("kind") == "Service"}
         if self.overlay:
             self.check_load_balancer_reachability(source, docs)
+        self.check_service_monitors(source, docs)
         for doc in docs:
             if self.overlay and PLACEHOLDER in yaml.safe_dump(doc):
                 self.problem(source, doc, f"still contains the placeholder {PLACEHOLDER!r}")
@@ -119,11 +235,67 @@ class Checker:
                 self.check_deployment(source, doc, config_maps)
             elif kind == "NetworkPolicy":
                 self.check_network_policy(source, doc)
+            elif kind == "PrometheusRule":
+                self.check_schema(source, doc, PROMETHEUS_RULE_SCHEMA)
+            elif kind == "ConfigMap" and (doc.get("metadata", {}).get("labels") or {}).get("grafana_dashboard") == "1":
+                self.check_dashboard_config_map(source, doc)
             elif kind == "ServiceAccount" and self.overlay:
                 arn = doc.get("metadata", {}).get("annotations", {}).get("eks.amazonaws.com/role-arn")
                 if arn is None or not re.match(ROLE_ARN, arn):
                     self.problem(source, doc, f"eks.amazonaws.com/role-arn is not an IAM role ARN: {arn!r}")
         return len(docs)
+
+    def check_schema(self, source: str, doc: dict, schema: dict) -> None:
+        for error in jsonschema.Draft202012Validator(schema).iter_errors(doc):
+            where = "/".join(str(part) for part in error.absolute_path) or "(root)"
+            self.problem(source, doc, f"schema: {where}: {error.message}")
+
+    def check_service_monitors(self, source: str, docs: list[dict]) -> None:
+        services = [d for d in docs if d.get("kind") == "Service"]
+        templates = [d["spec"]["template"] for d in docs if d.get("kind") == "Deployment"]
+        for monitor in (d for d in docs if d.get("kind") == "ServiceMonitor"):
+            self.check_schema(source, monitor, SERVICE_MONITOR_SCHEMA)
+            spec = monitor.get("spec", {})
+            selector = (spec.get("selector") or {}).get("matchLabels") or {}
+            ports = {e.get("port") for e in spec.get("endpoints") or []}
+            selected = [
+                s for s in services if selector and selector.items() <= (s["metadata"].get("labels") or {}).items()
+            ]
+            if not selected:
+                self.problem(source, monitor, f"selects no Service of the render (matchLabels {selector})")
+            for service in selected:
+                names = {p.get("name") for p in service.get("spec", {}).get("ports", [])}
+                if not ports & names:
+                    self.problem(source, monitor, f"Service {service['metadata']['name']} has no port named {sorted(ports)}")
+                job_label = spec.get("jobLabel")
+                if job_label and job_label not in (service["metadata"].get("labels") or {}):
+                    self.problem(source, monitor, f"Service {service['metadata']['name']} has no label {job_label} (jobLabel)")
+            if self.overlay:
+                for label in spec.get("podTargetLabels") or []:
+                    for template in templates:
+                        labels = template.get("metadata", {}).get("labels") or {}
+                        if label not in labels:
+                            name = labels.get("app.kubernetes.io/name", "?")
+                            self.problem(source, monitor, f"pods of {name} lack the label {label} (podTargetLabels)")
+
+    def check_dashboard_config_map(self, source: str, doc: dict) -> None:
+        data = doc.get("data") or {}
+        if not data:
+            self.problem(source, doc, "a grafana_dashboard ConfigMap without dashboards")
+        for key, text in data.items():
+            if not key.endswith(".json"):
+                self.problem(source, doc, f"data key {key!r}: Grafana's sidecar loads *.json dashboards")
+                continue
+            try:
+                dashboard = json.loads(text)
+            except json.JSONDecodeError as error:
+                self.problem(source, doc, f"{key} is not JSON: {error}")
+                continue
+            if not isinstance(dashboard, dict) or not dashboard.get("uid") or not dashboard.get("title"):
+                self.problem(source, doc, f"{key} is no dashboard with a uid and a title")
+        size = len(json.dumps(doc, separators=(",", ":")).encode("utf-8"))
+        if size >= MAX_APPLIED_BYTES:
+            self.problem(source, doc, f"{size} bytes: kubectl apply cannot record more than {MAX_APPLIED_BYTES}")
 
     def check_network_policy(self, source: str, doc: dict) -> None:
         for number, rule in enumerate(doc.get("spec", {}).get("ingress") or [], start=1):
@@ -204,9 +376,7 @@ class Checker:
                     )
 
     def check_target_group_binding(self, source: str, doc: dict, services: set[str]) -> None:
-        for error in jsonschema.Draft202012Validator(TARGET_GROUP_BINDING_SCHEMA).iter_errors(doc):
-            where = "/".join(str(part) for part in error.absolute_path) or "(root)"
-            self.problem(source, doc, f"schema: {where}: {error.message}")
+        self.check_schema(source, doc, TARGET_GROUP_BINDING_SCHEMA)
         spec = doc.get("spec", {})
         service = spec.get("serviceRef", {}).get("name")
         if service not in services:
