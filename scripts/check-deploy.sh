@@ -30,7 +30,7 @@
 #                         references (var, local, module outputs, data, resources), moved blocks,
 #                         Lambda environments against the binaries' env contract
 #   terraform-fmt         terraform fmt -check -recursive terraform/ (SKIP without terraform)
-#   kustomize-*           kubectl kustomize eks/base and eks/overlays/region{1,2}
+#   kustomize-*           kubectl kustomize eks/base and eks/overlays/region{1,2,2-lambda}
 #   kubernetes-validate   kubernetes-validate --strict against Kubernetes $K8S_VERSION
 #   manifests             scripts/check_manifests.py: CRDs, env names per binary, probes, overlays
 #   checkov-*             checkov on terraform/, the rendered manifests, Dockerfile, workflows
@@ -173,7 +173,7 @@ fi
 
 rendered=()
 if command -v kubectl >/dev/null 2>&1; then
-  for target in base overlays/region1 overlays/region2; do
+  for target in base overlays/region1 overlays/region2 overlays/region2-lambda; do
     out="$work/$(echo "$target" | tr '/' '-').yaml"
     run "kustomize-${target#overlays/}" kustomize_to "eks/$target" "$out"
     [ -s "$out" ] && rendered+=("$out")
