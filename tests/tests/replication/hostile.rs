@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tandem_core::limits::{MAX_BODY_BYTES, MAX_DOCUMENT_BYTES, MAX_EVENT_BYTES, MAX_JSON_DEPTH};
 use tandem_tests::TwoRegions;
 
-use crate::support::wait_published;
+use crate::support::{produce_raw, wait_published};
 
 /// `{"a":{"a":…1…}}` with `depth` objects.
 fn nested(depth: usize) -> String {
@@ -492,6 +492,128 @@ async fn a_foreign_producers_garbage_is_dead_lettered_byte_for_byte() {
             .iter()
             .all(|r| r.as_deref().is_some_and(|r| r.starts_with("still poison"))),
         "{results:?}"
+    );
+}
+
+/// `tandem_consumer_dead_letter_failures_total` of the first consumer (0 before it is reported).
+async fn dead_letter_failures(regions: &TwoRegions) -> f64 {
+    regions
+        .metric(
+            regions.consumer_ports[0],
+            "tandem_consumer_dead_letter_failures_total",
+        )
+        .await
+        .unwrap_or(0.0)
+}
+
+/// Waits (bounded, generously) until the consumer has failed to write a dead letter at least
+/// `at_least` times.
+async fn wait_dead_letter_failures(regions: &TwoRegions, at_least: f64) -> f64 {
+    for _ in 0..1200 {
+        let failures = dead_letter_failures(regions).await;
+        if failures >= at_least {
+            return failures;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "the consumer did not report {at_least} failed dead letters within 120 s:\n{}",
+        regions.consumers[0].log_tail()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_cannot_be_written_holds_the_position_until_it_can() {
+    let regions = TwoRegions::start().await;
+    let client = regions.region2_pool.get().await.expect("db");
+    // Region 2 refuses every dead letter, for a reason retrying does not fix (an error raised
+    // by a trigger, SQLSTATE P0001).
+    client
+        .batch_execute(
+            "CREATE FUNCTION refuse_dead_letters() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN RAISE EXCEPTION 'dead letters refused by the test'; END $$; \
+             CREATE TRIGGER refuse_dead_letters BEFORE INSERT ON dead_letters \
+             FOR EACH ROW EXECUTE FUNCTION refuse_dead_letters()",
+        )
+        .await
+        .expect("refuse dead letters");
+    let (partition, offset) = produce_raw(&regions, "poison/held", b"\x00 not an event \xff").await;
+    wait_dead_letter_failures(&regions, 1.0).await;
+
+    // An ordinary write behind the poison record: published, then held while the poison
+    // record can be neither applied nor set aside, however long that lasts.
+    let response = regions
+        .region1
+        .put("held", "after", &json!({"waits": "its turn"}))
+        .await;
+    assert_eq!(response.status(), 201);
+    wait_published(&regions).await;
+    let before = dead_letter_failures(&regions).await;
+    wait_dead_letter_failures(&regions, before + 2.0).await;
+    assert_eq!(
+        regions.region2_get("/v1/held/after").await.status(),
+        404,
+        "nothing behind the poison record is applied past it"
+    );
+    let stored: Option<i64> = client
+        .query_opt(
+            "SELECT next_offset FROM consumer_offsets WHERE topic = $1 AND partition = $2",
+            &[&regions.topic, &partition],
+        )
+        .await
+        .expect("position")
+        .map(|row| row.get(0));
+    assert!(
+        stored.is_none_or(|next| next <= offset),
+        "the position stays before the poison record ({stored:?}, record at {offset})"
+    );
+    let letters: i64 = client
+        .query_one("SELECT count(*) FROM dead_letters", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(letters, 0);
+    // Not silent: the held partition stops the heartbeats too, and Region 2 reports the lag.
+    regions
+        .wait_region2_readiness(false, Duration::from_secs(60))
+        .await;
+
+    // The obstacle gone, the poison record is set aside and everything behind it applied.
+    client
+        .batch_execute("DROP TRIGGER refuse_dead_letters ON dead_letters")
+        .await
+        .expect("accept dead letters");
+    regions
+        .wait_region2_version("/v1/held/after", 1, Duration::from_secs(60))
+        .await;
+    let rows = client
+        .query(
+            "SELECT partition, \"offset\", payload, reason FROM dead_letters",
+            &[],
+        )
+        .await
+        .expect("dead letters");
+    assert_eq!(rows.len(), 1, "the poison record, once");
+    assert_eq!(rows[0].get::<_, i32>(0), partition);
+    assert_eq!(rows[0].get::<_, i64>(1), offset);
+    assert_eq!(
+        rows[0].get::<_, Vec<u8>>(2),
+        b"\x00 not an event \xff".to_vec()
+    );
+    let reason: String = rows[0].get(3);
+    assert!(reason.starts_with("undecodable event"), "{reason}");
+    regions.wait_converged(Duration::from_secs(30)).await;
+    regions
+        .wait_region2_readiness(true, Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        regions
+            .metric(
+                regions.consumer_ports[0],
+                "tandem_consumer_events_total{outcome=\"dead_lettered\"}",
+            )
+            .await,
+        Some(1.0)
     );
 }
 
