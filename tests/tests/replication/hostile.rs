@@ -617,6 +617,155 @@ async fn a_dead_letter_that_cannot_be_written_holds_the_position_until_it_can() 
     );
 }
 
+/// Waits (bounded, generously) until Region 2 holds `count` dead letters.
+async fn wait_dead_letters(regions: &TwoRegions, count: i64) {
+    let client = regions.region2_pool.get().await.expect("db");
+    for _ in 0..600 {
+        let letters: i64 = client
+            .query_one("SELECT count(*) FROM dead_letters", &[])
+            .await
+            .expect("count")
+            .get(0);
+        if letters >= count {
+            assert_eq!(letters, count);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "Region 2 did not reach {count} dead letters within 60 s:\n{}",
+        regions.consumers[0].log_tail()
+    );
+}
+
+/// A log without its terminal colour codes (`ESC [ … m`).
+fn without_colours(log: &str) -> String {
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_goes_through_every_letter_when_one_still_fails() {
+    let regions = TwoRegions::start().await;
+    let client = regions.region2_pool.get().await.expect("db");
+    // Region 2 refuses the documents named in `refused` (an error raised by a trigger, which
+    // retrying does not fix): their events are dead-lettered after their five attempts.
+    client
+        .batch_execute(
+            "CREATE TABLE refused (id text PRIMARY KEY); \
+             INSERT INTO refused VALUES ('stuck'), ('first'), ('second'); \
+             CREATE FUNCTION refuse_documents() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               IF EXISTS (SELECT 1 FROM refused WHERE id = NEW.id) THEN \
+                 RAISE EXCEPTION 'document % refused by the test', NEW.id; \
+               END IF; \
+               RETURN NEW; \
+             END $$; \
+             CREATE TRIGGER refuse_documents BEFORE INSERT OR UPDATE ON documents \
+             FOR EACH ROW EXECUTE FUNCTION refuse_documents()",
+        )
+        .await
+        .expect("refuse documents");
+    // One at a time, so the letters come in this order: the one that will still fail first.
+    for (n, id) in (1..).zip(["stuck", "first", "second"]) {
+        let response = regions.region1.put("redrive", id, &json!({"id": id})).await;
+        assert_eq!(response.status(), 201);
+        wait_dead_letters(&regions, n).await;
+    }
+    let keys: Vec<Vec<u8>> = client
+        .query("SELECT message_key FROM dead_letters ORDER BY id", &[])
+        .await
+        .expect("letters")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        keys,
+        [&b"redrive/stuck"[..], b"redrive/first", b"redrive/second"]
+    );
+
+    // Two can be applied now; the first letter still cannot.
+    client
+        .execute("DELETE FROM refused WHERE id <> 'stuck'", &[])
+        .await
+        .expect("accept two");
+    let output = regions.redrive();
+    let report = without_colours(&String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{report}");
+    let results: Vec<(i64, Option<String>, bool)> = client
+        .query(
+            "SELECT id, redrive_result, redriven_at IS NOT NULL FROM dead_letters ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("results")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let (stuck, stuck_result, stuck_done) = &results[0];
+    let stuck_result = stuck_result.as_deref().unwrap_or_default();
+    assert!(
+        stuck_result.starts_with("still poison: could not be applied")
+            && stuck_result.contains("document stuck refused by the test"),
+        "{stuck_result}"
+    );
+    assert!(!stuck_done, "a letter that still fails stays pending");
+    for (id, result, done) in &results[1..] {
+        assert_eq!(result.as_deref(), Some("applied"), "letter {id}");
+        assert!(done, "letter {id} is redriven");
+    }
+    // The command's report names every letter with its result.
+    for (id, result, _) in &results {
+        let result = result.as_deref().unwrap_or_default();
+        let line = report
+            .lines()
+            .find(|line| {
+                line.contains("dead letter redriven") && line.contains(&format!("id={id} "))
+            })
+            .unwrap_or_else(|| panic!("no report for letter {id}:\n{report}"));
+        let shown = result.split(':').next().unwrap_or_default();
+        assert!(line.contains(shown), "letter {id}: {line}");
+    }
+    for (id, status) in [("first", 200), ("second", 200), ("stuck", 404)] {
+        let response = regions.region2_get(&format!("/v1/redrive/{id}")).await;
+        assert_eq!(response.status(), status, "{id}");
+    }
+
+    // Once nothing refuses it, a redrive of that letter alone applies it too.
+    client
+        .execute("DELETE FROM refused", &[])
+        .await
+        .expect("accept all");
+    let output = regions.redrive_with(&["--id", &stuck.to_string()]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let pending: i64 = client
+        .query_one(
+            "SELECT count(*) FROM dead_letters WHERE redriven_at IS NULL",
+            &[],
+        )
+        .await
+        .expect("pending")
+        .get(0);
+    assert_eq!(pending, 0);
+    regions.wait_converged(Duration::from_secs(30)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_that_times_out_in_region2_is_retried_never_dead_lettered() {
     let mut regions = TwoRegions::start_without_workers().await;
