@@ -5,12 +5,18 @@
 
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use reqwest::Method;
 use serde_json::{Value, json};
-use tandem_core::limits::{MAX_BODY_BYTES, MAX_DOCUMENT_BYTES, MAX_EVENT_BYTES, MAX_JSON_DEPTH};
+use tandem_core::limits::{
+    KAFKA_MAX_MESSAGE_BYTES, MAX_BODY_BYTES, MAX_DOCUMENT_BYTES, MAX_EVENT_BYTES, MAX_JSON_DEPTH,
+};
 use tandem_tests::TwoRegions;
 
 use crate::support::{produce_raw, wait_published};
@@ -353,6 +359,154 @@ async fn rows_the_relay_cannot_publish_are_set_aside_and_the_next_write_still_co
         .collect();
     assert_eq!(reasons.len(), 1, "{reasons:?}");
     assert!(reasons[0].contains("recursion limit"), "{reasons:?}");
+}
+
+/// Waits (bounded, generously) until Region 1 holds `count` relay dead letters.
+async fn wait_relay_dead_letters(regions: &TwoRegions, count: i64) {
+    let client = regions.region1.pool.get().await.expect("db");
+    for _ in 0..600 {
+        let moved: i64 = client
+            .query_one("SELECT count(*) FROM relay_dead_letters", &[])
+            .await
+            .expect("count")
+            .get(0);
+        if moved >= count {
+            assert_eq!(moved, count);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "the relay did not set {count} rows aside within 60 s:\n{}",
+        regions.relays[0].log_tail()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_unreadable_or_refused_by_the_client_or_the_broker_are_set_aside() {
+    // The topic's own limit, below the producer's: an event between the two is sent by the
+    // client and refused by the broker.
+    const TOPIC_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+    let mut regions = TwoRegions::start_without_workers().await;
+    // The topic exists before the relay starts, which keeps it as it is.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", regions.broker.address())
+        .create()
+        .expect("admin");
+    let limit = TOPIC_MAX_MESSAGE_BYTES.to_string();
+    let replication = i32::try_from(regions.broker.replication()).expect("replication");
+    let topic = NewTopic::new(&regions.topic, 3, TopicReplication::Fixed(replication))
+        .set("max.message.bytes", &limit);
+    let created = admin
+        .create_topics([&topic], &AdminOptions::new())
+        .await
+        .expect("create topics");
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    regions.start_relay();
+    regions.start_consumer();
+    regions.wait_region2_ready(Duration::from_secs(60)).await;
+
+    // Rows written by hand, as no Write API would: one under a collection name the relay
+    // cannot read, one whose trace context makes its message larger than the producer's
+    // message.max.bytes (the Kafka client refuses it).
+    let client = regions.region1.pool.get().await.expect("db");
+    let state = |collection: &str, id: &str| {
+        json!({"collection": collection, "id": id, "version": 1, "data": {"by": "hand"},
+            "created_at": "2026-11-01T00:00:00Z", "updated_at": "2026-11-01T00:00:00Z"})
+        .to_string()
+    };
+    let huge_trace = "0".repeat(KAFKA_MAX_MESSAGE_BYTES + 1);
+    for (collection, id, traceparent) in [
+        ("Not A Collection!", "unreadable", None),
+        ("legacy", "traced", Some(huge_trace.as_str())),
+    ] {
+        client
+            .execute(
+                "INSERT INTO outbox (event_id, collection, document_id, version, operation, \
+                 payload, traceparent) VALUES ($1, $2, $3, 1, 'upsert', $4::text::jsonb, $5)",
+                &[
+                    &uuid::Uuid::now_v7(),
+                    &collection,
+                    &id,
+                    &state(collection, id),
+                    &traceparent,
+                ],
+            )
+            .await
+            .expect("insert an outbox row by hand");
+    }
+    // A document the Write API accepts, whose event the broker refuses as larger than the
+    // topic allows (random base64: compression cannot shrink it under the limit).
+    let random: Vec<u8> = (0..2 * TOPIC_MAX_MESSAGE_BYTES)
+        .map(|_| rand::random::<u8>())
+        .collect();
+    let response = regions
+        .region1
+        .put("wide", "doc", &json!({ "s": BASE64.encode(random) }))
+        .await;
+    assert_eq!(response.status(), 201);
+    // Set aside before anything else is written: the broker refuses the whole produce batch
+    // the event travels in.
+    wait_relay_dead_letters(&regions, 3).await;
+
+    // Ordinary writes behind them flow, and the documents' next writes converge Region 2.
+    for (collection, id) in [("legacy", "traced"), ("wide", "doc"), ("canary", "after")] {
+        let response = regions
+            .region1
+            .put(collection, id, &json!({"now": "fine"}))
+            .await;
+        assert!(response.status().is_success(), "{collection}/{id}");
+    }
+    regions
+        .wait_region2_version("/v1/canary/after", 1, Duration::from_secs(60))
+        .await;
+    regions
+        .wait_region2_version("/v1/wide/doc", 2, Duration::from_secs(60))
+        .await;
+    regions.wait_converged(Duration::from_secs(60)).await;
+
+    let moved: Vec<(String, String, String)> = client
+        .query(
+            "SELECT collection, document_id, reason FROM relay_dead_letters ORDER BY seq",
+            &[],
+        )
+        .await
+        .expect("relay dead letters")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let expected = [
+        ("unreadable", "undecodable outbox row"),
+        ("traced", "refused by the Kafka client"),
+        ("doc", "refused by the broker"),
+    ];
+    assert_eq!(moved.len(), expected.len(), "{moved:?}");
+    for ((_, id, reason), (expected_id, expected_reason)) in moved.iter().zip(expected) {
+        assert_eq!(id, expected_id, "{moved:?}");
+        assert!(reason.starts_with(expected_reason), "{id}: {reason}");
+    }
+    assert_eq!(
+        regions
+            .metric(regions.relay_ports[0], "tandem_relay_dead_lettered_total")
+            .await,
+        Some(3.0)
+    );
+    let unpublished: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(unpublished, 0);
+    let two = regions.region2_pool.get().await.expect("db");
+    let letters: i64 = two
+        .query_one("SELECT count(*) FROM dead_letters", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(letters, 0, "nothing unpublishable reached Region 2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
