@@ -8,6 +8,7 @@
 //! The Region 1 side of `documents` (and the outbox rows its writes enqueue) is in
 //! [`crate::documents`].
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use deadpool_postgres::{Pool, Transaction};
@@ -87,7 +88,9 @@ pub struct Position {
     pub last_record_hash: Vec<u8>,
 }
 
-/// One record set aside, byte for byte: header names a Kafka client cannot read are `None`.
+/// One record set aside, byte for byte, but for header names: those a Kafka client cannot read
+/// are `None`, and a NUL in one (a Lambda event's names are JSON strings, which may hold one;
+/// PostgreSQL text cannot) is stored as `\0`.
 #[derive(Debug)]
 pub struct DeadLetter<'a> {
     pub topic: &'a str,
@@ -98,6 +101,15 @@ pub struct DeadLetter<'a> {
     pub header_names: Vec<Option<&'a str>>,
     pub header_values: Vec<Option<&'a [u8]>>,
     pub reason: &'a str,
+}
+
+/// `text` with each NUL written `\0`: PostgreSQL text cannot hold NUL.
+fn without_nul(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\\0"))
+    } else {
+        Cow::Borrowed(text)
+    }
 }
 
 /// The events of a batch, as columns.
@@ -240,8 +252,14 @@ impl<'a, 'b> ApplyTx<'a, 'b> {
     /// Sets a record aside (once per position).
     pub async fn insert_dead_letter(&self, letter: &DeadLetter<'_>) -> Result<(), StoreError> {
         let stmt = self.tx.prepare_cached(DEAD_LETTER).await?;
-        // text columns cannot hold NUL: the reason quotes payloads, so strip it there.
-        let reason = letter.reason.replace('\0', "\\0");
+        // text columns cannot hold NUL: the reason quotes payloads, and header names come as
+        // they were sent, so a NUL there is written `\0`.
+        let reason = without_nul(letter.reason);
+        let header_names: Vec<Option<Cow<'_, str>>> = letter
+            .header_names
+            .iter()
+            .map(|name| name.map(without_nul))
+            .collect();
         self.tx
             .execute(
                 &stmt,
@@ -251,7 +269,7 @@ impl<'a, 'b> ApplyTx<'a, 'b> {
                     &letter.offset,
                     &letter.key,
                     &letter.payload,
-                    &letter.header_names,
+                    &header_names,
                     &letter.header_values,
                     &reason,
                 ],

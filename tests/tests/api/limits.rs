@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tandem_core::limits::{LAMBDA_MAX_RESPONSE_BYTES, LIST_PAGE_BYTES};
+use tandem_store::db::{DatabaseSettings, SessionLimits};
 use tandem_tests::{TestAppOptions, spawn_app, spawn_app_with};
 
 /// Holds a document's row lock (`FOR UPDATE`) in an open transaction until `ROLLBACK`.
@@ -135,6 +136,106 @@ async fn a_request_past_its_timeout_answers_503_and_its_write_rolls_back() {
     assert_eq!(current["version"], 1);
     assert_eq!(app.count("outbox").await, 1);
     assert_eq!(app.put("slow", "a", &json!({"n": 3})).await.status(), 200);
+}
+
+/// `statement_timeout`, `lock_timeout` and `idle_in_transaction_session_timeout` of a session,
+/// in milliseconds, each with where the session got it from (`pg_settings.source`).
+async fn session_limits(client: &tokio_postgres::Client) -> Vec<(String, String, String)> {
+    client
+        .query(
+            "SELECT name, setting, source FROM pg_settings WHERE name IN \
+             ('statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout') \
+             ORDER BY name",
+            &[],
+        )
+        .await
+        .expect("pg_settings")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// What [`session_limits`] reports for connections opened with `limits`.
+fn expected_limits(limits: &SessionLimits) -> Vec<(String, String, String)> {
+    let row = |name: &str, value: Duration| {
+        (
+            name.to_owned(),
+            value.as_millis().to_string(),
+            "client".to_owned(),
+        )
+    };
+    vec![
+        row(
+            "idle_in_transaction_session_timeout",
+            limits.idle_in_transaction,
+        ),
+        row("lock_timeout", limits.lock_timeout),
+        row("statement_timeout", limits.statement_timeout),
+    ]
+}
+
+#[tokio::test]
+async fn every_database_connection_carries_the_session_time_limits() {
+    // The APIs as they run: pools built from their settings (the product's defaults, and a
+    // lock_timeout of the test's), the Write API's migrations run on one of its connections.
+    let lock_timeout = Duration::from_millis(1250);
+    let app = spawn_app_with(TestAppOptions {
+        lock_timeout: Some(lock_timeout),
+        ..TestAppOptions::default()
+    })
+    .await;
+    let product = SessionLimits {
+        lock_timeout,
+        ..SessionLimits::default()
+    };
+    assert_eq!(
+        (product.statement_timeout, product.idle_in_transaction),
+        (Duration::from_secs(15), Duration::from_secs(30))
+    );
+    for (api, pool) in [
+        ("write", app.write_state.store.pool()),
+        ("read", app.read_state.store.pool()),
+    ] {
+        // Several connections at once: the one that ran the migrations (which lifted two of
+        // the limits for them) and fresh ones.
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(pool.get().await.expect("pooled connection"));
+        }
+        for client in &clients {
+            assert_eq!(
+                session_limits(client).await,
+                expected_limits(&product),
+                "{api} API"
+            );
+        }
+    }
+
+    // Every other kind of connection a service opens: the readiness probe's pool and the
+    // dedicated session of leader election and LISTEN, with limits set through the settings.
+    let mut settings = DatabaseSettings::from_url(&app.database_url);
+    settings.limits = SessionLimits {
+        statement_timeout: Duration::from_millis(2345),
+        lock_timeout: Duration::from_millis(678),
+        idle_in_transaction: Duration::from_millis(3456),
+    };
+    let probe = tandem_store::db::connect_probe(&settings)
+        .await
+        .expect("probe pool");
+    let probe = probe.get().await.expect("probe connection");
+    assert_eq!(
+        session_limits(&probe).await,
+        expected_limits(&settings.limits),
+        "probe"
+    );
+    let session = tandem_store::db::connect_session(&settings)
+        .await
+        .expect("session");
+    assert_eq!(
+        session_limits(&session.client).await,
+        expected_limits(&settings.limits),
+        "session"
+    );
 }
 
 #[tokio::test]

@@ -5,15 +5,21 @@
 
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use reqwest::Method;
 use serde_json::{Value, json};
-use tandem_core::limits::{MAX_BODY_BYTES, MAX_DOCUMENT_BYTES, MAX_EVENT_BYTES, MAX_JSON_DEPTH};
+use tandem_core::limits::{
+    KAFKA_MAX_MESSAGE_BYTES, MAX_BODY_BYTES, MAX_DOCUMENT_BYTES, MAX_EVENT_BYTES, MAX_JSON_DEPTH,
+};
 use tandem_tests::TwoRegions;
 
-use crate::support::wait_published;
+use crate::support::{produce_raw, wait_published};
 
 /// `{"a":{"a":…1…}}` with `depth` objects.
 fn nested(depth: usize) -> String {
@@ -355,6 +361,154 @@ async fn rows_the_relay_cannot_publish_are_set_aside_and_the_next_write_still_co
     assert!(reasons[0].contains("recursion limit"), "{reasons:?}");
 }
 
+/// Waits (bounded, generously) until Region 1 holds `count` relay dead letters.
+async fn wait_relay_dead_letters(regions: &TwoRegions, count: i64) {
+    let client = regions.region1.pool.get().await.expect("db");
+    for _ in 0..600 {
+        let moved: i64 = client
+            .query_one("SELECT count(*) FROM relay_dead_letters", &[])
+            .await
+            .expect("count")
+            .get(0);
+        if moved >= count {
+            assert_eq!(moved, count);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "the relay did not set {count} rows aside within 60 s:\n{}",
+        regions.relays[0].log_tail()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_unreadable_or_refused_by_the_client_or_the_broker_are_set_aside() {
+    // The topic's own limit, below the producer's: an event between the two is sent by the
+    // client and refused by the broker.
+    const TOPIC_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+    let mut regions = TwoRegions::start_without_workers().await;
+    // The topic exists before the relay starts, which keeps it as it is.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", regions.broker.address())
+        .create()
+        .expect("admin");
+    let limit = TOPIC_MAX_MESSAGE_BYTES.to_string();
+    let replication = i32::try_from(regions.broker.replication()).expect("replication");
+    let topic = NewTopic::new(&regions.topic, 3, TopicReplication::Fixed(replication))
+        .set("max.message.bytes", &limit);
+    let created = admin
+        .create_topics([&topic], &AdminOptions::new())
+        .await
+        .expect("create topics");
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    regions.start_relay();
+    regions.start_consumer();
+    regions.wait_region2_ready(Duration::from_secs(60)).await;
+
+    // Rows written by hand, as no Write API would: one under a collection name the relay
+    // cannot read, one whose trace context makes its message larger than the producer's
+    // message.max.bytes (the Kafka client refuses it).
+    let client = regions.region1.pool.get().await.expect("db");
+    let state = |collection: &str, id: &str| {
+        json!({"collection": collection, "id": id, "version": 1, "data": {"by": "hand"},
+            "created_at": "2026-11-01T00:00:00Z", "updated_at": "2026-11-01T00:00:00Z"})
+        .to_string()
+    };
+    let huge_trace = "0".repeat(KAFKA_MAX_MESSAGE_BYTES + 1);
+    for (collection, id, traceparent) in [
+        ("Not A Collection!", "unreadable", None),
+        ("legacy", "traced", Some(huge_trace.as_str())),
+    ] {
+        client
+            .execute(
+                "INSERT INTO outbox (event_id, collection, document_id, version, operation, \
+                 payload, traceparent) VALUES ($1, $2, $3, 1, 'upsert', $4::text::jsonb, $5)",
+                &[
+                    &uuid::Uuid::now_v7(),
+                    &collection,
+                    &id,
+                    &state(collection, id),
+                    &traceparent,
+                ],
+            )
+            .await
+            .expect("insert an outbox row by hand");
+    }
+    // A document the Write API accepts, whose event the broker refuses as larger than the
+    // topic allows (random base64: compression cannot shrink it under the limit).
+    let random: Vec<u8> = (0..2 * TOPIC_MAX_MESSAGE_BYTES)
+        .map(|_| rand::random::<u8>())
+        .collect();
+    let response = regions
+        .region1
+        .put("wide", "doc", &json!({ "s": BASE64.encode(random) }))
+        .await;
+    assert_eq!(response.status(), 201);
+    // Set aside before anything else is written: the broker refuses the whole produce batch
+    // the event travels in.
+    wait_relay_dead_letters(&regions, 3).await;
+
+    // Ordinary writes behind them flow, and the documents' next writes converge Region 2.
+    for (collection, id) in [("legacy", "traced"), ("wide", "doc"), ("canary", "after")] {
+        let response = regions
+            .region1
+            .put(collection, id, &json!({"now": "fine"}))
+            .await;
+        assert!(response.status().is_success(), "{collection}/{id}");
+    }
+    regions
+        .wait_region2_version("/v1/canary/after", 1, Duration::from_secs(60))
+        .await;
+    regions
+        .wait_region2_version("/v1/wide/doc", 2, Duration::from_secs(60))
+        .await;
+    regions.wait_converged(Duration::from_secs(60)).await;
+
+    let moved: Vec<(String, String, String)> = client
+        .query(
+            "SELECT collection, document_id, reason FROM relay_dead_letters ORDER BY seq",
+            &[],
+        )
+        .await
+        .expect("relay dead letters")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let expected = [
+        ("unreadable", "undecodable outbox row"),
+        ("traced", "refused by the Kafka client"),
+        ("doc", "refused by the broker"),
+    ];
+    assert_eq!(moved.len(), expected.len(), "{moved:?}");
+    for ((_, id, reason), (expected_id, expected_reason)) in moved.iter().zip(expected) {
+        assert_eq!(id, expected_id, "{moved:?}");
+        assert!(reason.starts_with(expected_reason), "{id}: {reason}");
+    }
+    assert_eq!(
+        regions
+            .metric(regions.relay_ports[0], "tandem_relay_dead_lettered_total")
+            .await,
+        Some(3.0)
+    );
+    let unpublished: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(unpublished, 0);
+    let two = regions.region2_pool.get().await.expect("db");
+    let letters: i64 = two
+        .query_one("SELECT count(*) FROM dead_letters", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(letters, 0, "nothing unpublishable reached Region 2");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_producers_garbage_is_dead_lettered_byte_for_byte() {
     let regions = TwoRegions::start().await;
@@ -493,6 +647,277 @@ async fn a_foreign_producers_garbage_is_dead_lettered_byte_for_byte() {
             .all(|r| r.as_deref().is_some_and(|r| r.starts_with("still poison"))),
         "{results:?}"
     );
+}
+
+/// `tandem_consumer_dead_letter_failures_total` of the first consumer (0 before it is reported).
+async fn dead_letter_failures(regions: &TwoRegions) -> f64 {
+    regions
+        .metric(
+            regions.consumer_ports[0],
+            "tandem_consumer_dead_letter_failures_total",
+        )
+        .await
+        .unwrap_or(0.0)
+}
+
+/// Waits (bounded, generously) until the consumer has failed to write a dead letter at least
+/// `at_least` times.
+async fn wait_dead_letter_failures(regions: &TwoRegions, at_least: f64) -> f64 {
+    for _ in 0..1200 {
+        let failures = dead_letter_failures(regions).await;
+        if failures >= at_least {
+            return failures;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "the consumer did not report {at_least} failed dead letters within 120 s:\n{}",
+        regions.consumers[0].log_tail()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_cannot_be_written_holds_the_position_until_it_can() {
+    let regions = TwoRegions::start().await;
+    let client = regions.region2_pool.get().await.expect("db");
+    // Region 2 refuses every dead letter, for a reason retrying does not fix (an error raised
+    // by a trigger, SQLSTATE P0001).
+    client
+        .batch_execute(
+            "CREATE FUNCTION refuse_dead_letters() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN RAISE EXCEPTION 'dead letters refused by the test'; END $$; \
+             CREATE TRIGGER refuse_dead_letters BEFORE INSERT ON dead_letters \
+             FOR EACH ROW EXECUTE FUNCTION refuse_dead_letters()",
+        )
+        .await
+        .expect("refuse dead letters");
+    let (partition, offset) = produce_raw(&regions, "poison/held", b"\x00 not an event \xff").await;
+    wait_dead_letter_failures(&regions, 1.0).await;
+
+    // An ordinary write behind the poison record: published, then held while the poison
+    // record can be neither applied nor set aside, however long that lasts.
+    let response = regions
+        .region1
+        .put("held", "after", &json!({"waits": "its turn"}))
+        .await;
+    assert_eq!(response.status(), 201);
+    wait_published(&regions).await;
+    let before = dead_letter_failures(&regions).await;
+    wait_dead_letter_failures(&regions, before + 2.0).await;
+    assert_eq!(
+        regions.region2_get("/v1/held/after").await.status(),
+        404,
+        "nothing behind the poison record is applied past it"
+    );
+    let stored: Option<i64> = client
+        .query_opt(
+            "SELECT next_offset FROM consumer_offsets WHERE topic = $1 AND partition = $2",
+            &[&regions.topic, &partition],
+        )
+        .await
+        .expect("position")
+        .map(|row| row.get(0));
+    assert!(
+        stored.is_none_or(|next| next <= offset),
+        "the position stays before the poison record ({stored:?}, record at {offset})"
+    );
+    let letters: i64 = client
+        .query_one("SELECT count(*) FROM dead_letters", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(letters, 0);
+    // Not silent: the held partition stops the heartbeats too, and Region 2 reports the lag.
+    regions
+        .wait_region2_readiness(false, Duration::from_secs(60))
+        .await;
+
+    // The obstacle gone, the poison record is set aside and everything behind it applied.
+    client
+        .batch_execute("DROP TRIGGER refuse_dead_letters ON dead_letters")
+        .await
+        .expect("accept dead letters");
+    regions
+        .wait_region2_version("/v1/held/after", 1, Duration::from_secs(60))
+        .await;
+    let rows = client
+        .query(
+            "SELECT partition, \"offset\", payload, reason FROM dead_letters",
+            &[],
+        )
+        .await
+        .expect("dead letters");
+    assert_eq!(rows.len(), 1, "the poison record, once");
+    assert_eq!(rows[0].get::<_, i32>(0), partition);
+    assert_eq!(rows[0].get::<_, i64>(1), offset);
+    assert_eq!(
+        rows[0].get::<_, Vec<u8>>(2),
+        b"\x00 not an event \xff".to_vec()
+    );
+    let reason: String = rows[0].get(3);
+    assert!(reason.starts_with("undecodable event"), "{reason}");
+    regions.wait_converged(Duration::from_secs(30)).await;
+    regions
+        .wait_region2_readiness(true, Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        regions
+            .metric(
+                regions.consumer_ports[0],
+                "tandem_consumer_events_total{outcome=\"dead_lettered\"}",
+            )
+            .await,
+        Some(1.0)
+    );
+}
+
+/// Waits (bounded, generously) until Region 2 holds `count` dead letters.
+async fn wait_dead_letters(regions: &TwoRegions, count: i64) {
+    let client = regions.region2_pool.get().await.expect("db");
+    for _ in 0..600 {
+        let letters: i64 = client
+            .query_one("SELECT count(*) FROM dead_letters", &[])
+            .await
+            .expect("count")
+            .get(0);
+        if letters >= count {
+            assert_eq!(letters, count);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "Region 2 did not reach {count} dead letters within 60 s:\n{}",
+        regions.consumers[0].log_tail()
+    );
+}
+
+/// A log without its terminal colour codes (`ESC [ … m`).
+fn without_colours(log: &str) -> String {
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_goes_through_every_letter_when_one_still_fails() {
+    let regions = TwoRegions::start().await;
+    let client = regions.region2_pool.get().await.expect("db");
+    // Region 2 refuses the documents named in `refused` (an error raised by a trigger, which
+    // retrying does not fix): their events are dead-lettered after their five attempts.
+    client
+        .batch_execute(
+            "CREATE TABLE refused (id text PRIMARY KEY); \
+             INSERT INTO refused VALUES ('stuck'), ('first'), ('second'); \
+             CREATE FUNCTION refuse_documents() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               IF EXISTS (SELECT 1 FROM refused WHERE id = NEW.id) THEN \
+                 RAISE EXCEPTION 'document % refused by the test', NEW.id; \
+               END IF; \
+               RETURN NEW; \
+             END $$; \
+             CREATE TRIGGER refuse_documents BEFORE INSERT OR UPDATE ON documents \
+             FOR EACH ROW EXECUTE FUNCTION refuse_documents()",
+        )
+        .await
+        .expect("refuse documents");
+    // One at a time, so the letters come in this order: the one that will still fail first.
+    for (n, id) in (1..).zip(["stuck", "first", "second"]) {
+        let response = regions.region1.put("redrive", id, &json!({"id": id})).await;
+        assert_eq!(response.status(), 201);
+        wait_dead_letters(&regions, n).await;
+    }
+    let keys: Vec<Vec<u8>> = client
+        .query("SELECT message_key FROM dead_letters ORDER BY id", &[])
+        .await
+        .expect("letters")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        keys,
+        [&b"redrive/stuck"[..], b"redrive/first", b"redrive/second"]
+    );
+
+    // Two can be applied now; the first letter still cannot.
+    client
+        .execute("DELETE FROM refused WHERE id <> 'stuck'", &[])
+        .await
+        .expect("accept two");
+    let output = regions.redrive();
+    let report = without_colours(&String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{report}");
+    let results: Vec<(i64, Option<String>, bool)> = client
+        .query(
+            "SELECT id, redrive_result, redriven_at IS NOT NULL FROM dead_letters ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("results")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let (stuck, stuck_result, stuck_done) = &results[0];
+    let stuck_result = stuck_result.as_deref().unwrap_or_default();
+    assert!(
+        stuck_result.starts_with("still poison: could not be applied")
+            && stuck_result.contains("document stuck refused by the test"),
+        "{stuck_result}"
+    );
+    assert!(!stuck_done, "a letter that still fails stays pending");
+    for (id, result, done) in &results[1..] {
+        assert_eq!(result.as_deref(), Some("applied"), "letter {id}");
+        assert!(done, "letter {id} is redriven");
+    }
+    // The command's report names every letter with its result.
+    for (id, result, _) in &results {
+        let result = result.as_deref().unwrap_or_default();
+        let line = report
+            .lines()
+            .find(|line| {
+                line.contains("dead letter redriven") && line.contains(&format!("id={id} "))
+            })
+            .unwrap_or_else(|| panic!("no report for letter {id}:\n{report}"));
+        let shown = result.split(':').next().unwrap_or_default();
+        assert!(line.contains(shown), "letter {id}: {line}");
+    }
+    for (id, status) in [("first", 200), ("second", 200), ("stuck", 404)] {
+        let response = regions.region2_get(&format!("/v1/redrive/{id}")).await;
+        assert_eq!(response.status(), status, "{id}");
+    }
+
+    // Once nothing refuses it, a redrive of that letter alone applies it too.
+    client
+        .execute("DELETE FROM refused", &[])
+        .await
+        .expect("accept all");
+    let output = regions.redrive_with(&["--id", &stuck.to_string()]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let pending: i64 = client
+        .query_one(
+            "SELECT count(*) FROM dead_letters WHERE redriven_at IS NULL",
+            &[],
+        )
+        .await
+        .expect("pending")
+        .get(0);
+    assert_eq!(pending, 0);
+    regions.wait_converged(Duration::from_secs(30)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

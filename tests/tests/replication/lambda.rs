@@ -414,6 +414,73 @@ async fn poison_records_in_a_batch_are_dead_lettered_alone_and_the_rest_applied(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_record_whose_header_names_hold_nul_is_dead_lettered() {
+    let mut regions = TwoRegions::start_without_workers().await;
+    regions.start_relay();
+    let apply = function(&regions, None).await;
+
+    let (partition, offset) = produce_raw(&regions, "poison/nul-name", b"not an event").await;
+    for i in 0..4 {
+        let response = regions
+            .region1
+            .put("names", &format!("n{i}"), &json!({"i": i}))
+            .await;
+        assert_eq!(response.status(), 201);
+    }
+    wait_published(&regions).await;
+    let records = read_topic(&regions, &HashMap::new()).await;
+    // The event carries header names as JSON strings: nothing stops one from holding a NUL
+    // (which PostgreSQL text cannot store), or other control characters.
+    let mut event = msk_event(&regions, &records);
+    let key = format!("{}-{partition}", regions.topic);
+    let mut found = false;
+    for record in event["records"][&key].as_array_mut().expect("partition") {
+        if record["offset"] == offset {
+            record["headers"] = json!([{"x\u{0}name": [1, 2]}, {"\u{1}\u{7f}\u{0}": [-1]}]);
+            found = true;
+        }
+    }
+    assert!(found, "the poison record is in the event");
+
+    assert_eq!(invoke(&apply, &event).await, no_failures());
+
+    let client = regions.region2_pool.get().await.expect("db");
+    let letters = client
+        .query(
+            "SELECT partition, \"offset\", payload, header_names, header_values, reason \
+             FROM dead_letters",
+            &[],
+        )
+        .await
+        .expect("dead letters");
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(
+        (letter.get::<_, i32>(0), letter.get::<_, i64>(1)),
+        (partition, offset)
+    );
+    assert_eq!(letter.get::<_, Vec<u8>>(2), b"not an event");
+    let names: Vec<Option<String>> = letter.get(3);
+    assert_eq!(
+        names,
+        vec![
+            Some("x\\0name".to_owned()),
+            Some("\u{1}\u{7f}\\0".to_owned())
+        ]
+    );
+    let values: Vec<Option<Vec<u8>>> = letter.get(4);
+    assert_eq!(values, vec![Some(vec![1, 2]), Some(vec![0xff])]);
+    let reason: String = letter.get(5);
+    assert!(reason.starts_with("undecodable event"), "{reason}");
+    // Everything around it was applied.
+    assert_eq!(
+        TwoRegions::snapshot(&regions.region2_pool).await,
+        TwoRegions::snapshot(&regions.region1.pool).await
+    );
+    assert_each_event_applied_once(&regions).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_delivered_again_twice_applies_nothing_twice() {
     let mut regions = TwoRegions::start_without_workers().await;
     regions.start_relay();

@@ -53,19 +53,21 @@ pub mod support {
         assert_eq!(applied, expected);
     }
 
-    /// Sends one record straight to the topic, as a foreign or broken producer would.
-    pub async fn produce_raw(regions: &TwoRegions, key: &str, payload: &[u8]) {
+    /// Sends one record straight to the topic, as a foreign or broken producer would; returns
+    /// where it landed, `(partition, offset)`.
+    pub async fn produce_raw(regions: &TwoRegions, key: &str, payload: &[u8]) -> (i32, i64) {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", regions.broker.address())
             .create()
             .expect("producer");
-        producer
+        let delivery = producer
             .send(
                 FutureRecord::to(&regions.topic).key(key).payload(payload),
                 Duration::from_secs(5),
             )
             .await
             .expect("produce");
+        (delivery.partition, delivery.offset)
     }
 
     /// Region 1's outbox rows not yet published.
