@@ -97,6 +97,19 @@ struct Outgoing {
     traceparent: Option<String>,
 }
 
+impl Outgoing {
+    /// Its Kafka headers.
+    fn headers(&self) -> Vec<(&'static str, Vec<u8>)> {
+        EventHeaders::change(
+            self.event_id,
+            self.deleted,
+            &self.key.collection,
+            self.traceparent.clone(),
+        )
+        .encode()
+    }
+}
+
 /// How often the leader sends a heartbeat through every partition.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the leader re-reads the topic's partitions (for heartbeats to new ones).
@@ -321,18 +334,9 @@ impl Relay {
         let started = Instant::now();
         let mut deliveries = Vec::with_capacity(batch.len());
         for row in &batch {
-            let headers = EventHeaders::change(
-                row.event_id,
-                row.deleted,
-                &row.key.collection,
-                row.traceparent.clone(),
-            )
-            .encode();
+            let headers = row.headers();
             let partition_key = partition_key(&row.key);
-            let mut record = FutureRecord::to(&self.settings.kafka.topic)
-                .key(&partition_key)
-                .payload(&row.encoded)
-                .headers(owned_headers(&headers));
+            let mut record = self.record(row, &partition_key, &headers);
             // Enqueue in seq order; when librdkafka's queue is full, wait for it to drain.
             loop {
                 match producer.send_result(record) {
@@ -363,17 +367,41 @@ impl Relay {
         .map_err(|_| anyhow::anyhow!("the producer reported no delivery outcome within 120 s"))?;
         let mut acknowledged = Vec::with_capacity(batch.len());
         let mut first_error = None;
+        let mut suspects = Vec::new();
+        let travelled = seqs.len();
         for (seq, result) in seqs.into_iter().zip(results) {
             match result {
                 Ok(Ok(_)) => acknowledged.push(seq),
-                Ok(Err((e, _))) if is_permanent(&e) => {
+                Ok(Err((e, _))) if is_permanent(&e) && travelled == 1 => {
                     refused.push((seq, format!("refused by the broker: {e}")));
                 }
+                Ok(Err((e, _))) if is_permanent(&e) => suspects.push(seq),
                 Ok(Err((e, _))) => {
                     first_error.get_or_insert(e.to_string());
                 }
                 Err(_cancelled) => {
                     first_error.get_or_insert("the producer dropped the delivery".to_owned());
+                }
+            }
+        }
+        // The broker refuses a produce request as a whole: every record of a partition that
+        // travelled with the one it cannot take gets the same error. So a record refused beside
+        // others is sent again alone, in seq order, and set aside only if refused alone. (After
+        // a transient error the suspects wait for the batch's retry.)
+        if first_error.is_none() {
+            for seq in suspects {
+                let Some(row) = batch.iter().find(|row| row.seq == seq) else {
+                    continue;
+                };
+                match self.send_alone(producer, row).await {
+                    Ok(()) => acknowledged.push(seq),
+                    Err(e) if is_permanent(&e) => {
+                        refused.push((seq, format!("refused by the broker: {e}")));
+                    }
+                    Err(e) => {
+                        first_error = Some(e.to_string());
+                        break;
+                    }
                 }
             }
         }
@@ -395,6 +423,37 @@ impl Relay {
             )),
             None => Ok(acknowledged.len() + refused.len()),
         }
+    }
+
+    /// The Kafka record of one row.
+    fn record<'a>(
+        &'a self,
+        row: &'a Outgoing,
+        partition_key: &'a str,
+        headers: &'a [(&'static str, Vec<u8>)],
+    ) -> FutureRecord<'a, str, Vec<u8>> {
+        FutureRecord::to(&self.settings.kafka.topic)
+            .key(partition_key)
+            .payload(&row.encoded)
+            .headers(owned_headers(headers))
+    }
+
+    /// Produces one row on its own and waits for the broker's answer.
+    async fn send_alone(
+        &self,
+        producer: &FutureProducer,
+        row: &Outgoing,
+    ) -> Result<(), KafkaError> {
+        let headers = row.headers();
+        let partition_key = partition_key(&row.key);
+        producer
+            .send(
+                self.record(row, &partition_key, &headers),
+                Duration::from_secs(5),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
     }
 
     /// Counts and logs the rows a committed batch moved into `relay_dead_letters`.

@@ -395,7 +395,8 @@ async fn rows_unreadable_or_refused_by_the_client_or_the_broker_are_set_aside() 
         .expect("admin");
     let limit = TOPIC_MAX_MESSAGE_BYTES.to_string();
     let replication = i32::try_from(regions.broker.replication()).expect("replication");
-    let topic = NewTopic::new(&regions.topic, 3, TopicReplication::Fixed(replication))
+    // One partition: every record travels in the same produce requests.
+    let topic = NewTopic::new(&regions.topic, 1, TopicReplication::Fixed(replication))
         .set("max.message.bytes", &limit);
     let created = admin
         .create_topics([&topic], &AdminOptions::new())
@@ -436,18 +437,43 @@ async fn rows_unreadable_or_refused_by_the_client_or_the_broker_are_set_aside() 
             .expect("insert an outbox row by hand");
     }
     // A document the Write API accepts, whose event the broker refuses as larger than the
-    // topic allows (random base64: compression cannot shrink it under the limit).
+    // topic allows (random base64: compression cannot shrink it under the limit), with
+    // ordinary writes around it. The relay is held meanwhile, so they make one batch: the
+    // broker refuses every record of the produce request the wide one travels in.
+    regions.relays[0].signal("STOP");
     let random: Vec<u8> = (0..2 * TOPIC_MAX_MESSAGE_BYTES)
         .map(|_| rand::random::<u8>())
         .collect();
+    regions
+        .region1
+        .put("neighbour", "before", &json!({"n": 1}))
+        .await;
     let response = regions
         .region1
         .put("wide", "doc", &json!({ "s": BASE64.encode(random) }))
         .await;
     assert_eq!(response.status(), 201);
-    // Set aside before anything else is written: the broker refuses the whole produce batch
-    // the event travels in.
+    for n in 0..5 {
+        regions
+            .region1
+            .put("neighbour", &format!("after-{n}"), &json!({"n": n}))
+            .await;
+    }
+    regions.relays[0].signal("CONT");
     wait_relay_dead_letters(&regions, 3).await;
+    // Only the wide one is set aside: its neighbours, refused with it, were sent again alone.
+    regions
+        .wait_region2_version("/v1/neighbour/before", 1, Duration::from_secs(60))
+        .await;
+    for n in 0..5 {
+        regions
+            .wait_region2_version(
+                &format!("/v1/neighbour/after-{n}"),
+                1,
+                Duration::from_secs(60),
+            )
+            .await;
+    }
 
     // Ordinary writes behind them flow, and the documents' next writes converge Region 2.
     for (collection, id) in [("legacy", "traced"), ("wide", "doc"), ("canary", "after")] {
