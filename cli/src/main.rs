@@ -17,6 +17,7 @@ mod config;
 mod ops;
 mod output;
 mod status;
+mod verify;
 
 use config::Connections;
 
@@ -71,6 +72,19 @@ enum Command {
         since: time::OffsetDateTime,
         #[arg(long)]
         json: bool,
+    },
+    /// Decide whether Region 2 equals Region 1 (range hashes in each database; only differing
+    /// ranges are descended), re-checking each difference after Region 2 caught up. Exit 1
+    /// when they differ.
+    Verify {
+        /// Only this collection.
+        #[arg(long, value_name = "C")]
+        collection: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// How long to wait for Region 2 to catch up before re-checking a difference.
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        catch_up_timeout: u64,
     },
     /// Re-apply Region 2's dead letters (all pending, or one) under the usual guards.
     Redrive {
@@ -131,6 +145,31 @@ fn main() -> ExitCode {
 async fn run(command: Command, connections: Connections) -> anyhow::Result<Outcome> {
     match command {
         Command::Status { json, max_lag_ms } => status::run(&connections, json, max_lag_ms).await,
+        Command::Verify {
+            collection,
+            json,
+            catch_up_timeout,
+        } => {
+            let (one, two) = (connections.region(1).await?, connections.region(2).await?);
+            let report = verify::Verifier::new(
+                &one,
+                &two,
+                collection,
+                std::time::Duration::from_secs(catch_up_timeout),
+            )
+            .run()
+            .await?;
+            if json {
+                output::json(&report)?;
+            } else {
+                verify::print(&report);
+            }
+            Ok(if report.equal {
+                Outcome::Ok
+            } else {
+                Outcome::Findings
+            })
+        }
         Command::Replay { since, json } => ops::replay(&connections, since, json).await,
         Command::Redrive { id, json } => ops::redrive(&connections, id, json).await,
         Command::DeadLetters { json } => ops::dead_letters(&connections, json).await,

@@ -88,7 +88,6 @@ pub fn line(text: &str) {
 
 /// A progress line with rate and ETA, on stderr, shown only when stderr is a terminal and
 /// the work has run for more than a second; at most ten updates a second.
-#[allow(dead_code)] // verify uses it (next commit)
 pub struct Progress {
     label: &'static str,
     total: u64,
@@ -98,7 +97,6 @@ pub struct Progress {
     enabled: bool,
 }
 
-#[allow(dead_code)]
 impl Progress {
     pub fn new(label: &'static str, total: u64) -> Self {
         Self {

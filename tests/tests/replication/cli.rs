@@ -288,3 +288,169 @@ async fn replay_and_migrate_run_from_the_cli_and_exit_codes_hold() {
         .expect("help");
     assert!(String::from_utf8_lossy(&help.stdout).contains("Exit codes"));
 }
+
+/// Region 2's database, written directly: how the tests plant drift.
+async fn region2_sql(regions: &TwoRegions, sql: &str) {
+    let client = regions.region2_pool.get().await.expect("db");
+    let n = client.execute(sql, &[]).await.expect("plant");
+    assert_eq!(n, 1, "{sql} changed {n} rows");
+}
+
+/// The four kinds of drift, planted in Region 2: `(id, kind)`.
+async fn plant_every_kind(regions: &TwoRegions) -> Vec<(&'static str, &'static str)> {
+    region2_sql(
+        regions,
+        "DELETE FROM documents WHERE collection = 'items' AND id = 'i010'",
+    )
+    .await;
+    region2_sql(
+        regions,
+        "INSERT INTO documents (collection, id, version, data, deleted, created_at, updated_at) \
+         VALUES ('items', 'i200-extra', 3, '{\"x\": 1}', false, now(), now())",
+    )
+    .await;
+    region2_sql(
+        regions,
+        "UPDATE documents SET version = version + 5 WHERE collection = 'items' AND id = 'i020'",
+    )
+    .await;
+    region2_sql(
+        regions,
+        "UPDATE documents SET data = '{\"tampered\": true}' WHERE collection = 'items' AND id = 'i030'",
+    )
+    .await;
+    vec![
+        ("i010", "missing_in_region2"),
+        ("i020", "different_version"),
+        ("i030", "same_version_different_content"),
+        ("i200-extra", "extra_in_region2"),
+    ]
+}
+
+/// Keeps writing `items/w…` documents in Region 1 until stopped; returns how many it wrote.
+fn spawn_writer(
+    regions: &TwoRegions,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    let client = regions.region1.client.clone();
+    let url = regions.region1.write_url.clone();
+    let token = regions.region1.token.clone();
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let response = client
+                .put(format!("{url}/v1/items/w{:03}", n % 40))
+                .bearer_auth(&token)
+                .json(&json!({"n": n}))
+                .send()
+                .await
+                .expect("writer PUT");
+            assert!(
+                response.status().is_success(),
+                "writer: {}",
+                response.status()
+            );
+            n += 1;
+        }
+        n
+    })
+}
+
+async fn verify_json(regions: &TwoRegions, args: &[&str]) -> (i32, Value) {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let output = {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tokio::task::block_in_place(|| tandem(regions, &args))
+    };
+    (code(&output), json_of(&output))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_every_kind_of_drift_and_none_for_writes_in_flight() {
+    let regions = TwoRegions::start().await;
+    // 300 documents: more than one leaf range, so the bisection descends.
+    for i in 0..300 {
+        let response = regions
+            .region1
+            .put(
+                "items",
+                &format!("i{i:03}"),
+                &json!({"i": i, "pad": "x".repeat(200)}),
+            )
+            .await;
+        assert!(response.status().is_success());
+    }
+    regions.region1.put("other", "o1", &json!({"o": 1})).await;
+    regions.wait_converged(Duration::from_secs(60)).await;
+
+    let (code, report) = verify_json(&regions, &["verify", "--json"]).await;
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["equal"], true);
+    assert_eq!(
+        report["rows_hashed"],
+        2 * 301,
+        "one summary per side when equal: {report:#}"
+    );
+    assert_eq!(report["schema_differences"], json!([]));
+
+    let planted = plant_every_kind(&regions).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = spawn_writer(&regions, stop.clone());
+    // Let the writer get going so that verify runs while writes are in flight.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, report) = verify_json(&regions, &["verify", "--json"]).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.await.expect("writer");
+    assert!(written > 0);
+    assert_eq!(code, 1, "{report:#}");
+    let found: Vec<(String, String)> = report["differences"]
+        .as_array()
+        .expect("differences")
+        .iter()
+        .map(|d| {
+            (
+                d["id"].as_str().unwrap_or_default().to_owned(),
+                d["kind"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = planted
+        .iter()
+        .map(|(i, k)| ((*i).to_owned(), (*k).to_owned()))
+        .collect();
+    assert_eq!(
+        found, expected,
+        "exactly the planted drift, no write in flight: {report:#}"
+    );
+    assert!(report["bytes_exchanged"].as_u64().unwrap_or(0) > 0);
+    assert!(
+        report["ranges_compared"].as_u64().unwrap_or(0) > 1,
+        "the bisection descended: {report:#}"
+    );
+    assert_eq!(
+        report["differences"][1]["region1_version"]
+            .as_i64()
+            .map(|v| v + 5),
+        report["differences"][1]["region2_version"].as_i64()
+    );
+
+    // The collection filter: `other` has no drift.
+    let (code, report) =
+        verify_json(&regions, &["verify", "--collection", "other", "--json"]).await;
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["rows_hashed"], 2);
+
+    // A schema difference in Region 2's documents table is reported too.
+    let client = regions.region2_pool.get().await.expect("db");
+    client
+        .batch_execute("ALTER TABLE documents ADD COLUMN stray integer")
+        .await
+        .expect("alter");
+    let (code, report) =
+        verify_json(&regions, &["verify", "--collection", "other", "--json"]).await;
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(
+        report["schema_differences"],
+        json!(["region2: stray integer null"])
+    );
+}
