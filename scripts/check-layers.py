@@ -8,7 +8,7 @@ Crates may depend only on crates in lower layers (README, "Layout"):
     2  tandem-store              every SQL statement and Redis script
     3  tandem-http               the HTTP edge, the Lambda-or-HTTP adapter, the workers' shell
     4  tandem-region2-apply      Region 2's apply (the consumer's and the Lambda's)
-    5  tandem-write, tandem-read, tandem-outbox-relay, tandem-region2-consumer
+    5  tandem-write, tandem-read, tandem-outbox-relay, tandem-region2-consumer, tandem-cli
     6  tandem-tests
     7  tandem-bench
 
@@ -37,7 +37,13 @@ LAYERS = [
     ["tandem-store"],
     ["tandem-http"],
     ["tandem-region2-apply"],
-    ["tandem-write", "tandem-read", "tandem-outbox-relay", "tandem-region2-consumer"],
+    [
+        "tandem-write",
+        "tandem-read",
+        "tandem-outbox-relay",
+        "tandem-region2-consumer",
+        "tandem-cli",
+    ],
     ["tandem-tests"],
     ["tandem-bench"],
 ]
@@ -227,6 +233,7 @@ GOOD = {
     "tandem-read": [("tandem-http", None)],
     "tandem-outbox-relay": [("tandem-store", None), ("rdkafka", None)],
     "tandem-region2-consumer": [("tandem-region2-apply", None)],
+    "tandem-cli": [("tandem-store", None), ("tandem-runtime", None), ("tandem-core", None)],
     "tandem-tests": [("tandem-write", None), ("tandem-read", None)],
     "tandem-bench": [("tandem-tests", None), ("tandem-outbox-relay", None)],
 }
@@ -264,6 +271,9 @@ def self_test():
 
     sideways = variant(tandem_write=[("tandem-http", None), ("tandem-read", None)])
     expect("write -> read", check(synthetic(sideways)), "the same layer")
+
+    cli_sideways = variant(tandem_cli=[("tandem-store", None), ("tandem-region2-consumer", None)])
+    expect("cli -> consumer", check(synthetic(cli_sideways)), "tandem-cli (layer 5) depends on tandem-region2-consumer")
 
     dev_up = variant(tandem_region2_apply=[("tandem-http", None), ("tandem-tests", "dev")])
     expect("apply -dev-> tests", check(synthetic(dev_up)), "depends on tandem-tests (layer 6")

@@ -758,42 +758,10 @@ impl Applier {
         let _ = replica::record_heartbeat(&self.pool, backlog).await;
     }
 
-    /// Re-applies dead letters (one, or all not yet redriven). Events that still fail stay
-    /// dead-lettered with the new reason. Returns `(id, result)` per letter.
+    /// Re-applies dead letters (one, or all not yet redriven): [`replica::redrive`], with
+    /// this apply's cache. Returns `(id, result)` per letter.
     pub async fn redrive(&self, only: Option<i64>) -> anyhow::Result<Vec<(i64, String)>> {
-        let letters = replica::pending_dead_letters(&self.pool, only).await?;
-        let mut results = Vec::new();
-        for (id, payload) in letters {
-            // One letter failing (the database refusing it, say) does not stop the others.
-            let result = match self
-                .redrive_one(payload.as_deref().unwrap_or_default())
-                .await
-            {
-                Ok(result) => result,
-                Err(e) => format!("still poison: could not be applied: {e:#}"),
-            };
-            if let Err(e) = replica::record_redrive(&self.pool, id, &result).await {
-                tracing::error!(id, error = %e, "failed to record a redrive result");
-            }
-            results.push((id, result));
-        }
-        Ok(results)
-    }
-
-    async fn redrive_one(&self, payload: &[u8]) -> anyhow::Result<String> {
-        let event = match ChangeEvent::decode(payload) {
-            Err(reason) => return Ok(format!("still poison: {reason}")),
-            Ok(event) => event,
-        };
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let (outcomes, entries) = self.apply_events(&ApplyTx::new(&tx), &[&event]).await?;
-        tx.commit().await?;
-        self.refresh_cache(&entries).await;
-        Ok(outcomes
-            .first()
-            .map_or("duplicate", Outcome::label)
-            .to_owned())
+        Ok(replica::redrive(&self.pool, Some(&self.cache), only).await?)
     }
 }
 

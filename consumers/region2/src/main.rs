@@ -1,7 +1,8 @@
 //! Entry point of the Region 2 consumer.
 //!
 //! * `tandem-region2-consumer` — run (active or standby) with `/healthz`, `/readyz`, `/metrics` on `PORT`.
-//! * `tandem-region2-consumer redrive [--id N]` — re-apply dead-lettered events.
+//! * `tandem-region2-consumer redrive [--id N]` — re-apply dead-lettered events (an alias of
+//!   `tandem redrive`, kept for one release; both call `tandem_store::replica::redrive`).
 //! * `tandem-region2-consumer migrate` — apply database migrations and exit.
 
 use std::sync::Arc;

@@ -1,7 +1,8 @@
 //! Entry point of the outbox relay.
 //!
 //! * `tandem-outbox-relay` — run (leader or standby) with `/healthz`, `/readyz`, `/metrics` on `PORT`.
-//! * `tandem-outbox-relay replay --since <RFC 3339 time>` — republish retained events from that time.
+//! * `tandem-outbox-relay replay --since <RFC 3339 time>` — republish retained events from that time
+//!   (an alias of `tandem replay`, kept for one release; both call `tandem_store::outbox::replay_since`).
 //! * `tandem-outbox-relay migrate` — apply database migrations and exit.
 
 use std::sync::Arc;

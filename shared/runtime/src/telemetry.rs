@@ -21,3 +21,15 @@ pub fn init() {
             .try_init()
     };
 }
+
+/// The subscriber of a command-line tool (`tandem`): human-readable lines on stderr, warnings
+/// and errors only unless `RUST_LOG` says otherwise.
+pub fn init_cli() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}

@@ -20,3 +20,40 @@ pub async fn heartbeat_age_ms(pool: &Pool) -> Result<Option<i64>, StoreError> {
     let age: Option<f64> = client.query_one(HEARTBEAT_AGE, &[]).await?.try_get(0)?;
     Ok(age.map(|ms| ms.max(0.0) as i64))
 }
+
+/// The oldest partition's newest heartbeat time (Region 1's commit clock): every write Region 1
+/// committed before it has been applied in Region 2. `None` before any heartbeat.
+pub async fn caught_up_to(pool: &Pool) -> Result<Option<time::OffsetDateTime>, StoreError> {
+    let client = pool.get().await?;
+    Ok(client
+        .query_one("SELECT min(origin_time) FROM replication_heartbeats", &[])
+        .await?
+        .try_get(0)?)
+}
+
+/// What Region 2's consumer last reported in `replication_status`: its backlog (messages
+/// waiting in Kafka), its liveness and when it last applied an event.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConsumerReport {
+    pub backlog: i64,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub heartbeat_at: Option<time::OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_applied_at: Option<time::OffsetDateTime>,
+}
+
+/// Region 2's `replication_status` row.
+pub async fn consumer_report(pool: &Pool) -> Result<ConsumerReport, StoreError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_one(
+            "SELECT backlog, heartbeat_at, last_applied_at FROM replication_status WHERE id = 1",
+            &[],
+        )
+        .await?;
+    Ok(ConsumerReport {
+        backlog: row.try_get(0)?,
+        heartbeat_at: row.try_get(1)?,
+        last_applied_at: row.try_get(2)?,
+    })
+}

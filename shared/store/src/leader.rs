@@ -32,6 +32,38 @@ pub fn role_of(lock: i64) -> &'static str {
     }
 }
 
+/// One role's current leadership term, as `leader_epochs` records it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Epoch {
+    pub role: String,
+    pub epoch: i64,
+    pub holder: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub elected_at: Option<time::OffsetDateTime>,
+}
+
+/// Every role's current epoch in this database (the relay's in Region 1, the consumer's in
+/// Region 2), by role.
+pub async fn epochs(pool: &deadpool_postgres::Pool) -> Result<Vec<Epoch>, StoreError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT role, epoch, holder, elected_at FROM leader_epochs ORDER BY role",
+            &[],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Epoch {
+                role: r.try_get(0)?,
+                epoch: r.try_get(1)?,
+                holder: r.try_get(2)?,
+                elected_at: r.try_get(3)?,
+            })
+        })
+        .collect()
+}
+
 /// Takes the next epoch of a role: run by a newly elected leader on its session.
 const NEXT_EPOCH: &str = "INSERT INTO leader_epochs (role, epoch, holder, elected_at) \
      VALUES ($1, 1, $2, clock_timestamp()) \

@@ -4,7 +4,9 @@
 //! transaction ([`documents`]), the relay's side of the outbox: fetching, marking, setting
 //! aside, pruning and replaying its rows ([`outbox`]), Region 2's tables as its apply writes
 //! them ([`replica`]) and as its Read API reads the lag from them ([`lag`]), the leader
-//! election and its epochs ([`leader`]), and the Redis read cache ([`cache`]).
+//! election and its epochs ([`leader`]), the Redis read cache ([`cache`]), and the read-only
+//! range checksums `tandem verify` compares between the regions ([`verify`]: its own module
+//! because it reads `documents` in both regions for one purpose, and writes nothing).
 //!
 //! # Layout
 //!
@@ -22,3 +24,4 @@ pub mod leader;
 pub mod migrations;
 pub mod outbox;
 pub mod replica;
+pub mod verify;

@@ -65,3 +65,32 @@ pub async fn run(pool: &Pool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The newest migration this build embeds.
+pub fn latest_version() -> i32 {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| m.version() as i32)
+        .max()
+        .unwrap_or(0)
+}
+
+/// The newest migration applied to this database (`None` before any).
+pub async fn applied_version(pool: &Pool) -> anyhow::Result<Option<i32>> {
+    let client = pool.get().await?;
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('tandem_schema_history') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    if !exists {
+        return Ok(None);
+    }
+    Ok(client
+        .query_one("SELECT max(version) FROM tandem_schema_history", &[])
+        .await?
+        .try_get(0)?)
+}

@@ -225,6 +225,42 @@ pub async fn count_unpublished(pool: &Pool) -> anyhow::Result<i64> {
     Ok(client.query_one(COUNT_UNPUBLISHED, &[]).await?.try_get(0)?)
 }
 
+/// A row the relay set aside (`relay_dead_letters`), for the operator.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RelayDeadLetter {
+    pub seq: i64,
+    pub collection: String,
+    pub document_id: String,
+    pub version: i64,
+    pub reason: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub dead_lettered_at: OffsetDateTime,
+}
+
+/// Every row the relay set aside, oldest first (they stay until an operator removes them).
+pub async fn relay_dead_letters(pool: &Pool) -> anyhow::Result<Vec<RelayDeadLetter>> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT seq, collection, document_id, version, reason, dead_lettered_at \
+             FROM relay_dead_letters ORDER BY seq",
+            &[],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(RelayDeadLetter {
+                seq: r.try_get(0)?,
+                collection: r.try_get(1)?,
+                document_id: r.try_get(2)?,
+                version: r.try_get(3)?,
+                reason: r.try_get(4)?,
+                dead_lettered_at: r.try_get(5)?,
+            })
+        })
+        .collect()
+}
+
 /// Removes rows published longer than `retention` ago, 10,000 at a time; returns how many.
 pub async fn prune_published(pool: &Pool, retention: Duration) -> anyhow::Result<u64> {
     let retention = retention.as_secs_f64();

@@ -441,6 +441,149 @@ pub async fn pending_dead_letters(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// A pending dead letter of Region 2's apply, for the operator (without its payload).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PendingDeadLetter {
+    pub id: i64,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub reason: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub received_at: OffsetDateTime,
+}
+
+/// The dead letters not yet redriven, oldest first.
+pub async fn list_pending_dead_letters(pool: &Pool) -> Result<Vec<PendingDeadLetter>, StoreError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT id, topic, partition, \"offset\", reason, received_at FROM dead_letters \
+             WHERE redriven_at IS NULL ORDER BY id",
+            &[],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(PendingDeadLetter {
+                id: r.try_get(0)?,
+                topic: r.try_get(1)?,
+                partition: r.try_get(2)?,
+                offset: r.try_get(3)?,
+                reason: r.try_get(4)?,
+                received_at: r.try_get(5)?,
+            })
+        })
+        .collect()
+}
+
+/// The consumer's stored position of one partition.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionPosition {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// Every stored position (`consumer_offsets`), by topic and partition.
+pub async fn positions(pool: &Pool) -> Result<Vec<PartitionPosition>, StoreError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT topic, partition, next_offset, updated_at FROM consumer_offsets \
+             ORDER BY topic, partition",
+            &[],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(PartitionPosition {
+                topic: r.try_get(0)?,
+                partition: r.try_get(1)?,
+                next_offset: r.try_get(2)?,
+                updated_at: r.try_get(3)?,
+            })
+        })
+        .collect()
+}
+
+/// Re-applies dead letters (one, or all not yet redriven) through the apply's own statements
+/// ([`ApplyTx::apply_states`], under the usual guards), then writes the states it changed
+/// into Region 2's cache (when one is given). Events that still fail stay dead-lettered with
+/// the new reason. Returns `(id, result)` per letter: `applied`, `stale`, `duplicate` or
+/// `still poison: …`. The consumer's `redrive` command and `tandem redrive` both run this.
+pub async fn redrive(
+    pool: &Pool,
+    cache: Option<&crate::cache::Cache>,
+    only: Option<i64>,
+) -> Result<Vec<(i64, String)>, StoreError> {
+    let letters = pending_dead_letters(pool, only).await?;
+    let mut results = Vec::new();
+    for (id, payload) in letters {
+        // One letter failing (the database refusing it, say) does not stop the others.
+        let result = match redrive_one(pool, cache, payload.as_deref().unwrap_or_default()).await {
+            Ok(result) => result,
+            Err(e) => format!("still poison: could not be applied: {e:#}"),
+        };
+        if let Err(e) = record_redrive(pool, id, &result).await {
+            tracing::error!(id, error = %e, "failed to record a redrive result");
+        }
+        results.push((id, result));
+    }
+    Ok(results)
+}
+
+/// One event, alone in its transaction: a duplicate when its id was recorded before, applied
+/// when the guarded upsert wrote it, else stale.
+async fn redrive_one(
+    pool: &Pool,
+    cache: Option<&crate::cache::Cache>,
+    payload: &[u8],
+) -> anyhow::Result<String> {
+    use tandem_core::document::Stored;
+    use tandem_core::event::ChangeEvent;
+
+    let event = match ChangeEvent::decode(payload) {
+        Err(reason) => return Ok(format!("still poison: {reason}")),
+        Ok(event) => event,
+    };
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let writes = ApplyTx::new(&tx);
+    let columns = EventColumns {
+        ids: vec![event.id],
+        collections: vec![event.data.collection.as_str()],
+        document_ids: vec![event.data.id.as_str()],
+        versions: vec![event.data.version],
+        times: vec![event.time],
+    };
+    let applied = writes.apply_states(&columns, &[&event.data]).await?;
+    let outcome = if !applied.fresh.contains(&event.id) {
+        "duplicate"
+    } else if applied.written.is_empty() {
+        writes.mark_stale(&[event.id]).await?;
+        "stale"
+    } else {
+        "applied"
+    };
+    tx.commit().await?;
+    if let (Some(cache), "applied") = (cache, outcome) {
+        let entry = match event.data.to_stored() {
+            Stored::Live(document) => crate::cache::Entry::Live {
+                version: document.version,
+                body: document.to_body(),
+            },
+            Stored::Deleted { version } => crate::cache::Entry::Deleted { version },
+        };
+        if let Err(e) = cache.put(&event.data.key(), &entry).await {
+            tracing::warn!(error = %e, "cache update after a redrive failed");
+        }
+    }
+    Ok(outcome.to_owned())
+}
+
 /// Records a redrive's result: a letter that is `still poison` stays pending.
 pub async fn record_redrive(pool: &Pool, id: i64, result: &str) -> Result<(), StoreError> {
     let client = pool.get().await?;

@@ -1,6 +1,7 @@
 //! Replication: Region 1 outbox → relay → Apache Kafka → Region 2 consumer → Region 2
 //! PostgreSQL, Redis and Read API; with crashes, outages and data loss along the way.
 
+mod cli;
 mod cluster;
 mod consistency;
 mod edge;

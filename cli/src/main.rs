@@ -1,0 +1,178 @@
+//! `tandem`, the operator's CLI: one binary for what an operator asks of a two-region system.
+//! Is it healthy (`status`), are the regions really equal (`verify`, `repair`), and the
+//! existing operations (`replay`, `redrive`, `dead-letters`, `migrate`).
+//!
+//! # Layout
+//!
+//! A top layer, like the functions and consumers: it uses `tandem-store` (every SQL statement
+//! it runs lives there), `tandem-runtime` and `tandem-core`, and never another binary's crate
+//! (`scripts/check-layers.py`). Output goes to stdout (tables, or JSON with `--json`);
+//! errors, logs and the progress line go to stderr.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod config;
+mod ops;
+mod output;
+mod status;
+mod verify;
+
+use config::Connections;
+
+/// What the exit code says: scripts rely on it (README, "The tandem CLI").
+pub enum Outcome {
+    /// 0: all is well (healthy, equal, done).
+    Ok,
+    /// 1: the command ran and found something (differences, unhealthy, dead letters).
+    Findings,
+}
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  ok: healthy, regions equal, operation done
+  1  findings: differences, unhealthy, dead letters pending
+  2  usage error (bad arguments or configuration)
+  3  could not reach a dependency (a database, Redis), or an operation failed
+
+Configuration: flags, else their environment variables, else `.tandem/stack.json` (written by
+`make up`, looked up from the current directory upwards), so `tandem status` just works
+against `make up`.";
+
+#[derive(Parser)]
+#[command(name = "tandem", version, about = "Operate a Tandem two-region system", after_help = EXIT_CODES)]
+struct Cli {
+    #[command(flatten)]
+    connections: config::Args,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Per region: role, leader epochs, replication lag, relay backlog, consumer positions,
+    /// dead letters, schema version. Exit 1 when lag is over the limit or dead letters wait.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// Replication lag above which Region 2 counts as unhealthy.
+        #[arg(
+            long,
+            env = "TANDEM_MAX_REPLICATION_LAG_MS",
+            default_value_t = 5000,
+            value_name = "MS"
+        )]
+        max_lag_ms: i64,
+    },
+    /// Republish the retained outbox rows written since T (after a broker lost its data).
+    Replay {
+        /// RFC 3339 time, e.g. 2026-11-25T08:00:00Z.
+        #[arg(long, value_name = "T", value_parser = parse_time)]
+        since: time::OffsetDateTime,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decide whether Region 2 equals Region 1 (range hashes in each database; only differing
+    /// ranges are descended), re-checking each difference after Region 2 caught up. Exit 1
+    /// when they differ.
+    Verify {
+        /// Only this collection.
+        #[arg(long, value_name = "C")]
+        collection: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// How long to wait for Region 2 to catch up before re-checking a difference.
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        catch_up_timeout: u64,
+    },
+    /// Re-apply Region 2's dead letters (all pending, or one) under the usual guards.
+    Redrive {
+        #[arg(long, value_name = "N")]
+        id: Option<i64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the dead letters pending on each side (relay in Region 1, apply in Region 2).
+    /// Exit 1 when there are any.
+    DeadLetters {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply pending schema migrations to one region's database.
+    Migrate {
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2), value_name = "1|2")]
+        region: u8,
+    },
+}
+
+fn parse_time(value: &str) -> Result<time::OffsetDateTime, String> {
+    time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("not an RFC 3339 time ({e})"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tandem_runtime::telemetry::init_cli();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let connections = match Connections::resolve(&cli.connections) {
+        Ok(connections) => connections,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli.command, connections)) {
+        Ok(Outcome::Ok) => ExitCode::SUCCESS,
+        Ok(Outcome::Findings) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+async fn run(command: Command, connections: Connections) -> anyhow::Result<Outcome> {
+    match command {
+        Command::Status { json, max_lag_ms } => status::run(&connections, json, max_lag_ms).await,
+        Command::Verify {
+            collection,
+            json,
+            catch_up_timeout,
+        } => {
+            let (one, two) = (connections.region(1).await?, connections.region(2).await?);
+            let report = verify::Verifier::new(
+                &one,
+                &two,
+                collection,
+                std::time::Duration::from_secs(catch_up_timeout),
+            )
+            .run()
+            .await?;
+            if json {
+                output::json(&report)?;
+            } else {
+                verify::print(&report);
+            }
+            Ok(if report.equal {
+                Outcome::Ok
+            } else {
+                Outcome::Findings
+            })
+        }
+        Command::Replay { since, json } => ops::replay(&connections, since, json).await,
+        Command::Redrive { id, json } => ops::redrive(&connections, id, json).await,
+        Command::DeadLetters { json } => ops::dead_letters(&connections, json).await,
+        Command::Migrate { region } => ops::migrate(&connections, region).await,
+    }
+}
