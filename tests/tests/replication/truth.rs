@@ -1,5 +1,5 @@
 //! Region 2 never lies about itself: its lag rises whatever stalls between Region 1's commits
-//! and Region 2's applies, it keeps answering while its lag check cannot, only
+//! and Region 2's applies, it keeps answering while its lag check or its database cannot, only
 //! the elected relay and consumer commit (even under load), and a consumer resumes a partition
 //! only with proof.
 
@@ -157,6 +157,84 @@ async fn reads_do_not_wait_for_the_lag_check() {
         .await
         .expect("readyz answered");
     assert!(matches!(ready.status().as_u16(), 200 | 503));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_region2_postgres_down_cached_reads_are_served_and_uncached_ones_fail_fast() {
+    let mut regions = TwoRegions::start_with_own_region2_postgres().await;
+    regions
+        .region1
+        .put("down", "cached", &json!({"n": 1}))
+        .await;
+    regions
+        .region1
+        .put("down", "cached", &json!({"n": 2}))
+        .await;
+    regions
+        .wait_region2_version("/v1/down/cached", 2, Duration::from_secs(30))
+        .await;
+    // Served once more: from the cache (filled by the consumer after its commit, or by the
+    // read just before).
+    assert_eq!(regions.region2_get("/v1/down/cached").await.status(), 200);
+
+    regions
+        .region2_postgres
+        .as_mut()
+        .expect("own postgres")
+        .stop();
+    // A generous bound, only to tell an answer from a request queued behind the database (or
+    // behind the lag check): not a speed assertion.
+    let hang = Duration::from_secs(5);
+    let get = |path: &str| {
+        regions
+            .region1
+            .client
+            .get(format!("{}{path}", regions.region2_read_url))
+            .timeout(hang)
+            .send()
+    };
+    for _ in 0..20 {
+        let response = get("/v1/down/cached")
+            .await
+            .expect("a cached document is answered with the database down");
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["etag"], "\"2\"");
+        assert!(
+            response
+                .headers()
+                .contains_key("x-tandem-replication-lag-ms")
+        );
+        let body: serde_json::Value = response.json().await.expect("json");
+        assert_eq!(body["version"], 2);
+        assert_eq!(body["data"], json!({"n": 2}));
+    }
+    for path in ["/v1/down/never-written", "/v1/down"] {
+        let response = get(path)
+            .await
+            .expect("an uncached read is answered with the database down");
+        assert_eq!(response.status(), 503, "{path}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        assert!(response.headers().contains_key("retry-after"));
+    }
+    let ready = get("/readyz").await.expect("readyz answered");
+    assert_eq!(ready.status(), 503);
+
+    // Back: the consumer resumes and uncached documents are read from the database again.
+    regions
+        .region2_postgres
+        .as_mut()
+        .expect("own postgres")
+        .restart()
+        .expect("restart postgres");
+    regions.region1.put("down", "after", &json!({"n": 3})).await;
+    regions
+        .wait_region2_version("/v1/down/after", 1, Duration::from_secs(60))
+        .await;
+    regions.wait_converged(Duration::from_secs(60)).await;
+    assert_each_event_applied_once(&regions).await;
 }
 
 async fn epoch(regions: &TwoRegions, role: &str) -> i64 {
