@@ -199,10 +199,18 @@ trap 'stop_all 0' INT TERM HUP
 trap 'stop_all $?' EXIT
 
 fail() { # name message
-  local log="$STATE/logs/$1.log"
+  local log="$STATE/logs/$1.log" errors
   if [ -s "$log" ]; then
     say "$1 $2; the last 30 lines of its log ($SHOWN/logs/$1.log):"
     tail -n 30 "$log" >&2 || true
+    # A JVM's (the broker's) last lines are its shutdown, the cause is further up: its error
+    # lines and the causes of their exceptions, each once (PostgreSQL's FATAL and PANIC too).
+    errors="$(grep -E '(^|[[:space:]])(ERROR|FATAL|PANIC)([[:space:]]|:)|^Caused by:' "$log" |
+              awk '!seen[$0]++' | tail -n 12 || true)"
+    if [ -n "$errors" ]; then
+      say "$1: the errors in its log:"
+      printf '%s\n' "$errors" >&2
+    fi
   else
     say "$1 $2; its log ($SHOWN/logs/$1.log) is empty"
   fi
