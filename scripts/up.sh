@@ -11,7 +11,8 @@
 # Redis and HAProxy, 60 s for the broker and a service) stops everything with its log's last lines
 # and a non-zero status. .tandem/stack.json exists only while the whole stack is up.
 #
-# Besides the ports below, two knobs let a second stack run beside a developer's:
+# Besides the ports below, two knobs let a second stack run beside a developer's (the test of
+# this script, tests/tests/up/, uses both):
 #   TANDEM_STATE_DIR  the state directory (default .tandem in the clone)
 #   TANDEM_BIN_DIR    run the binaries already built in this directory (target/debug, say)
 #                     instead of building them first
