@@ -10,12 +10,20 @@
 # the stack starts, anything that exits or does not become ready in time (30 s for PostgreSQL,
 # Redis and HAProxy, 60 s for the broker and a service) stops everything with its log's last lines
 # and a non-zero status. .tandem/stack.json exists only while the whole stack is up.
+#
+# Besides the ports below, two knobs let a second stack run beside a developer's (the test of
+# this script, tests/tests/up/, uses both):
+#   TANDEM_STATE_DIR  the state directory (default .tandem in the clone)
+#   TANDEM_BIN_DIR    run the binaries already built in this directory (target/debug, say)
+#                     instead of building them first
 source "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
-STATE="$ROOT/.tandem"
-RUN="$STATE/run" # this run's pid files and supervisor flags
+STATE="${TANDEM_STATE_DIR:-$ROOT/.tandem}"
 mkdir -p "$STATE/logs"
+STATE="$(cd "$STATE" && pwd)"
+SHOWN="${STATE#"$ROOT"/}" # the state directory as messages name it: .tandem by default
+RUN="$STATE/run"           # this run's pid files and supervisor flags
 
 # Ports (override any of them from the environment).
 EDGE_PORT="${EDGE_PORT:-8080}"
@@ -67,7 +75,6 @@ check_ports_free
 # must not take it for the real thing. (Only now: a running stack's file is not ours to remove.)
 rm -f "$STATE/stack.json"
 
-ensure_rust
 ensure_servers
 ensure_kafka
 PG_BIN="$(pg_bindir)"
@@ -81,7 +88,7 @@ PG_BIN="$(pg_bindir)"
 declare -A SUP=()     # name -> supervisor pid
 declare -A STOP_SIG=() # name -> the signal that stops the process cleanly
 STATUS=0
-OWN_STACK=0 # set once the ports were found free after the build: .tandem/stack.json is ours
+OWN_STACK=0 # set once the ports were found free after the build: $STATE/stack.json is ours
 
 supervise() { # name stop-signal command...
   local name="$1" sig="$2"
@@ -116,7 +123,7 @@ supervise() { # name stop-signal command...
     sleep 0.5
     stop_requested && break
     [ $((SECONDS - started)) -ge "$STABLE_AFTER" ] && delay=1
-    say "$name exited with status $status; restarting in ${delay}s (log: .tandem/logs/$name.log)"
+    say "$name exited with status $status; restarting in ${delay}s (log: $SHOWN/logs/$name.log)"
     printf '\n==> scripts/up.sh: %s exited with status %s at %s; restarting in %ss\n\n' \
       "$name" "$status" "$(date '+%F %T')" "$delay" >>"$log"
     for ((i = 0; i < delay * 10; i++)); do
@@ -193,11 +200,20 @@ trap 'stop_all 0' INT TERM HUP
 trap 'stop_all $?' EXIT
 
 fail() { # name message
-  if [ -s "$STATE/logs/$1.log" ]; then
-    say "$1 $2; the last 30 lines of its log (.tandem/logs/$1.log):"
-    tail -n 30 "$STATE/logs/$1.log" >&2 || true
+  local log="$STATE/logs/$1.log" errors
+  if [ -s "$log" ]; then
+    say "$1 $2; the last 30 lines of its log ($SHOWN/logs/$1.log):"
+    tail -n 30 "$log" >&2 || true
+    # A JVM's (the broker's) last lines are its shutdown, the cause is further up: its error
+    # lines and the causes of their exceptions, each once (PostgreSQL's FATAL and PANIC too).
+    errors="$(grep -E '(^|[[:space:]])(ERROR|FATAL|PANIC)([[:space:]]|:)|^Caused by:' "$log" |
+              awk '!seen[$0]++' | tail -n 12 || true)"
+    if [ -n "$errors" ]; then
+      say "$1: the errors in its log:"
+      printf '%s\n' "$errors" >&2
+    fi
   else
-    say "$1 $2; its log (.tandem/logs/$1.log) is empty"
+    say "$1 $2; its log ($SHOWN/logs/$1.log) is empty"
   fi
   stop_all 1
 }
@@ -259,7 +275,7 @@ start_service() { # name binary port env...
   local name="$1" binary="$2" port="$3"
   shift 3
   start "$name" TERM env "$@" PORT="$port" BIND_ADDRESS=127.0.0.1 \
-    TANDEM_LOG_FORMAT="${TANDEM_LOG_FORMAT:-pretty}" "$TARGET/debug/$binary"
+    TANDEM_LOG_FORMAT="${TANDEM_LOG_FORMAT:-pretty}" "$BIN/$binary"
 }
 
 mint_dev_token() {
@@ -276,9 +292,15 @@ PY
 }
 
 have curl || apt_install curl
-say "building Tandem (cargo build --workspace --bins)"
-cargo build --workspace --bins --locked
-TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+if [ -n "${TANDEM_BIN_DIR:-}" ]; then
+  BIN="$TANDEM_BIN_DIR"
+  say "using the binaries built in $BIN"
+else
+  ensure_rust
+  say "building Tandem (cargo build --workspace --bins)"
+  cargo build --workspace --bins --locked
+  BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug"
+fi
 
 check_ports_free
 OWN_STACK=1
@@ -302,7 +324,7 @@ REDIS2_URL="redis://127.0.0.1:$REDIS2_PORT"
 
 # Apache Kafka, one KRaft node whose data lives in .tandem/kafka: a restart keeps the topic and
 # every record and position. Ready once it listens and has logged its start.
-say "starting Apache Kafka (one node, data in .tandem/kafka) on 127.0.0.1:$KAFKA_PORT"
+say "starting Apache Kafka (one node, data in $SHOWN/kafka) on 127.0.0.1:$KAFKA_PORT"
 start kafka TERM env KAFKA_PORT="$KAFKA_PORT" KAFKA_CONTROLLER_PORT="$KAFKA_CONTROLLER_PORT" \
   bash "$ROOT/scripts/kafka-broker.sh" "$STATE/kafka"
 kafka_ready() { listening "$KAFKA_PORT" && grep -q 'Kafka Server started' "$STATE/logs/kafka.log"; }
@@ -364,7 +386,7 @@ mv -f "$STATE/stack.json.tmp" "$STATE/stack.json"
 
 cat <<MSG
 
-Tandem is up (logs in .tandem/logs/, endpoints in .tandem/stack.json).
+Tandem is up (logs in $SHOWN/logs/, endpoints in $SHOWN/stack.json).
   edge (Route 53 + ALB)  http://127.0.0.1:$EDGE_PORT
   region1 write          http://127.0.0.1:$WRITE1_PORT
   region1 read           http://127.0.0.1:$READ1_PORT
@@ -379,7 +401,7 @@ Tandem is up (logs in .tandem/logs/, endpoints in .tandem/stack.json).
   dev token              $TOKEN
 
 Try:
-  TOKEN=\$(jq -r .dev_token .tandem/stack.json)
+  TOKEN=\$(jq -r .dev_token $SHOWN/stack.json)
   curl -i -X PUT http://127.0.0.1:$EDGE_PORT/v1/notes/hello -H "Authorization: Bearer \$TOKEN" \\
        -H 'Content-Type: application/json' -d '{"text":"hi"}'
   curl http://127.0.0.1:$EDGE_PORT/v1/notes/hello          # region1

@@ -39,6 +39,9 @@ pub struct TwoRegions {
     pub broker: Kafka,
     /// Region 2's own Redis, when the test needs one it may freeze or restart.
     pub region2_redis: Option<Redis>,
+    /// Region 2's own PostgreSQL cluster, when the test needs one it may stop and restart
+    /// ([`TwoRegions::start_with_own_region2_postgres`]).
+    pub region2_postgres: Option<Postgres>,
     pub topic: String,
     pub relays: Vec<ManagedProcess>,
     pub consumers: Vec<ManagedProcess>,
@@ -92,7 +95,7 @@ impl TwoRegions {
             .await
             .expect("a 3-node Kafka cluster (make test installs Kafka)");
         let mut regions =
-            Self::start_with(Kafka::Cluster(cluster), None, Duration::from_secs(5)).await;
+            Self::start_with(Kafka::Cluster(cluster), None, None, Duration::from_secs(5)).await;
         regions.start_relay();
         regions.start_consumer();
         regions.wait_region2_ready(Duration::from_secs(90)).await;
@@ -116,16 +119,43 @@ impl TwoRegions {
         regions
     }
 
+    /// Everything up, one relay and one consumer, with a PostgreSQL cluster of Region 2's
+    /// own (so the test can stop and restart it without touching other tests).
+    pub async fn start_with_own_region2_postgres() -> Self {
+        let postgres = Postgres::start().expect("region2 postgres");
+        let broker = Broker::start()
+            .await
+            .expect("the Kafka broker (make test installs it)");
+        let mut regions = Self::start_with(
+            Kafka::Single(broker),
+            None,
+            Some(postgres),
+            Duration::from_secs(5),
+        )
+        .await;
+        regions.start_relay();
+        regions.start_consumer();
+        regions.wait_region2_ready(Duration::from_secs(60)).await;
+        regions
+    }
+
     async fn start_without_workers_with(own_redis: Option<Redis>, max_lag: Duration) -> Self {
         let broker = Broker::start()
             .await
             .expect("the Kafka broker (make test installs it)");
-        Self::start_with(Kafka::Single(broker), own_redis, max_lag).await
+        Self::start_with(Kafka::Single(broker), own_redis, None, max_lag).await
     }
 
-    async fn start_with(broker: Kafka, own_redis: Option<Redis>, max_lag: Duration) -> Self {
+    async fn start_with(
+        broker: Kafka,
+        own_redis: Option<Redis>,
+        own_postgres: Option<Postgres>,
+        max_lag: Duration,
+    ) -> Self {
         let region1 = spawn_app_with(TestAppOptions::default()).await;
-        let region2_database_url = region2_postgres()
+        let region2_database_url = own_postgres
+            .as_ref()
+            .unwrap_or_else(|| region2_postgres())
             .create_database()
             .await
             .expect("region2 database");
@@ -168,6 +198,7 @@ impl TwoRegions {
             topic: format!("tandem.test.{}", uuid::Uuid::now_v7().simple()),
             broker,
             region2_redis: own_redis,
+            region2_postgres: own_postgres,
             relays: Vec::new(),
             consumers: Vec::new(),
             relay_ports: Vec::new(),

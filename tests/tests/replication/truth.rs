@@ -1,17 +1,23 @@
 //! Region 2 never lies about itself: its lag rises whatever stalls between Region 1's commits
-//! and Region 2's applies, it keeps answering while its lag check cannot, only the elected
-//! consumer commits, and a consumer resumes a partition only with proof.
+//! and Region 2's applies, it keeps answering while its lag check or its database cannot, only
+//! the elected relay and consumer commit (even under load), and a consumer resumes a partition
+//! only with proof.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
+use tandem_runtime::shutdown::CancellationToken;
+use tandem_store::db::DatabaseSettings;
+use tandem_store::documents::StoreError;
+use tandem_store::leader::{Leadership, RELAY_LOCK};
+use tandem_store::outbox;
 use tandem_tests::TwoRegions;
 
-use crate::support::{assert_each_event_applied_once, produce_raw, spawn_writer};
+use crate::support::{assert_each_event_applied_once, produce_raw, spawn_writer, wait_published};
 
 /// Holds `LOCK TABLE <table>` in an open transaction until dropped (rolled back).
 async fn lock_table(url: &str, table: &str) -> tokio_postgres::Client {
@@ -186,10 +192,91 @@ async fn reads_do_not_wait_for_the_lag_check() {
     assert!(matches!(ready.status().as_u16(), 200 | 503));
 }
 
-async fn epoch(regions: &TwoRegions, role: &str) -> i64 {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_region2_postgres_down_cached_reads_are_served_and_uncached_ones_fail_fast() {
+    let mut regions = TwoRegions::start_with_own_region2_postgres().await;
     regions
-        .region2_pool
-        .get()
+        .region1
+        .put("down", "cached", &json!({"n": 1}))
+        .await;
+    regions
+        .region1
+        .put("down", "cached", &json!({"n": 2}))
+        .await;
+    regions
+        .wait_region2_version("/v1/down/cached", 2, Duration::from_secs(30))
+        .await;
+    // Served once more: from the cache (filled by the consumer after its commit, or by the
+    // read just before).
+    assert_eq!(regions.region2_get("/v1/down/cached").await.status(), 200);
+
+    regions
+        .region2_postgres
+        .as_mut()
+        .expect("own postgres")
+        .stop();
+    // A generous bound, only to tell an answer from a request queued behind the database (or
+    // behind the lag check): not a speed assertion.
+    let hang = Duration::from_secs(5);
+    let get = |path: &str| {
+        regions
+            .region1
+            .client
+            .get(format!("{}{path}", regions.region2_read_url))
+            .timeout(hang)
+            .send()
+    };
+    for _ in 0..20 {
+        let response = get("/v1/down/cached")
+            .await
+            .expect("a cached document is answered with the database down");
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["etag"], "\"2\"");
+        assert!(
+            response
+                .headers()
+                .contains_key("x-tandem-replication-lag-ms")
+        );
+        let body: serde_json::Value = response.json().await.expect("json");
+        assert_eq!(body["version"], 2);
+        assert_eq!(body["data"], json!({"n": 2}));
+    }
+    for path in ["/v1/down/never-written", "/v1/down"] {
+        let response = get(path)
+            .await
+            .expect("an uncached read is answered with the database down");
+        assert_eq!(response.status(), 503, "{path}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        assert!(response.headers().contains_key("retry-after"));
+    }
+    let ready = get("/readyz").await.expect("readyz answered");
+    assert_eq!(ready.status(), 503);
+
+    // Back: the consumer resumes and uncached documents are read from the database again.
+    regions
+        .region2_postgres
+        .as_mut()
+        .expect("own postgres")
+        .restart()
+        .expect("restart postgres");
+    regions.region1.put("down", "after", &json!({"n": 3})).await;
+    regions
+        .wait_region2_version("/v1/down/after", 1, Duration::from_secs(60))
+        .await;
+    regions.wait_converged(Duration::from_secs(60)).await;
+    assert_each_event_applied_once(&regions).await;
+}
+
+async fn epoch(regions: &TwoRegions, role: &str) -> i64 {
+    epoch_in(&regions.region2_pool, role).await
+}
+
+/// The current leader epoch of `role` (`relay` in Region 1, `consumer` in Region 2).
+async fn epoch_in(pool: &deadpool_postgres::Pool, role: &str) -> i64 {
+    pool.get()
         .await
         .expect("db")
         .query_one("SELECT epoch FROM leader_epochs WHERE role = $1", &[&role])
@@ -266,6 +353,230 @@ async fn terminating_the_leaders_session_under_load_leaves_exactly_one_active_co
             .unwrap_or(0.0);
     }
     assert_eq!(leaders, 1.0);
+}
+
+/// Terminates the session holding the advisory lock `lock` in the database `pool` connects to
+/// (as a network cut or a database failover would end it), once a session holds it (bounded:
+/// the lock may be between two holders); returns how many sessions were ended.
+async fn terminate_lock_holder(pool: &deadpool_postgres::Pool, lock: i64) -> i64 {
+    let client = pool.get().await.expect("db");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // A bigint advisory key shows as its high half in classid, its low half in objid.
+        let ended: i64 = client
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
+                 WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+                 AND classid = ($1::bigint >> 32)::oid AND objid = ($1::bigint & 4294967295)::oid \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[&lock],
+            )
+            .await
+            .expect("terminate")
+            .get(0);
+        if ended > 0 || Instant::now() > deadline {
+            return ended;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The relays (by index) whose `tandem_relay_leader` gauge says they are active.
+async fn active_relays(regions: &TwoRegions) -> Vec<usize> {
+    let mut active = Vec::new();
+    for (i, port) in regions.relay_ports.iter().enumerate() {
+        if regions.metric(*port, "tandem_relay_leader").await == Some(1.0) {
+            active.push(i);
+        }
+    }
+    active
+}
+
+#[tokio::test]
+async fn a_relay_whose_epoch_was_superseded_cannot_settle_its_batch() {
+    // The fence itself, at the store: two terms of the relay in Region 1's database, the first
+    // one's session terminated (as a network cut ends it) while it still holds a batch.
+    let app = tandem_tests::spawn_app().await;
+    app.put("relayfence", "row", &json!({})).await;
+    let settings = DatabaseSettings::from_url(&app.database_url);
+    let shutdown = CancellationToken::new();
+    let acquire = || {
+        Leadership::acquire(
+            &settings,
+            RELAY_LOCK,
+            Duration::from_millis(100),
+            &shutdown,
+            || {},
+        )
+    };
+    let old = acquire().await.expect("first term");
+    let mut client = app.pool.get().await.expect("db");
+    let batch = outbox::fetch_unpublished(&client, 10, 1 << 20)
+        .await
+        .expect("fetch");
+    let seqs: Vec<i64> = batch.rows().map(|row| row.expect("row").seq).collect();
+    assert_eq!(seqs.len(), 1);
+    drop(batch);
+    assert_eq!(terminate_lock_holder(&app.pool, RELAY_LOCK).await, 1);
+    let new = tokio::time::timeout(Duration::from_secs(30), acquire())
+        .await
+        .expect("the lock was released with the session")
+        .expect("second term");
+    assert_eq!(new.fence.epoch, old.fence.epoch + 1);
+
+    // The deposed term can neither mark its rows published nor set them aside.
+    let unpublished = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
+    for (published, refused) in [
+        (seqs.clone(), vec![]),
+        (vec![], vec![(seqs[0], "x".into())]),
+    ] {
+        let error = outbox::settle(&mut client, Some(old.fence), &published, &refused)
+            .await
+            .expect_err("a superseded epoch must not settle");
+        assert!(
+            matches!(
+                error.downcast_ref(),
+                Some(StoreError::Fenced { epoch }) if *epoch == old.fence.epoch
+            ),
+            "{error:#}"
+        );
+        let waiting: i64 = client
+            .query_one(unpublished, &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(waiting, 1, "nothing was marked");
+        assert_eq!(
+            app.count("relay_dead_letters").await,
+            0,
+            "nothing was moved"
+        );
+    }
+    // The current term can.
+    outbox::settle(&mut client, Some(new.fence), &seqs, &[])
+        .await
+        .expect("the current epoch settles");
+    let waiting: i64 = client
+        .query_one(unpublished, &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(waiting, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_epoch_was_superseded_cannot_mark_rows_published() {
+    let regions = TwoRegions::start().await;
+    regions
+        .region1
+        .put("relayfence", "before", &json!({}))
+        .await;
+    regions.wait_converged(Duration::from_secs(30)).await;
+    let elected = epoch_in(&regions.region1.pool, "relay").await;
+    // Another relay was elected meanwhile (as after a lost session the old leader has not
+    // noticed yet): the running one must not mark its next batch published.
+    regions
+        .region1
+        .pool
+        .get()
+        .await
+        .expect("db")
+        .execute(
+            "UPDATE leader_epochs SET epoch = epoch + 1 WHERE role = 'relay'",
+            &[],
+        )
+        .await
+        .expect("supersede");
+    regions.region1.put("relayfence", "after", &json!({})).await;
+    regions.wait_converged(Duration::from_secs(30)).await;
+    wait_published(&regions).await;
+    // The marks were refused, the relay stood down, won the next election and published again.
+    assert!(epoch_in(&regions.region1.pool, "relay").await >= elected + 2);
+    let log = std::fs::read_to_string(&regions.relays[0].log).expect("relay log");
+    assert!(
+        log.contains("a new relay leader was elected"),
+        "{}",
+        regions.relays[0].log_tail()
+    );
+    // The broker had acknowledged the fenced batch before its marks were refused, so the event
+    // went out twice; Region 2 recognises the copy by its event id and applies it once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while regions
+        .metric(
+            regions.consumer_ports[0],
+            r#"tandem_consumer_events_total{outcome="duplicate"}"#,
+        )
+        .await
+        .is_none_or(|seen| seen < 1.0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the republished copy never reached Region 2"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_each_event_applied_once(&regions).await;
+    regions.wait_converged(Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminating_the_relay_leaders_session_under_load_leaves_exactly_one_active_relay() {
+    let mut regions = TwoRegions::start().await;
+    regions.start_relay();
+    let first = epoch_in(&regions.region1.pool, "relay").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(&regions.region1, "relayfence", 40, stop.clone());
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // The relay's advisory-lock session, ended from outside while batches are in flight on
+        // pooled connections: whichever relay holds it then.
+        let ended = terminate_lock_holder(&regions.region1.pool, RELAY_LOCK).await;
+        assert_eq!(
+            ended, 1,
+            "round {round}: one session holds the relay's lock"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.await.expect("writer");
+    assert!(writes > 50, "the writer made too little progress: {writes}");
+    // Every row published, every event applied exactly once, Region 2 equal to Region 1 row
+    // for row (versions included: nothing applied twice in effect).
+    wait_published(&regions).await;
+    regions.wait_converged(Duration::from_secs(60)).await;
+    assert_each_event_applied_once(&regions).await;
+    // Each termination ended a term and a new one began.
+    let last = epoch_in(&regions.region1.pool, "relay").await;
+    assert!(last >= first + 3, "epochs {first} -> {last}");
+
+    // Exactly one relay is active (a deposed one notices within a poll interval), and it is
+    // the one the last election recorded.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut active = active_relays(&regions).await;
+    while active.len() != 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        active = active_relays(&regions).await;
+    }
+    for _ in 0..10 {
+        assert_eq!(active.len(), 1, "active relays: {active:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        active = active_relays(&regions).await;
+    }
+    let holder: String = regions
+        .region1
+        .pool
+        .get()
+        .await
+        .expect("db")
+        .query_one("SELECT holder FROM leader_epochs WHERE role = 'relay'", &[])
+        .await
+        .expect("holder")
+        .get(0);
+    let pid = regions.relays[active[0]].program_pid().expect("pid");
+    assert!(
+        holder.ends_with(&format!(":{pid}")),
+        "the active relay (pid {pid}) is not the elected one ({holder})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
