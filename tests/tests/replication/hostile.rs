@@ -983,6 +983,14 @@ async fn a_lock_that_times_out_in_region2_is_retried_never_dead_lettered() {
         letters, 0,
         "a transient error never dead-letters a valid event"
     );
+    // And the apply did meet lock_timeout (not merely wait out the lock): retried, not stuck.
+    let log = std::fs::read_to_string(&regions.consumers[0].log).expect("consumer log");
+    assert!(
+        log.lines()
+            .any(|line| line.contains("retrying") && line.contains("lock timeout")),
+        "no lock_timeout retry in the consumer's log:\n{}",
+        regions.consumers[0].log_tail()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
