@@ -320,14 +320,24 @@ impl Relay {
         let fetched = batch.len() + refused.len();
         let started = Instant::now();
         let mut deliveries = Vec::with_capacity(batch.len());
+        // One `publish` span per event while spans are exported, open until the broker's
+        // acknowledgement (aligned with `deliveries`).
+        let traced = tandem_runtime::telemetry::enabled();
+        let mut spans = Vec::with_capacity(if traced { batch.len() } else { 0 });
         for row in &batch {
-            let headers = EventHeaders::change(
-                row.event_id,
-                row.deleted,
-                &row.key.collection,
-                row.traceparent.clone(),
-            )
-            .encode();
+            let span = if traced {
+                publish_span(row, &self.settings.kafka.topic)
+            } else {
+                tracing::Span::none()
+            };
+            // The publish span's own context when exported, so Region 2's apply becomes its
+            // child; else the row's, as the write recorded it.
+            let traceparent = tandem_runtime::telemetry::traceparent(&span)
+                .map(|t| t.to_string())
+                .or_else(|| row.traceparent.clone());
+            let headers =
+                EventHeaders::change(row.event_id, row.deleted, &row.key.collection, traceparent)
+                    .encode();
             let partition_key = partition_key(&row.key);
             let mut record = FutureRecord::to(&self.settings.kafka.topic)
                 .key(&partition_key)
@@ -338,6 +348,9 @@ impl Relay {
                 match producer.send_result(record) {
                     Ok(delivery) => {
                         deliveries.push((row.seq, delivery));
+                        if traced {
+                            spans.push(span);
+                        }
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
@@ -345,6 +358,7 @@ impl Relay {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((e, _)) if is_permanent(&e) => {
+                        span.record("otel.status_code", "ERROR");
                         refused.push((row.seq, format!("refused by the Kafka client: {e}")));
                         break;
                     }
@@ -363,7 +377,13 @@ impl Relay {
         .map_err(|_| anyhow::anyhow!("the producer reported no delivery outcome within 120 s"))?;
         let mut acknowledged = Vec::with_capacity(batch.len());
         let mut first_error = None;
+        let mut spans = spans.into_iter();
         for (seq, result) in seqs.into_iter().zip(results) {
+            // Ends when dropped, at the end of this iteration: at the acknowledgement.
+            let span = spans.next().unwrap_or_else(tracing::Span::none);
+            if !matches!(result, Ok(Ok(_))) {
+                span.record("otel.status_code", "ERROR");
+            }
             match result {
                 Ok(Ok(_)) => acknowledged.push(seq),
                 Ok(Err((e, _))) if is_permanent(&e) => {
@@ -516,6 +536,24 @@ fn outgoing(row: &OutboxRow<'_>, region: &str) -> anyhow::Result<Outgoing> {
         deleted,
         traceparent: row.traceparent.map(str::to_owned),
     })
+}
+
+/// The span of one event's publish: the child of the trace its write recorded in the outbox.
+fn publish_span(row: &Outgoing, topic: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        "publish",
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.destination.name = %topic,
+        messaging.message.id = %row.event_id,
+        tandem.outbox.seq = row.seq,
+    );
+    if let Some(parent) = &row.traceparent {
+        tandem_runtime::telemetry::continue_trace(&span, parent);
+    }
+    span
 }
 
 /// Whether a produce error is about the record itself, so that retrying cannot help: it is too
