@@ -393,7 +393,8 @@ def static_label_values(all_sources: tuple[Source, ...], struct: str, label: str
             if function and re.search(rf"\b{label}\s*:\s*&'static\s+str\b", function.group("params")):
                 calls = 0
                 for other in all_sources:
-                    for call in re.finditer(rf"\.\s*{function.group('name')}\s*\(", other.code):
+                    # `span.record(field, value)` is a tracing span's field, not a label.
+                    for call in re.finditer(rf"(?<!\bspan)\.\s*{function.group('name')}\s*\(", other.code):
                         calls += 1
                         call_where = line_of(other.code, other.rel, call.start())
                         args = split_top(other.code[call.end() : matching(other.code, call.end() - 1) - 1])

@@ -516,13 +516,38 @@ impl Applier {
     /// Kafka positions (with the proof of the record before each) and the progress, so a crash
     /// leaves either all of it or none; it commits only while this process leads. Returns each
     /// message's outcome, in order.
+    ///
+    /// While spans are exported, each change event gets an `apply` span for this attempt,
+    /// the child of the trace context its Kafka headers carry (the relay's publish).
     pub async fn apply_batch(&self, batch: &[Incoming]) -> Result<Vec<Outcome>, StoreError> {
         let decoded: Vec<Decoded> = batch.iter().map(Decoded::of).collect();
+        let spans = apply_spans(batch, &decoded);
+        let result = self.apply_decoded(batch, &decoded).await;
+        for (index, span) in spans {
+            match &result {
+                Ok(outcomes) => {
+                    if let Some(outcome) = outcomes.get(index) {
+                        span.record("tandem.outcome", outcome.label());
+                    }
+                }
+                Err(_) => {
+                    span.record("otel.status_code", "ERROR");
+                }
+            }
+        }
+        result
+    }
+
+    async fn apply_decoded(
+        &self,
+        batch: &[Incoming],
+        decoded: &[Decoded],
+    ) -> Result<Vec<Outcome>, StoreError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let writes = ApplyTx::new(&tx);
         writes.check_fence(self.fence()).await?;
-        for (incoming, decoded) in batch.iter().zip(&decoded) {
+        for (incoming, decoded) in batch.iter().zip(decoded) {
             if let Decoded::Poison(reason) = decoded {
                 writes
                     .insert_dead_letter(&incoming.dead_letter(reason))
@@ -550,7 +575,7 @@ impl Applier {
         // The next position per partition: after the batch's last message there.
         let mut positions: BTreeMap<i32, (i64, Option<uuid::Uuid>, Vec<u8>)> = BTreeMap::new();
         let mut heartbeats: BTreeMap<i32, OffsetDateTime> = BTreeMap::new();
-        for (incoming, decoded) in batch.iter().zip(&decoded) {
+        for (incoming, decoded) in batch.iter().zip(decoded) {
             let next = incoming.offset + 1;
             if positions
                 .get(&incoming.partition)
@@ -588,7 +613,7 @@ impl Applier {
         tx.commit().await?;
         self.refresh_cache(&entries).await;
         let now = OffsetDateTime::now_utc();
-        for (outcome, decoded) in outcomes.iter().zip(&decoded) {
+        for (outcome, decoded) in outcomes.iter().zip(decoded) {
             if let (Outcome::Applied, Decoded::Change(event)) = (outcome, decoded) {
                 self.metrics
                     .observe_lag((now - event.time).as_seconds_f64().max(0.0));
@@ -793,6 +818,40 @@ pub fn read_headers<M: Message>(message: &M) -> Vec<KafkaHeader> {
 }
 
 /// What the message's headers say, read by the one codec ([`EventHeaders::decode`]).
+/// The `apply` spans of a batch's change events, by index in the batch, while spans are
+/// exported (none otherwise): each the child of its record's `traceparent` header.
+fn apply_spans(batch: &[Incoming], decoded: &[Decoded]) -> Vec<(usize, tracing::Span)> {
+    if !tandem_runtime::telemetry::enabled() {
+        return Vec::new();
+    }
+    batch
+        .iter()
+        .zip(decoded)
+        .enumerate()
+        .filter_map(|(index, (incoming, decoded))| {
+            let Decoded::Change(event) = decoded else {
+                return None;
+            };
+            let span = tracing::info_span!(
+                "apply",
+                otel.kind = "consumer",
+                otel.status_code = tracing::field::Empty,
+                messaging.system = "kafka",
+                messaging.operation.type = "process",
+                messaging.destination.name = %incoming.topic,
+                messaging.destination.partition.id = incoming.partition,
+                messaging.kafka.offset = incoming.offset,
+                messaging.message.id = %event.id,
+                tandem.outcome = tracing::field::Empty,
+            );
+            if let Some(parent) = event_headers(&incoming.headers).traceparent {
+                tandem_runtime::telemetry::continue_trace(&span, &parent);
+            }
+            Some((index, span))
+        })
+        .collect()
+}
+
 pub fn event_headers(headers: &[KafkaHeader]) -> EventHeaders {
     EventHeaders::decode(
         headers

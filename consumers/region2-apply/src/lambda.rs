@@ -243,8 +243,13 @@ impl KafkaApply {
         service_fn(move |event: LambdaEvent<KafkaEvent>| {
             let apply = self.clone();
             // Boxed: the apply future is deep, and the runtime's layers nest it further.
-            let handled: lambda_runtime::BoxFuture<'static, _> =
-                Box::pin(async move { apply.handle(event.payload).await });
+            // Spans are exported before the invocation returns: the sandbox may be frozen
+            // (and its batch exporter with it) until the next one. Nothing when traces are off.
+            let handled: lambda_runtime::BoxFuture<'static, _> = Box::pin(async move {
+                let handled = apply.handle(event.payload).await;
+                tandem_runtime::telemetry::flush().await;
+                handled
+            });
             handled
         })
     }

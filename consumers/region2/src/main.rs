@@ -14,7 +14,7 @@ use tandem_runtime::metrics::Metrics;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tandem_runtime::telemetry::init();
+    tandem_runtime::telemetry::init(env!("CARGO_BIN_NAME"));
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("migrate") {
         return tandem_store::migrations::run_from_env().await;
@@ -50,8 +50,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     consumer.metrics().register(&metrics);
     let ready = consumer.ready_check();
     let on_scrape = consumer.scrape_hook();
-    serve_beside(&settings.service, metrics, ready, on_scrape, |shutdown| {
+    let served = serve_beside(&settings.service, metrics, ready, on_scrape, |shutdown| {
         consumer.run(shutdown)
     })
-    .await
+    .await;
+    // The last applies' spans.
+    tandem_runtime::telemetry::shutdown().await;
+    served
 }

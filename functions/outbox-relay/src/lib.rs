@@ -98,15 +98,15 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    /// Its Kafka headers.
+    /// Its Kafka headers, with the row's trace context.
     fn headers(&self) -> Vec<(&'static str, Vec<u8>)> {
-        EventHeaders::change(
-            self.event_id,
-            self.deleted,
-            &self.key.collection,
-            self.traceparent.clone(),
-        )
-        .encode()
+        self.headers_with(self.traceparent.clone())
+    }
+
+    /// Its Kafka headers, with this trace context.
+    fn headers_with(&self, traceparent: Option<String>) -> Vec<(&'static str, Vec<u8>)> {
+        EventHeaders::change(self.event_id, self.deleted, &self.key.collection, traceparent)
+            .encode()
     }
 }
 
@@ -333,8 +333,22 @@ impl Relay {
         let fetched = batch.len() + refused.len();
         let started = Instant::now();
         let mut deliveries = Vec::with_capacity(batch.len());
+        // One `publish` span per event while spans are exported, open until the broker's
+        // acknowledgement (aligned with `deliveries`).
+        let traced = tandem_runtime::telemetry::enabled();
+        let mut spans = Vec::with_capacity(if traced { batch.len() } else { 0 });
         for row in &batch {
-            let headers = row.headers();
+            let span = if traced {
+                publish_span(row, &self.settings.kafka.topic)
+            } else {
+                tracing::Span::none()
+            };
+            // The publish span's own context when exported, so Region 2's apply becomes its
+            // child; else the row's, as the write recorded it.
+            let traceparent = tandem_runtime::telemetry::traceparent(&span)
+                .map(|t| t.to_string())
+                .or_else(|| row.traceparent.clone());
+            let headers = row.headers_with(traceparent);
             let partition_key = partition_key(&row.key);
             let mut record = self.record(row, &partition_key, &headers);
             // Enqueue in seq order; when librdkafka's queue is full, wait for it to drain.
@@ -342,6 +356,9 @@ impl Relay {
                 match producer.send_result(record) {
                     Ok(delivery) => {
                         deliveries.push((row.seq, delivery));
+                        if traced {
+                            spans.push(span);
+                        }
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
@@ -349,6 +366,7 @@ impl Relay {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((e, _)) if is_permanent(&e) => {
+                        span.record("otel.status_code", "ERROR");
                         refused.push((row.seq, format!("refused by the Kafka client: {e}")));
                         break;
                     }
@@ -369,7 +387,13 @@ impl Relay {
         let mut first_error = None;
         let mut suspects = Vec::new();
         let travelled = seqs.len();
+        let mut spans = spans.into_iter();
         for (seq, result) in seqs.into_iter().zip(results) {
+            // Ends when dropped, at the end of this iteration: at the acknowledgement.
+            let span = spans.next().unwrap_or_else(tracing::Span::none);
+            if !matches!(result, Ok(Ok(_))) {
+                span.record("otel.status_code", "ERROR");
+            }
             match result {
                 Ok(Ok(_)) => acknowledged.push(seq),
                 Ok(Err((e, _))) if is_permanent(&e) && travelled == 1 => {
@@ -575,6 +599,24 @@ fn outgoing(row: &OutboxRow<'_>, region: &str) -> anyhow::Result<Outgoing> {
         deleted,
         traceparent: row.traceparent.map(str::to_owned),
     })
+}
+
+/// The span of one event's publish: the child of the trace its write recorded in the outbox.
+fn publish_span(row: &Outgoing, topic: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        "publish",
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.destination.name = %topic,
+        messaging.message.id = %row.event_id,
+        tandem.outbox.seq = row.seq,
+    );
+    if let Some(parent) = &row.traceparent {
+        tandem_runtime::telemetry::continue_trace(&span, parent);
+    }
+    span
 }
 
 /// Whether a produce error is about the record itself, so that retrying cannot help: it is too

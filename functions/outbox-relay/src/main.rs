@@ -16,7 +16,7 @@ use time::format_description::well_known::Rfc3339;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tandem_runtime::telemetry::init();
+    tandem_runtime::telemetry::init(env!("CARGO_BIN_NAME"));
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("migrate") {
         return tandem_store::migrations::run_from_env().await;
@@ -49,8 +49,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     relay.metrics.register(&metrics);
     let ready = relay.ready_check();
     let on_scrape = relay.scrape_hook();
-    serve_beside(&settings.service, metrics, ready, on_scrape, |shutdown| {
+    let served = serve_beside(&settings.service, metrics, ready, on_scrape, |shutdown| {
         relay.run(shutdown)
     })
-    .await
+    .await;
+    // The last publishes' spans.
+    tandem_runtime::telemetry::shutdown().await;
+    served
 }

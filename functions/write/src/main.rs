@@ -6,11 +6,13 @@ use tandem_write::{AppState, Settings};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tandem_runtime::telemetry::init();
+    tandem_runtime::telemetry::init(env!("CARGO_BIN_NAME"));
     if std::env::args().nth(1).as_deref() == Some("migrate") {
         return tandem_store::migrations::run_from_env().await;
     }
     let settings = Settings::from_env().context("Invalid configuration")?;
     let state = AppState::build(&settings).await?;
-    tandem_http::serve::run(tandem_write::router(state), &settings.service).await
+    let served = tandem_http::serve::run(tandem_write::router(state), &settings.service).await;
+    tandem_runtime::telemetry::shutdown().await;
+    served
 }

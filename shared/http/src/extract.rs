@@ -125,7 +125,9 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestPreconditions {
     }
 }
 
-/// The request's W3C trace context, or a new one when it has none (or an invalid one).
+/// The W3C trace context a write records: the request span's own when spans are exported
+/// (`crate::http::RequestTrace`: the trace continues from this request), else the client's,
+/// else a new one (when the client sent none, or an invalid one).
 #[derive(Debug)]
 pub struct Trace(pub TraceParent);
 
@@ -133,6 +135,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Trace {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        if let Some(own) = parts.extensions.get::<crate::http::RequestTrace>() {
+            return Ok(Self(own.0.clone()));
+        }
         Ok(Self(
             parts
                 .headers

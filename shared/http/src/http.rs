@@ -192,6 +192,61 @@ pub fn finish(router: Router, metrics: Arc<Metrics>, region: &str, timeout: Dura
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_panic| {
             ApiError::Internal(anyhow::anyhow!("a request handler panicked")).into_response()
         }))
+        .layer(middleware::from_fn(trace_request))
+}
+
+/// The routes probes and scrapers call every few seconds: no trace of their own.
+const UNTRACED_ROUTES: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+/// The trace context of the request's own span, when spans are exported: what a handler
+/// records (`crate::extract::Trace`), so that whatever continues the trace (the relay's
+/// publish, through the outbox row) becomes a child of this request.
+#[derive(Debug, Clone)]
+pub struct RequestTrace(pub tandem_core::traceparent::TraceParent);
+
+/// While spans are exported, runs the request inside a `request` span named by its route
+/// template, the child of the client's `traceparent` when it sent a valid one. Otherwise (no
+/// exporter) the request runs as before, without a span.
+async fn trace_request(mut request: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    use tracing::field::Empty;
+    if !tandem_runtime::telemetry::enabled() {
+        return next.run(request).await;
+    }
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    if UNTRACED_ROUTES.contains(&route.as_str()) {
+        return next.run(request).await;
+    }
+    let method = request.method().as_str().to_owned();
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = Empty,
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = Empty,
+    );
+    if let Some(parent) = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+    {
+        tandem_runtime::telemetry::continue_trace(&span, parent);
+    }
+    if let Some(own) = tandem_runtime::telemetry::traceparent(&span) {
+        request.extensions_mut().insert(RequestTrace(own));
+    }
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    if response.status().is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    response
 }
 
 /// Counts and times every request by its route template (never the raw path: ids would

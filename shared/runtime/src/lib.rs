@@ -7,13 +7,14 @@
 //! Layer 1, directly above `tandem-core`. It may depend on `tandem-core` and on third-party
 //! crates for configuration, the AWS SDK, telemetry, the async runtime and the Kafka client,
 //! never on `tandem-store`, `tandem-http` or anything above them (`scripts/check-layers.py`,
-//! run by `make lint` and `make test`, fails if it does). No SQL and no HTTP here.
+//! run by `make lint` and `make test`, fails if it does). No SQL and no HTTP server here; its one
+//! HTTP client is the OTLP trace exporter's (`telemetry`).
 //!
 //! | module | what |
 //! |---|---|
 //! | [`config`] | reading settings from the environment; `ServiceSettings` |
 //! | [`secrets`] | AWS Secrets Manager reads |
-//! | [`telemetry`] | logging and tracing set-up |
+//! | [`telemetry`] | logging, and traces exported over OTLP/HTTP |
 //! | [`metrics`] | the Prometheus registry and the HTTP metrics every service exports |
 //! | [`shutdown`] | the shutdown token (`CancellationToken`), cancelled on SIGTERM or Ctrl-C |
 //! | `kafka` | the Kafka client's configuration and topic creation (feature `kafka`) |

@@ -328,7 +328,17 @@ impl Store {
     }
 
     /// Applies one write atomically: document row + one outbox row (+ idempotency record).
-    #[tracing::instrument(skip_all, fields(collection = %request.key.collection, id = %request.key.id))]
+    /// Its span is the write's database transaction in a trace.
+    #[tracing::instrument(
+        name = "transaction",
+        skip_all,
+        fields(
+            otel.kind = "client",
+            db.system.name = "postgresql",
+            collection = %request.key.collection,
+            id = %request.key.id,
+        )
+    )]
     pub async fn write(&self, request: WriteRequest) -> Result<WriteResult, WriteError> {
         if request.idempotency.is_none() {
             if let Some(outcome) = self.write_pipelined(&request).await? {

@@ -11,6 +11,7 @@ mod hostile;
 mod housekeeping;
 mod lambda;
 mod load;
+mod traces;
 mod truth;
 
 /// Helpers shared by the replication tests.
