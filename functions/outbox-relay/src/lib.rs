@@ -105,8 +105,13 @@ impl Outgoing {
 
     /// Its Kafka headers, with this trace context.
     fn headers_with(&self, traceparent: Option<String>) -> Vec<(&'static str, Vec<u8>)> {
-        EventHeaders::change(self.event_id, self.deleted, &self.key.collection, traceparent)
-            .encode()
+        EventHeaders::change(
+            self.event_id,
+            self.deleted,
+            &self.key.collection,
+            traceparent,
+        )
+        .encode()
     }
 }
 

@@ -657,7 +657,7 @@ async fn a_partition_the_database_refuses_is_reported_from_its_first_record_and_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn region2_lag_follows_the_function_invocations() {
-    let mut regions = TwoRegions::start_without_workers_max_lag(Duration::from_secs(2)).await;
+    let mut regions = TwoRegions::start_without_workers_max_lag(Duration::from_secs(5)).await;
     regions.start_relay();
     let apply = function(&regions, None).await;
     let response = regions.region1.put("lag", "doc", &json!({"v": 1})).await;
@@ -669,13 +669,13 @@ async fn region2_lag_follows_the_function_invocations() {
         no_failures()
     );
     regions
-        .wait_region2_readiness(true, Duration::from_secs(10))
+        .wait_region2_readiness(true, Duration::from_secs(30))
         .await;
 
     // The event source stops invoking (throttled, disabled, failing to reach the brokers):
     // the relay's heartbeats pile up unapplied and the lag grows past the threshold.
     let line = regions
-        .wait_region2_readiness(false, Duration::from_secs(15))
+        .wait_region2_readiness(false, Duration::from_secs(30))
         .await;
     assert!(!line.is_empty(), "the readiness names the lag");
 
@@ -687,7 +687,7 @@ async fn region2_lag_follows_the_function_invocations() {
         no_failures()
     );
     regions
-        .wait_region2_readiness(true, Duration::from_secs(10))
+        .wait_region2_readiness(true, Duration::from_secs(30))
         .await;
     assert_eq!(served_version(&regions, "/v1/lag/doc").await, Some(1));
 }

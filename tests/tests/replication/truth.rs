@@ -681,15 +681,17 @@ async fn partitions_added_at_run_time_are_consumed_and_counted_without_a_restart
         )
         .expect("state"),
     );
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", regions.broker.address())
-        .create()
-        .expect("producer");
     // A fresh client may not see the new partition in its first metadata yet ("Unknown
-    // partition", seen on a loaded machine): it is retried, bounded, until the metadata has it.
+    // partition", seen on a loaded machine), and librdkafka keeps a topic's metadata for
+    // minutes: each attempt uses a new client that refreshes it every 250 ms, bounded.
     let payload = event.encode();
     let mut attempts = 0;
     loop {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", regions.broker.address())
+            .set("topic.metadata.refresh.interval.ms", "250")
+            .create()
+            .expect("producer");
         let sent = producer
             .send(
                 FutureRecord::to(&regions.topic)
