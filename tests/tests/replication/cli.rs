@@ -85,6 +85,7 @@ async fn plant_dead_letter(regions: &TwoRegions, id: &str, offset: i64) -> i64 {
         )])),
         created_at: None,
         updated_at: time::OffsetDateTime::now_utc(),
+        repair: None,
     };
     let event = ChangeEvent::new(
         uuid::Uuid::now_v7(),
