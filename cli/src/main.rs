@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 mod config;
 mod ops;
 mod output;
+mod repair;
 mod status;
 mod verify;
 
@@ -32,7 +33,7 @@ pub enum Outcome {
 const EXIT_CODES: &str = "\
 Exit codes:
   0  ok: healthy, regions equal, operation done
-  1  findings: differences, unhealthy, dead letters pending
+  1  findings: differences, unhealthy, dead letters pending, something not repaired
   2  usage error (bad arguments or configuration)
   3  could not reach a dependency (a database, Redis), or an operation failed
 
@@ -83,6 +84,23 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// How long to wait for Region 2 to catch up before re-checking a difference.
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        catch_up_timeout: u64,
+    },
+    /// Verify, then fix only the differing documents: re-emit Region 1's current state of
+    /// each through the outbox as a repair event (a purge for a document only Region 2 has),
+    /// which Region 2's apply takes under its usual guards. Never writes Region 2. Exit 1 when
+    /// something could not be repaired.
+    Repair {
+        /// Only this collection.
+        #[arg(long, value_name = "C")]
+        collection: Option<String>,
+        /// Report what would be repaired; enqueue nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+        /// How long verify waits for Region 2 to catch up before re-checking a difference.
         #[arg(long, default_value_t = 60, value_name = "SECONDS")]
         catch_up_timeout: u64,
     },
@@ -169,6 +187,28 @@ async fn run(command: Command, connections: Connections) -> anyhow::Result<Outco
             } else {
                 Outcome::Findings
             })
+        }
+        Command::Repair {
+            collection,
+            dry_run,
+            json,
+            catch_up_timeout,
+        } => {
+            let (one, two) = (connections.region(1).await?, connections.region(2).await?);
+            let report = repair::run(
+                &one,
+                &two,
+                collection,
+                std::time::Duration::from_secs(catch_up_timeout),
+                dry_run,
+            )
+            .await?;
+            if json {
+                output::json(&report)?;
+            } else {
+                repair::print(&report);
+            }
+            Ok(repair::outcome(&report))
         }
         Command::Replay { since, json } => ops::replay(&connections, since, json).await,
         Command::Redrive { id, json } => ops::redrive(&connections, id, json).await,

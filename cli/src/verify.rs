@@ -39,7 +39,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Self::MissingInRegion2 => "missing in region2",
             Self::ExtraInRegion2 => "extra in region2",

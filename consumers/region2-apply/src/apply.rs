@@ -11,12 +11,14 @@ use deadpool_postgres::Pool;
 #[cfg(feature = "rdkafka")]
 use rdkafka::message::{Headers, Message};
 use tandem_core::document::{DocumentKey, Stored};
-use tandem_core::event::{ChangeEvent, DocumentState, EventHeaders, Heartbeat};
+use tandem_core::event::{ChangeEvent, EventHeaders, Heartbeat};
 use tandem_runtime::shutdown::CancellationToken;
 use tandem_store::cache::{Cache, CacheError, Entry};
 use tandem_store::documents::StoreError;
 use tandem_store::leader::Fence;
-use tandem_store::replica::{self, ApplyTx, DeadLetter, EventColumns, Position, StatesApplied};
+use tandem_store::replica::{
+    self, ApplyTx, DeadLetter, EventColumns, Planned, Position, StatesApplied,
+};
 use time::OffsetDateTime;
 
 use crate::metrics::ConsumerMetrics;
@@ -561,7 +563,7 @@ impl Applier {
                 _ => None,
             })
             .collect();
-        let (applied, entries) = self.apply_events(&writes, &events).await?;
+        let (applied, entries, invalidate) = self.apply_events(&writes, &events).await?;
         let mut applied = applied.into_iter();
         let outcomes: Vec<Outcome> = decoded
             .iter()
@@ -611,7 +613,11 @@ impl Applier {
             .record_progress(topic, &positions, newest, &heartbeats)
             .await?;
         tx.commit().await?;
-        self.refresh_cache(&entries).await;
+        if invalidate {
+            self.cache.invalidate_all().await;
+        } else {
+            self.refresh_cache(&entries).await;
+        }
         let now = OffsetDateTime::now_utc();
         for (outcome, decoded) in outcomes.iter().zip(decoded) {
             if let (Outcome::Applied, Decoded::Change(event)) = (outcome, decoded) {
@@ -624,7 +630,8 @@ impl Applier {
 
     /// Applies decoded events inside `tx` and returns their outcomes, in order: those applying
     /// them one by one would have had, and the cache entries of the states written (for
-    /// after the commit). An event seen before is a duplicate; a fresh one is
+    /// after the commit), or `true` when a repair changed Region 2 (the cache is then
+    /// invalidated instead). An event seen before is a duplicate; a fresh one is
     /// applied when its version is newer than what Region 2 held when it came (before the batch
     /// or after an earlier event of it), else it is stale (it arrived out of order). Per document only
     /// the batch's newest version is written (the versions before it in the batch are applied
@@ -634,9 +641,9 @@ impl Applier {
         &self,
         writes: &ApplyTx<'_, '_>,
         events: &[&ChangeEvent],
-    ) -> Result<(Vec<Outcome>, Vec<(DocumentKey, Entry)>), StoreError> {
+    ) -> Result<(Vec<Outcome>, Vec<(DocumentKey, Entry)>, bool), StoreError> {
         if events.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok((Vec::new(), Vec::new(), false));
         }
         let columns = EventColumns {
             ids: events.iter().map(|e| e.id).collect(),
@@ -647,20 +654,41 @@ impl Applier {
         };
         // The newest state per document. A duplicate may be the newest: writing it again is a
         // no-op under the version guard (Region 2 holds it already), so freshness need not be
-        // known before the write, and the three statements below travel together.
-        let mut newest: HashMap<(&str, &str), &DocumentState> = HashMap::new();
+        // known before the write, and the three statements below travel together. A repair's
+        // rule is carried onto the document's newest state (a later ordinary event must not
+        // lose it to a Region 2 that is ahead), and a purge (the first event of its document)
+        // is planned on its own, to run before the upsert.
+        let mut newest: HashMap<(&str, &str), Planned<'_>> = HashMap::new();
+        let mut purges: Vec<Planned<'_>> = Vec::new();
         for event in events {
+            let repair = event.data.repair.map(|r| (event.id, r));
+            if repair.is_some_and(|(_, r)| r.purge) {
+                purges.push(Planned {
+                    state: &event.data,
+                    repair,
+                });
+                continue;
+            }
             let key = (event.data.collection.as_str(), event.data.id.as_str());
-            let slot = newest.entry(key).or_insert(&event.data);
-            if slot.version < event.data.version {
-                *slot = &event.data;
+            let slot = newest.entry(key).or_insert(Planned {
+                state: &event.data,
+                repair,
+            });
+            // Ties go to the later event: a repair of the version just written is that version.
+            if slot.state.version <= event.data.version {
+                slot.state = &event.data;
+            }
+            if repair.is_some() {
+                slot.repair = repair;
             }
         }
-        let states: Vec<&DocumentState> = newest.into_values().collect();
+        let states: Vec<Planned<'_>> = purges.into_iter().chain(newest.into_values()).collect();
         let StatesApplied {
             mut fresh,
             held_before: mut held,
             written,
+            repaired,
+            purged,
         } = writes.apply_states(&columns, &states).await?;
 
         // The outcomes applying the events one by one, in order, would have had: `held` is
@@ -679,21 +707,45 @@ impl Applier {
                 // Not written: the database held the batch's newest version or a newer one
                 // (a concurrent writer, such as a redrive), so every fresh event of it is stale.
                 let newest_written = written.contains(&key);
-                let version_held = held.entry(key).or_insert(0);
-                if !newest_written || *version_held >= event.data.version {
-                    stale.push(event.id);
-                    Outcome::Stale
-                } else {
-                    *version_held = event.data.version;
-                    Outcome::Applied
+                match event.data.repair {
+                    Some(repair) if repair.purge => {
+                        if purged.contains(&key) {
+                            held.insert(key, 0);
+                            Outcome::Applied
+                        } else {
+                            stale.push(event.id);
+                            Outcome::Stale
+                        }
+                    }
+                    // A repair need not move the version forward: its rule decided.
+                    Some(_) if newest_written && repaired.contains(&key) => {
+                        held.insert(key, event.data.version);
+                        Outcome::Applied
+                    }
+                    _ => {
+                        let version_held = held.entry(key).or_insert(0);
+                        if !newest_written || *version_held >= event.data.version {
+                            stale.push(event.id);
+                            Outcome::Stale
+                        } else {
+                            *version_held = event.data.version;
+                            Outcome::Applied
+                        }
+                    }
                 }
             };
             outcomes.push(outcome);
         }
         writes.mark_stale(&stale).await?;
 
+        // A repair may move a version back or rewrite the same one: the cache's version guard
+        // cannot take that, so the whole cache is invalidated instead (repairs are rare).
+        if !repaired.is_empty() {
+            return Ok((outcomes, Vec::new(), true));
+        }
         let entries: Vec<(DocumentKey, Entry)> = states
             .iter()
+            .map(|p| p.state)
             .filter(|s| {
                 written.contains(&(s.collection.as_str().to_owned(), s.id.as_str().to_owned()))
             })
@@ -708,7 +760,7 @@ impl Applier {
                 (state.key(), entry)
             })
             .collect();
-        Ok((outcomes, entries))
+        Ok((outcomes, entries, false))
     }
 
     /// Region 2's Redis gets the committed states, version-guarded, in one round trip, after

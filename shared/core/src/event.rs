@@ -141,6 +141,29 @@ pub struct DocumentState {
     pub created_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// Set on the events `tandem repair` emits (never on a write's): see [`Repair`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repair: Option<Repair>,
+}
+
+/// What makes an event a repair: Region 1's current state of a document re-emitted because
+/// `tandem verify` found Region 2's copy different, with Region 2's version as verify saw it.
+///
+/// The apply writes an ordinary event only over an older version (`stored < version`). A
+/// repair (fresh, never a redelivered one) is written also over the same version (same
+/// version, different content: Region 1's state of a version is the true one) and over
+/// exactly `replaces` (Region 2 ahead of Region 1). A *purge* removes Region 2's row, which
+/// Region 1 does not have, only while it still holds exactly `replaces`: a delete, not a
+/// tombstone, so that a later version-1 create applies. A purge travels as a tombstone at
+/// version `replaces`, so an apply that predates repairs skips it as stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Repair {
+    /// Region 2's version when verify compared it; `None` when Region 2 had no row.
+    #[serde(default)]
+    pub replaces: Option<i64>,
+    /// Remove Region 2's row (Region 1 has none).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub purge: bool,
 }
 
 impl DocumentState {
@@ -359,6 +382,14 @@ impl ChangeEvent {
         if self.subject != partition_key(&self.data.key()) {
             return invalid("subject does not match the document");
         }
+        if let Some(repair) = &self.data.repair {
+            if repair.replaces.is_some_and(|v| v < 1) {
+                return invalid("a repair replaces a positive version");
+            }
+            if repair.purge && (!self.data.deleted || repair.replaces != Some(self.data.version)) {
+                return invalid("a purge is a tombstone at the version it replaces");
+            }
+        }
         Ok(())
     }
 }
@@ -376,6 +407,7 @@ mod tests {
             data: (!deleted).then(|| Map::from_iter([("a".to_owned(), Value::from(1))])),
             created_at: None,
             updated_at: OffsetDateTime::UNIX_EPOCH,
+            repair: None,
         }
     }
 
@@ -461,6 +493,48 @@ mod tests {
         assert_eq!(decoded.event_uuid(), None);
         assert_eq!(decoded.kind, None);
         assert_eq!(EventHeaders::decode([]), EventHeaders::default());
+    }
+
+    #[test]
+    fn repair_events_round_trip_and_a_purge_must_be_a_tombstone_at_what_it_replaces() {
+        let event = |deleted: bool, version: i64, repair: Repair| {
+            let mut state = state(deleted);
+            state.version = version;
+            state.repair = Some(repair);
+            ChangeEvent::new(Uuid::now_v7(), "region1", OffsetDateTime::UNIX_EPOCH, state)
+        };
+        let reemit = event(
+            false,
+            3,
+            Repair {
+                replaces: Some(7),
+                purge: false,
+            },
+        );
+        let json: Value = serde_json::from_slice(&reemit.encode()).expect("json");
+        assert_eq!(json["data"]["repair"], serde_json::json!({"replaces": 7}));
+        assert_eq!(ChangeEvent::decode(&reemit.encode()), Ok(reemit));
+        let purge = Repair {
+            replaces: Some(4),
+            purge: true,
+        };
+        let good = event(true, 4, purge);
+        assert_eq!(ChangeEvent::decode(&good.encode()), Ok(good));
+        for bad in [event(false, 4, purge), event(true, 5, purge)] {
+            assert!(matches!(
+                ChangeEvent::decode(&bad.encode()),
+                Err(PoisonReason::Invalid(_))
+            ));
+        }
+        // An ordinary event has no `repair` field at all.
+        let plain = ChangeEvent::new(
+            Uuid::now_v7(),
+            "r",
+            OffsetDateTime::UNIX_EPOCH,
+            state(false),
+        );
+        let json: Value = serde_json::from_slice(&plain.encode()).expect("json");
+        assert!(json["data"].get("repair").is_none());
     }
 
     #[test]

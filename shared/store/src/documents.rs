@@ -722,3 +722,169 @@ async fn apply_command(
     let updated_at: OffsetDateTime = row.try_get(1)?;
     Ok(change.outcome(key, Uuid::now_v7(), created_at, updated_at))
 }
+
+/// What [`repair`] did (or, on a dry run, would do) for one document.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum RepairAction {
+    /// Region 1's current state was enqueued as a repair event.
+    Reemitted {
+        version: i64,
+        deleted: bool,
+        replaces: Option<i64>,
+        event_id: Option<Uuid>,
+    },
+    /// Region 1 has no such document: a purge of Region 2's row at `replaces` was enqueued.
+    Purge {
+        replaces: i64,
+        event_id: Option<Uuid>,
+    },
+    /// Neither region has the document (any more): nothing to do.
+    Nothing,
+}
+
+/// Lock the document's row; the state a repair re-emits is read under this lock.
+const SELECT_FOR_REPAIR: &str = "SELECT version, deleted, data, created_at, updated_at \
+     FROM documents WHERE collection = $1 AND id = $2 FOR UPDATE";
+/// A placeholder for a document Region 1 does not have: inserting it takes the unique-index
+/// entry a create of the same key takes, so a concurrent create waits for this transaction
+/// (which deletes the placeholder before it commits) and its outbox row follows the purge's.
+const INSERT_PLACEHOLDER: &str = "INSERT INTO documents \
+     (collection, id, version, data, deleted, created_at, updated_at) \
+     VALUES ($1, $2, 1, NULL, true, clock_timestamp(), clock_timestamp()) \
+     ON CONFLICT (collection, id) DO NOTHING RETURNING 1";
+const DELETE_PLACEHOLDER: &str = "DELETE FROM documents WHERE collection = $1 AND id = $2";
+
+/// Repairs one document verify found different: enqueues, through the outbox like any
+/// write, Region 1's current state as a repair event ([`tandem_core::event::Repair`]) with
+/// `region2_version` (Region 2's version as verify saw it) as what it replaces; or, when Region
+/// 1 has no such document, a purge of Region 2's row at that version. Never writes Region 2.
+/// With `dry_run`, only reads (no lock, no outbox row) and says what it would do.
+///
+/// A purge cannot race a create of the same document: the transaction holds the key with a
+/// placeholder row (deleted before commit, never visible), so a create waits and is enqueued
+/// after the purge; and if a create committed first, its state is re-emitted instead.
+/// Region 1 never removes a document's row (a delete leaves a tombstone), so a purge is the
+/// first event of its document in the stream.
+pub async fn repair(
+    pool: &Pool,
+    key: &DocumentKey,
+    region2_version: Option<i64>,
+    dry_run: bool,
+) -> Result<RepairAction, StoreError> {
+    use tandem_core::event::{DocumentState, Repair};
+
+    let (collection, id) = (key.collection.as_str(), key.id.as_str());
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let lock = if dry_run {
+        SELECT_DOCUMENT
+    } else {
+        SELECT_FOR_REPAIR
+    };
+    let mut row = tx.query_opt(lock, &[&collection, &id]).await?;
+    if row.is_none() {
+        if dry_run {
+            return Ok(match region2_version {
+                Some(replaces) => RepairAction::Purge {
+                    replaces,
+                    event_id: None,
+                },
+                None => RepairAction::Nothing,
+            });
+        }
+        if tx
+            .query_opt(INSERT_PLACEHOLDER, &[&collection, &id])
+            .await?
+            .is_some()
+        {
+            tx.execute(DELETE_PLACEHOLDER, &[&collection, &id]).await?;
+            let Some(replaces) = region2_version else {
+                tx.commit().await?;
+                return Ok(RepairAction::Nothing);
+            };
+            let event_id = Uuid::now_v7();
+            let payload = DocumentState {
+                collection: key.collection.clone(),
+                id: key.id.clone(),
+                version: replaces,
+                deleted: true,
+                data: None,
+                created_at: None,
+                updated_at: OffsetDateTime::now_utc(),
+                repair: Some(Repair {
+                    replaces: Some(replaces),
+                    purge: true,
+                }),
+            };
+            enqueue_repair(&tx, event_id, &payload).await?;
+            tx.commit().await?;
+            return Ok(RepairAction::Purge {
+                replaces,
+                event_id: Some(event_id),
+            });
+        }
+        // Created concurrently (committed while the placeholder waited): re-emit that.
+        row = tx.query_opt(SELECT_FOR_REPAIR, &[&collection, &id]).await?;
+    }
+    let Some(row) = row else {
+        return Err(StoreError::Internal(anyhow::anyhow!(
+            "document {collection}/{id} conflicted on insert but cannot be read"
+        )));
+    };
+    let version: i64 = row.try_get(0)?;
+    let deleted: bool = row.try_get(1)?;
+    let data: Option<Json<Map<String, Value>>> = row.try_get(2)?;
+    let payload = DocumentState {
+        collection: key.collection.clone(),
+        id: key.id.clone(),
+        version,
+        deleted,
+        data: data.map(|Json(d)| d),
+        created_at: if deleted { None } else { row.try_get(3)? },
+        updated_at: row.try_get(4)?,
+        repair: Some(Repair {
+            replaces: region2_version,
+            purge: false,
+        }),
+    };
+    let event_id = if dry_run {
+        None
+    } else {
+        let event_id = Uuid::now_v7();
+        enqueue_repair(&tx, event_id, &payload).await?;
+        tx.commit().await?;
+        Some(event_id)
+    };
+    Ok(RepairAction::Reemitted {
+        version,
+        deleted,
+        replaces: region2_version,
+        event_id,
+    })
+}
+
+/// The repair event's outbox row, in the repair's transaction.
+async fn enqueue_repair(
+    tx: &Transaction<'_>,
+    event_id: Uuid,
+    state: &tandem_core::event::DocumentState,
+) -> Result<(), StoreError> {
+    let payload = serde_json::to_value(state).map_err(|e| StoreError::Internal(e.into()))?;
+    let operation = if state.deleted { "delete" } else { "upsert" };
+    let stmt = tx.prepare_cached(INSERT_OUTBOX).await?;
+    tx.execute(
+        &stmt,
+        &[
+            &event_id,
+            &state.collection.as_str(),
+            &state.id.as_str(),
+            &state.version,
+            &operation,
+            &payload,
+            &None::<&str>,
+        ],
+    )
+    .await?;
+    Ok(())
+}

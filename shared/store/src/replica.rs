@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use deadpool_postgres::{Pool, Transaction};
-use tandem_core::event::DocumentState;
+use tandem_core::event::{DocumentState, Repair};
 use time::OffsetDateTime;
 use tokio_postgres::types::{Json, ToSql};
 
@@ -45,6 +45,33 @@ const UPSERT_DOCUMENTS: &str = "INSERT INTO documents \
        updated_at = EXCLUDED.updated_at \
      WHERE documents.version < EXCLUDED.version \
      RETURNING collection, id";
+/// The repairs' upsert (`tandem repair`, [`Repair`]): a fresh repair's state is written over
+/// an older version as ordinary states are, and also over the same version or over exactly
+/// the version it `replaces` (the sixth column). A separate statement, so ordinary batches run
+/// [`UPSERT_DOCUMENTS`] and its plan unchanged.
+const UPSERT_REPAIRS: &str = "WITH r AS (SELECT * FROM unnest($1::text[], $2::text[], \
+       $3::bigint[], $4::jsonb[], $5::bool[], $6::bigint[], $7::timestamptz[], $8::timestamptz[]) \
+       AS u (collection, id, version, data, deleted, replaces, created_at, updated_at)), \
+     updated AS ( \
+       UPDATE documents d SET version = r.version, data = r.data, deleted = r.deleted, \
+         created_at = CASE WHEN r.deleted THEN d.created_at ELSE r.created_at END, \
+         updated_at = r.updated_at \
+       FROM r WHERE d.collection = r.collection AND d.id = r.id \
+         AND (d.version <= r.version OR d.version = r.replaces) \
+       RETURNING d.collection, d.id), \
+     inserted AS ( \
+       INSERT INTO documents (collection, id, version, data, deleted, created_at, updated_at) \
+       SELECT r.collection, r.id, r.version, r.data, r.deleted, r.created_at, r.updated_at \
+       FROM r WHERE NOT EXISTS (SELECT 1 FROM documents d \
+         WHERE d.collection = r.collection AND d.id = r.id) \
+       ON CONFLICT (collection, id) DO NOTHING RETURNING collection, id) \
+     SELECT collection, id FROM updated UNION ALL SELECT collection, id FROM inserted";
+/// The purges (`tandem repair` of a document Region 1 does not have): Region 2's row goes
+/// only while it holds exactly the version verify saw.
+const PURGE_DOCUMENTS: &str = "DELETE FROM documents d \
+     USING unnest($1::text[], $2::text[], $3::bigint[]) AS p (collection, id, replaces) \
+     WHERE d.collection = p.collection AND d.id = p.id AND d.version = p.replaces \
+     RETURNING d.collection, d.id";
 /// The next position per partition, with the proof of the record before it: its event id (when
 /// it had one) and the SHA-256 of its key and payload (always).
 const STORE_OFFSETS: &str = "INSERT INTO consumer_offsets \
@@ -122,15 +149,48 @@ pub struct EventColumns<'a> {
     pub times: Vec<OffsetDateTime>,
 }
 
+/// A state to write, and how it is guarded.
+#[derive(Debug, Clone, Copy)]
+pub struct Planned<'a> {
+    pub state: &'a DocumentState,
+    /// The repair rule this state is written under, and the id of the repair event it came
+    /// from (the batch's newest state of a document carries an earlier repair's rule). The
+    /// rule counts only when that event is fresh: a redelivered repair could otherwise undo
+    /// later writes (its `replaces` may be a version Region 2 legitimately holds again). A
+    /// `purge` removes the row instead of writing the state.
+    pub repair: Option<(uuid::Uuid, Repair)>,
+}
+
+impl<'a> Planned<'a> {
+    /// An ordinary state: the strict `stored < version` guard.
+    pub fn ordinary(state: &'a DocumentState) -> Self {
+        Self {
+            state,
+            repair: None,
+        }
+    }
+
+    fn purge(&self) -> Option<i64> {
+        self.repair
+            .filter(|(_, r)| r.purge)
+            .map(|(_, r)| r.replaces.unwrap_or(self.state.version))
+    }
+}
+
 /// What [`ApplyTx::apply_states`] found and did.
 #[derive(Debug, Default)]
 pub struct StatesApplied {
     /// The event ids recorded for the first time (the others were applied before).
     pub fresh: HashSet<uuid::Uuid>,
-    /// The version each document had before the batch.
+    /// The version each document had before the batch (after its purges).
     pub held_before: HashMap<(String, String), i64>,
     /// The documents whose state the batch changed.
     pub written: HashSet<(String, String)>,
+    /// The documents a repair wrote or purged: not necessarily forward in version, so the
+    /// cache's version guard cannot take them (the caller invalidates the cache instead).
+    pub repaired: HashSet<(String, String)>,
+    /// The documents purged (their rows deleted).
+    pub purged: HashSet<(String, String)>,
 }
 
 /// The writes of one apply transaction.
@@ -152,20 +212,23 @@ impl<'a, 'b> ApplyTx<'a, 'b> {
     }
 
     /// Records the events' ids, reads the documents' versions before the batch and upserts
-    /// `states` (at most one per document, the batch's newest) where they are newer than the
-    /// stored version. The three statements are pipelined, in that order, so the versions are
-    /// read before the upsert changes them.
+    /// `states` (at most one per document, the batch's newest, plus a purge before it) where
+    /// they are newer than the stored version, or, for a fresh repair, where its rule allows
+    /// ([`Repair`]). Without repairs the three statements are pipelined, in that order, so the
+    /// versions are read before the upsert changes them; with repairs the ids are recorded
+    /// first, since only fresh repairs may use their rule, then the purges run, then the rest.
     pub async fn apply_states(
         &self,
         events: &EventColumns<'_>,
-        states: &[&DocumentState],
+        states: &[Planned<'_>],
     ) -> Result<StatesApplied, StoreError> {
         let tx = self.tx;
-        let keys: (Vec<&str>, Vec<&str>) = states
+        let upserts: Vec<&Planned<'_>> = states.iter().filter(|p| p.purge().is_none()).collect();
+        let keys: (Vec<&str>, Vec<&str>) = upserts
             .iter()
-            .map(|s| (s.collection.as_str(), s.id.as_str()))
+            .map(|p| (p.state.collection.as_str(), p.state.id.as_str()))
             .unzip();
-        // Prepared first, so that the three statements go out in this order.
+        // Prepared first, so that the statements go out in this order.
         let record = tx.prepare_cached(RECORD_EVENTS).await?;
         let before = tx.prepare_cached(VERSIONS_BEFORE).await?;
         let upsert = tx.prepare_cached(UPSERT_DOCUMENTS).await?;
@@ -177,18 +240,75 @@ impl<'a, 'b> ApplyTx<'a, 'b> {
             &events.times,
         ];
         let before_params: [&(dyn ToSql + Sync); 2] = [&keys.0, &keys.1];
-        let (fresh, before, written) = tokio::join!(
-            tx.query(&record, &record_params),
+        if states.iter().all(|p| p.repair.is_none()) {
+            let ordinary: Vec<&DocumentState> = upserts.iter().map(|p| p.state).collect();
+            let (fresh, before, written) = tokio::join!(
+                tx.query(&record, &record_params),
+                tx.query(&before, &before_params),
+                upsert_documents(tx, &upsert, &ordinary),
+            );
+            return Ok(StatesApplied {
+                fresh: fresh?.iter().map(|row| row.get(0)).collect(),
+                held_before: before?
+                    .iter()
+                    .map(|row| ((row.get(0), row.get(1)), row.get(2)))
+                    .collect(),
+                written: written?,
+                ..StatesApplied::default()
+            });
+        }
+
+        let fresh: HashSet<uuid::Uuid> = tx
+            .query(&record, &record_params)
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let is_fresh = |p: &Planned<'_>| p.repair.is_some_and(|(id, _)| fresh.contains(&id));
+        let purges: Vec<(&str, &str, i64)> = states
+            .iter()
+            .filter(|p| is_fresh(p))
+            .filter_map(|p| {
+                p.purge()
+                    .map(|v| (p.state.collection.as_str(), p.state.id.as_str(), v))
+            })
+            .collect();
+        let mut purged = HashSet::new();
+        if !purges.is_empty() {
+            let stmt = tx.prepare_cached(PURGE_DOCUMENTS).await?;
+            let collections: Vec<&str> = purges.iter().map(|p| p.0).collect();
+            let ids: Vec<&str> = purges.iter().map(|p| p.1).collect();
+            let replaces: Vec<i64> = purges.iter().map(|p| p.2).collect();
+            purged = tx
+                .query(&stmt, &[&collections, &ids, &replaces])
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+        }
+        let (repairs, ordinary): (Vec<&Planned<'_>>, Vec<&Planned<'_>>) =
+            upserts.iter().partition(|p| is_fresh(p));
+        let ordinary: Vec<&DocumentState> = ordinary.iter().map(|p| p.state).collect();
+        let repair_stmt = tx.prepare_cached(UPSERT_REPAIRS).await?;
+        let (before, written, repaired) = tokio::join!(
             tx.query(&before, &before_params),
-            upsert_documents(tx, &upsert, states),
+            upsert_documents(tx, &upsert, &ordinary),
+            upsert_repairs(tx, &repair_stmt, &repairs),
         );
+        let repaired = repaired?;
+        let mut written = written?;
+        written.extend(repaired.iter().cloned());
+        let mut repaired_or_purged = repaired;
+        repaired_or_purged.extend(purged.iter().cloned());
         Ok(StatesApplied {
-            fresh: fresh?.iter().map(|row| row.get(0)).collect(),
+            fresh,
             held_before: before?
                 .iter()
                 .map(|row| ((row.get(0), row.get(1)), row.get(2)))
                 .collect(),
-            written: written?,
+            written,
+            repaired: repaired_or_purged,
+            purged,
         })
     }
 
@@ -309,6 +429,51 @@ async fn upsert_documents(
                 &versions,
                 &data,
                 &deleted,
+                &created_at,
+                &updated_at,
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Upserts fresh repairs' states under their rule ([`UPSERT_REPAIRS`]); returns the
+/// `(collection, id)` of the documents written.
+async fn upsert_repairs(
+    tx: &Transaction<'_>,
+    stmt: &tokio_postgres::Statement,
+    states: &[&Planned<'_>],
+) -> Result<HashSet<(String, String)>, StoreError> {
+    if states.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let collections: Vec<&str> = states.iter().map(|p| p.state.collection.as_str()).collect();
+    let ids: Vec<&str> = states.iter().map(|p| p.state.id.as_str()).collect();
+    let versions: Vec<i64> = states.iter().map(|p| p.state.version).collect();
+    let data: Vec<Option<Json<&serde_json::Map<String, serde_json::Value>>>> = states
+        .iter()
+        .map(|p| p.state.data.as_ref().map(Json))
+        .collect();
+    let deleted: Vec<bool> = states.iter().map(|p| p.state.deleted).collect();
+    let replaces: Vec<Option<i64>> = states
+        .iter()
+        .map(|p| p.repair.and_then(|(_, r)| r.replaces))
+        .collect();
+    let created_at: Vec<OffsetDateTime> = states
+        .iter()
+        .map(|p| p.state.created_at.unwrap_or(p.state.updated_at))
+        .collect();
+    let updated_at: Vec<OffsetDateTime> = states.iter().map(|p| p.state.updated_at).collect();
+    let rows = tx
+        .query(
+            stmt,
+            &[
+                &collections,
+                &ids,
+                &versions,
+                &data,
+                &deleted,
+                &replaces,
                 &created_at,
                 &updated_at,
             ],
@@ -559,17 +724,24 @@ async fn redrive_one(
         versions: vec![event.data.version],
         times: vec![event.time],
     };
-    let applied = writes.apply_states(&columns, &[&event.data]).await?;
+    let planned = Planned {
+        state: &event.data,
+        repair: event.data.repair.map(|r| (event.id, r)),
+    };
+    let applied = writes.apply_states(&columns, &[planned]).await?;
     let outcome = if !applied.fresh.contains(&event.id) {
         "duplicate"
-    } else if applied.written.is_empty() {
+    } else if applied.written.is_empty() && applied.purged.is_empty() {
         writes.mark_stale(&[event.id]).await?;
         "stale"
     } else {
         "applied"
     };
     tx.commit().await?;
-    if let (Some(cache), "applied") = (cache, outcome) {
+    if let (Some(cache), "applied", false) = (cache, outcome, applied.repaired.is_empty()) {
+        // Not necessarily forward in version: the cache's guard cannot take it.
+        cache.invalidate_all().await;
+    } else if let (Some(cache), "applied") = (cache, outcome) {
         let entry = match event.data.to_stored() {
             Stored::Live(document) => crate::cache::Entry::Live {
                 version: document.version,

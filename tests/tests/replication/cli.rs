@@ -85,6 +85,7 @@ async fn plant_dead_letter(regions: &TwoRegions, id: &str, offset: i64) -> i64 {
         )])),
         created_at: None,
         updated_at: time::OffsetDateTime::now_utc(),
+        repair: None,
     };
     let event = ChangeEvent::new(
         uuid::Uuid::now_v7(),
@@ -453,4 +454,367 @@ async fn verify_finds_every_kind_of_drift_and_none_for_writes_in_flight() {
         report["schema_differences"],
         json!(["region2: stray integer null"])
     );
+}
+
+/// Region 1's outbox rows of repair events, as `(document id, payload)`.
+async fn repair_rows(regions: &TwoRegions) -> Vec<(String, Value)> {
+    let client = regions.region1.pool.get().await.expect("db");
+    client
+        .query(
+            "SELECT document_id, payload FROM outbox WHERE payload ? 'repair' ORDER BY seq",
+            &[],
+        )
+        .await
+        .expect("outbox")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// One Region 2 row: `(version, data)`, `None` when there is no row.
+async fn region2_row(regions: &TwoRegions, id: &str) -> Option<(i64, Option<Value>)> {
+    let client = regions.region2_pool.get().await.expect("db");
+    client
+        .query_opt(
+            "SELECT version, data FROM documents WHERE collection = 'items' AND id = $1",
+            &[&id],
+        )
+        .await
+        .expect("region2 row")
+        .map(|r| (r.get(0), r.get(1)))
+}
+
+/// How Region 2's apply recorded an event (`applied` or `stale`), once it has.
+async fn applied_outcome(regions: &TwoRegions, event_id: uuid::Uuid) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let client = regions.region2_pool.get().await.expect("db");
+        if let Some(row) = client
+            .query_opt(
+                "SELECT outcome FROM applied_events WHERE event_id = $1",
+                &[&event_id],
+            )
+            .await
+            .expect("applied_events")
+        {
+            return row.get(0);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "event {event_id} was never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn run_json(regions: &TwoRegions, args: &[&str]) -> (i32, Value) {
+    let output = tokio::task::block_in_place(|| tandem(regions, args));
+    (code(&output), json_of(&output))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_fixes_every_kind_of_drift_through_the_outbox() {
+    let regions = TwoRegions::start().await;
+    for i in 0..40 {
+        let response = regions
+            .region1
+            .put("items", &format!("i{i:03}"), &json!({"i": i}))
+            .await;
+        assert!(response.status().is_success());
+    }
+    // A second version of i020, so that Region 2 "ahead" is version 7 over Region 1's 2.
+    assert!(
+        regions
+            .region1
+            .put("items", "i020", &json!({"i": 20, "again": true}))
+            .await
+            .status()
+            .is_success()
+    );
+    regions.wait_converged(Duration::from_secs(60)).await;
+
+    let planted = plant_every_kind(&regions).await;
+    assert_eq!(planted.len(), 4);
+    // Region 2's cache gets the tampered i030 (its entry dropped, the Read API fills it from
+    // the row), so a repair that left the cache alone would keep serving it.
+    let redis = redis::Client::open(regions.region2_redis_url.as_str()).expect("client");
+    let mut connection = redis
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:*:doc:items/i030", regions.region2_key_prefix))
+        .query_async(&mut connection)
+        .await
+        .expect("keys");
+    for key in keys {
+        let _: () = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .expect("del");
+    }
+    let served: Value = regions
+        .region2_get("/v1/items/i030")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(served["data"], json!({"tampered": true}), "{served:#}");
+    let i030_version: i64 = served["version"].as_i64().expect("version");
+
+    // An ordinary event of the same version as Region 2's tampered row keeps the strict
+    // `version >` guard: it is stale, and Region 2 keeps the tampered content.
+    let ordinary = uuid::Uuid::now_v7();
+    let r1 = regions.region1.pool.get().await.expect("db");
+    r1.execute(
+        "INSERT INTO outbox (event_id, collection, document_id, version, operation, payload) \
+         SELECT $1, collection, id, version, 'upsert', jsonb_build_object('collection', \
+           collection, 'id', id, 'version', version, 'data', data, \
+           'created_at', to_jsonb(created_at), 'updated_at', to_jsonb(updated_at)) \
+         FROM documents WHERE collection = 'items' AND id = 'i030'",
+        &[&ordinary],
+    )
+    .await
+    .expect("an ordinary event");
+    assert_eq!(applied_outcome(&regions, ordinary).await, "stale");
+    assert_eq!(
+        region2_row(&regions, "i030").await,
+        Some((i030_version, Some(json!({"tampered": true})))),
+        "an ordinary same-version event must not overwrite"
+    );
+
+    // A dry run says what it would do and enqueues nothing.
+    let (code, report) = run_json(&regions, &["repair", "--dry-run", "--json"]);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["dry_run"], true);
+    assert_eq!(report["repaired"], 4, "{report:#}");
+    assert_eq!(report["documents"][3]["repair"]["action"], "purge");
+    assert!(repair_rows(&regions).await.is_empty(), "a dry run enqueued");
+
+    let (code, report) = run_json(&regions, &["repair", "--json"]);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["failed"], 0);
+    let actions: Vec<(String, String, String)> = report["documents"]
+        .as_array()
+        .expect("documents")
+        .iter()
+        .map(|d| {
+            (
+                d["id"].as_str().unwrap_or_default().to_owned(),
+                d["kind"].as_str().unwrap_or_default().to_owned(),
+                d["repair"]["action"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("i010", "missing_in_region2", "reemitted"),
+            ("i020", "different_version", "reemitted"),
+            ("i030", "same_version_different_content", "reemitted"),
+            ("i200-extra", "extra_in_region2", "purge"),
+        ]
+        .map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned())),
+        "{report:#}"
+    );
+    assert_eq!(report["documents"][1]["repair"]["replaces"], 7);
+
+    // Through the outbox: one repair event per document, with Region 2's version as verify
+    // saw it.
+    let rows = repair_rows(&regions).await;
+    let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["i010", "i020", "i030", "i200-extra"]);
+    assert_eq!(rows[0].1["repair"], json!({"replaces": null}));
+    assert_eq!(rows[1].1["repair"], json!({"replaces": 7}));
+    assert_eq!(rows[1].1["version"], 2);
+    assert_eq!(rows[3].1["repair"], json!({"replaces": 3, "purge": true}));
+    for row in &rows {
+        let id = row.1["id"].as_str().unwrap_or_default();
+        let event_id: uuid::Uuid = {
+            let client = regions.region1.pool.get().await.expect("db");
+            client
+                .query_one(
+                    "SELECT event_id FROM outbox WHERE document_id = $1 AND payload ? 'repair'",
+                    &[&id],
+                )
+                .await
+                .expect("event id")
+                .get(0)
+        };
+        assert_eq!(applied_outcome(&regions, event_id).await, "applied", "{id}");
+    }
+
+    // Region 2 now equals Region 1, row for row, and serves the repaired states.
+    regions.wait_converged(Duration::from_secs(60)).await;
+    assert_eq!(region2_row(&regions, "i200-extra").await, None);
+    assert_eq!(
+        region2_row(&regions, "i020").await,
+        Some((2, Some(json!({"i": 20, "again": true}))))
+    );
+    assert_eq!(
+        region2_row(&regions, "i030").await,
+        Some((1, Some(json!({"i": 30}))))
+    );
+    let served: Value = regions
+        .region2_get("/v1/items/i030")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(served["data"], json!({"i": 30}), "{served:#}");
+    assert_eq!(
+        regions.region2_get("/v1/items/i200-extra").await.status(),
+        404
+    );
+
+    let (code, report) = verify_json(&regions, &["verify", "--json"]).await;
+    assert_eq!(code, 0, "{report:#}");
+    // Nothing left to repair: exit 0, nothing enqueued.
+    let (code, report) = run_json(&regions, &["repair", "--json"]);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["repaired"], 0);
+    assert_eq!(repair_rows(&regions).await.len(), 4);
+
+    // A purged document can be created afterwards: its version 1 is not stale.
+    assert!(
+        regions
+            .region1
+            .put("items", "i200-extra", &json!({"new": true}))
+            .await
+            .status()
+            .is_success()
+    );
+    regions.wait_converged(Duration::from_secs(60)).await;
+    assert_eq!(
+        region2_row(&regions, "i200-extra").await,
+        Some((1, Some(json!({"new": true}))))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_racing_a_create_in_region1_keeps_the_created_document() {
+    let regions = TwoRegions::start().await;
+    regions.region1.put("items", "i000", &json!({"i": 0})).await;
+    regions.wait_converged(Duration::from_secs(60)).await;
+    region2_sql(
+        &regions,
+        "INSERT INTO documents (collection, id, version, data, deleted, created_at, updated_at) \
+         VALUES ('items', 'racer', 3, '{\"x\": 1}', false, now(), now())",
+    )
+    .await;
+
+    // A create of `racer` in Region 1, in flight: its row and outbox row written, not committed.
+    let (mut creator, connection) =
+        tokio_postgres::connect(&regions.region1.database_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+    tokio::spawn(connection);
+    let create = creator.transaction().await.expect("begin");
+    let state = DocumentState {
+        collection: Collection::parse("items").expect("collection"),
+        id: DocumentId::parse("racer").expect("id"),
+        version: 1,
+        deleted: false,
+        data: Some(serde_json::Map::from_iter([(
+            "created".to_owned(),
+            json!(true),
+        )])),
+        created_at: Some(time::OffsetDateTime::now_utc()),
+        updated_at: time::OffsetDateTime::now_utc(),
+        repair: None,
+    };
+    create
+        .execute(
+            "INSERT INTO documents (collection, id, version, data, deleted, created_at, updated_at) \
+             VALUES ('items', 'racer', 1, $1, false, $2, $2)",
+            &[
+                &tokio_postgres::types::Json(state.data.clone()),
+                &state.updated_at,
+            ],
+        )
+        .await
+        .expect("create");
+    create
+        .execute(
+            "INSERT INTO outbox (event_id, collection, document_id, version, operation, payload) \
+             VALUES ($1, 'items', 'racer', 1, 'upsert', $2)",
+            &[
+                &uuid::Uuid::now_v7(),
+                &serde_json::to_value(&state).expect("json"),
+            ],
+        )
+        .await
+        .expect("enqueue");
+
+    // Repair sees `racer` only in Region 2 and goes to purge it: its placeholder insert
+    // waits for the create.
+    let repair = {
+        let args: Vec<String> = [
+            "--region1-database-url",
+            &regions.region1.database_url,
+            "--region2-database-url",
+            &regions.region2_database_url,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        std::thread::spawn(move || {
+            std::process::Command::new(binary("tandem"))
+                .args(["repair", "--json"])
+                .args(&args)
+                .env("TANDEM_STACK_FILE", "none")
+                .env_remove("TANDEM_REGION1_DATABASE_URL")
+                .env_remove("TANDEM_REGION2_DATABASE_URL")
+                .output()
+                .expect("run tandem")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let client = regions.region1.pool.get().await.expect("db");
+        let waiting: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND query LIKE 'INSERT INTO documents%ON CONFLICT%DO NOTHING RETURNING 1'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the repair never waited on the create"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    create.commit().await.expect("commit the create");
+
+    let output = tokio::task::block_in_place(|| repair.join().expect("repair thread"));
+    assert_eq!(code(&output), 0, "{}", explain(&output));
+    let report = json_of(&output);
+    // Not a purge: the created document's state, replacing Region 2's version 3.
+    assert_eq!(report["documents"][0]["id"], "racer", "{report:#}");
+    assert_eq!(
+        report["documents"][0]["repair"],
+        json!({"action": "reemitted", "version": 1, "deleted": false, "replaces": 3,
+               "event_id": report["documents"][0]["repair"]["event_id"]}),
+        "{report:#}"
+    );
+    regions.wait_converged(Duration::from_secs(60)).await;
+    assert_eq!(
+        region2_row(&regions, "racer").await,
+        Some((1, Some(json!({"created": true}))))
+    );
+    let rows = repair_rows(&regions).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1["repair"], json!({"replaces": 3}));
+    let (code, report) = verify_json(&regions, &["verify", "--json"]).await;
+    assert_eq!(code, 0, "{report:#}");
 }

@@ -826,3 +826,109 @@ async fn the_shipped_binary_serves_invocations_from_the_lambda_runtime_api() {
     drop(function);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Region 2's row of `items/id`: `(version, data)`.
+async fn item(regions: &TwoRegions, id: &str) -> Option<(i64, Option<Value>)> {
+    let client = regions.region2_pool.get().await.expect("db");
+    client
+        .query_opt(
+            "SELECT version, data FROM documents WHERE collection = 'items' AND id = $1",
+            &[&id],
+        )
+        .await
+        .expect("row")
+        .map(|r| (r.get(0), r.get(1)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_events_apply_through_the_function_and_a_redelivered_one_changes_nothing() {
+    let mut regions = TwoRegions::start_without_workers().await;
+    regions.start_relay();
+    let apply = function(&regions, None).await;
+    for id in ["a", "b"] {
+        let response = regions.region1.put("items", id, &json!({"id": id})).await;
+        assert_eq!(response.status(), 201);
+    }
+    wait_published(&regions).await;
+    let first = read_topic(&regions, &HashMap::new()).await;
+    assert_eq!(
+        invoke(&apply, &msk_event(&regions, &first)).await,
+        no_failures()
+    );
+
+    // Drift: Region 2 ahead on `a`, other content at `b`'s version, an `x` of its own.
+    let client = regions.region2_pool.get().await.expect("db");
+    client
+        .batch_execute(
+            "UPDATE documents SET version = 7 WHERE collection = 'items' AND id = 'a'; \
+             UPDATE documents SET data = '{\"tampered\": true}' WHERE collection = 'items' AND id = 'b'; \
+             INSERT INTO documents (collection, id, version, data, deleted, created_at, updated_at) \
+             VALUES ('items', 'x', 3, '{\"x\": 1}', false, now(), now())",
+        )
+        .await
+        .expect("plant drift");
+    // The repairs `tandem repair` enqueues, then a later write of `a`: in one batch, the
+    // repair's rule carries onto `a`'s newer version (Region 2 holds 7, Region 1 writes 2).
+    for (id, seen) in [("a", 7), ("b", 1), ("x", 3)] {
+        let key = tandem_core::document::DocumentKey::new(
+            tandem_core::document::Collection::parse("items").expect("collection"),
+            tandem_core::document::DocumentId::parse(id).expect("id"),
+        );
+        tandem_store::documents::repair(&regions.region1.pool, &key, Some(seen), false)
+            .await
+            .expect("repair");
+    }
+    let response = regions
+        .region1
+        .put("items", "a", &json!({"id": "a", "later": true}))
+        .await;
+    assert_eq!(response.status(), 200);
+    wait_published(&regions).await;
+    let second = read_topic(&regions, &ends(&first)).await;
+    assert_eq!(
+        invoke(&apply, &msk_event(&regions, &second)).await,
+        no_failures()
+    );
+    assert_eq!(
+        TwoRegions::snapshot(&regions.region2_pool).await,
+        TwoRegions::snapshot(&regions.region1.pool).await
+    );
+    assert_eq!(
+        item(&regions, "a").await,
+        Some((2, Some(json!({"id": "a", "later": true}))))
+    );
+    assert_eq!(item(&regions, "x").await, None);
+    assert_eq!(served_version(&regions, "/v1/items/a").await, Some(2));
+    assert_eq!(served_version(&regions, "/v1/items/x").await, None);
+
+    // Region 1's `a` reaches version 7, the version the repair replaced; delivering the
+    // repair's batch again then changes nothing: a redelivered repair never uses its rule.
+    for n in 3..=7 {
+        let response = regions
+            .region1
+            .put("items", "a", &json!({"id": "a", "n": n}))
+            .await;
+        assert_eq!(response.status(), 200);
+    }
+    wait_published(&regions).await;
+    let third = read_topic(&regions, &ends(&second)).await;
+    assert_eq!(
+        invoke(&apply, &msk_event(&regions, &third)).await,
+        no_failures()
+    );
+    assert_eq!(
+        item(&regions, "a").await,
+        Some((7, Some(json!({"id": "a", "n": 7}))))
+    );
+    let duplicates = outcome_count(&apply, "duplicate");
+    assert_eq!(
+        invoke(&apply, &msk_event(&regions, &second)).await,
+        no_failures()
+    );
+    assert!(outcome_count(&apply, "duplicate") > duplicates);
+    assert_eq!(
+        item(&regions, "a").await,
+        Some((7, Some(json!({"id": "a", "n": 7})))),
+        "a redelivered repair moved the document back"
+    );
+}
