@@ -355,7 +355,7 @@ impl Relay {
                 .or_else(|| row.traceparent.clone());
             let headers = row.headers_with(traceparent);
             let partition_key = partition_key(&row.key);
-            let mut record = self.record(row, &partition_key, &headers);
+            let mut record = self.kafka_record(row, &partition_key, &headers);
             // Enqueue in seq order; when librdkafka's queue is full, wait for it to drain.
             loop {
                 match producer.send_result(record) {
@@ -455,7 +455,7 @@ impl Relay {
     }
 
     /// The Kafka record of one row.
-    fn record<'a>(
+    fn kafka_record<'a>(
         &'a self,
         row: &'a Outgoing,
         partition_key: &'a str,
@@ -477,7 +477,7 @@ impl Relay {
         let partition_key = partition_key(&row.key);
         producer
             .send(
-                self.record(row, &partition_key, &headers),
+                self.kafka_record(row, &partition_key, &headers),
                 Duration::from_secs(5),
             )
             .await
