@@ -296,6 +296,19 @@ impl opentelemetry_http::HttpClient for OtlpClient {
     }
 }
 
+
+/// The subscriber of a command-line tool (`tandem`): human-readable lines on stderr, warnings
+/// and errors only unless `RUST_LOG` says otherwise.
+pub fn init_cli() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,16 +329,4 @@ mod tests {
         assert!(!unsampled.is_sampled());
         assert!(remote_context("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7").is_none());
     }
-}
-
-/// The subscriber of a command-line tool (`tandem`): human-readable lines on stderr, warnings
-/// and errors only unless `RUST_LOG` says otherwise.
-pub fn init_cli() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
-        .try_init();
 }
