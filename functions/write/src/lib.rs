@@ -14,7 +14,8 @@ use tandem_runtime::config::{ConfigError, ServiceSettings};
 use tandem_runtime::metrics::Metrics;
 use tandem_store::cache::{Cache, CacheSettings};
 use tandem_store::db::DatabaseSettings;
-use tandem_store::documents::Store;
+use tandem_store::documents::{Store, StoreError};
+use tandem_store::roles::RoleError;
 
 pub use routes::router;
 
@@ -27,6 +28,9 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// Apply pending migrations at start-up (`TANDEM_MIGRATE_ON_START`, default true).
     pub migrate_on_start: bool,
+    /// The region that leads writes when the database has no role yet, at its first start
+    /// (`TANDEM_INITIAL_LEADER`, default `region1`); afterwards the database's role decides.
+    pub initial_leader: String,
 }
 
 impl Settings {
@@ -37,6 +41,8 @@ impl Settings {
             cache: CacheSettings::from_env()?,
             auth: AuthSettings::from_env()?,
             migrate_on_start: tandem_runtime::config::flag("TANDEM_MIGRATE_ON_START", true)?,
+            initial_leader: tandem_runtime::config::optional("TANDEM_INITIAL_LEADER")
+                .unwrap_or_else(|| "region1".to_owned()),
         })
     }
 }
@@ -73,6 +79,27 @@ impl AppState {
             tandem_store::migrations::run(&pool)
                 .await
                 .context("Failed to migrate the database at start-up")?;
+        }
+        // The database's role decides whether this region's writes commit (its outbox
+        // trigger refuses them otherwise); record it at the first start.
+        match tandem_store::roles::ensure(&pool, &settings.service.region, &settings.initial_leader)
+            .await
+        {
+            Ok(role) => tracing::info!(
+                region = role.region,
+                leader = role.leader,
+                epoch = role.epoch,
+                writable = role.writable,
+                "region role"
+            ),
+            // Migrated by someone else and unreachable now: writes report it when they come.
+            Err(RoleError::Store(StoreError::Unavailable(cause))) if !settings.migrate_on_start => {
+                tracing::warn!(
+                    error = format!("{cause:#}"),
+                    "cannot read the region role at start-up"
+                );
+            }
+            Err(e) => return Err(e).context("Failed to record the region role at start-up"),
         }
         Ok(Self {
             store: Store::new(pool)

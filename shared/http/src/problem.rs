@@ -69,6 +69,13 @@ pub enum ApiError {
         primary_read_url: Option<String>,
         retry_after_seconds: u32,
     },
+    /// This region does not lead writes, or its writes are fenced for a switchover.
+    #[error("{message}")]
+    NotLeader {
+        message: String,
+        leader: String,
+        epoch: i64,
+    },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -98,6 +105,15 @@ impl From<WriteError> for ApiError {
             WriteError::TooDeep => Self::TooDeep {
                 limit: tandem_core::limits::MAX_JSON_DEPTH,
             },
+            WriteError::NotWritable {
+                message,
+                leader,
+                epoch,
+            } => Self::NotLeader {
+                message,
+                leader,
+                epoch,
+            },
             WriteError::Store(e) => e.into(),
         }
     }
@@ -114,6 +130,11 @@ struct Body<'a> {
     current_version: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     primary_read_url: Option<&'a str>,
+    /// `not-write-leader`: the region leading writes, and its epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    leader_region: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<i64>,
 }
 
 impl ApiError {
@@ -207,6 +228,11 @@ impl ApiError {
                 "replication-lag",
                 "Region is behind",
             ),
+            Self::NotLeader { .. } => (
+                S::SERVICE_UNAVAILABLE,
+                "not-write-leader",
+                "Region does not accept writes",
+            ),
             Self::Internal(_) => (
                 S::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -275,6 +301,14 @@ impl IntoResponse for ApiError {
             detail,
             current_version,
             primary_read_url,
+            leader_region: match &self {
+                Self::NotLeader { leader, .. } => Some(leader.as_str()),
+                _ => None,
+            },
+            epoch: match &self {
+                Self::NotLeader { epoch, .. } => Some(*epoch),
+                _ => None,
+            },
         };
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         let mut response = (status, bytes).into_response();
@@ -299,6 +333,7 @@ impl IntoResponse for ApiError {
             }
             Self::Unavailable { .. }
             | Self::Timeout { .. }
+            | Self::NotLeader { .. }
             | Self::Auth(AuthError::KeysUnavailable(_)) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
             }

@@ -98,12 +98,30 @@ pub enum WriteError {
     /// A merge patch would nest the document deeper than [`MAX_JSON_DEPTH`].
     #[error("the document would nest deeper than {MAX_JSON_DEPTH} levels")]
     TooDeep,
+    /// This region does not lead writes, or its writes are fenced (a switchover): the
+    /// database refused the write ([`crate::roles`]); nothing was written.
+    #[error("{message}")]
+    NotWritable {
+        message: String,
+        leader: String,
+        epoch: i64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
 impl From<tokio_postgres::Error> for WriteError {
     fn from(e: tokio_postgres::Error) -> Self {
+        if let Some(db) = e
+            .as_db_error()
+            .filter(|db| db.code().code() == crate::roles::NOT_WRITABLE)
+        {
+            return Self::NotWritable {
+                message: db.message().to_owned(),
+                leader: db.detail().unwrap_or_default().to_owned(),
+                epoch: db.hint().and_then(|h| h.parse().ok()).unwrap_or(0),
+            };
+        }
         let size_check = e.as_db_error().is_some_and(|db| {
             db.code() == &tokio_postgres::error::SqlState::CHECK_VIOLATION
                 && db.constraint() == Some(DOCUMENT_SIZE_CONSTRAINT)

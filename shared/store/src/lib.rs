@@ -24,4 +24,5 @@ pub mod leader;
 pub mod migrations;
 pub mod outbox;
 pub mod replica;
+pub mod roles;
 pub mod verify;

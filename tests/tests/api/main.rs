@@ -10,5 +10,6 @@ mod ops;
 mod outage;
 mod outbox;
 mod reads;
+mod roles;
 mod secrets;
 mod writes;

@@ -1,0 +1,123 @@
+//! Region roles (`region_role`, one row per database): which region this database serves,
+//! which region leads writes and at which epoch, and whether this region's writes are fenced.
+//!
+//! The fence lives in the database, not in the services: a trigger on `outbox` (every write
+//! inserts one outbox row in its transaction) refuses the row unless this region leads and is
+//! writable, and stamps the row with its region and epoch, which the relay puts on the event.
+//! [`fence`] waits for the writes already past that check, so once it returns no write of
+//! this region can commit (see the migration `V5__region_role_and_write_fence.sql`).
+
+use deadpool_postgres::Pool;
+use serde::Serialize;
+
+use crate::documents::StoreError;
+
+/// SQLSTATE of a write refused because this region does not lead or is fenced.
+pub const NOT_WRITABLE: &str = "TD001";
+
+/// A database's `region_role` row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Role {
+    /// The region this database serves.
+    pub region: String,
+    /// The region that leads writes at `epoch`.
+    pub leader: String,
+    pub epoch: i64,
+    /// Whether this region's writes commit now (false while fenced).
+    pub writable: bool,
+    #[serde(with = "time::serde::rfc3339")]
+    pub changed_at: time::OffsetDateTime,
+}
+
+impl Role {
+    /// Whether this region accepts writes now.
+    pub fn accepts_writes(&self) -> bool {
+        self.leader == self.region && self.writable
+    }
+
+    fn from_row(row: &tokio_postgres::Row) -> Result<Self, StoreError> {
+        Ok(Self {
+            region: row.try_get("region")?,
+            leader: row.try_get("leader")?,
+            epoch: row.try_get("epoch")?,
+            writable: row.try_get("writable")?,
+            changed_at: row.try_get("changed_at")?,
+        })
+    }
+}
+
+/// Why a service cannot start on this database.
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    #[error(
+        "this database serves {recorded}, not {configured} (TANDEM_REGION): is DATABASE_URL the right region's?"
+    )]
+    OtherRegion {
+        recorded: String,
+        configured: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Records this database's role at the first start (`region`, led by `initial_leader` at
+/// epoch 1) and returns the role as stored: an existing row is never changed here, but one
+/// that names another region is refused (a service pointed at the other region's database).
+pub async fn ensure(pool: &Pool, region: &str, initial_leader: &str) -> Result<Role, RoleError> {
+    let client = pool.get().await.map_err(StoreError::from)?;
+    client
+        .execute(
+            "INSERT INTO region_role (region, leader, epoch) VALUES ($1, $2, 1) \
+             ON CONFLICT (singleton) DO NOTHING",
+            &[&region, &initial_leader],
+        )
+        .await
+        .map_err(StoreError::from)?;
+    let role = current(pool)
+        .await?
+        .ok_or_else(|| StoreError::Internal(anyhow::anyhow!("region_role has no row")))?;
+    if role.region != region {
+        return Err(RoleError::OtherRegion {
+            recorded: role.region,
+            configured: region.to_owned(),
+        });
+    }
+    Ok(role)
+}
+
+/// The role as stored (`None` before the first [`ensure`]).
+pub async fn current(pool: &Pool) -> Result<Option<Role>, StoreError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT region, leader, epoch, writable, changed_at FROM region_role",
+            &[],
+        )
+        .await?;
+    row.as_ref().map(Role::from_row).transpose()
+}
+
+/// Fences this region's writes; returns once none can commit any more (the writes in flight
+/// have ended). Idempotent.
+pub async fn fence(pool: &Pool) -> Result<Role, StoreError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_one(
+            "SELECT region, leader, epoch, writable, changed_at FROM tandem_fence_writes()",
+            &[],
+        )
+        .await?;
+    Role::from_row(&row)
+}
+
+/// Lifts the fence. Idempotent.
+pub async fn unfence(pool: &Pool) -> Result<Role, StoreError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_one(
+            "SELECT region, leader, epoch, writable, changed_at FROM tandem_unfence_writes()",
+            &[],
+        )
+        .await?;
+    Role::from_row(&row)
+}
