@@ -124,7 +124,8 @@ pub async fn relay_drain(
     // The same messages, built exactly as the relay builds them from the same rows.
     let rows_read = client
         .query(
-            "SELECT event_id, payload, created_at FROM outbox WHERE collection = $1 ORDER BY seq",
+            "SELECT event_id, payload, created_at, seq, origin, epoch FROM outbox \
+             WHERE collection = $1 ORDER BY seq",
             &[&COLLECTION],
         )
         .await?;
@@ -132,7 +133,12 @@ pub async fn relay_drain(
     let mut messages = Vec::with_capacity(rows_read.len());
     for row in &rows_read {
         let state: DocumentState = serde_json::from_value(row.try_get(1)?)?;
-        let event = ChangeEvent::new(row.try_get(0)?, "region1", row.try_get(2)?, state.clone());
+        let event = ChangeEvent::new(
+            row.try_get(0)?,
+            &tandem_core::event::Origin::new(row.try_get(4)?, row.try_get(5)?, row.try_get(3)?),
+            row.try_get(2)?,
+            state.clone(),
+        );
         messages.push((
             event.partition_key().to_owned(),
             EventHeaders::change(event.id, false, &state.collection, None).encode(),

@@ -11,7 +11,9 @@ use deadpool_postgres::Pool;
 #[cfg(feature = "rdkafka")]
 use rdkafka::message::{Headers, Message};
 use tandem_core::document::{DocumentKey, Stored};
-use tandem_core::event::{ChangeEvent, EventHeaders, Heartbeat};
+use tandem_core::event::{
+    ChangeEvent, EventHeaders, HEADER_SCHEMA, Heartbeat, PoisonReason, Schema,
+};
 use tandem_runtime::shutdown::CancellationToken;
 use tandem_store::cache::{Cache, CacheError, Entry};
 use tandem_store::documents::StoreError;
@@ -160,9 +162,12 @@ pub struct KafkaHeader {
 
 /// A received message, decoded.
 enum Decoded {
-    Change(ChangeEvent),
+    Change(Box<ChangeEvent>),
     Heartbeat(Heartbeat),
     Poison(String),
+    /// Held back, unapplied and not dead-lettered: an event of a newer schema version, or any
+    /// later message of its partition (see [`Outcome::HeldBack`]).
+    Held(u32),
 }
 
 impl Decoded {
@@ -173,16 +178,52 @@ impl Decoded {
         if let Some(problem) = incoming.header_problem() {
             return Self::Poison(format!("invalid headers: {problem}"));
         }
-        if event_headers(&incoming.headers).is_heartbeat() {
+        let headers = event_headers(&incoming.headers);
+        if headers.is_heartbeat() {
             return match Heartbeat::decode(&incoming.payload) {
                 Ok(heartbeat) => Self::Heartbeat(heartbeat),
                 Err(e) => Self::Poison(e.to_string()),
             };
         }
+        let header_version = match headers.schema() {
+            Schema::Newer(version) => return Self::Held(version),
+            Schema::Invalid(problem) => return Self::Poison(format!("invalid headers: {problem}")),
+            Schema::Known(version) => headers.schema.is_some().then_some(version),
+        };
         match ChangeEvent::decode(&incoming.payload) {
-            Ok(event) => Self::Change(event),
+            Ok(event) => match header_version {
+                Some(version) if version != event.schema_version() => Self::Poison(format!(
+                    "invalid event: the {HEADER_SCHEMA} header says version {version}, the event {}",
+                    event.schema_version()
+                )),
+                _ => Self::Change(Box::new(event)),
+            },
+            // The header decides what is held back (a check that needs no parsing, see
+            // [`newer_schema`]): a newer event without it did not come from a Tandem relay.
+            Err(PoisonReason::NewerSchema(version)) => Self::Poison(format!(
+                "invalid event: schema version {version} without a {HEADER_SCHEMA} header"
+            )),
             Err(e) => Self::Poison(e.to_string()),
         }
+    }
+
+    /// Decodes a batch; from the first message of a newer schema version on, every message
+    /// of its partition is held back (applying a later one would skip it).
+    fn batch(batch: &[Incoming]) -> Vec<Self> {
+        let mut held: HashMap<i32, u32> = HashMap::new();
+        batch
+            .iter()
+            .map(|incoming| {
+                if let Some(version) = held.get(&incoming.partition) {
+                    return Self::Held(*version);
+                }
+                let decoded = Self::of(incoming);
+                if let Self::Held(version) = decoded {
+                    held.insert(incoming.partition, version);
+                }
+                decoded
+            })
+            .collect()
     }
 
     /// The event id recorded with the position, for the resume proof.
@@ -190,8 +231,17 @@ impl Decoded {
         match self {
             Self::Change(event) => Some(event.id),
             Self::Heartbeat(heartbeat) => Some(heartbeat.id),
-            Self::Poison(_) => None,
+            Self::Poison(_) | Self::Held(_) => None,
         }
+    }
+}
+
+/// The schema version a message's `tandem-schema` header names when it is newer than this
+/// consumer reads: such an event is held back, never applied or dead-lettered.
+pub fn newer_schema(incoming: &Incoming) -> Option<u32> {
+    match event_headers(&incoming.headers).schema() {
+        Schema::Newer(version) => Some(version),
+        _ => None,
     }
 }
 
@@ -208,6 +258,10 @@ pub enum Outcome {
     DeadLettered(String),
     /// A relay heartbeat, recorded for the lag.
     Heartbeat,
+    /// Not applied, not dead-lettered, the partition's position left before it: an event of a
+    /// schema version newer than this consumer reads (a relay upgraded before its consumers),
+    /// or a later message of the same partition. The partition waits for an upgraded consumer.
+    HeldBack(u32),
 }
 
 impl Outcome {
@@ -219,6 +273,7 @@ impl Outcome {
             Self::Duplicate => "duplicate",
             Self::DeadLettered(_) => "dead_lettered",
             Self::Heartbeat => "heartbeat",
+            Self::HeldBack(_) => "held_back",
         }
     }
 }
@@ -403,7 +458,38 @@ impl Applier {
     /// stops the batch at once: the messages before the part that failed are committed, the
     /// rest are not, and [`Applied::stopped`] names the first of them. So does a dead letter
     /// that cannot be written: the event is then retried, never skipped.
+    ///
+    /// An event of a newer schema version ([`newer_schema`]) stops the batch too, before it:
+    /// it stays unapplied, and so does the partition after it, until an upgraded function
+    /// reads it.
     pub async fn apply_batch_or_stop(&self, batch: &[Incoming]) -> Applied {
+        let Some(held) = batch.iter().position(|m| newer_schema(m).is_some()) else {
+            self.metrics.held_partitions.set(0);
+            return self.apply_all_or_stop(batch).await;
+        };
+        let mut applied = self.apply_all_or_stop(&batch[..held]).await;
+        if applied.stopped.is_none() {
+            let incoming = &batch[held];
+            let version = newer_schema(incoming).unwrap_or_default();
+            self.metrics.record("held_back");
+            self.metrics.held_partitions.set(1);
+            let cause = PoisonReason::NewerSchema(version).to_string();
+            tracing::error!(
+                topic = %incoming.topic,
+                partition = incoming.partition,
+                offset = incoming.offset,
+                version,
+                "{cause}; holding the partition back"
+            );
+            applied.stopped = Some(Stopped {
+                first_unapplied: held,
+                cause,
+            });
+        }
+        applied
+    }
+
+    async fn apply_all_or_stop(&self, batch: &[Incoming]) -> Applied {
         let mut applied = Applied::default();
         if batch.is_empty() {
             return applied;
@@ -522,7 +608,16 @@ impl Applier {
     /// While spans are exported, each change event gets an `apply` span for this attempt,
     /// the child of the trace context its Kafka headers carry (the relay's publish).
     pub async fn apply_batch(&self, batch: &[Incoming]) -> Result<Vec<Outcome>, StoreError> {
-        let decoded: Vec<Decoded> = batch.iter().map(Decoded::of).collect();
+        let decoded = Decoded::batch(batch);
+        if decoded.iter().all(|d| matches!(d, Decoded::Held(_))) {
+            return Ok(decoded
+                .iter()
+                .map(|d| match d {
+                    Decoded::Held(version) => Outcome::HeldBack(*version),
+                    _ => Outcome::Duplicate,
+                })
+                .collect());
+        }
         let spans = apply_spans(batch, &decoded);
         let result = self.apply_decoded(batch, &decoded).await;
         for (index, span) in spans {
@@ -559,7 +654,7 @@ impl Applier {
         let events: Vec<&ChangeEvent> = decoded
             .iter()
             .filter_map(|d| match d {
-                Decoded::Change(event) => Some(event),
+                Decoded::Change(event) => Some(event.as_ref()),
                 _ => None,
             })
             .collect();
@@ -571,6 +666,7 @@ impl Applier {
                 Decoded::Change(_) => applied.next().unwrap_or(Outcome::Duplicate),
                 Decoded::Heartbeat(_) => Outcome::Heartbeat,
                 Decoded::Poison(reason) => Outcome::DeadLettered(reason.clone()),
+                Decoded::Held(version) => Outcome::HeldBack(*version),
             })
             .collect();
 
@@ -578,6 +674,9 @@ impl Applier {
         let mut positions: BTreeMap<i32, (i64, Option<uuid::Uuid>, Vec<u8>)> = BTreeMap::new();
         let mut heartbeats: BTreeMap<i32, OffsetDateTime> = BTreeMap::new();
         for (incoming, decoded) in batch.iter().zip(decoded) {
+            if matches!(decoded, Decoded::Held(_)) {
+                continue;
+            }
             let next = incoming.offset + 1;
             if positions
                 .get(&incoming.partition)

@@ -34,6 +34,9 @@ pub struct ConsumerMetrics {
     pub largest_batch_bytes: Gauge,
     /// Partitions read again from the beginning because the topic was recreated.
     pub partition_rereads: Counter,
+    /// Partitions held back at an event of a newer schema version (the pod: until restarted
+    /// by an upgrade; the Lambda function: in its last invocation).
+    pub held_partitions: Gauge,
     pub role: Arc<Role>,
 }
 
@@ -49,6 +52,7 @@ impl ConsumerMetrics {
             dead_letter_failures: Counter::default(),
             largest_batch_bytes: Gauge::default(),
             partition_rereads: Counter::default(),
+            held_partitions: Gauge::default(),
             role: Arc::default(),
         }
     }
@@ -83,6 +87,11 @@ impl ConsumerMetrics {
             "consumer_partition_rereads",
             "Partitions read again from the beginning because the topic was deleted and recreated",
             self.partition_rereads.clone(),
+        );
+        metrics.register(
+            "consumer_held_partitions",
+            "Partitions held back at an event of a newer schema version than this consumer reads",
+            self.held_partitions.clone(),
         );
         metrics.register(
             "consumer_events",

@@ -246,6 +246,11 @@ impl Region2Consumer {
         ));
         let result = async {
             let mut batch: Vec<Incoming> = Vec::with_capacity(MAX_BATCH);
+            // Partitions held back at an event of a newer schema version: this term reads
+            // them on but applies nothing more of them; the position stays before the event,
+            // where an upgraded consumer resumes.
+            let mut held: std::collections::HashSet<i32> = std::collections::HashSet::new();
+            self.applier.metrics.held_partitions.set(0);
             let mut batch_bytes = 0usize;
             let mut committed: HashMap<i32, i64> = HashMap::new();
             let mut last_commit = std::time::Instant::now();
@@ -279,6 +284,22 @@ impl Region2Consumer {
                         }
                     };
                     match self.admit(&consumer, &topic, &partitions, &mut expected, &message)? {
+                        // Nothing of a held partition is applied after the event held back.
+                        Admitted::Apply(incoming) if held.contains(&incoming.partition) => {}
+                        Admitted::Apply(incoming) if apply::newer_schema(&incoming).is_some() => {
+                            let version = apply::newer_schema(&incoming).unwrap_or_default();
+                            held.insert(incoming.partition);
+                            let metrics = &self.applier.metrics;
+                            metrics.held_partitions.set(held.len() as i64);
+                            metrics.record("held_back");
+                            tracing::error!(
+                                partition = incoming.partition,
+                                offset = incoming.offset,
+                                version,
+                                "{}; holding the partition back until the consumer is upgraded",
+                                tandem_core::event::PoisonReason::NewerSchema(version)
+                            );
+                        }
                         Admitted::Apply(incoming) => {
                             anchors.note(incoming.partition, incoming.offset, || {
                                 incoming.record_hash()

@@ -23,7 +23,9 @@ use deadpool_postgres::Pool;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tandem_core::document::{Collection, DocumentId, DocumentKey};
-use tandem_core::event::{EventHeaders, HEARTBEAT_KEY, Heartbeat, encode_envelope, partition_key};
+use tandem_core::event::{
+    EventHeaders, HEARTBEAT_KEY, Heartbeat, Origin, encode_envelope, partition_key,
+};
 use tandem_core::limits::MAX_EVENT_BYTES;
 use tandem_http::http::{ReadyCheck, ScrapeHook, pool_scrape_hook};
 use tandem_runtime::config::{self, ConfigError, ServiceSettings};
@@ -594,7 +596,12 @@ fn outgoing(row: &OutboxRow<'_>, region: &str) -> anyhow::Result<Outgoing> {
         event_id: row.event_id,
         encoded: encode_envelope(
             row.event_id,
-            region,
+            // Rows from before the write fence were Region 1's, the only leader, in epoch 1.
+            &Origin {
+                region: row.origin.unwrap_or(region).to_owned(),
+                epoch: row.epoch.unwrap_or(1),
+                sequence: row.seq,
+            },
             row.created_at,
             deleted,
             &key,

@@ -23,7 +23,16 @@ pub const TYPE_HEARTBEAT: &str = "dev.tandem.heartbeat";
 /// The message key of heartbeats (they go to explicit partitions; the key only names them).
 pub const HEARTBEAT_KEY: &str = "tandem.heartbeat";
 
+/// The change event schema this build writes. Version 2 added the origin attributes
+/// (`originregion`, `epoch`, `sequence`) and the [`HEADER_SCHEMA`] header; version 1 events
+/// (no `tandemschema` attribute, no header) are still read. A consumer holds back, rather
+/// than misapplies or dead-letters, an event of a version newer than this.
+pub const SCHEMA_VERSION: u32 = 2;
+
 pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// `tandem-schema`: the event's schema version ([`SCHEMA_VERSION`]), so that a consumer can
+/// tell an event it does not understand without parsing it. Absent on version 1 events.
+pub const HEADER_SCHEMA: &str = "tandem-schema";
 pub const HEADER_EVENT_ID: &str = "ce_id";
 pub const HEADER_EVENT_TYPE: &str = "ce_type";
 pub const HEADER_COLLECTION: &str = "tandem-collection";
@@ -42,6 +51,19 @@ pub struct EventHeaders {
     pub collection: Option<String>,
     /// `traceparent`: the write's trace context, when the outbox row has one.
     pub traceparent: Option<String>,
+    /// `tandem-schema`: the schema version (none on version 1 events and on heartbeats).
+    pub schema: Option<String>,
+}
+
+/// What a message's schema version means to this build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Schema {
+    /// A version this build reads.
+    Known(u32),
+    /// A version newer than [`SCHEMA_VERSION`]: written by a newer relay.
+    Newer(u32),
+    /// Not a version at all.
+    Invalid(String),
 }
 
 impl EventHeaders {
@@ -57,6 +79,7 @@ impl EventHeaders {
             kind: Some(if deleted { TYPE_DELETED } else { TYPE_UPSERTED }.to_owned()),
             collection: Some(collection.as_str().to_owned()),
             traceparent,
+            schema: Some(SCHEMA_VERSION.to_string()),
         }
     }
 
@@ -67,17 +90,19 @@ impl EventHeaders {
             kind: Some(TYPE_HEARTBEAT.to_owned()),
             collection: None,
             traceparent: None,
+            schema: None,
         }
     }
 
     /// The headers as they go on the wire, in this order: `ce_id`, `ce_type`,
-    /// `tandem-collection`, `traceparent`, each only when set.
+    /// `tandem-collection`, `traceparent`, `tandem-schema`, each only when set.
     pub fn encode(self) -> Vec<(&'static str, Vec<u8>)> {
         [
             (HEADER_EVENT_ID, self.event_id),
             (HEADER_EVENT_TYPE, self.kind),
             (HEADER_COLLECTION, self.collection),
             (HEADER_TRACEPARENT, self.traceparent),
+            (HEADER_SCHEMA, self.schema),
         ]
         .into_iter()
         .filter_map(|(name, value)| Some((name, value?.into_bytes())))
@@ -97,6 +122,7 @@ impl EventHeaders {
                 Some(HEADER_EVENT_TYPE) => &mut decoded.kind,
                 Some(HEADER_COLLECTION) => &mut decoded.collection,
                 Some(HEADER_TRACEPARENT) => &mut decoded.traceparent,
+                Some(HEADER_SCHEMA) => &mut decoded.schema,
                 _ => continue,
             };
             *field = value.map(|v| String::from_utf8_lossy(v).into_owned());
@@ -109,6 +135,18 @@ impl EventHeaders {
         self.event_id
             .as_deref()
             .and_then(|id| Uuid::parse_str(id).ok())
+    }
+
+    /// The schema version the `tandem-schema` header names (1 without the header).
+    pub fn schema(&self) -> Schema {
+        match self.schema.as_deref() {
+            None => Schema::Known(1),
+            Some(text) => match text.parse::<u32>() {
+                Ok(v @ 1..=SCHEMA_VERSION) => Schema::Known(v),
+                Ok(v) if v > SCHEMA_VERSION => Schema::Newer(v),
+                _ => Schema::Invalid(format!("{HEADER_SCHEMA} {text:?} is not a schema version")),
+            },
+        }
     }
 
     /// Whether the message is a relay heartbeat rather than a change event.
@@ -216,7 +254,37 @@ pub struct ChangeEvent {
     /// `collection/id`.
     pub subject: String,
     pub datacontenttype: String,
+    /// The schema version ([`SCHEMA_VERSION`]); absent on version 1 events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tandemschema: Option<u32>,
+    /// Version 2: the region whose write this is ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub originregion: Option<String>,
+    /// ... the leadership epoch it was committed in ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<i64>,
+    /// ... and its outbox sequence there (insertion order of the origin's outbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<i64>,
     pub data: DocumentState,
+}
+
+/// Where a write was committed: its region, the leadership epoch, and its outbox sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub region: String,
+    pub epoch: i64,
+    pub sequence: i64,
+}
+
+impl Origin {
+    pub fn new(region: &str, epoch: i64, sequence: i64) -> Self {
+        Self {
+            region: region.to_owned(),
+            epoch,
+            sequence,
+        }
+    }
 }
 
 /// The envelope's attributes without `data`: what the relay writes around a stored payload.
@@ -231,6 +299,10 @@ struct EnvelopeHead<'a> {
     time: OffsetDateTime,
     subject: String,
     datacontenttype: &'a str,
+    tandemschema: u32,
+    originregion: &'a str,
+    epoch: i64,
+    sequence: i64,
 }
 
 /// Encodes the envelope of a stored outbox row around its payload, which is passed through
@@ -239,7 +311,7 @@ struct EnvelopeHead<'a> {
 /// [`ChangeEvent`] exactly as [`ChangeEvent::encode`]'s does.
 pub fn encode_envelope(
     id: Uuid,
-    source_region: &str,
+    origin: &Origin,
     time: OffsetDateTime,
     deleted: bool,
     key: &DocumentKey,
@@ -248,11 +320,15 @@ pub fn encode_envelope(
     let head = EnvelopeHead {
         specversion: SPEC_VERSION,
         id,
-        source: format!("/tandem/{source_region}"),
+        source: format!("/tandem/{}", origin.region),
         kind: if deleted { TYPE_DELETED } else { TYPE_UPSERTED },
         time,
         subject: partition_key(key),
         datacontenttype: "application/json",
+        tandemschema: SCHEMA_VERSION,
+        originregion: &origin.region,
+        epoch: origin.epoch,
+        sequence: origin.sequence,
     };
     let mut out = serde_json::to_vec(&head).unwrap_or_default();
     // `{…}` → `{…,"data":<payload>}`
@@ -321,11 +397,17 @@ pub enum PoisonReason {
     Undecodable(String),
     #[error("invalid event: {0}")]
     Invalid(String),
+    /// Not poison: a schema version newer than this build reads ([`SCHEMA_VERSION`]). The
+    /// consumer holds the partition back until it is upgraded; it never dead-letters these.
+    #[error(
+        "event schema version {0} is newer than this consumer reads (up to {SCHEMA_VERSION}): upgrade the consumers before the relay"
+    )]
+    NewerSchema(u32),
 }
 
 impl ChangeEvent {
-    /// Wraps a committed document state.
-    pub fn new(id: Uuid, source_region: &str, time: OffsetDateTime, data: DocumentState) -> Self {
+    /// Wraps a committed document state (the current schema version).
+    pub fn new(id: Uuid, origin: &Origin, time: OffsetDateTime, data: DocumentState) -> Self {
         let kind = if data.deleted {
             TYPE_DELETED
         } else {
@@ -334,13 +416,32 @@ impl ChangeEvent {
         Self {
             specversion: SPEC_VERSION.to_owned(),
             id,
-            source: format!("/tandem/{source_region}"),
+            source: format!("/tandem/{}", origin.region),
             kind: kind.to_owned(),
             time,
             subject: partition_key(&data.key()),
             datacontenttype: "application/json".to_owned(),
+            tandemschema: Some(SCHEMA_VERSION),
+            originregion: Some(origin.region.clone()),
+            epoch: Some(origin.epoch),
+            sequence: Some(origin.sequence),
             data,
         }
+    }
+
+    /// The event's schema version (1 when the attribute is absent).
+    pub fn schema_version(&self) -> u32 {
+        self.tandemschema.unwrap_or(1)
+    }
+
+    /// Where the write was committed; `None` for a version 1 event, which predates origins
+    /// (every one of them was written by Region 1, the only leader there was).
+    pub fn origin(&self) -> Option<Origin> {
+        Some(Origin {
+            region: self.originregion.clone()?,
+            epoch: self.epoch?,
+            sequence: self.sequence?,
+        })
     }
 
     /// The Kafka message key: every event of one document goes to one partition.
@@ -364,6 +465,24 @@ impl ChangeEvent {
         let invalid = |m: &str| Err(PoisonReason::Invalid(m.to_owned()));
         if self.specversion != SPEC_VERSION {
             return invalid("unsupported specversion");
+        }
+        match self.tandemschema {
+            None => {}
+            Some(v) if v > SCHEMA_VERSION => return Err(PoisonReason::NewerSchema(v)),
+            Some(0 | 1) => {
+                return invalid("tandemschema 1 is written by leaving the attribute out");
+            }
+            Some(_) => {
+                if self.originregion.as_deref().is_none_or(str::is_empty) {
+                    return invalid("a version 2 event names its originregion");
+                }
+                if self.epoch.is_none_or(|e| e < 1) {
+                    return invalid("a version 2 event has a positive epoch");
+                }
+                if self.sequence.is_none_or(|s| s < 1) {
+                    return invalid("a version 2 event has a positive sequence");
+                }
+            }
         }
         if self.data.version < 1 {
             return invalid("version must be positive");
@@ -398,6 +517,14 @@ impl ChangeEvent {
 mod tests {
     use super::*;
 
+    fn origin() -> Origin {
+        Origin {
+            region: "region1".to_owned(),
+            epoch: 1,
+            sequence: 7,
+        }
+    }
+
     fn state(deleted: bool) -> DocumentState {
         DocumentState {
             collection: Collection::parse("orders").expect("valid"),
@@ -416,14 +543,14 @@ mod tests {
         for deleted in [false, true] {
             let event = ChangeEvent::new(
                 Uuid::now_v7(),
-                "region1",
+                &origin(),
                 OffsetDateTime::UNIX_EPOCH,
                 state(deleted),
             );
             let payload = serde_json::to_string(&event.data).expect("json");
             let bytes = encode_envelope(
                 event.id,
-                "region1",
+                &origin(),
                 event.time,
                 deleted,
                 &event.data.key(),
@@ -444,12 +571,13 @@ mod tests {
             ("ce_type", b"dev.tandem.document.upserted"),
             ("tandem-collection", b"orders"),
             ("traceparent", tp.as_bytes()),
+            ("tandem-schema", b"2"),
         ];
         let actual: Vec<(&str, &[u8])> = wire.iter().map(|(n, v)| (*n, v.as_slice())).collect();
         assert_eq!(actual, expected);
 
         let deleted = EventHeaders::change(id, true, &collection, None).encode();
-        assert_eq!(deleted.len(), 3);
+        assert_eq!(deleted.len(), 4);
         assert_eq!(deleted[1].1, TYPE_DELETED.as_bytes());
 
         let heartbeat = EventHeaders::heartbeat(id).encode();
@@ -501,7 +629,7 @@ mod tests {
             let mut state = state(deleted);
             state.version = version;
             state.repair = Some(repair);
-            ChangeEvent::new(Uuid::now_v7(), "region1", OffsetDateTime::UNIX_EPOCH, state)
+            ChangeEvent::new(Uuid::now_v7(), &origin(), OffsetDateTime::UNIX_EPOCH, state)
         };
         let reemit = event(
             false,
@@ -529,7 +657,7 @@ mod tests {
         // An ordinary event has no `repair` field at all.
         let plain = ChangeEvent::new(
             Uuid::now_v7(),
-            "r",
+            &origin(),
             OffsetDateTime::UNIX_EPOCH,
             state(false),
         );
@@ -552,7 +680,7 @@ mod tests {
         for deleted in [false, true] {
             let event = ChangeEvent::new(
                 Uuid::now_v7(),
-                "region1",
+                &origin(),
                 OffsetDateTime::UNIX_EPOCH,
                 state(deleted),
             );
@@ -564,7 +692,7 @@ mod tests {
         ));
         let mut wrong = ChangeEvent::new(
             Uuid::now_v7(),
-            "region1",
+            &origin(),
             OffsetDateTime::UNIX_EPOCH,
             state(false),
         );
@@ -575,12 +703,96 @@ mod tests {
         ));
         let mut bad_collection = serde_json::to_value(ChangeEvent::new(
             Uuid::now_v7(),
-            "r",
+            &origin(),
             OffsetDateTime::UNIX_EPOCH,
             state(false),
         ))
         .expect("json");
         bad_collection["data"]["collection"] = Value::from("Not Valid");
         assert!(ChangeEvent::decode(bad_collection.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_version_1_event_still_decodes_without_an_origin() {
+        let current = ChangeEvent::new(
+            Uuid::now_v7(),
+            &origin(),
+            OffsetDateTime::UNIX_EPOCH,
+            state(false),
+        );
+        let mut old = serde_json::to_value(&current).expect("serialises");
+        for attribute in ["tandemschema", "originregion", "epoch", "sequence"] {
+            old.as_object_mut().expect("object").remove(attribute);
+        }
+        let decoded = ChangeEvent::decode(old.to_string().as_bytes()).expect("version 1 reads");
+        assert_eq!(decoded.schema_version(), 1);
+        assert_eq!(decoded.origin(), None);
+        assert_eq!(decoded.data, current.data);
+        assert_eq!(current.schema_version(), SCHEMA_VERSION);
+        assert_eq!(current.origin(), Some(origin()));
+    }
+
+    #[test]
+    fn a_newer_schema_is_not_poison_and_a_version_2_event_needs_its_origin() {
+        let event = ChangeEvent::new(
+            Uuid::now_v7(),
+            &origin(),
+            OffsetDateTime::UNIX_EPOCH,
+            state(false),
+        );
+        let mut newer = event.clone();
+        newer.tandemschema = Some(SCHEMA_VERSION + 1);
+        newer.epoch = None;
+        assert_eq!(
+            ChangeEvent::decode(&newer.encode()),
+            Err(PoisonReason::NewerSchema(SCHEMA_VERSION + 1))
+        );
+        for broken in [
+            ChangeEvent {
+                originregion: None,
+                ..event.clone()
+            },
+            ChangeEvent {
+                epoch: Some(0),
+                ..event.clone()
+            },
+            ChangeEvent {
+                sequence: None,
+                ..event.clone()
+            },
+            ChangeEvent {
+                tandemschema: Some(1),
+                ..event.clone()
+            },
+        ] {
+            assert!(matches!(
+                ChangeEvent::decode(&broken.encode()),
+                Err(PoisonReason::Invalid(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn the_schema_header_names_the_version() {
+        let headers = |value: Option<&str>| EventHeaders {
+            schema: value.map(str::to_owned),
+            ..EventHeaders::default()
+        };
+        assert_eq!(headers(None).schema(), Schema::Known(1));
+        assert_eq!(headers(Some("2")).schema(), Schema::Known(2));
+        assert_eq!(headers(Some("3")).schema(), Schema::Newer(3));
+        assert!(matches!(headers(Some("0")).schema(), Schema::Invalid(_)));
+        assert!(matches!(headers(Some("two")).schema(), Schema::Invalid(_)));
+        let change = EventHeaders::change(
+            Uuid::now_v7(),
+            false,
+            &Collection::parse("orders").expect("valid"),
+            None,
+        );
+        let wire = change.clone().encode();
+        assert!(wire.iter().any(|(n, v)| *n == HEADER_SCHEMA && v == b"2"));
+        let decoded =
+            EventHeaders::decode(wire.iter().map(|(n, v)| (Some(*n), Some(v.as_slice()))));
+        assert_eq!(decoded, change);
     }
 }

@@ -89,7 +89,7 @@ async fn plant_dead_letter(regions: &TwoRegions, id: &str, offset: i64) -> i64 {
     };
     let event = ChangeEvent::new(
         uuid::Uuid::now_v7(),
-        "region1",
+        &tandem_core::event::Origin::new("region1", 1, 1),
         time::OffsetDateTime::now_utc(),
         state,
     );

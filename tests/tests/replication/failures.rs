@@ -165,7 +165,7 @@ async fn a_poison_event_is_dead_lettered_and_later_events_still_apply() {
     // applied; the garbage stays, with its reason.
     let event = tandem_core::event::ChangeEvent::new(
         uuid::Uuid::now_v7(),
-        "region1",
+        &tandem_core::event::Origin::new("region1", 1, 1),
         time::OffsetDateTime::now_utc(),
         serde_json::from_value(json!({"collection": "poison", "id": "redriven", "version": 1, "data": {"ok": true}, "updated_at": "2026-11-25T09:00:00Z"}))
             .expect("state"),
@@ -258,7 +258,7 @@ async fn a_backlog_with_bad_events_in_it_applies_in_batches_and_sets_aside_only_
     // refuses (jsonb cannot hold a NUL character), which fails the batch it is in.
     let refused = tandem_core::event::ChangeEvent::new(
         uuid::Uuid::now_v7(),
-        "region1",
+        &tandem_core::event::Origin::new("region1", 1, 1),
         time::OffsetDateTime::now_utc(),
         serde_json::from_value(json!({"collection": "batch", "id": "nul", "version": 1, "data": {"text": "a\u{0}b"}, "updated_at": "2026-11-25T09:00:00Z"}))
             .expect("state"),
@@ -328,7 +328,7 @@ async fn events_older_than_what_region2_holds_change_nothing_even_within_one_bat
         let data = (!deleted).then(|| json!({"v": version}));
         tandem_core::event::ChangeEvent::new(
             uuid::Uuid::now_v7(),
-            "region1",
+            &tandem_core::event::Origin::new("region1", 1, 1),
             time::OffsetDateTime::now_utc(),
             serde_json::from_value(json!({"collection": "order", "id": "doc", "version": version, "deleted": deleted, "data": data, "updated_at": "2026-11-25T10:00:00Z"}))
                 .expect("state"),

@@ -572,7 +572,7 @@ async fn a_foreign_producers_garbage_is_dead_lettered_byte_for_byte() {
     // apply, five times, and is then dead-lettered by itself.
     let unstorable = tandem_core::event::ChangeEvent::new(
         uuid::Uuid::now_v7(),
-        "elsewhere",
+        &tandem_core::event::Origin::new("elsewhere", 1, 1),
         time::OffsetDateTime::now_utc(),
         serde_json::from_value(json!({"collection": "foreign", "id": "nul", "version": 1,
             "data": {"s": "a\u{0}b"}, "updated_at": "2026-11-25T09:00:00Z"}))

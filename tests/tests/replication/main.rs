@@ -11,6 +11,7 @@ mod hostile;
 mod housekeeping;
 mod lambda;
 mod load;
+mod schema;
 mod traces;
 mod truth;
 

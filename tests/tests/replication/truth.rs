@@ -673,7 +673,7 @@ async fn partitions_added_at_run_time_are_consumed_and_counted_without_a_restart
     // An event in a new partition (as a producer that already sees three partitions sends).
     let event = tandem_core::event::ChangeEvent::new(
         uuid::Uuid::now_v7(),
-        "region1",
+        &tandem_core::event::Origin::new("region1", 1, 1),
         time::OffsetDateTime::now_utc(),
         serde_json::from_value(
             json!({"collection": "grow", "id": "new-partition", "version": 1,
