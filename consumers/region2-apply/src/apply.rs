@@ -53,6 +53,8 @@ pub struct Stopped {
     /// are unapplied, every earlier one is committed.
     pub first_unapplied: usize,
     pub cause: String,
+    /// Stopped at an event of a newer schema version ([`newer_schema`]), not by a failure.
+    pub held_back: bool,
 }
 
 /// A storage error with its cause, for logs and reports.
@@ -464,7 +466,6 @@ impl Applier {
     /// reads it.
     pub async fn apply_batch_or_stop(&self, batch: &[Incoming]) -> Applied {
         let Some(held) = batch.iter().position(|m| newer_schema(m).is_some()) else {
-            self.metrics.held_partitions.set(0);
             return self.apply_all_or_stop(batch).await;
         };
         let mut applied = self.apply_all_or_stop(&batch[..held]).await;
@@ -472,7 +473,6 @@ impl Applier {
             let incoming = &batch[held];
             let version = newer_schema(incoming).unwrap_or_default();
             self.metrics.record("held_back");
-            self.metrics.held_partitions.set(1);
             let cause = PoisonReason::NewerSchema(version).to_string();
             tracing::error!(
                 topic = %incoming.topic,
@@ -484,6 +484,7 @@ impl Applier {
             applied.stopped = Some(Stopped {
                 first_unapplied: held,
                 cause,
+                held_back: true,
             });
         }
         applied
@@ -504,6 +505,7 @@ impl Applier {
                         applied.stopped = Some(Stopped {
                             first_unapplied: start,
                             cause,
+                            held_back: false,
                         });
                         return applied;
                     }
@@ -533,6 +535,7 @@ impl Applier {
                     applied.stopped = Some(Stopped {
                         first_unapplied: start,
                         cause: describe(&error),
+                        held_back: false,
                     });
                     return applied;
                 }

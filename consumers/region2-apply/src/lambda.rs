@@ -277,6 +277,7 @@ impl KafkaApply {
 
         let mut response = KafkaBatchResponse::default();
         let mut outcomes: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let mut held_partitions = 0;
         for ((topic, partition), (topic_partition, mut batch)) in partitions {
             batch.sort_by_key(|incoming| incoming.offset);
             let applied = self.applier.apply_batch_or_stop(&batch).await;
@@ -286,6 +287,7 @@ impl KafkaApply {
             let Some(stopped) = applied.stopped else {
                 continue;
             };
+            held_partitions += i64::from(stopped.held_back);
             let unapplied = &batch[stopped.first_unapplied..];
             tracing::warn!(
                 %topic,
@@ -304,6 +306,7 @@ impl KafkaApply {
                     },
                 }));
         }
+        self.applier.metrics.held_partitions.set(held_partitions);
         tracing::info!(
             event_source = event.event_source.as_deref().unwrap_or_default(),
             records,

@@ -296,7 +296,6 @@ impl opentelemetry_http::HttpClient for OtlpClient {
     }
 }
 
-
 /// The subscriber of a command-line tool (`tandem`): human-readable lines on stderr, warnings
 /// and errors only unless `RUST_LOG` says otherwise.
 pub fn init_cli() {

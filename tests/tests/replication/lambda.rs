@@ -932,3 +932,97 @@ async fn repair_events_apply_through_the_function_and_a_redelivered_one_changes_
         "a redelivered repair moved the document back"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_of_a_newer_schema_is_reported_unapplied_with_its_partition_after_it() {
+    let mut regions = TwoRegions::start_without_workers().await;
+    regions.start_relay();
+    let apply = function(&regions, None).await;
+    for i in 0..12 {
+        let response = regions
+            .region1
+            .put("schema", &format!("s{i}"), &json!({"i": i}))
+            .await;
+        assert_eq!(response.status(), 201);
+    }
+    wait_published(&regions).await;
+    let records = read_topic(&regions, &HashMap::new()).await;
+    // The second change event of the partition holding most: its header names version 3, as
+    // a relay upgraded before this function would write it.
+    let mut per_partition: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    for record in records.iter().filter(|m| !is_heartbeat(m)) {
+        per_partition
+            .entry(record.partition())
+            .or_default()
+            .push(record.offset());
+    }
+    let (partition, offsets) = per_partition
+        .iter()
+        .max_by_key(|(_, offsets)| offsets.len())
+        .expect("records");
+    assert!(offsets.len() >= 2, "{per_partition:?}");
+    let (partition, held_offset) = (*partition, offsets[1]);
+    let mut event = msk_event(&regions, &records);
+    let key = format!("{}-{partition}", regions.topic);
+    for record in event["records"][&key].as_array_mut().expect("partition") {
+        if record["offset"] == held_offset {
+            let headers = record["headers"].as_array_mut().expect("headers");
+            for header in headers.iter_mut() {
+                if let Some(value) = header.get_mut("tandem-schema") {
+                    *value = json!([b'3' as i8]);
+                }
+            }
+        }
+    }
+
+    let answer = invoke(&apply, &event).await;
+    let expected: Vec<Value> = records
+        .iter()
+        .filter(|m| m.partition() == partition && m.offset() >= held_offset)
+        .map(|m| json!({"itemIdentifier": {"topic-partition": key, "offset": m.offset()}}))
+        .collect();
+    assert_eq!(
+        answer,
+        json!({ "batchItemFailures": expected }),
+        "the partition is reported from the held record on"
+    );
+    assert_eq!(outcome_count(&apply, "held_back"), 1);
+    assert_eq!(apply.applier().metrics.held_partitions.get(), 1);
+    assert_eq!(
+        count(&regions, "SELECT count(*) FROM dead_letters").await,
+        0,
+        "a newer event is never dead-lettered"
+    );
+    // Before the held record: applied; from it on: not; other partitions: applied.
+    for record in records.iter().filter(|m| !is_heartbeat(m)) {
+        let path = format!(
+            "/v1/{}",
+            String::from_utf8_lossy(record.key().expect("key"))
+        );
+        let held = record.partition() == partition && record.offset() >= held_offset;
+        assert_eq!(
+            served_version(&regions, &path).await.is_some(),
+            !held,
+            "{path} at {}:{}",
+            record.partition(),
+            record.offset()
+        );
+    }
+
+    // An upgraded function reads the record (here: the same record as the relay wrote it).
+    let retried: Vec<OwnedMessage> = records
+        .iter()
+        .filter(|m| m.partition() == partition && m.offset() >= held_offset)
+        .cloned()
+        .collect();
+    assert_eq!(
+        invoke(&apply, &msk_event(&regions, &retried)).await,
+        no_failures()
+    );
+    assert_eq!(apply.applier().metrics.held_partitions.get(), 0);
+    assert_eq!(
+        TwoRegions::snapshot(&regions.region2_pool).await,
+        TwoRegions::snapshot(&regions.region1.pool).await
+    );
+    assert_each_event_applied_once(&regions).await;
+}
