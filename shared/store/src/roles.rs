@@ -5,7 +5,7 @@
 //! inserts one outbox row in its transaction) refuses the row unless this region leads and is
 //! writable, and stamps the row with its region and epoch, which the relay puts on the event.
 //! [`fence`] waits for the writes already past that check, so once it returns no write of
-//! this region can commit (see the migration `V5__region_role_and_write_fence.sql`).
+//! this region can commit (see the migration `V6__region_role_and_write_fence.sql`).
 
 use deadpool_postgres::Pool;
 use serde::Serialize;
