@@ -110,4 +110,27 @@ async fn the_elected_workers_remove_what_is_past_its_retention_and_nothing_else(
             >= 1,
         "a recent applied event id was pruned"
     );
+
+    // Each region recorded its passes in `housekeeping_runs`, in the statements that pruned:
+    // per target, when the last pass ran and what it removed (the first pass removed the one
+    // aged row of each; passes run a minute apart, so that one is still the last).
+    for (pool, target) in [
+        (&regions.region1.pool, "outbox"),
+        (&regions.region1.pool, "idempotency_keys"),
+        (&regions.region2_pool, "applied_events"),
+    ] {
+        let client = pool.get().await.expect("db");
+        let (removed, total, age): (i64, i64, f64) = client
+            .query_one(
+                "SELECT rows_removed, total_removed, \
+                   extract(epoch FROM clock_timestamp() - ran_at)::float8 \
+                 FROM housekeeping_runs WHERE target = $1",
+                &[&target],
+            )
+            .await
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .unwrap_or_else(|e| panic!("no {target} pass recorded: {e}"));
+        assert_eq!((removed, total), (1, 1), "{target}");
+        assert!((0.0..120.0).contains(&age), "{target}: ran {age} s ago");
+    }
 }
