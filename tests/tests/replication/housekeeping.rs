@@ -133,4 +133,44 @@ async fn the_elected_workers_remove_what_is_past_its_retention_and_nothing_else(
         assert_eq!((removed, total), (1, 1), "{target}");
         assert!((0.0..120.0).contains(&age), "{target}: ran {age} s ago");
     }
+
+    // `tandem status` shows them.
+    let output =
+        tokio::task::block_in_place(|| crate::cli::tandem(&regions, &["status", "--json"]));
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {output:?}"));
+    let prune = |region: &str, target: &str| -> serde_json::Value {
+        status[region]["last_prune"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|run| run["target"] == target)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {target} pass in {region}: {status:#}"))
+    };
+    for (region, target) in [
+        ("region1", "outbox"),
+        ("region1", "idempotency_keys"),
+        ("region2", "applied_events"),
+    ] {
+        let run = prune(region, target);
+        assert_eq!(run["rows_removed"], 1, "{region} {target}: {run}");
+        assert_eq!(run["total_removed"], 1, "{region} {target}: {run}");
+        let ran_at = time::OffsetDateTime::parse(
+            run["ran_at"].as_str().unwrap_or_default(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .expect("an RFC 3339 time");
+        let age = time::OffsetDateTime::now_utc() - ran_at;
+        assert!(
+            age > time::Duration::ZERO && age < time::Duration::minutes(2),
+            "{region} {target}: {run}"
+        );
+    }
+    let human = tokio::task::block_in_place(|| crate::cli::tandem(&regions, &["status"]));
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.contains("LAST PASS") && text.contains("applied_events") && text.contains("outbox"),
+        "{text}"
+    );
 }
