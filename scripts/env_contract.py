@@ -16,7 +16,10 @@ What counts as a read (string literals only; comments are ignored):
 * tracing-subscriber's `EnvFilter::from_default_env()` / `try_from_default_env()`, which read
   RUST_LOG;
 * the AWS SDK's own standard variables (AWS_SDK_ENV below), which aws-config reads in every
-  binary.
+  binary;
+* the names in a `READ_BY_THE_SDK: &[&str]` table (shared/runtime/src/telemetry.rs): the
+  OpenTelemetry SDK reads those itself, where no call of ours can be seen. telemetry.rs must
+  keep that table.
 
 A binary reads the variables of its own crate's sources plus those of the shared modules whose
 settings its `Settings::from_env` composes (BINARIES below). That mapping is verified against the
@@ -176,6 +179,7 @@ ENV_CALL = re.compile(r"(?<![\w.])(?:std::)?env::(?P<helper>var_os|var)\s*\(\s*"
 DEFAULT_ENV_FILTER = re.compile(r"\bEnvFilter::(?:try_)?from_default_env\s*\(")
 NAMED_ENV_FILTER = re.compile(r"\bEnvFilter::(?:try_)?from_env\s*\(\s*")
 LITERAL = re.compile(r'"(?P<name>[^"\\]*)"')
+SDK_TABLE = re.compile(r"\bconst\s+READ_BY_THE_SDK\s*:\s*&\[&str\]\s*=\s*&\[(?P<body>[^\]]*)\]")
 VARIABLE_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 USE_HELPERS = re.compile(r"\buse\s+(?:[A-Za-z_]\w*::)*config::(?:\{(?P<many>[^}]*)\}|(?P<one>\w+))")
 RAW_STRING = re.compile(r'b?r(#*)"')
@@ -276,6 +280,15 @@ def extract(text: str, rel: str) -> tuple[dict[str, list[str]], set[str]]:
         literal_at(match, "EnvFilter::from_env")
     for match in DEFAULT_ENV_FILTER.finditer(code):
         reads.setdefault("RUST_LOG", []).append(line_of(match.start()) + " (EnvFilter default)")
+    for table in SDK_TABLE.finditer(code):
+        body = table.group("body")
+        names = LITERAL.findall(body)
+        if not names or re.sub(r'"[^"]*"|[\s,]', "", body):
+            raise ContractError(f"{line_of(table.start())}: READ_BY_THE_SDK must list string literals only")
+        for name in names:
+            if not VARIABLE_NAME.match(name):
+                raise ContractError(f"{line_of(table.start())}: READ_BY_THE_SDK lists {name!r}, not a variable name")
+            reads.setdefault(name, []).append(line_of(table.start()) + " (read by the OpenTelemetry SDK)")
     return reads, required
 
 
@@ -328,6 +341,11 @@ def load(root: Path = ROOT) -> dict[str, Contract]:
         shared_reads[path.relative_to(root / "shared").as_posix()] = extract(_read(root, rel), rel)
 
     mapped = {name for binary in BINARIES.values() for name in binary.shared}
+    if not SDK_TABLE.search(strip_comments(_read(root, f"shared/{TELEMETRY}"))):
+        raise ContractError(
+            f"shared/{TELEMETRY} has no READ_BY_THE_SDK table: the variables the OpenTelemetry SDK "
+            "reads would be invisible; update scripts/env_contract.py"
+        )
     for name in sorted(mapped):
         if name not in shared_reads:
             raise ContractError(f"shared/{name} is missing: update BINARIES in scripts/env_contract.py")
@@ -504,13 +522,20 @@ def self_test() -> int:
         "let b = tandem_runtime::config::required(\"NEEDED\", \"a hint // not a comment\")?;\n"
         "let c = optional(\"IMPORTED\"); let d = other.flag(\"A_METHOD\");\n"
         "let e = std::env::var_os(\"DIRECT\"); let f = EnvFilter::try_from_default_env();\n"
+        "pub const READ_BY_THE_SDK: &[&str] = &[\n    \"BY_SDK\", // why\n    \"ALSO_BY_SDK\",\n];\n"
     )
     reads, required = extract(snippet, "snippet.rs")
     expect(
-        "extract: literals of qualified, multi-line, turbofish, imported and std::env calls",
-        set(reads) == {"MULTI_LINE", "NEEDED", "IMPORTED", "DIRECT", "RUST_LOG"} and required == {"NEEDED"},
+        "extract: literals of qualified, multi-line, turbofish, imported and std::env calls, and READ_BY_THE_SDK",
+        set(reads) == {"MULTI_LINE", "NEEDED", "IMPORTED", "DIRECT", "RUST_LOG", "BY_SDK", "ALSO_BY_SDK"}
+        and required == {"NEEDED"},
         (sorted(reads), sorted(required)),
     )
+    try:
+        extract("pub const READ_BY_THE_SDK: &[&str] = &[NAME_CONST];", "snippet.rs")
+        expect("extract: a READ_BY_THE_SDK entry that is not a literal fails loudly", False, "no ContractError")
+    except ContractError:
+        expect("extract: a READ_BY_THE_SDK entry that is not a literal fails loudly", True)
     try:
         extract("let x = config::optional(NAME_CONST);", "snippet.rs")
         expect("extract: a non-literal variable name fails loudly", False, "no ContractError")

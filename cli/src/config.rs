@@ -37,6 +37,20 @@ pub struct Args {
     /// The key prefix of Region 2's cache (as the services' `REDIS_KEY_PREFIX`).
     #[arg(long, global = true, env = "REDIS_KEY_PREFIX", value_name = "PREFIX")]
     redis_key_prefix: Option<String>,
+    /// The Kafka bootstrap brokers (as the services' `KAFKA_BROKERS`), which `status` asks for
+    /// each partition's high watermark; `KAFKA_PROPERTIES` and `KAFKA_SASL_SECRET_ID` apply as
+    /// they do to the services.
+    #[arg(
+        long,
+        global = true,
+        env = "KAFKA_BROKERS",
+        value_name = "HOST:PORT[,…]"
+    )]
+    kafka_brokers: Option<String>,
+    /// The change-event topic (as the services' `KAFKA_TOPIC`); `status` also shows every
+    /// topic Region 2 holds positions of.
+    #[arg(long, global = true, env = "KAFKA_TOPIC", value_name = "TOPIC")]
+    kafka_topic: Option<String>,
     /// The local stack's description (default: `.tandem/stack.json` here or in a parent;
     /// `none`: use no stack file).
     #[arg(long, global = true, env = "TANDEM_STACK_FILE", value_name = "FILE")]
@@ -49,6 +63,8 @@ pub struct Connections {
     region2: Option<String>,
     pub region2_redis: Option<String>,
     pub redis_key_prefix: Option<String>,
+    pub kafka_brokers: Option<String>,
+    pub kafka_topic: Option<String>,
 }
 
 impl Connections {
@@ -78,6 +94,13 @@ impl Connections {
                 .clone()
                 .or_else(|| from_stack("region2", "redis")),
             redis_key_prefix: args.redis_key_prefix.clone(),
+            kafka_brokers: args.kafka_brokers.clone().or_else(|| {
+                stack
+                    .as_ref()
+                    .and_then(|s| s["kafka"].as_str())
+                    .map(str::to_owned)
+            }),
+            kafka_topic: args.kafka_topic.clone(),
         })
     }
 

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod broker;
 mod config;
 mod ops;
 mod output;
@@ -35,7 +36,7 @@ Exit codes:
   0  ok: healthy, regions equal, operation done
   1  findings: differences, unhealthy, dead letters pending, something not repaired
   2  usage error (bad arguments or configuration)
-  3  could not reach a dependency (a database, Redis), or an operation failed
+  3  could not reach a dependency (a database, Redis, the Kafka broker), or an operation failed
 
 Configuration: flags, else their environment variables, else `.tandem/stack.json` (written by
 `make up`, looked up from the current directory upwards), so `tandem status` just works
@@ -52,8 +53,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Per region: role, leader epochs, replication lag, relay backlog, consumer positions,
-    /// dead letters, schema version. Exit 1 when lag is over the limit or dead letters wait.
+    /// Per region: role, leader epochs, replication lag, relay backlog, each partition's applied
+    /// position against the broker's high watermark, dead letters, the last housekeeping pass,
+    /// schema version. Exit 1 when lag is over the limit or dead letters wait; 3 when a
+    /// database or the broker cannot be reached (after printing everything else).
     Status {
         #[arg(long)]
         json: bool,

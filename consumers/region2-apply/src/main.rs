@@ -8,7 +8,7 @@ use tandem_region2_apply::lambda::{KafkaApply, Settings};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    tandem_runtime::telemetry::init(env!("CARGO_BIN_NAME"));
+    tandem_runtime::telemetry::init(env!("CARGO_BIN_NAME")).context("Invalid configuration")?;
     let settings = Settings::from_env().context("Invalid configuration")?;
     let apply = KafkaApply::build(&settings).await?;
     // Concurrent only when AWS_LAMBDA_MAX_CONCURRENCY asks for it: the event source mapping

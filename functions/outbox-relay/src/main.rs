@@ -16,7 +16,7 @@ use time::format_description::well_known::Rfc3339;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tandem_runtime::telemetry::init(env!("CARGO_BIN_NAME"));
+    tandem_runtime::telemetry::init(env!("CARGO_BIN_NAME")).context("Invalid configuration")?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("migrate") {
         return tandem_store::migrations::run_from_env().await;

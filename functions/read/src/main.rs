@@ -6,7 +6,7 @@ use tandem_read::{AppState, Settings};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tandem_runtime::telemetry::init(env!("CARGO_BIN_NAME"));
+    tandem_runtime::telemetry::init(env!("CARGO_BIN_NAME")).context("Invalid configuration")?;
     if std::env::args().nth(1).as_deref() == Some("migrate") {
         return tandem_store::migrations::run_from_env().await;
     }

@@ -54,6 +54,11 @@ pub async fn serve(
 /// (`lambda_http` can leave the stage out itself, but only when the function's environment
 /// sets `AWS_LAMBDA_HTTP_IGNORE_STAGE_IN_PATH`: a deployment that forgot it would answer every
 /// request 404. Stripping here makes the routes independent of that setting.)
+///
+/// Each invocation's spans are exported before it returns (bounded by
+/// `telemetry::FLUSH_LIMIT`; nothing when traces are off): Lambda freezes the sandbox between
+/// invocations, the batch exporter's thread with it, and may retire it before it thaws. The
+/// request's span has ended by then: it closes when the router's future completes.
 pub fn lambda_service(
     router: Router,
 ) -> impl tower::Service<
@@ -65,7 +70,11 @@ pub fn lambda_service(
     router.map_request(strip_stage).then(
         |result: Result<axum::response::Response, Infallible>| async move {
             match result {
-                Ok(response) => Ok(lambda_response(response).await),
+                Ok(response) => {
+                    let response = lambda_response(response).await;
+                    tandem_runtime::telemetry::flush().await;
+                    Ok(response)
+                }
                 Err(never) => match never {},
             }
         },

@@ -50,6 +50,24 @@ impl KafkaSettings {
         })
     }
 
+    /// The settings of a client that only reads the cluster's state (`tandem status`): the
+    /// bootstrap brokers and topic as given, `KAFKA_PROPERTIES` and `KAFKA_SASL_SECRET_ID` from
+    /// the environment as the services read them (so the same TLS and SASL settings reach MSK).
+    pub fn for_brokers(brokers: String, topic: String) -> Result<Self, ConfigError> {
+        Ok(Self {
+            brokers,
+            topic,
+            properties: parse_properties(
+                config::optional("KAFKA_PROPERTIES")
+                    .as_deref()
+                    .unwrap_or(""),
+            )?,
+            sasl_secret_id: config::optional("KAFKA_SASL_SECRET_ID"),
+            partitions: 0,
+            replication: 0,
+        })
+    }
+
     /// A client configuration with `defaults` overridden by `KAFKA_PROPERTIES`, plus the SASL
     /// credentials when a secret is configured.
     pub async fn client_config(&self, defaults: &[(&str, &str)]) -> anyhow::Result<ClientConfig> {

@@ -41,11 +41,10 @@ const DEAD_LETTER_ROWS: &str = "WITH moved AS ( \
      SELECT m.seq, m.event_id, m.collection, m.document_id, m.version, m.operation, m.payload, \
        m.traceparent, m.created_at, r.reason \
      FROM moved m JOIN unnest($1::bigint[], $2::text[]) AS r (seq, reason) ON r.seq = m.seq";
-/// One round of pruning: at most [`PRUNE_BATCH`] rows, so no statement holds many locks.
+/// One round of pruning: at most [`crate::housekeeping::ROUND`] rows, so no statement holds
+/// many locks.
 const PRUNE_PUBLISHED: &str = "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox \
      WHERE published_at < now() - make_interval(secs => $1) LIMIT 10000)";
-/// The `LIMIT` of [`PRUNE_PUBLISHED`]: a round that removes fewer was the last.
-const PRUNE_BATCH: u64 = 10_000;
 const COUNT_UNPUBLISHED: &str = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
 /// A heartbeat's time: the commit time of the oldest unpublished row (everything before it is
 /// published), or now when there is none. A transaction still in flight when this is read can
@@ -267,18 +266,23 @@ pub async fn relay_dead_letters(pool: &Pool) -> anyhow::Result<Vec<RelayDeadLett
         .collect()
 }
 
-/// Removes rows published longer than `retention` ago, 10,000 at a time; returns how many.
-pub async fn prune_published(pool: &Pool, retention: Duration) -> anyhow::Result<u64> {
+/// Removes rows published longer than `retention` ago, 10,000 at a time, each round recorded
+/// as the housekeeping pass that started at `pass` did it; returns how many.
+pub async fn prune_published(
+    pool: &Pool,
+    retention: Duration,
+    pass: OffsetDateTime,
+) -> anyhow::Result<u64> {
     let retention = retention.as_secs_f64();
     let client = pool.get().await?;
-    let mut total = 0;
-    loop {
-        let n = client.execute(PRUNE_PUBLISHED, &[&retention]).await?;
-        total += n;
-        if n < PRUNE_BATCH {
-            return Ok(total);
-        }
-    }
+    Ok(crate::housekeeping::prune_in_rounds(
+        &client,
+        "outbox",
+        PRUNE_PUBLISHED,
+        &[&retention],
+        pass,
+    )
+    .await?)
 }
 
 /// Marks every retained row created at or after `since` as unpublished, so the active relay
@@ -322,6 +326,7 @@ mod tests {
 
     #[test]
     fn the_prune_batch_is_the_statement_limit() {
-        assert!(PRUNE_PUBLISHED.ends_with(&format!("LIMIT {PRUNE_BATCH})")));
+        let round = crate::housekeeping::ROUND;
+        assert!(PRUNE_PUBLISHED.ends_with(&format!("LIMIT {round})")));
     }
 }

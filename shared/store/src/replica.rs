@@ -571,23 +571,19 @@ pub async fn record_heartbeat(pool: &Pool, backlog: i64) -> Result<(), StoreErro
 }
 
 /// Forgets applied event ids older than [`APPLIED_EVENTS_RETENTION_DAYS`], in chunks of
-/// 10,000. Returns how many were removed.
-pub async fn prune_applied_events(pool: &Pool) -> Result<u64, StoreError> {
+/// 10,000, each recorded as the housekeeping pass that started at `pass` did it. Returns how
+/// many were removed.
+pub async fn prune_applied_events(pool: &Pool, pass: OffsetDateTime) -> Result<u64, StoreError> {
     let client = pool.get().await?;
-    let mut total = 0;
-    loop {
-        let n = client
-            .execute(
-                "DELETE FROM applied_events WHERE event_id IN (SELECT event_id FROM applied_events \
-                 WHERE applied_at < now() - make_interval(days => $1) LIMIT 10000)",
-                &[&APPLIED_EVENTS_RETENTION_DAYS],
-            )
-            .await?;
-        total += n;
-        if n < 10_000 {
-            return Ok(total);
-        }
-    }
+    Ok(crate::housekeeping::prune_in_rounds(
+        &client,
+        "applied_events",
+        "DELETE FROM applied_events WHERE event_id IN (SELECT event_id FROM applied_events \
+         WHERE applied_at < now() - make_interval(days => $1) LIMIT 10000)",
+        &[&APPLIED_EVENTS_RETENTION_DAYS],
+        pass,
+    )
+    .await?)
 }
 
 /// The dead letters not yet redriven (or only `only`): `(id, payload)`, oldest first.

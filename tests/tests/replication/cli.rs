@@ -11,7 +11,7 @@ use tandem_core::document::{Collection, DocumentId};
 use tandem_core::event::{ChangeEvent, DocumentState};
 use tandem_tests::{TwoRegions, binary};
 
-/// Runs `tandem` with both regions' settings (and Region 2's cache) as flags.
+/// Runs `tandem` with both regions' settings (and Region 2's cache, and the broker) as flags.
 pub fn tandem(regions: &TwoRegions, args: &[&str]) -> Output {
     std::process::Command::new(binary("tandem"))
         .args(args)
@@ -22,12 +22,16 @@ pub fn tandem(regions: &TwoRegions, args: &[&str]) -> Output {
             &regions.region2_database_url,
             "--region2-redis-url",
             &regions.region2_redis_url,
+            "--kafka-brokers",
+            &regions.broker.address(),
         ])
         .env("REDIS_KEY_PREFIX", &regions.region2_key_prefix)
         // Never the developer's `make up`: only what the flags say.
         .env("TANDEM_STACK_FILE", "none")
         .env_remove("TANDEM_REGION1_DATABASE_URL")
         .env_remove("TANDEM_REGION2_DATABASE_URL")
+        .env_remove("KAFKA_TOPIC")
+        .env_remove("KAFKA_PROPERTIES")
         .output()
         .expect("run tandem")
 }
@@ -155,11 +159,39 @@ async fn status_reports_each_region_and_exits_1_on_dead_letters() {
             >= 1
     );
 
-    // The human table names both regions.
+    // Every partition of the topic: Region 2's applied offset next to the broker's high
+    // watermark, and how far behind it is in messages.
+    let partitions = status["region2"]["partitions"]
+        .as_array()
+        .expect("partitions");
+    assert_eq!(partitions.len(), 3, "one per partition: {status:#}");
+    assert_eq!(status["broker"]["reachable"], true, "{status:#}");
+    for p in partitions {
+        assert_eq!(p["topic"], regions.topic.as_str(), "{status:#}");
+        let high = p["high_watermark"].as_i64().expect("a high watermark");
+        let applied = p["applied_offset"].as_i64().expect("an applied offset");
+        assert!(high >= applied, "applied past the end of the topic: {p}");
+        assert_eq!(p["behind"].as_i64(), Some(high - applied), "{p}");
+    }
+    assert!(
+        partitions
+            .iter()
+            .filter_map(|p| p["high_watermark"].as_i64())
+            .sum::<i64>()
+            >= 1,
+        "{status:#}"
+    );
+
+    // The human table names both regions, the partitions' watermarks and the broker.
     let human = tandem(&regions, &["status"]);
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(
-        text.contains("write region") && text.contains("replica") && text.contains("healthy"),
+        text.contains("write region")
+            && text.contains("replica")
+            && text.contains("healthy")
+            && text.contains("HIGH WATERMARK")
+            && text.contains("BEHIND")
+            && text.contains("reachable"),
         "{}",
         explain(&human)
     );
@@ -282,6 +314,35 @@ async fn replay_and_migrate_run_from_the_cli_and_exit_codes_hold() {
         String::from_utf8_lossy(&unreachable.stderr).contains("Region 1"),
         "{}",
         explain(&unreachable)
+    );
+    // The broker unreachable: everything else is still printed, the broker is named, exit 3.
+    let no_broker = std::process::Command::new(binary("tandem"))
+        .args(["status", "--json", "--kafka-brokers", "127.0.0.1:1"])
+        .args(["--region1-database-url", &regions.region1.database_url])
+        .args(["--region2-database-url", &regions.region2_database_url])
+        .env("TANDEM_STACK_FILE", "none")
+        .env_remove("KAFKA_PROPERTIES")
+        .output()
+        .expect("run tandem");
+    assert_eq!(code(&no_broker), 3, "{}", explain(&no_broker));
+    let status = json_of(&no_broker);
+    assert_eq!(status["broker"]["reachable"], false, "{status:#}");
+    assert_eq!(status["region1"]["role"], "write region", "{status:#}");
+    assert_eq!(status["region2"]["role"], "replica", "{status:#}");
+    let partitions = status["region2"]["partitions"]
+        .as_array()
+        .expect("partitions");
+    assert!(!partitions.is_empty(), "{status:#}");
+    assert!(
+        partitions
+            .iter()
+            .all(|p| p["applied_offset"].is_i64() && p["high_watermark"].is_null()),
+        "{status:#}"
+    );
+    assert!(
+        String::from_utf8_lossy(&no_broker.stderr).contains("Kafka broker (127.0.0.1:1)"),
+        "{}",
+        explain(&no_broker)
     );
     let help = std::process::Command::new(binary("tandem"))
         .arg("--help")

@@ -110,4 +110,67 @@ async fn the_elected_workers_remove_what_is_past_its_retention_and_nothing_else(
             >= 1,
         "a recent applied event id was pruned"
     );
+
+    // Each region recorded its passes in `housekeeping_runs`, in the statements that pruned:
+    // per target, when the last pass ran and what it removed (the first pass removed the one
+    // aged row of each; passes run a minute apart, so that one is still the last).
+    for (pool, target) in [
+        (&regions.region1.pool, "outbox"),
+        (&regions.region1.pool, "idempotency_keys"),
+        (&regions.region2_pool, "applied_events"),
+    ] {
+        let client = pool.get().await.expect("db");
+        let (removed, total, age): (i64, i64, f64) = client
+            .query_one(
+                "SELECT rows_removed, total_removed, \
+                   extract(epoch FROM clock_timestamp() - ran_at)::float8 \
+                 FROM housekeeping_runs WHERE target = $1",
+                &[&target],
+            )
+            .await
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .unwrap_or_else(|e| panic!("no {target} pass recorded: {e}"));
+        assert_eq!((removed, total), (1, 1), "{target}");
+        assert!((0.0..120.0).contains(&age), "{target}: ran {age} s ago");
+    }
+
+    // `tandem status` shows them.
+    let output =
+        tokio::task::block_in_place(|| crate::cli::tandem(&regions, &["status", "--json"]));
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {output:?}"));
+    let prune = |region: &str, target: &str| -> serde_json::Value {
+        status[region]["last_prune"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|run| run["target"] == target)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {target} pass in {region}: {status:#}"))
+    };
+    for (region, target) in [
+        ("region1", "outbox"),
+        ("region1", "idempotency_keys"),
+        ("region2", "applied_events"),
+    ] {
+        let run = prune(region, target);
+        assert_eq!(run["rows_removed"], 1, "{region} {target}: {run}");
+        assert_eq!(run["total_removed"], 1, "{region} {target}: {run}");
+        let ran_at = time::OffsetDateTime::parse(
+            run["ran_at"].as_str().unwrap_or_default(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .expect("an RFC 3339 time");
+        let age = time::OffsetDateTime::now_utc() - ran_at;
+        assert!(
+            age > time::Duration::ZERO && age < time::Duration::minutes(2),
+            "{region} {target}: {run}"
+        );
+    }
+    let human = tokio::task::block_in_place(|| crate::cli::tandem(&regions, &["status"]));
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.contains("LAST PASS") && text.contains("applied_events") && text.contains("outbox"),
+        "{text}"
+    );
 }

@@ -1026,3 +1026,177 @@ async fn an_event_of_a_newer_schema_is_reported_unapplied_with_its_partition_aft
     );
     assert_each_event_applied_once(&regions).await;
 }
+
+/// A shipped function binary served by the runtime API stand-in: `(events in, answers out,
+/// the process)`.
+fn start_function(
+    name: &str,
+    dir: &std::path::Path,
+    api: &str,
+    env: &[(&str, &str)],
+) -> ManagedProcess {
+    let env: Vec<(String, String)> = [
+        ("AWS_LAMBDA_RUNTIME_API", api.trim_start_matches("http://")),
+        ("AWS_LAMBDA_FUNCTION_NAME", name),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512"),
+        ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+        ("TANDEM_LOG_FORMAT", "pretty"),
+    ]
+    .iter()
+    .chain(env)
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    ManagedProcess::start(
+        name,
+        &binary(name),
+        &[],
+        &env,
+        &dir.join(format!("{name}.log")),
+        "",
+    )
+    .unwrap_or_else(|e| panic!("start {name}: {e}"))
+}
+
+/// Waits (bounded) for the spans `wanted` (`(service, name)`) of `trace_id` to have arrived.
+async fn spans_arrived(
+    collector: &crate::traces::Collector,
+    trace_id: &str,
+    wanted: (&str, &str),
+) -> bool {
+    // The invocation's answer is posted after its spans were exported: they are there at once.
+    // The second is for the collector's own bookkeeping, not an export interval (a minute).
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        if collector
+            .trace(trace_id)
+            .iter()
+            .any(|s| (s.service.as_str(), s.name.as_str()) == wanted)
+        {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_lambda_invocation_exports_its_spans_before_it_returns() {
+    let collector = crate::traces::Collector::start().await;
+    // A batch waits ten minutes for its export: only the flush at the end of an invocation
+    // can send a span in time.
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
+    ];
+    let mut regions = TwoRegions::start_without_workers().await;
+    // The relay exports promptly, so the apply continues the write's trace through it.
+    regions.start_relay_with(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ]);
+    let dir = scratch_dir("lambda-spans");
+    let (events, queued) = mpsc::unbounded_channel();
+    let (posted, mut answers) = mpsc::unbounded_channel();
+    let api = serve(runtime_api(queued, posted)).await;
+
+    // The Write API under the Lambda runtime, with the shipped ALB fixture and a traceparent.
+    let write = start_function(
+        "tandem-write",
+        &dir,
+        &api,
+        &[
+            &[
+                ("TANDEM_REGION", "region1"),
+                ("DATABASE_URL", regions.region1.database_url.as_str()),
+                ("REDIS_URL", regions.region1.redis_url.as_str()),
+                ("REDIS_KEY_PREFIX", regions.region1.cache_prefix.as_str()),
+                (
+                    "TANDEM_JWT_HS256_SECRET",
+                    tandem_http::auth::DEV_HS256_SECRET,
+                ),
+                ("TANDEM_DEV_MODE", "true"),
+            ][..],
+            &otel[..],
+        ]
+        .concat(),
+    );
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../functions/write/events/alb-put.json");
+    let mut event: Value =
+        serde_json::from_str(&std::fs::read_to_string(&fixture).expect("the ALB fixture"))
+            .expect("JSON");
+    let trace_id = uuid::Uuid::now_v7().simple().to_string();
+    event["headers"]["traceparent"] = json!(format!("00-{trace_id}-00f067aa0ba902b7-01"));
+    events.send(event).expect("queue the event");
+    let (what, body) = tokio::time::timeout(Duration::from_secs(60), answers.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no answer within 60 s:\n{}", write.log_tail()))
+        .expect("an answer");
+    assert_eq!(
+        (what.as_str(), &body["statusCode"]),
+        ("response", &json!(201)),
+        "{body}\n{}",
+        write.log_tail()
+    );
+    assert!(
+        spans_arrived(
+            &collector,
+            &trace_id,
+            ("tandem-write", "PUT /v1/{collection}/{id}")
+        )
+        .await,
+        "the Write function's request span was not exported before the invocation returned: {:#?}\n{}",
+        collector.trace(&trace_id),
+        write.log_tail()
+    );
+    drop(write);
+
+    // Region 2's apply function, with the records the relay published for that write.
+    wait_published(&regions).await;
+    let records = read_topic(&regions, &HashMap::new()).await;
+    let apply = start_function(
+        "tandem-region2-apply-lambda",
+        &dir,
+        &api,
+        &[
+            &[
+                ("TANDEM_REGION", "region2"),
+                ("DATABASE_URL", regions.region2_database_url.as_str()),
+                ("REDIS_URL", regions.region2_redis_url.as_str()),
+                ("REDIS_KEY_PREFIX", regions.region2_key_prefix.as_str()),
+                ("KAFKA_TOPIC", regions.topic.as_str()),
+                ("KAFKA_TOPIC_PARTITIONS", "3"),
+            ][..],
+            &otel[..],
+        ]
+        .concat(),
+    );
+    events
+        .send(self_managed_event(&regions, &records))
+        .expect("queue the event");
+    let (what, body) = tokio::time::timeout(Duration::from_secs(60), answers.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no answer within 60 s:\n{}", apply.log_tail()))
+        .expect("an answer");
+    assert_eq!(
+        (what.as_str(), &body),
+        ("response", &no_failures()),
+        "{}",
+        apply.log_tail()
+    );
+    assert!(
+        spans_arrived(
+            &collector,
+            &trace_id,
+            ("tandem-region2-apply-lambda", "apply")
+        )
+        .await,
+        "the apply function's span was not exported before the invocation returned: {:#?}\n{}",
+        collector.trace(&trace_id),
+        apply.log_tail()
+    );
+    drop(apply);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -21,22 +21,22 @@ use tracing::instrument::WithSubscriber;
 
 /// One span as the collector received it.
 #[derive(Debug, Clone)]
-struct ReceivedSpan {
-    service: String,
-    name: String,
-    trace_id: String,
-    span_id: String,
-    parent_span_id: String,
+pub(crate) struct ReceivedSpan {
+    pub(crate) service: String,
+    pub(crate) name: String,
+    pub(crate) trace_id: String,
+    pub(crate) span_id: String,
+    pub(crate) parent_span_id: String,
 }
 
 /// An OTLP/HTTP receiver: `POST /v1/traces` with a JSON `ExportTraceServiceRequest`.
-struct Collector {
-    url: String,
+pub(crate) struct Collector {
+    pub(crate) url: String,
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
 }
 
 impl Collector {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let spans: Arc<Mutex<Vec<ReceivedSpan>>> = Arc::default();
         let router = Router::new()
             .route("/v1/traces", post(receive))
@@ -47,7 +47,7 @@ impl Collector {
         }
     }
 
-    fn trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
+    pub(crate) fn trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
         self.spans
             .lock()
             .expect("spans")
