@@ -124,7 +124,7 @@ pub async fn relay_drain(
     // The same messages, built exactly as the relay builds them from the same rows.
     let rows_read = client
         .query(
-            "SELECT event_id, payload, created_at, seq, origin, epoch FROM outbox \
+            "SELECT event_id, payload, created_at, seq, origin, write_epoch FROM outbox \
              WHERE collection = $1 ORDER BY seq",
             &[&COLLECTION],
         )

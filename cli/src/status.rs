@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 use tandem_runtime::kafka::KafkaSettings;
 use tandem_store::housekeeping::{self, LastRun};
-use tandem_store::{lag, leader, migrations, outbox, replica};
+use tandem_store::{lag, leader, migrations, outbox, replica, roles};
 
 use crate::Outcome;
 use crate::broker::{self, Watermarks};
@@ -51,7 +51,9 @@ struct PartitionLag {
 
 #[derive(Serialize)]
 struct Region1 {
-    role: &'static str,
+    role: String,
+    /// The database's `region_role` row (`None` before a Write API first started on it).
+    write_role: Option<roles::Role>,
     schema_version: Option<i32>,
     leader_epochs: Vec<leader::Epoch>,
     relay_backlog: i64,
@@ -62,7 +64,9 @@ struct Region1 {
 
 #[derive(Serialize)]
 struct Region2 {
-    role: &'static str,
+    role: String,
+    /// The database's `region_role` row (`None` while no Write API ever started on it).
+    write_role: Option<roles::Role>,
     schema_version: Option<i32>,
     leader_epochs: Vec<leader::Epoch>,
     /// `None` before the first heartbeat was applied.
@@ -78,8 +82,10 @@ struct Region2 {
 
 async fn region1(connections: &Connections) -> anyhow::Result<Region1> {
     let pool = connections.region(1).await?;
+    let write_role = roles::current(&pool).await?;
     Ok(Region1 {
-        role: "write region",
+        role: role_label(write_role.as_ref(), "write region"),
+        write_role,
         schema_version: migrations::applied_version(&pool).await?,
         leader_epochs: leader::epochs(&pool).await?,
         relay_backlog: outbox::count_unpublished(&pool).await?,
@@ -90,8 +96,10 @@ async fn region1(connections: &Connections) -> anyhow::Result<Region1> {
 
 async fn region2(connections: &Connections) -> anyhow::Result<Region2> {
     let pool = connections.region(2).await?;
+    let write_role = roles::current(&pool).await?;
     Ok(Region2 {
-        role: "replica",
+        role: role_label(write_role.as_ref(), "replica"),
+        write_role,
         schema_version: migrations::applied_version(&pool).await?,
         leader_epochs: leader::epochs(&pool).await?,
         replication_lag_ms: lag::heartbeat_age_ms(&pool).await?,
@@ -300,6 +308,22 @@ fn ago(at: time::OffsetDateTime) -> String {
     }
 }
 
+/// The region's role as its database records it: the write region (fenced or not) or a
+/// replica of another, with the write epoch; `otherwise` when no role is recorded.
+fn role_label(role: Option<&roles::Role>, otherwise: &str) -> String {
+    match role {
+        None => otherwise.to_owned(),
+        Some(r) if r.accepts_writes() => format!("write region (write epoch {})", r.write_epoch),
+        Some(r) if r.write_region == r.region => {
+            format!("write region, fenced (write epoch {})", r.write_epoch)
+        }
+        Some(r) => format!(
+            "replica of {} (write epoch {})",
+            r.write_region, r.write_epoch
+        ),
+    }
+}
+
 fn count(n: usize) -> String {
     if n == 0 {
         good("0")
@@ -313,7 +337,7 @@ fn print_human(status: &Status, max_lag_ms: i64) {
     match &status.region1 {
         Some(one) => rows.push(vec![
             "region1".to_owned(),
-            one.role.to_owned(),
+            one.role.clone(),
             epochs(&one.leader_epochs),
             "–".to_owned(),
             one.relay_backlog.to_string(),
@@ -325,7 +349,7 @@ fn print_human(status: &Status, max_lag_ms: i64) {
     match &status.region2 {
         Some(two) => rows.push(vec![
             "region2".to_owned(),
-            two.role.to_owned(),
+            two.role.clone(),
             epochs(&two.leader_epochs),
             match two.replication_lag_ms {
                 Some(ms) if ms <= max_lag_ms => good(&format!("{ms} ms")),

@@ -412,7 +412,7 @@ pub async fn spawn_app_with(options: TestAppOptions) -> TestApp {
         cache: cache.clone(),
         auth: auth.clone(),
         migrate_on_start: true,
-        initial_leader: "region1".into(),
+        initial_write_region: "region1".into(),
     };
     let write_state = tandem_write::AppState::build(&write_settings)
         .await

@@ -596,10 +596,10 @@ fn outgoing(row: &OutboxRow<'_>, region: &str) -> anyhow::Result<Outgoing> {
         event_id: row.event_id,
         encoded: encode_envelope(
             row.event_id,
-            // Rows from before the write fence were Region 1's, the only leader, in epoch 1.
+            // Rows from before the write fence were Region 1's, the only write region, in write epoch 1.
             &Origin {
                 region: row.origin.unwrap_or(region).to_owned(),
-                epoch: row.epoch.unwrap_or(1),
+                write_epoch: row.write_epoch.unwrap_or(1),
                 sequence: row.seq,
             },
             row.created_at,

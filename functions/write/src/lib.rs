@@ -28,9 +28,10 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// Apply pending migrations at start-up (`TANDEM_MIGRATE_ON_START`, default true).
     pub migrate_on_start: bool,
-    /// The region that leads writes when the database has no role yet, at its first start
-    /// (`TANDEM_INITIAL_LEADER`, default `region1`); afterwards the database's role decides.
-    pub initial_leader: String,
+    /// The write region when the database has no role yet, at its first start
+    /// (`TANDEM_INITIAL_WRITE_REGION`, default `region1`); afterwards the database's role
+    /// decides.
+    pub initial_write_region: String,
 }
 
 impl Settings {
@@ -41,7 +42,7 @@ impl Settings {
             cache: CacheSettings::from_env()?,
             auth: AuthSettings::from_env()?,
             migrate_on_start: tandem_runtime::config::flag("TANDEM_MIGRATE_ON_START", true)?,
-            initial_leader: tandem_runtime::config::optional("TANDEM_INITIAL_LEADER")
+            initial_write_region: tandem_runtime::config::optional("TANDEM_INITIAL_WRITE_REGION")
                 .unwrap_or_else(|| "region1".to_owned()),
         })
     }
@@ -82,13 +83,17 @@ impl AppState {
         }
         // The database's role decides whether this region's writes commit (its outbox
         // trigger refuses them otherwise); record it at the first start.
-        match tandem_store::roles::ensure(&pool, &settings.service.region, &settings.initial_leader)
-            .await
+        match tandem_store::roles::ensure(
+            &pool,
+            &settings.service.region,
+            &settings.initial_write_region,
+        )
+        .await
         {
             Ok(role) => tracing::info!(
                 region = role.region,
-                leader = role.leader,
-                epoch = role.epoch,
+                write_region = role.write_region,
+                write_epoch = role.write_epoch,
                 writable = role.writable,
                 "region role"
             ),

@@ -24,7 +24,7 @@ pub const TYPE_HEARTBEAT: &str = "dev.tandem.heartbeat";
 pub const HEARTBEAT_KEY: &str = "tandem.heartbeat";
 
 /// The change event schema this build writes. Version 2 added the origin attributes
-/// (`originregion`, `epoch`, `sequence`) and the [`HEADER_SCHEMA`] header; version 1 events
+/// (`originregion`, `writeepoch`, `sequence`) and the [`HEADER_SCHEMA`] header; version 1 events
 /// (no `tandemschema` attribute, no header) are still read. A consumer holds back, rather
 /// than misapplies or dead-letters, an event of a version newer than this.
 pub const SCHEMA_VERSION: u32 = 2;
@@ -260,28 +260,28 @@ pub struct ChangeEvent {
     /// Version 2: the region whose write this is ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub originregion: Option<String>,
-    /// ... the leadership epoch it was committed in ...
+    /// ... the write epoch it was committed in (the write region's term) ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub epoch: Option<i64>,
+    pub writeepoch: Option<i64>,
     /// ... and its outbox sequence there (insertion order of the origin's outbox).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequence: Option<i64>,
     pub data: DocumentState,
 }
 
-/// Where a write was committed: its region, the leadership epoch, and its outbox sequence.
+/// Where a write was committed: its region, the write epoch, and its outbox sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
     pub region: String,
-    pub epoch: i64,
+    pub write_epoch: i64,
     pub sequence: i64,
 }
 
 impl Origin {
-    pub fn new(region: &str, epoch: i64, sequence: i64) -> Self {
+    pub fn new(region: &str, write_epoch: i64, sequence: i64) -> Self {
         Self {
             region: region.to_owned(),
-            epoch,
+            write_epoch,
             sequence,
         }
     }
@@ -301,7 +301,7 @@ struct EnvelopeHead<'a> {
     datacontenttype: &'a str,
     tandemschema: u32,
     originregion: &'a str,
-    epoch: i64,
+    writeepoch: i64,
     sequence: i64,
 }
 
@@ -327,7 +327,7 @@ pub fn encode_envelope(
         datacontenttype: "application/json",
         tandemschema: SCHEMA_VERSION,
         originregion: &origin.region,
-        epoch: origin.epoch,
+        writeepoch: origin.write_epoch,
         sequence: origin.sequence,
     };
     let mut out = serde_json::to_vec(&head).unwrap_or_default();
@@ -423,7 +423,7 @@ impl ChangeEvent {
             datacontenttype: "application/json".to_owned(),
             tandemschema: Some(SCHEMA_VERSION),
             originregion: Some(origin.region.clone()),
-            epoch: Some(origin.epoch),
+            writeepoch: Some(origin.write_epoch),
             sequence: Some(origin.sequence),
             data,
         }
@@ -435,11 +435,11 @@ impl ChangeEvent {
     }
 
     /// Where the write was committed; `None` for a version 1 event, which predates origins
-    /// (every one of them was written by Region 1, the only leader there was).
+    /// (every one of them was written by Region 1, the only write region there was).
     pub fn origin(&self) -> Option<Origin> {
         Some(Origin {
             region: self.originregion.clone()?,
-            epoch: self.epoch?,
+            write_epoch: self.writeepoch?,
             sequence: self.sequence?,
         })
     }
@@ -476,8 +476,8 @@ impl ChangeEvent {
                 if self.originregion.as_deref().is_none_or(str::is_empty) {
                     return invalid("a version 2 event names its originregion");
                 }
-                if self.epoch.is_none_or(|e| e < 1) {
-                    return invalid("a version 2 event has a positive epoch");
+                if self.writeepoch.is_none_or(|e| e < 1) {
+                    return invalid("a version 2 event has a positive writeepoch");
                 }
                 if self.sequence.is_none_or(|s| s < 1) {
                     return invalid("a version 2 event has a positive sequence");
@@ -520,7 +520,7 @@ mod tests {
     fn origin() -> Origin {
         Origin {
             region: "region1".to_owned(),
-            epoch: 1,
+            write_epoch: 1,
             sequence: 7,
         }
     }
@@ -721,7 +721,7 @@ mod tests {
             state(false),
         );
         let mut old = serde_json::to_value(&current).expect("serialises");
-        for attribute in ["tandemschema", "originregion", "epoch", "sequence"] {
+        for attribute in ["tandemschema", "originregion", "writeepoch", "sequence"] {
             old.as_object_mut().expect("object").remove(attribute);
         }
         let decoded = ChangeEvent::decode(old.to_string().as_bytes()).expect("version 1 reads");
@@ -742,7 +742,7 @@ mod tests {
         );
         let mut newer = event.clone();
         newer.tandemschema = Some(SCHEMA_VERSION + 1);
-        newer.epoch = None;
+        newer.writeepoch = None;
         assert_eq!(
             ChangeEvent::decode(&newer.encode()),
             Err(PoisonReason::NewerSchema(SCHEMA_VERSION + 1))
@@ -753,7 +753,7 @@ mod tests {
                 ..event.clone()
             },
             ChangeEvent {
-                epoch: Some(0),
+                writeepoch: Some(0),
                 ..event.clone()
             },
             ChangeEvent {

@@ -69,12 +69,12 @@ pub enum ApiError {
         primary_read_url: Option<String>,
         retry_after_seconds: u32,
     },
-    /// This region does not lead writes, or its writes are fenced for a switchover.
+    /// This region is not the write region, or its writes are fenced for a switchover.
     #[error("{message}")]
-    NotLeader {
+    NotWriteRegion {
         message: String,
-        leader: String,
-        epoch: i64,
+        write_region: String,
+        write_epoch: i64,
     },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -107,12 +107,12 @@ impl From<WriteError> for ApiError {
             },
             WriteError::NotWritable {
                 message,
-                leader,
-                epoch,
-            } => Self::NotLeader {
+                write_region,
+                write_epoch,
+            } => Self::NotWriteRegion {
                 message,
-                leader,
-                epoch,
+                write_region,
+                write_epoch,
             },
             WriteError::Store(e) => e.into(),
         }
@@ -130,11 +130,11 @@ struct Body<'a> {
     current_version: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     primary_read_url: Option<&'a str>,
-    /// `not-write-leader`: the region leading writes, and its epoch.
+    /// `not-write-region`: the write region, and its write epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
-    leader_region: Option<&'a str>,
+    write_region: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    epoch: Option<i64>,
+    write_epoch: Option<i64>,
 }
 
 impl ApiError {
@@ -228,10 +228,10 @@ impl ApiError {
                 "replication-lag",
                 "Region is behind",
             ),
-            Self::NotLeader { .. } => (
+            Self::NotWriteRegion { .. } => (
                 S::SERVICE_UNAVAILABLE,
-                "not-write-leader",
-                "Region does not accept writes",
+                "not-write-region",
+                "Region does not take writes",
             ),
             Self::Internal(_) => (
                 S::INTERNAL_SERVER_ERROR,
@@ -301,12 +301,12 @@ impl IntoResponse for ApiError {
             detail,
             current_version,
             primary_read_url,
-            leader_region: match &self {
-                Self::NotLeader { leader, .. } => Some(leader.as_str()),
+            write_region: match &self {
+                Self::NotWriteRegion { write_region, .. } => Some(write_region.as_str()),
                 _ => None,
             },
-            epoch: match &self {
-                Self::NotLeader { epoch, .. } => Some(*epoch),
+            write_epoch: match &self {
+                Self::NotWriteRegion { write_epoch, .. } => Some(*write_epoch),
                 _ => None,
             },
         };
@@ -333,7 +333,7 @@ impl IntoResponse for ApiError {
             }
             Self::Unavailable { .. }
             | Self::Timeout { .. }
-            | Self::NotLeader { .. }
+            | Self::NotWriteRegion { .. }
             | Self::Auth(AuthError::KeysUnavailable(_)) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
             }

@@ -1,25 +1,26 @@
--- Region roles: which region leads writes, at which epoch, and the fence that stops them.
+-- Region roles: which region is the write region, in which write epoch, and the fence that
+-- stops its writes.
 -- Both regions run the same migrations; each database holds its own row.
 
--- One row: this database's region, the region that leads writes at `epoch`, and whether this
--- region may commit writes now. The Write API creates the row at its first start
--- (`tandem_store::roles::ensure`); a failover bumps the epoch and moves the leader.
+-- One row: this database's region, the write region of the current write epoch, and whether
+-- this region may commit writes now. The Write API creates the row at its first start
+-- (`tandem_store::roles::ensure`); a failover will move the write region and bump the epoch.
 CREATE TABLE region_role (
     singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     region      text NOT NULL,
-    leader      text NOT NULL,
-    epoch       bigint NOT NULL CHECK (epoch >= 1),
+    write_region text NOT NULL,
+    write_epoch  bigint NOT NULL CHECK (write_epoch >= 1),
     -- false while this region's writes are fenced (a switchover in progress)
     writable    boolean NOT NULL DEFAULT true,
     changed_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
--- Every outbox row says where and in which epoch it was written; events carry both.
--- Rows from before this migration have neither (they were written by region 1's single leader).
-ALTER TABLE outbox ADD COLUMN origin text, ADD COLUMN epoch bigint;
+-- Every outbox row says where and in which write epoch it was written; events carry both.
+-- Rows from before this migration have neither (Region 1 was the only write region).
+ALTER TABLE outbox ADD COLUMN origin text, ADD COLUMN write_epoch bigint;
 
 -- The fence, in the database: an outbox row (so a write: every write commits one) can only be
--- inserted while this region leads at the current epoch and is writable. The insert holds a
+-- inserted while this region is the write region and is writable. The insert holds a
 -- shared advisory lock until its transaction ends; `tandem_fence_writes` takes the same lock
 -- exclusively before it clears `writable`, so it waits for every write already past this check
 -- and every later write reads the cleared flag. No write commits after the fence.
@@ -43,16 +44,17 @@ BEGIN
         RAISE EXCEPTION 'this database has no region role yet: start the Write API once (it records the role) before writing'
             USING ERRCODE = 'TD002';
     END IF;
-    IF role.leader <> role.region OR NOT role.writable THEN
-        RAISE EXCEPTION USING ERRCODE = 'TD001', DETAIL = role.leader, HINT = role.epoch::text,
-            MESSAGE = CASE WHEN role.leader = role.region
-                THEN format('%s does not accept writes: its writes are fenced (epoch %s)',
-                            role.region, role.epoch)
-                ELSE format('%s does not accept writes: the leader at epoch %s is %s',
-                            role.region, role.epoch, role.leader) END;
+    IF role.write_region <> role.region OR NOT role.writable THEN
+        RAISE EXCEPTION USING ERRCODE = 'TD001', DETAIL = role.write_region,
+            HINT = role.write_epoch::text,
+            MESSAGE = CASE WHEN role.write_region = role.region
+                THEN format('%s does not take writes: its writes are fenced (write epoch %s)',
+                            role.region, role.write_epoch)
+                ELSE format('%s does not take writes: the write region of write epoch %s is %s',
+                            role.region, role.write_epoch, role.write_region) END;
     END IF;
     NEW.origin := role.region;
-    NEW.epoch := role.epoch;
+    NEW.write_epoch := role.write_epoch;
     RETURN NEW;
 END
 $$;
@@ -76,7 +78,7 @@ BEGIN
 END
 $$;
 
--- Lifts the fence (a switchover abandoned, or the leader promoted here). Idempotent.
+-- Lifts the fence (a switchover abandoned, or this region made the write region). Idempotent.
 CREATE FUNCTION tandem_unfence_writes() RETURNS region_role LANGUAGE plpgsql AS $$
 DECLARE
     role region_role;

@@ -98,13 +98,13 @@ pub enum WriteError {
     /// A merge patch would nest the document deeper than [`MAX_JSON_DEPTH`].
     #[error("the document would nest deeper than {MAX_JSON_DEPTH} levels")]
     TooDeep,
-    /// This region does not lead writes, or its writes are fenced (a switchover): the
+    /// This region is not the write region, or its writes are fenced (a switchover): the
     /// database refused the write ([`crate::roles`]); nothing was written.
     #[error("{message}")]
     NotWritable {
         message: String,
-        leader: String,
-        epoch: i64,
+        write_region: String,
+        write_epoch: i64,
     },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -118,8 +118,8 @@ impl From<tokio_postgres::Error> for WriteError {
         {
             return Self::NotWritable {
                 message: db.message().to_owned(),
-                leader: db.detail().unwrap_or_default().to_owned(),
-                epoch: db.hint().and_then(|h| h.parse().ok()).unwrap_or(0),
+                write_region: db.detail().unwrap_or_default().to_owned(),
+                write_epoch: db.hint().and_then(|h| h.parse().ok()).unwrap_or(0),
             };
         }
         let size_check = e.as_db_error().is_some_and(|db| {

@@ -28,7 +28,7 @@ const FETCH_UNPUBLISHED: &str = "WITH head AS ( \
        SELECT seq, payload_bytes, sum(payload_bytes) OVER (ORDER BY seq) - payload_bytes AS before \
        FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1) \
      SELECT o.seq, o.event_id, o.collection, o.document_id, o.operation, o.payload::text, \
-       o.traceparent, o.created_at, head.payload_bytes, o.origin, o.epoch \
+       o.traceparent, o.created_at, head.payload_bytes, o.origin, o.write_epoch \
      FROM head JOIN outbox o USING (seq) \
      WHERE head.before = 0 OR head.before + head.payload_bytes <= $2 ORDER BY o.seq";
 const MARK_PUBLISHED: &str =
@@ -87,10 +87,10 @@ pub struct OutboxRow<'a> {
     pub created_at: OffsetDateTime,
     /// The stored payload's size, counted against the batch's byte budget.
     pub payload_bytes: i32,
-    /// The region and leadership epoch the row was written in (stamped by the database's
+    /// The region and write epoch the row was written in (stamped by the database's
     /// write fence); `None` on rows written before that existed.
     pub origin: Option<&'a str>,
-    pub epoch: Option<i64>,
+    pub write_epoch: Option<i64>,
 }
 
 /// A fetched row whose columns could not be decoded: the relay sets it aside by its `seq`.
@@ -153,7 +153,7 @@ fn outbox_row(
         created_at: row.try_get(7)?,
         payload_bytes,
         origin: row.try_get(9)?,
-        epoch: row.try_get(10)?,
+        write_epoch: row.try_get(10)?,
     })
 }
 

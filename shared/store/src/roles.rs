@@ -1,9 +1,11 @@
 //! Region roles (`region_role`, one row per database): which region this database serves,
-//! which region leads writes and at which epoch, and whether this region's writes are fenced.
+//! which region is the write region in the current write epoch, and whether this region's
+//! writes are fenced.
 //!
 //! The fence lives in the database, not in the services: a trigger on `outbox` (every write
-//! inserts one outbox row in its transaction) refuses the row unless this region leads and is
-//! writable, and stamps the row with its region and epoch, which the relay puts on the event.
+//! inserts one outbox row in its transaction) refuses the row unless this region is the write
+//! region and is writable, and stamps the row with its region and write epoch, which the relay
+//! puts on the event.
 //! [`fence`] waits for the writes already past that check, so once it returns no write of
 //! this region can commit (see the migration `V6__region_role_and_write_fence.sql`).
 
@@ -12,7 +14,7 @@ use serde::Serialize;
 
 use crate::documents::StoreError;
 
-/// SQLSTATE of a write refused because this region does not lead or is fenced.
+/// SQLSTATE of a write refused because this region is not the write region or is fenced.
 pub const NOT_WRITABLE: &str = "TD001";
 
 /// A database's `region_role` row.
@@ -20,9 +22,10 @@ pub const NOT_WRITABLE: &str = "TD001";
 pub struct Role {
     /// The region this database serves.
     pub region: String,
-    /// The region that leads writes at `epoch`.
-    pub leader: String,
-    pub epoch: i64,
+    /// The write region of `write_epoch`.
+    pub write_region: String,
+    /// The write epoch: the number of the write region's term (a failover bumps it).
+    pub write_epoch: i64,
     /// Whether this region's writes commit now (false while fenced).
     pub writable: bool,
     #[serde(with = "time::serde::rfc3339")]
@@ -32,14 +35,14 @@ pub struct Role {
 impl Role {
     /// Whether this region accepts writes now.
     pub fn accepts_writes(&self) -> bool {
-        self.leader == self.region && self.writable
+        self.write_region == self.region && self.writable
     }
 
     fn from_row(row: &tokio_postgres::Row) -> Result<Self, StoreError> {
         Ok(Self {
             region: row.try_get("region")?,
-            leader: row.try_get("leader")?,
-            epoch: row.try_get("epoch")?,
+            write_region: row.try_get("write_region")?,
+            write_epoch: row.try_get("write_epoch")?,
             writable: row.try_get("writable")?,
             changed_at: row.try_get("changed_at")?,
         })
@@ -60,16 +63,20 @@ pub enum RoleError {
     Store(#[from] StoreError),
 }
 
-/// Records this database's role at the first start (`region`, led by `initial_leader` at
-/// epoch 1) and returns the role as stored: an existing row is never changed here, but one
+/// Records this database's role at the first start (`region`, with `initial_write_region` as
+/// the write region of write epoch 1) and returns the role as stored: an existing row is never changed here, but one
 /// that names another region is refused (a service pointed at the other region's database).
-pub async fn ensure(pool: &Pool, region: &str, initial_leader: &str) -> Result<Role, RoleError> {
+pub async fn ensure(
+    pool: &Pool,
+    region: &str,
+    initial_write_region: &str,
+) -> Result<Role, RoleError> {
     let client = pool.get().await.map_err(StoreError::from)?;
     client
         .execute(
-            "INSERT INTO region_role (region, leader, epoch) VALUES ($1, $2, 1) \
+            "INSERT INTO region_role (region, write_region, write_epoch) VALUES ($1, $2, 1) \
              ON CONFLICT (singleton) DO NOTHING",
-            &[&region, &initial_leader],
+            &[&region, &initial_write_region],
         )
         .await
         .map_err(StoreError::from)?;
@@ -90,7 +97,7 @@ pub async fn current(pool: &Pool) -> Result<Option<Role>, StoreError> {
     let client = pool.get().await?;
     let row = client
         .query_opt(
-            "SELECT region, leader, epoch, writable, changed_at FROM region_role",
+            "SELECT region, write_region, write_epoch, writable, changed_at FROM region_role",
             &[],
         )
         .await?;
@@ -103,7 +110,7 @@ pub async fn fence(pool: &Pool) -> Result<Role, StoreError> {
     let client = pool.get().await?;
     let row = client
         .query_one(
-            "SELECT region, leader, epoch, writable, changed_at FROM tandem_fence_writes()",
+            "SELECT region, write_region, write_epoch, writable, changed_at FROM tandem_fence_writes()",
             &[],
         )
         .await?;
@@ -115,7 +122,7 @@ pub async fn unfence(pool: &Pool) -> Result<Role, StoreError> {
     let client = pool.get().await?;
     let row = client
         .query_one(
-            "SELECT region, leader, epoch, writable, changed_at FROM tandem_unfence_writes()",
+            "SELECT region, write_region, write_epoch, writable, changed_at FROM tandem_unfence_writes()",
             &[],
         )
         .await?;

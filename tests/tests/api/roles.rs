@@ -35,9 +35,9 @@ async fn no_write_commits_after_the_fence_and_every_refusal_says_why() {
                 match status {
                     201 => answers.push(Answer::Committed(id)),
                     503 => {
-                        assert_eq!(body["type"], "/problems/not-write-leader", "{body}");
-                        assert_eq!(body["leader_region"], "region1", "{body}");
-                        assert_eq!(body["epoch"], 1, "{body}");
+                        assert_eq!(body["type"], "/problems/not-write-region", "{body}");
+                        assert_eq!(body["write_region"], "region1", "{body}");
+                        assert_eq!(body["write_epoch"], 1, "{body}");
                         assert!(retry_after.is_some(), "a refusal carries Retry-After");
                         answers.push(Answer::Refused(id));
                     }
@@ -85,10 +85,10 @@ async fn no_write_commits_after_the_fence_and_every_refusal_says_why() {
     assert_eq!(stored, committed);
     assert_eq!(at_fence as usize, committed.len());
 
-    // Every outbox row carries the region and epoch it was written in.
+    // Every outbox row carries the region and write epoch it was written in.
     let unstamped: i64 = client
         .query_one(
-            "SELECT count(*) FROM outbox WHERE origin IS DISTINCT FROM 'region1' OR epoch IS DISTINCT FROM 1",
+            "SELECT count(*) FROM outbox WHERE origin IS DISTINCT FROM 'region1' OR write_epoch IS DISTINCT FROM 1",
             &[],
         )
         .await
@@ -118,25 +118,29 @@ async fn no_write_commits_after_the_fence_and_every_refusal_says_why() {
 }
 
 #[tokio::test]
-async fn a_follower_refuses_writes_and_a_service_refuses_another_regions_database() {
+async fn a_replica_refuses_writes_and_a_service_refuses_another_regions_database() {
     let app = spawn_app().await;
     assert_eq!(app.put("roles", "before", &json!({})).await.status(), 201);
     let client = app.pool.get().await.expect("db");
-    // A failover elsewhere: region2 leads at epoch 2; this database learnt it.
+    // A failover elsewhere: region2 is the write region of write epoch 2; this database
+    // learnt it.
     client
-        .execute("UPDATE region_role SET leader = 'region2', epoch = 2", &[])
+        .execute(
+            "UPDATE region_role SET write_region = 'region2', write_epoch = 2",
+            &[],
+        )
         .await
         .expect("demote");
     let refused = app.put("roles", "after", &json!({})).await;
     assert_eq!(refused.status(), 503);
     let body: Value = refused.json().await.expect("problem");
-    assert_eq!(body["type"], "/problems/not-write-leader");
-    assert_eq!(body["leader_region"], "region2");
-    assert_eq!(body["epoch"], 2);
+    assert_eq!(body["type"], "/problems/not-write-region");
+    assert_eq!(body["write_region"], "region2");
+    assert_eq!(body["write_epoch"], 2);
     assert!(
         body["detail"]
             .as_str()
-            .is_some_and(|d| d.contains("the leader at epoch 2 is region2")),
+            .is_some_and(|d| d.contains("the write region of write epoch 2 is region2")),
         "{body}"
     );
     assert_eq!(
@@ -160,7 +164,10 @@ async fn a_follower_refuses_writes_and_a_service_refuses_another_regions_databas
     );
     // So does a transaction under REPEATABLE READ, whose snapshot could predate a fence.
     client
-        .execute("UPDATE region_role SET leader = 'region1', epoch = 2", &[])
+        .execute(
+            "UPDATE region_role SET write_region = 'region1', write_epoch = 2",
+            &[],
+        )
         .await
         .expect("promote back");
     client

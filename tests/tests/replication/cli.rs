@@ -128,8 +128,12 @@ async fn status_reports_each_region_and_exits_1_on_dead_letters() {
     })
     .await;
     assert_eq!(status["healthy"], true, "{status:#}");
-    assert_eq!(status["region1"]["role"], "write region");
+    assert_eq!(status["region1"]["role"], "write region (write epoch 1)");
+    assert_eq!(status["region1"]["write_role"]["write_region"], "region1");
+    assert_eq!(status["region1"]["write_role"]["writable"], true);
+    // No Write API ever ran on Region 2's database: no role is recorded there.
     assert_eq!(status["region2"]["role"], "replica");
+    assert_eq!(status["region2"]["write_role"], serde_json::Value::Null);
     assert_eq!(status["region1"]["leader_epochs"][0]["role"], "relay");
     assert_eq!(status["region1"]["leader_epochs"][0]["epoch"], 1);
     assert_eq!(status["region2"]["leader_epochs"][0]["role"], "consumer");
@@ -327,7 +331,10 @@ async fn replay_and_migrate_run_from_the_cli_and_exit_codes_hold() {
     assert_eq!(code(&no_broker), 3, "{}", explain(&no_broker));
     let status = json_of(&no_broker);
     assert_eq!(status["broker"]["reachable"], false, "{status:#}");
-    assert_eq!(status["region1"]["role"], "write region", "{status:#}");
+    assert_eq!(
+        status["region1"]["role"], "write region (write epoch 1)",
+        "{status:#}"
+    );
     assert_eq!(status["region2"]["role"], "replica", "{status:#}");
     let partitions = status["region2"]["partitions"]
         .as_array()

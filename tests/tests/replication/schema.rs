@@ -1,4 +1,4 @@
-//! The change event's schema versions: what the relay writes (version 2: origin region, epoch
+//! The change event's schema versions: what the relay writes (version 2: origin region, write epoch
 //! and sequence), what the consumer still reads (version 1, from before origins), and what it
 //! holds back (a newer version: never misapplied, never dead-lettered).
 
@@ -122,13 +122,13 @@ async fn events_carry_their_origin_and_version_1_events_still_apply() {
     );
     assert_eq!(body["tandemschema"], SCHEMA_VERSION);
     assert_eq!(body["originregion"], "region1");
-    assert_eq!(body["epoch"], 1);
+    assert_eq!(body["writeepoch"], 1);
     assert_eq!(body["sequence"], seq);
 
     // A version 1 event, as relays before origins wrote it: no header, no origin attributes.
     let old = event("origin", "v1", &Origin::new("region1", 1, 1));
     let mut v1 = serde_json::to_value(&old).expect("json");
-    for attribute in ["tandemschema", "originregion", "epoch", "sequence"] {
+    for attribute in ["tandemschema", "originregion", "writeepoch", "sequence"] {
         v1.as_object_mut().expect("object").remove(attribute);
     }
     send(&regions, 0, &old, v1.to_string().into_bytes(), None).await;
