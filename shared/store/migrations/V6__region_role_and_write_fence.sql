@@ -41,8 +41,11 @@ BEGIN
     PERFORM pg_advisory_xact_lock_shared(8386105358618001411);
     SELECT * INTO role FROM region_role;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'this database has no region role yet: start the Write API once (it records the role) before writing'
-            USING ERRCODE = 'TD002';
+        -- No role recorded yet: a Write API of the previous release still writing during a
+        -- rolling upgrade, before the first new one recorded the role (right after it
+        -- migrated). Its rows stay unstamped, as before this migration; nothing can have
+        -- fenced a database without a role.
+        RETURN NEW;
     END IF;
     IF role.write_region <> role.region OR NOT role.writable THEN
         RAISE EXCEPTION USING ERRCODE = 'TD001', DETAIL = role.write_region,
@@ -69,6 +72,10 @@ DECLARE
     role region_role;
 BEGIN
     PERFORM pg_advisory_xact_lock(8386105358618001411);
+    IF NOT EXISTS (SELECT FROM region_role) THEN
+        RAISE EXCEPTION 'this database has no region role yet: start the Write API once (it records the role)'
+            USING ERRCODE = 'TD002';
+    END IF;
     UPDATE region_role SET writable = false, changed_at = clock_timestamp()
         WHERE writable RETURNING * INTO role;
     IF NOT FOUND THEN

@@ -203,4 +203,26 @@ async fn a_replica_refuses_writes_and_a_service_refuses_another_regions_database
         format!("{error:#}").contains("this database serves region1, not region2"),
         "{error:#}"
     );
+
+    // Without a recorded role (a previous release's Write API writing during a rolling
+    // upgrade, before the first new one records it) writes go on, unstamped, and nothing can
+    // be fenced.
+    client
+        .execute("DELETE FROM region_role", &[])
+        .await
+        .expect("forget the role");
+    assert_eq!(app.put("roles", "no-role", &json!({})).await.status(), 201);
+    let stamped: (Option<String>, Option<i64>) = client
+        .query_one(
+            "SELECT origin, write_epoch FROM outbox WHERE document_id = 'no-role'",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .expect("outbox row");
+    assert_eq!(stamped, (None, None));
+    let fence = tandem_store::roles::fence(&app.pool)
+        .await
+        .expect_err("no role, no fence");
+    assert!(format!("{fence:?}").contains("no region role"), "{fence:?}");
 }
