@@ -128,3 +128,23 @@ pub async fn unfence(pool: &Pool) -> Result<Role, StoreError> {
         .await?;
     Role::from_row(&row)
 }
+
+/// SQLSTATE of a promotion refused because the database is already at a later write epoch (or
+/// at that epoch with another write region).
+pub const STALE_EPOCH: &str = "TD003";
+
+/// Records `write_region` as the write region of write epoch `epoch` in this database, writable
+/// (`tandem_promote_write_region`, migration V7): waits for this database's writes in flight.
+/// The recorded epoch with the same write region changes nothing; an older epoch, or the same
+/// with another write region, is refused ([`STALE_EPOCH`]).
+pub async fn promote(pool: &Pool, write_region: &str, epoch: i64) -> Result<Role, StoreError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_one(
+            "SELECT region, write_region, write_epoch, writable, changed_at \
+             FROM tandem_promote_write_region($1, $2)",
+            &[&write_region, &epoch],
+        )
+        .await?;
+    Role::from_row(&row)
+}
