@@ -1,9 +1,11 @@
-//! The Write API (Region 1 only): `PUT`, `POST`, `PATCH` and `DELETE` on `/v1`, each committing
-//! the document and its outbox event in one transaction, then refreshing the Region 1 cache.
+//! The Write API: `PUT`, `POST`, `PATCH` and `DELETE` on `/v1`, each committing
+//! the document and its outbox event in one transaction, then refreshing the region's cache.
+//! A region that is not the write region forwards them to the one that is ([`forward`]).
 //!
 //! `router(state)` is the whole service; `main.rs` hands it to Lambda or to an HTTP server.
 
 mod body;
+pub mod forward;
 mod routes;
 
 use std::sync::Arc;
@@ -32,6 +34,10 @@ pub struct Settings {
     /// (`TANDEM_INITIAL_WRITE_REGION`, default `region1`); afterwards the database's role
     /// decides.
     pub initial_write_region: String,
+    /// The other region's Write API (`TANDEM_WRITE_FORWARD_URL`): while this region is not the
+    /// write region, writes are forwarded there ([`forward`]); unset, they are refused with
+    /// 503 `not-write-region`.
+    pub forward_url: Option<String>,
 }
 
 impl Settings {
@@ -44,6 +50,17 @@ impl Settings {
             migrate_on_start: tandem_runtime::config::flag("TANDEM_MIGRATE_ON_START", true)?,
             initial_write_region: tandem_runtime::config::optional("TANDEM_INITIAL_WRITE_REGION")
                 .unwrap_or_else(|| "region1".to_owned()),
+            forward_url: match tandem_runtime::config::optional("TANDEM_WRITE_FORWARD_URL") {
+                Some(url) if url.starts_with("http://") || url.starts_with("https://") => Some(url),
+                Some(url) => {
+                    return Err(ConfigError::Invalid {
+                        name: "TANDEM_WRITE_FORWARD_URL",
+                        value: url,
+                        reason: "not an http:// or https:// URL".to_owned(),
+                    });
+                }
+                None => None,
+            },
         })
     }
 }
@@ -58,6 +75,10 @@ pub struct AppState {
     pub region: String,
     /// `TANDEM_REQUEST_TIMEOUT_MS`.
     pub request_timeout: std::time::Duration,
+    /// This region's role, as last read from its database.
+    pub role: forward::RoleView,
+    /// Where writes go while this region is not the write region.
+    pub forwarder: Option<forward::Forwarder>,
 }
 
 impl axum::extract::FromRef<AppState> for Authenticator {
@@ -106,6 +127,16 @@ impl AppState {
             }
             Err(e) => return Err(e).context("Failed to record the region role at start-up"),
         }
+        let metrics = Arc::new(Metrics::new("write"));
+        let forwarder = match &settings.forward_url {
+            Some(url) => Some(forward::Forwarder::new(
+                url,
+                &settings.service.region,
+                settings.service.request_timeout,
+                &metrics,
+            )?),
+            None => None,
+        };
         Ok(Self {
             store: Store::new(pool)
                 .with_probe(tandem_store::db::connect_probe(&settings.database).await?),
@@ -119,9 +150,11 @@ impl AppState {
                 cache
             },
             auth,
-            metrics: Arc::new(Metrics::new("write")),
+            metrics,
             region: settings.service.region.clone(),
             request_timeout: settings.service.request_timeout,
+            role: forward::RoleView::default(),
+            forwarder,
         })
     }
 }

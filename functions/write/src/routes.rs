@@ -7,7 +7,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{post, put};
+use axum::routing::{get, post, put};
 use futures_util::FutureExt;
 use tandem_core::consistency::ConsistencyToken;
 use tandem_core::document::{DocumentId, DocumentKey, Preconditions};
@@ -15,8 +15,9 @@ use tandem_core::write::{Idempotency, WriteCommand, WriteOutcome, WriteRequest, 
 use tandem_http::auth::Principal;
 use tandem_http::extract::{CollectionPath, DocumentPath, RequestPreconditions, Trace, Writer};
 use tandem_http::http::{
-    CONSISTENCY_TOKEN_HEADER, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, Readiness,
-    ReadyCheck, document_path, etag, finish, ops_router, pool_scrape_hook,
+    CONSISTENCY_TOKEN_HEADER, FORWARDED_FROM_HEADER, IDEMPOTENCY_KEY_HEADER,
+    IDEMPOTENT_REPLAYED_HEADER, Readiness, ReadyCheck, document_path, etag, finish, ops_router,
+    pool_scrape_hook,
 };
 use tandem_http::problem::ApiError;
 use tandem_store::cache::{CacheError, Entry};
@@ -24,6 +25,7 @@ use tracing::Instrument;
 
 use crate::AppState;
 use crate::body::{JSON, MERGE_PATCH_JSON, parse_object, read_limited, require_content_type};
+use crate::forward::Incoming;
 
 /// The complete Write API.
 pub fn router(state: AppState) -> Router {
@@ -39,6 +41,7 @@ pub fn router(state: AppState) -> Router {
     };
     let on_scrape = pool_scrape_hook(state.store.pool().clone());
     let api = Router::new()
+        .route("/leader", get(leader))
         .route("/v1/{collection}", post(create_document))
         .route(
             "/v1/{collection}/{id}",
@@ -75,7 +78,13 @@ async fn put_document(
         preconditions,
         traceparent,
     };
-    execute(&app, request).await
+    let incoming = Incoming {
+        method: Method::PUT,
+        path: &path,
+        headers: &headers,
+        body: bytes,
+    };
+    execute(&app, request, incoming).await
 }
 
 async fn create_document(
@@ -97,7 +106,13 @@ async fn create_document(
         preconditions: Preconditions::default(),
         traceparent,
     };
-    execute(&app, request).await
+    let incoming = Incoming {
+        method: Method::POST,
+        path: &path,
+        headers: &headers,
+        body: bytes,
+    };
+    execute(&app, request, incoming).await
 }
 
 async fn patch_document(
@@ -121,7 +136,13 @@ async fn patch_document(
         preconditions,
         traceparent,
     };
-    execute(&app, request).await
+    let incoming = Incoming {
+        method: Method::PATCH,
+        path: &path,
+        headers: &headers,
+        body: bytes,
+    };
+    execute(&app, request, incoming).await
 }
 
 async fn delete_document(
@@ -140,11 +161,73 @@ async fn delete_document(
         preconditions,
         traceparent,
     };
-    execute(&app, request).await
+    let incoming = Incoming {
+        method: Method::DELETE,
+        path: &path,
+        headers: &headers,
+        body: Bytes::new(),
+    };
+    execute(&app, request, incoming).await
+}
+
+/// Sends the write to the write region when this region is not it (as its database last said,
+/// or as its database answers the write), else commits it here.
+async fn execute(
+    app: &AppState,
+    request: WriteRequest,
+    incoming: Incoming<'_>,
+) -> Result<Response, ApiError> {
+    // A write another region forwarded is decided here, whatever this region's role: it is
+    // never sent on (no loop while the regions' roles disagree).
+    let forwarder = app
+        .forwarder
+        .as_ref()
+        .filter(|_| !incoming.headers.contains_key(FORWARDED_FROM_HEADER));
+    let Some(forwarder) = forwarder else {
+        return commit(app, request).await;
+    };
+    if app
+        .role
+        .get(&app.store)
+        .await
+        .is_some_and(|role| role.write_region != role.region)
+    {
+        return forwarder.forward(incoming).await;
+    }
+    match commit(app, request).await {
+        // The role changed since it was read: another region writes now.
+        Err(ApiError::NotWriteRegion { write_region, .. }) if write_region != app.region => {
+            app.role.invalidate();
+            forwarder.forward(incoming).await
+        }
+        other => other,
+    }
+}
+
+/// `GET /leader`: 200 while this region is the write region and its writes are not fenced,
+/// 503 otherwise, with the role as the database records it (a Route 53 health check keeps the
+/// write record on the region that answers 200).
+async fn leader(State(app): State<AppState>) -> Response {
+    match tandem_store::roles::current(app.store.pool()).await {
+        Ok(Some(role)) => {
+            let status = if role.accepts_writes() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (status, axum::Json(role)).into_response()
+        }
+        Ok(None) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({ "region": app.region, "write_region": null })),
+        )
+            .into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
 }
 
 /// Commits the write, refreshes the cache, and shapes the response.
-async fn execute(app: &AppState, request: WriteRequest) -> Result<Response, ApiError> {
+async fn commit(app: &AppState, request: WriteRequest) -> Result<Response, ApiError> {
     let span = tracing::info_span!(
         "write",
         collection = %request.key.collection,

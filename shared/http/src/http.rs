@@ -30,6 +30,11 @@ pub const CONSISTENCY_TOKEN_HEADER: &str = "x-consistency-token";
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 pub const IDEMPOTENT_REPLAYED_HEADER: &str = "idempotent-replayed";
 pub const REPLICATION_LAG_HEADER: &str = "x-tandem-replication-lag-ms";
+/// On a write a follower forwards to the write region: the follower's region. A Write API never
+/// forwards a request that carries it (no forwarding loop while the regions disagree).
+pub const FORWARDED_FROM_HEADER: &str = "x-tandem-forwarded-from";
+/// On the answer to a forwarded write: the write region that answered it.
+pub const FORWARDED_TO_HEADER: &str = "x-tandem-forwarded-to";
 
 /// A document's canonical resource path, `/v1/{collection}/{id}`: its `Location`, and what an
 /// idempotency fingerprint and a consistency token's wait are scoped to.
