@@ -67,6 +67,11 @@ impl axum::extract::FromRef<AppState> for Authenticator {
 }
 
 impl AppState {
+    /// The replica state while this region is a replica (another region writes).
+    pub fn active_replica(&self) -> Option<&Replica> {
+        self.replica.as_ref().filter(|r| r.is_active())
+    }
+
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         let auth = Authenticator::new(&settings.auth)?;
         anyhow::ensure!(
@@ -92,6 +97,7 @@ impl AppState {
         let store =
             Store::new(pool).with_probe(tandem_store::db::connect_probe(&settings.database).await?);
         if let Some(replica) = &replica {
+            replica.refresh_role(&store).await;
             replica.spawn_refresh(store.clone());
         }
         Ok(Self {

@@ -1,5 +1,6 @@
 //! Replica mode (Region 2): replication lag reporting and read-your-writes through consistency
-//! tokens. A Read API becomes a replica when `TANDEM_PRIMARY_READ_URL` is set.
+//! tokens. A Read API can be a replica when `TANDEM_PRIMARY_READ_URL` is set, and is one while
+//! its database's role names another write region ([`Replica::is_active`]).
 //!
 //! **Lag is the truth.** The relay sends a heartbeat through every partition every second,
 //! carrying Region 1's commit clock ("every write committed before this time is published
@@ -18,7 +19,7 @@
 //! reported lag grows rather than freezing.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use tandem_core::consistency::ConsistencyToken;
@@ -72,10 +73,16 @@ impl ReplicaSettings {
 }
 
 /// Replica state: settings plus the lag, refreshed in the background.
+///
+/// Configured in both regions of a deployment that can move its write region, a Read API acts
+/// as the replica only while its database's role names another write region
+/// (`tandem_store::roles`, re-read every second); in the write region it serves as the
+/// primary. A database without a role is a replica whenever configured as one.
 #[derive(Clone)]
 pub struct Replica {
     pub settings: ReplicaSettings,
     lag: Arc<Lag>,
+    active: Arc<AtomicBool>,
 }
 
 /// The oldest partition's newest heartbeat, as an instant of this process: lock-free.
@@ -89,6 +96,8 @@ struct Lag {
 const UNKNOWN: i64 = i64::MIN;
 /// How often the lag is re-read from Region 2's database.
 const LAG_REFRESH: Duration = Duration::from_millis(250);
+/// The role is re-read every this many lag refreshes (each second).
+const ROLE_REFRESH_EVERY: u32 = 4;
 
 impl Replica {
     pub fn new(settings: ReplicaSettings) -> Self {
@@ -98,6 +107,31 @@ impl Replica {
                 started: Instant::now(),
                 origin_ms: AtomicI64::new(UNKNOWN),
             }),
+            active: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// Whether this region is a replica now (another region writes).
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Re-reads this region's role; a failed read keeps the last answer.
+    pub async fn refresh_role(&self, store: &Store) {
+        match tandem_store::roles::current(store.pool()).await {
+            Ok(Some(role)) => {
+                let replica = role.write_region != role.region;
+                if self.active.swap(replica, Ordering::Relaxed) != replica {
+                    tracing::info!(
+                        write_region = role.write_region,
+                        write_epoch = role.write_epoch,
+                        "this region's Read API now serves as {}",
+                        if replica { "a replica" } else { "the primary" }
+                    );
+                }
+            }
+            Ok(None) => self.active.store(true, Ordering::Relaxed),
+            Err(e) => tracing::debug!(error = %e, "role refresh failed"),
         }
     }
 
@@ -111,8 +145,13 @@ impl Replica {
         tokio::spawn(async move {
             let mut every = tokio::time::interval(LAG_REFRESH);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut ticks = 0u32;
             loop {
                 every.tick().await;
+                ticks = ticks.wrapping_add(1);
+                if ticks % ROLE_REFRESH_EVERY == 0 {
+                    replica.refresh_role(&store).await;
+                }
                 match lag::heartbeat_age_ms(store.pool()).await {
                     Ok(Some(age_ms)) => replica
                         .lag

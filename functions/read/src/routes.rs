@@ -38,7 +38,7 @@ pub fn router(state: AppState) -> Router {
             let state = state.clone();
             async move {
                 let mut readiness = Readiness::of_store_and_cache(&state.store, &state.cache).await;
-                if let Some(replica) = &state.replica {
+                if let Some(replica) = state.active_replica() {
                     let limit = replica.settings.max_lag.as_millis();
                     let (ok, line) = match replica.lag_ms() {
                         Some(ms) if u128::from(ms) <= limit => (true, format!("{ms} ms")),
@@ -62,7 +62,11 @@ pub fn router(state: AppState) -> Router {
         let gauge = state.lag_gauge.clone();
         let hook: tandem_http::http::ScrapeHook = Arc::new(move |metrics| {
             pool_usage(metrics);
-            if let Some(lag) = replica.as_ref().and_then(|r| r.lag_ms()) {
+            if let Some(lag) = replica
+                .as_ref()
+                .filter(|r| r.is_active())
+                .and_then(|r| r.lag_ms())
+            {
                 gauge.set(i64::try_from(lag).unwrap_or(i64::MAX));
             }
         });
@@ -258,7 +262,7 @@ async fn honour_consistency_token(
             ),
         });
     }
-    match &app.replica {
+    match app.active_replica() {
         Some(replica) => replica
             .await_token(&app.store, &token, path)
             .await
@@ -273,7 +277,24 @@ async fn honour_consistency_token(
         // issued for this database's history.
         None => {
             let current = app.store.version(&token.key).await?;
-            if current.is_none_or(|v| v < token.version) {
+            if let Some(replica) = app
+                .replica
+                .as_ref()
+                .filter(|_| current.is_none_or(|v| v < token.version))
+            {
+                // Believed primary, but the write region may have moved within the last
+                // second (the role is re-read each second): wait as a replica would.
+                replica
+                    .await_token(&app.store, &token, path)
+                    .await
+                    .map_err(|e| match e {
+                        TokenWait::Lagging { primary_read_url } => ApiError::Lagging {
+                            primary_read_url: Some(primary_read_url),
+                            retry_after_seconds: 1,
+                        },
+                        TokenWait::Store(e) => e.into(),
+                    })?;
+            } else if current.is_none_or(|v| v < token.version) {
                 return Err(ApiError::BadRequest {
                     title: "Invalid consistency token",
                     detail: format!(
@@ -294,7 +315,7 @@ async fn report_lag(
     next: axum::middleware::Next,
 ) -> Response {
     let mut response = next.run(request).await;
-    if let Some(replica) = &app.replica {
+    if let Some(replica) = app.active_replica() {
         if let Some(lag) = replica.lag_ms() {
             response.headers_mut().insert(
                 HeaderName::from_static(REPLICATION_LAG_HEADER),
