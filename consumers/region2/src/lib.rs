@@ -52,7 +52,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub cache: CacheSettings,
     pub kafka: KafkaSettings,
-    /// `KAFKA_GROUP_ID` (default `tandem-region2`): for Kafka's lag tooling; the consumer's
+    /// `KAFKA_GROUP_ID` (default `tandem-<TANDEM_REGION>`): for Kafka's lag tooling; the consumer's
     /// true position lives in its database.
     pub group_id: String,
     /// `CONSUMER_BATCH_BYTES` (default 16 MiB): a batch stops growing at this many bytes (or
@@ -62,13 +62,14 @@ pub struct Settings {
 
 impl Settings {
     pub fn from_env() -> Result<Self, ConfigError> {
+        let service = ServiceSettings::from_env()?;
         Ok(Self {
-            service: ServiceSettings::from_env()?,
             database: DatabaseSettings::from_env()?,
             cache: CacheSettings::from_env()?,
             kafka: KafkaSettings::from_env()?,
             group_id: config::optional("KAFKA_GROUP_ID")
-                .unwrap_or_else(|| "tandem-region2".to_owned()),
+                .unwrap_or_else(|| format!("tandem-{}", service.region)),
+            service,
             batch_bytes: config::parsed_or("CONSUMER_BATCH_BYTES", 16 * 1024 * 1024)?,
         })
     }
