@@ -19,6 +19,7 @@ mod ops;
 mod output;
 mod repair;
 mod status;
+mod switchover;
 mod verify;
 
 use config::Connections;
@@ -120,6 +121,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move the write region to the other region with no acknowledged write lost: fence the
+    /// write region's writes, wait until the target applied everything before the fence, then
+    /// record the target as the write region of the next write epoch in both databases. Writes
+    /// get 503 with Retry-After meanwhile. Exit 3 when it cannot (nothing changed, or run it
+    /// again to finish).
+    Switchover {
+        /// The region that becomes the write region.
+        #[arg(long, value_parser = ["region1", "region2"], value_name = "region1|region2")]
+        to: String,
+        /// How long to wait for the target to apply the fenced region's last writes before
+        /// giving up (the fence is then lifted).
+        #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Apply pending schema migrations to one region's database.
     Migrate {
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2), value_name = "1|2")]
@@ -217,5 +234,27 @@ async fn run(command: Command, connections: Connections) -> anyhow::Result<Outco
         Command::Redrive { id, json } => ops::redrive(&connections, id, json).await,
         Command::DeadLetters { json } => ops::dead_letters(&connections, json).await,
         Command::Migrate { region } => ops::migrate(&connections, region).await,
+        Command::Switchover { to, timeout, json } => {
+            let (one, two) = (connections.region(1).await?, connections.region(2).await?);
+            let (from_pool, to_pool, from) = if to == "region1" {
+                (&two, &one, "region2")
+            } else {
+                (&one, &two, "region1")
+            };
+            let report = switchover::run(
+                from_pool,
+                to_pool,
+                from,
+                &to,
+                std::time::Duration::from_secs(timeout),
+            )
+            .await?;
+            if json {
+                output::json(&report)?;
+            } else {
+                switchover::print(&report);
+            }
+            Ok(Outcome::Ok)
+        }
     }
 }
