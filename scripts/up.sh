@@ -32,6 +32,9 @@ READ1_PORT="${READ1_PORT:-8082}"
 READ2_PORT="${READ2_PORT:-8083}"
 RELAY_PORT="${RELAY_PORT:-8084}"
 CONSUMER_PORT="${CONSUMER_PORT:-8085}"
+WRITE2_PORT="${WRITE2_PORT:-8086}"
+RELAY2_PORT="${RELAY2_PORT:-8087}"
+CONSUMER1_PORT="${CONSUMER1_PORT:-8088}"
 PG1_PORT="${PG1_PORT:-55432}"
 PG2_PORT="${PG2_PORT:-55433}"
 REDIS1_PORT="${REDIS1_PORT:-56379}"
@@ -58,7 +61,8 @@ listening() { (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 check_ports_free() {
   local entry name variable port
   for entry in "edge EDGE_PORT" "write1 WRITE1_PORT" "read1 READ1_PORT" "read2 READ2_PORT" \
-               "relay1 RELAY_PORT" "consumer2 CONSUMER_PORT" "pg1 PG1_PORT" "pg2 PG2_PORT" \
+               "relay1 RELAY_PORT" "consumer2 CONSUMER_PORT" "write2 WRITE2_PORT" \
+               "relay2 RELAY2_PORT" "consumer1 CONSUMER1_PORT" "pg1 PG1_PORT" "pg2 PG2_PORT" \
                "redis1 REDIS1_PORT" "redis2 REDIS2_PORT" "kafka KAFKA_PORT" \
                "kafka-controller KAFKA_CONTROLLER_PORT"; do
     name="${entry% *}" variable="${entry#* }"
@@ -188,7 +192,7 @@ stop_all() { # exit-status
     touch "$RUN/stopping"
     # Clients before what they use: the edge and the services, then the broker and Redis,
     # then PostgreSQL (fast shutdown: open sessions, a psql included, are disconnected).
-    stop_group edge read2 consumer2 relay1 read1 write1
+    stop_group edge read2 consumer2 relay2 write2 read1 consumer1 relay1 write1
     stop_group kafka redis1 redis2
     stop_group pg1 pg2
     wait 2>/dev/null || true
@@ -329,29 +333,49 @@ start kafka TERM env KAFKA_PORT="$KAFKA_PORT" KAFKA_CONTROLLER_PORT="$KAFKA_CONT
   bash "$ROOT/scripts/kafka-broker.sh" "$STATE/kafka"
 kafka_ready() { listening "$KAFKA_PORT" && grep -q 'Kafka Server started' "$STATE/logs/kafka.log"; }
 await kafka "$KAFKA_TIMEOUT" kafka_ready
-KAFKA=(KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT" KAFKA_TOPIC=tandem.documents
-       KAFKA_TOPIC_PARTITIONS=3 KAFKA_TOPIC_REPLICATION=1)
+# Each direction has its own topic, named for the region whose outbox it carries (Region 1's
+# keeps its name from before Region 2 could write). Both regions run the same four services:
+# the write region's relay publishes its writes and the other region's consumer applies them;
+# the other direction carries heartbeats until a switchover makes Region 2 the write region.
+KAFKA=(KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT" KAFKA_TOPIC_PARTITIONS=3 KAFKA_TOPIC_REPLICATION=1)
+TOPIC1=tandem.documents
+TOPIC2=tandem.documents.region2
 
-say "starting region1: Write API, Read API, outbox relay"
+say "starting region1: Write API, Read API, outbox relay, consumer"
 COMMON1=(TANDEM_REGION=region1 DATABASE_URL="$PG1_DSN" REDIS_URL="$REDIS1_URL" TANDEM_JWT_HS256_SECRET="$DEV_SECRET")
-start_service write1 tandem-write "$WRITE1_PORT" "${COMMON1[@]}"
+COMMON2=(TANDEM_REGION=region2 DATABASE_URL="$PG2_DSN" REDIS_URL="$REDIS2_URL" TANDEM_JWT_HS256_SECRET="$DEV_SECRET")
+start_service write1 tandem-write "$WRITE1_PORT" "${COMMON1[@]}" \
+  TANDEM_WRITE_FORWARD_URL="http://127.0.0.1:$WRITE2_PORT"
 await write1 "$SERVICE_TIMEOUT" http_healthy "$WRITE1_PORT"
-start_service read1 tandem-read "$READ1_PORT" "${COMMON1[@]}"
-start_service relay1 tandem-outbox-relay "$RELAY_PORT" TANDEM_REGION=region1 DATABASE_URL="$PG1_DSN" "${KAFKA[@]}"
+start_service read1 tandem-read "$READ1_PORT" "${COMMON1[@]}" \
+  TANDEM_PRIMARY_READ_URL="http://127.0.0.1:$READ2_PORT"
+start_service relay1 tandem-outbox-relay "$RELAY_PORT" TANDEM_REGION=region1 DATABASE_URL="$PG1_DSN" \
+  "${KAFKA[@]}" KAFKA_TOPIC="$TOPIC1"
 
-say "starting region2: consumer, Read API (replica)"
+say "starting region2: Write API (forwards to the write region), Read API, consumer, outbox relay"
+start_service write2 tandem-write "$WRITE2_PORT" "${COMMON2[@]}" \
+  TANDEM_WRITE_FORWARD_URL="http://127.0.0.1:$WRITE1_PORT"
+await write2 "$SERVICE_TIMEOUT" http_healthy "$WRITE2_PORT"
 start_service consumer2 tandem-region2-consumer "$CONSUMER_PORT" TANDEM_REGION=region2 \
-  DATABASE_URL="$PG2_DSN" REDIS_URL="$REDIS2_URL" "${KAFKA[@]}"
+  DATABASE_URL="$PG2_DSN" REDIS_URL="$REDIS2_URL" "${KAFKA[@]}" KAFKA_TOPIC="$TOPIC1" \
+  KAFKA_GROUP_ID=tandem-region2
 await consumer2 "$SERVICE_TIMEOUT" http_healthy "$CONSUMER_PORT"
-start_service read2 tandem-read "$READ2_PORT" TANDEM_REGION=region2 DATABASE_URL="$PG2_DSN" \
-  REDIS_URL="$REDIS2_URL" TANDEM_JWT_HS256_SECRET="$DEV_SECRET" \
+start_service read2 tandem-read "$READ2_PORT" "${COMMON2[@]}" \
   TANDEM_PRIMARY_READ_URL="http://127.0.0.1:$READ1_PORT"
+start_service relay2 tandem-outbox-relay "$RELAY2_PORT" TANDEM_REGION=region2 DATABASE_URL="$PG2_DSN" \
+  "${KAFKA[@]}" KAFKA_TOPIC="$TOPIC2"
+start_service consumer1 tandem-region2-consumer "$CONSUMER1_PORT" TANDEM_REGION=region1 \
+  DATABASE_URL="$PG1_DSN" REDIS_URL="$REDIS1_URL" "${KAFKA[@]}" KAFKA_TOPIC="$TOPIC2" \
+  KAFKA_GROUP_ID=tandem-region1
 await read1 "$SERVICE_TIMEOUT" http_healthy "$READ1_PORT"
 await relay1 "$SERVICE_TIMEOUT" http_healthy "$RELAY_PORT"
 await read2 "$SERVICE_TIMEOUT" http_healthy "$READ2_PORT"
+await relay2 "$SERVICE_TIMEOUT" http_healthy "$RELAY2_PORT"
+await consumer1 "$SERVICE_TIMEOUT" http_healthy "$CONSUMER1_PORT"
 
 say "starting the edge (HAProxy as Route 53 + ALB) on 127.0.0.1:$EDGE_PORT"
 sed -e "s/@EDGE_PORT@/$EDGE_PORT/" -e "s/@WRITE1@/127.0.0.1:$WRITE1_PORT/" \
+    -e "s/@WRITE2@/127.0.0.1:$WRITE2_PORT/" \
     -e "s/@READ1@/127.0.0.1:$READ1_PORT/" -e "s/@READ2@/127.0.0.1:$READ2_PORT/" \
     deploy/local/haproxy.cfg.template >"$STATE/haproxy.cfg"
 HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
@@ -369,13 +393,18 @@ cat >"$STATE/stack.json.tmp" <<JSON
       "read": "http://127.0.0.1:$READ1_PORT",
       "postgres": "$PG1_DSN",
       "redis": "$REDIS1_URL",
-      "relay": "http://127.0.0.1:$RELAY_PORT"
+      "relay": "http://127.0.0.1:$RELAY_PORT",
+      "consumer": "http://127.0.0.1:$CONSUMER1_PORT",
+      "topic": "$TOPIC1"
     },
     "region2": {
+      "write": "http://127.0.0.1:$WRITE2_PORT",
       "read": "http://127.0.0.1:$READ2_PORT",
       "postgres": "$PG2_DSN",
       "redis": "$REDIS2_URL",
-      "consumer": "http://127.0.0.1:$CONSUMER_PORT"
+      "relay": "http://127.0.0.1:$RELAY2_PORT",
+      "consumer": "http://127.0.0.1:$CONSUMER_PORT",
+      "topic": "$TOPIC2"
     }
   },
   "kafka": "127.0.0.1:$KAFKA_PORT",
@@ -391,10 +420,13 @@ Tandem is up (logs in $SHOWN/logs/, endpoints in $SHOWN/stack.json).
   region1 write          http://127.0.0.1:$WRITE1_PORT
   region1 read           http://127.0.0.1:$READ1_PORT
   region1 relay (ops)    http://127.0.0.1:$RELAY_PORT/metrics
+  region1 consumer (ops) http://127.0.0.1:$CONSUMER1_PORT/metrics
   region1 postgres       $PG1_DSN
   region1 redis          $REDIS1_URL
   kafka                  127.0.0.1:$KAFKA_PORT
+  region2 write          http://127.0.0.1:$WRITE2_PORT (forwards to the write region)
   region2 read           http://127.0.0.1:$READ2_PORT
+  region2 relay (ops)    http://127.0.0.1:$RELAY2_PORT/metrics
   region2 consumer (ops) http://127.0.0.1:$CONSUMER_PORT/metrics
   region2 postgres       $PG2_DSN
   region2 redis          $REDIS2_URL

@@ -13,11 +13,13 @@ pub fn haproxy_binary() -> PathBuf {
 }
 
 /// Renders `deploy/local/haproxy.cfg.template` with the given addresses (`host:port`).
-pub fn haproxy_config(port: u16, write1: &str, read1: &str, read2: &str) -> String {
+/// `write2` is Region 2's Write API (it forwards while Region 1 writes).
+pub fn haproxy_config(port: u16, write1: &str, write2: &str, read1: &str, read2: &str) -> String {
     let template = include_str!("../../deploy/local/haproxy.cfg.template");
     template
         .replace("@EDGE_PORT@", &port.to_string())
         .replace("@WRITE1@", write1)
+        .replace("@WRITE2@", write2)
         .replace("@READ1@", read1)
         .replace("@READ2@", read2)
 }

@@ -22,8 +22,10 @@ async fn reads_through_the_edge_fail_over_to_region2_when_region1_read_stops() {
 
     let dir = scratch_dir("edge");
     let port = tandem_tests::free_port();
+    // No Region 2 Write API here: Region 1's stands in as the backup too.
     let config = tandem_tests::edge::haproxy_config(
         port,
+        regions.region1.write_url.trim_start_matches("http://"),
         regions.region1.write_url.trim_start_matches("http://"),
         &read1,
         regions.region2_read_url.trim_start_matches("http://"),
