@@ -163,14 +163,14 @@ impl Forwarder {
         let answer = match self.read_answer(request).await {
             Ok(answer) => answer,
             Err(e) => {
-                self.count("unreachable");
+                self.record_forward("unreachable");
                 return Err(ApiError::Unavailable {
                     dependency: "the write region",
                     source: Some(e),
                 });
             }
         };
-        self.count("answered");
+        self.record_forward("answered");
         Ok(answer)
     }
 
@@ -204,7 +204,7 @@ impl Forwarder {
         Ok(response)
     }
 
-    fn count(&self, outcome: &'static str) {
+    fn record_forward(&self, outcome: &'static str) {
         self.forwards
             .get_or_create(&ForwardLabels { outcome })
             .inc();
