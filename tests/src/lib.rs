@@ -14,6 +14,7 @@ pub mod proxy;
 pub use process::{binary, scratch_dir};
 pub mod regions;
 pub mod services;
+pub mod symmetric;
 
 pub use kafka::{Broker, KafkaCluster};
 pub use process::{ManagedProcess, free_port, wait_for_port};

@@ -413,6 +413,7 @@ pub async fn spawn_app_with(options: TestAppOptions) -> TestApp {
         auth: auth.clone(),
         migrate_on_start: true,
         initial_write_region: "region1".into(),
+        forward_url: None,
     };
     let write_state = tandem_write::AppState::build(&write_settings)
         .await

@@ -12,6 +12,7 @@ mod housekeeping;
 mod lambda;
 mod load;
 mod schema;
+mod switchover;
 mod traces;
 mod truth;
 

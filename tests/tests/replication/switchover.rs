@@ -1,0 +1,445 @@
+//! Symmetric regions: write forwarding from the follower, and `tandem switchover` under load.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use tandem_tests::symmetric::Symmetric;
+
+/// What a client acts on in an answer: status, ETag, whether it was an idempotent replay, the
+/// problem type or the document body.
+async fn observe(response: reqwest::Response) -> (u16, Option<String>, bool, Value) {
+    let status = response.status().as_u16();
+    let etag = response
+        .headers()
+        .get("etag")
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    let replayed = response.headers().contains_key("idempotent-replayed");
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    let body = match body.get("type") {
+        Some(kind) => json!({ "problem": kind }),
+        // The documents differ by id and times only.
+        None => match body {
+            Value::Object(mut document) => {
+                for field in ["id", "created_at", "updated_at"] {
+                    document.remove(field);
+                }
+                Value::Object(document)
+            }
+            other => other,
+        },
+    };
+    (status, etag, replayed, body)
+}
+
+/// The same sequence of writes against one base URL, on document `doc` of `collection`.
+async fn contract_sequence(
+    system: &Symmetric,
+    base: &str,
+    doc: &str,
+) -> Vec<(u16, Option<String>, bool, Value)> {
+    let url = format!("{base}/v1/parity/{doc}");
+    let key = format!("key-{doc}");
+    let mut seen = Vec::new();
+    // create, then the same request replayed, then the key reused for another body
+    for body in [json!({"n": 1}), json!({"n": 1}), json!({"n": 2})] {
+        seen.push(
+            observe(
+                system
+                    .write(Method::PUT, &url)
+                    .header("idempotency-key", &key)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("put"),
+            )
+            .await,
+        );
+    }
+    // preconditions: a stale If-Match, a matching one, If-None-Match on an existing document
+    for (header, value) in [
+        ("if-match", "\"7\""),
+        ("if-match", "\"1\""),
+        ("if-none-match", "*"),
+    ] {
+        seen.push(
+            observe(
+                system
+                    .write(Method::PUT, &url)
+                    .header(header, value)
+                    .json(&json!({"n": 3}))
+                    .send()
+                    .await
+                    .expect("put"),
+            )
+            .await,
+        );
+    }
+    // a merge patch, a malformed body, an unauthenticated write, a delete, a delete again
+    seen.push(
+        observe(
+            system
+                .write(Method::PATCH, &url)
+                .header("content-type", "application/merge-patch+json")
+                .body(r#"{"m": true}"#)
+                .send()
+                .await
+                .expect("patch"),
+        )
+        .await,
+    );
+    seen.push(
+        observe(
+            system
+                .write(Method::PUT, &url)
+                .header("content-type", "application/json")
+                .body("{not json")
+                .send()
+                .await
+                .expect("put"),
+        )
+        .await,
+    );
+    seen.push(
+        observe(
+            system
+                .client
+                .put(&url)
+                .json(&json!({"n": 4}))
+                .send()
+                .await
+                .expect("put"),
+        )
+        .await,
+    );
+    for _ in 0..2 {
+        seen.push(
+            observe(
+                system
+                    .write(Method::DELETE, &url)
+                    .send()
+                    .await
+                    .expect("delete"),
+            )
+            .await,
+        );
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_region2_are_forwarded_with_the_same_contract_as_direct_writes() {
+    let system = Symmetric::start().await;
+    let (one, two) = (&system.regions[0], &system.regions[1]);
+
+    let direct = contract_sequence(&system, &one.write_url, "direct").await;
+    let forwarded = contract_sequence(&system, &two.write_url, "forwarded").await;
+    assert_eq!(
+        direct, forwarded,
+        "a write through Region 2 must answer as the same write sent to Region 1"
+    );
+    let statuses: Vec<u16> = direct.iter().map(|s| s.0).collect();
+    assert_eq!(
+        statuses,
+        [201, 201, 422, 412, 200, 412, 200, 400, 401, 204, 404],
+        "{direct:#?}"
+    );
+    assert!(direct[1].2, "the second PUT is an idempotent replay");
+
+    // A forwarded write says so, carries the leader's consistency token, and Region 2 reads
+    // its own write with it.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let answer = system
+        .write(Method::PUT, &format!("{}/v1/ryw/mine", two.write_url))
+        .header("traceparent", traceparent)
+        .json(&json!({"region": "two"}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(answer.status(), 201);
+    assert_eq!(answer.headers()["x-tandem-forwarded-to"], "region1");
+    assert_eq!(answer.headers()["x-tandem-region"], "region2");
+    let token = answer.headers()["x-consistency-token"]
+        .to_str()
+        .expect("token")
+        .to_owned();
+    let read = system
+        .client
+        .get(format!("{}/v1/ryw/mine", two.read_url))
+        .header("x-consistency-token", &token)
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(read.status(), 200, "read-your-writes in Region 2");
+    assert_eq!(read.headers()["etag"], "\"1\"");
+    assert_eq!(
+        read.json::<Value>().await.expect("json")["data"],
+        json!({"region": "two"})
+    );
+    // The write committed in Region 1 only, with the client's trace context, stamped with
+    // Region 1's origin and write epoch.
+    let row = one
+        .pool
+        .get()
+        .await
+        .expect("db")
+        .query_one(
+            "SELECT traceparent, origin, write_epoch FROM outbox WHERE document_id = 'mine'",
+            &[],
+        )
+        .await
+        .expect("outbox row");
+    assert_eq!(
+        row.get::<_, Option<String>>(0).as_deref(),
+        Some(traceparent)
+    );
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("region1"));
+    assert_eq!(row.get::<_, Option<i64>>(2), Some(1));
+    let region2_outbox: i64 = two
+        .pool
+        .get()
+        .await
+        .expect("db")
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(region2_outbox, 0, "Region 2 commits no write of its own");
+
+    // Region 1 never sends a forwarded write on, even if told it came from elsewhere.
+    let bounced = system
+        .write(Method::PUT, &format!("{}/v1/ryw/loop", two.write_url))
+        .header("x-tandem-forwarded-from", "region1")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(bounced.status(), 503);
+    assert_eq!(
+        bounced.json::<Value>().await.expect("problem")["write_region"],
+        "region1"
+    );
+
+    // /leader says which region writes.
+    for (region, expected) in [(one, 200), (two, 503)] {
+        let leader = system
+            .client
+            .get(format!("{}/leader", region.write_url))
+            .send()
+            .await
+            .expect("leader");
+        assert_eq!(leader.status(), expected);
+        let role: Value = leader.json().await.expect("json");
+        assert_eq!(role["write_region"], "region1");
+        assert_eq!(role["write_epoch"], 1);
+    }
+}
+
+/// What the load's writers saw.
+#[derive(Default)]
+struct Load {
+    /// Per document, the last acknowledged body's counter and version.
+    acked: std::sync::Mutex<BTreeMap<String, (u64, i64)>>,
+    refused: AtomicU64,
+    acknowledged: AtomicU64,
+}
+
+/// `writers` tasks PUT counters to their own documents through the edge until `stop`; a 503 is
+/// retried with the same body (it committed nothing).
+fn start_load(
+    system: &Symmetric,
+    writers: usize,
+    stop: Arc<AtomicBool>,
+) -> (Arc<Load>, Vec<tokio::task::JoinHandle<()>>) {
+    let load = Arc::new(Load::default());
+    let handles = (0..writers)
+        .map(|w| {
+            let (client, token, edge) = (
+                system.client.clone(),
+                system.token.clone(),
+                system.edge_url.clone(),
+            );
+            let (load, stop) = (load.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let doc = format!("w{w}-d{}", n % 7);
+                    loop {
+                        let answer = client
+                            .put(format!("{edge}/v1/load/{doc}"))
+                            .bearer_auth(&token)
+                            .json(&json!({"writer": w, "n": n}))
+                            .send()
+                            .await;
+                        match answer {
+                            Ok(a) if a.status().is_success() => {
+                                let version: i64 = a.headers()["etag"]
+                                    .to_str()
+                                    .unwrap_or_default()
+                                    .trim_matches('"')
+                                    .parse()
+                                    .expect("etag");
+                                load.acknowledged.fetch_add(1, Ordering::Relaxed);
+                                load.acked
+                                    .lock()
+                                    .expect("lock")
+                                    .insert(doc.clone(), (n, version));
+                                break;
+                            }
+                            Ok(a) if a.status() == 503 => {
+                                load.refused.fetch_add(1, Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            Ok(a) => panic!(
+                                "unexpected answer {}: {}",
+                                a.status(),
+                                a.text().await.unwrap_or_default()
+                            ),
+                            Err(e) => panic!("write failed: {e}"),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    (load, handles)
+}
+
+/// Every acknowledged write is in both regions: each document holds the last acknowledged body
+/// at its acknowledged version.
+async fn assert_acknowledged_everywhere(system: &Symmetric, load: &Load) {
+    let acked = load.acked.lock().expect("lock").clone();
+    assert!(!acked.is_empty());
+    for region in &system.regions {
+        let client = region.pool.get().await.expect("db");
+        for (doc, (n, version)) in &acked {
+            let row = client
+                .query_one(
+                    "SELECT version, data FROM documents WHERE collection = 'load' AND id = $1",
+                    &[doc],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{doc} missing in {}: {e}", region.name));
+            let (stored, data): (i64, Value) = (row.get(0), row.get(1));
+            assert_eq!(
+                (stored, data["n"].as_u64()),
+                (*version, Some(*n)),
+                "{}: {doc} lost its last acknowledged write",
+                region.name
+            );
+        }
+    }
+}
+
+fn switchover(system: &Symmetric, to: &str) -> Value {
+    let output = system.cli(&["switchover", "--to", to, "--json"]);
+    assert!(
+        output.status.success(),
+        "switchover --to {to} failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        system.logs("")
+    );
+    serde_json::from_slice(&output.stdout).expect("switchover --json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_under_load_loses_no_write_and_switches_back() {
+    let system = Symmetric::start().await;
+    let (one, two) = (&system.regions[0], &system.regions[1]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (load, writers) = start_load(&system, 4, stop.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let report = switchover(&system, "region2");
+    assert_eq!(report["outcome"], "switched");
+    assert_eq!(report["write_epoch"], 2);
+    let window = report["unavailable_ms"].as_u64().expect("window");
+    eprintln!(
+        "switchover to region2: writes refused for {window} ms, {} refusals seen",
+        load.refused.load(Ordering::Relaxed)
+    );
+    // Writes keep flowing, now committed in Region 2.
+    let before = load.acknowledged.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        load.acknowledged.load(Ordering::Relaxed) > before + 10,
+        "writes resumed after the switchover"
+    );
+
+    // Region 1 now forwards, and its database refuses a write of its own at any epoch.
+    let forwarded = system
+        .write(Method::PUT, &format!("{}/v1/after/one", one.write_url))
+        .json(&json!({"to": "region1"}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(forwarded.status(), 201);
+    assert_eq!(forwarded.headers()["x-tandem-forwarded-to"], "region2");
+    let refused = one
+        .pool
+        .get()
+        .await
+        .expect("db")
+        .execute(
+            "INSERT INTO outbox (event_id, collection, document_id, version, operation, payload) \
+             VALUES (gen_random_uuid(), 'x', 'y', 1, 'upsert', '{}')",
+            &[],
+        )
+        .await
+        .expect_err("Region 1 refuses writes after the switchover");
+    assert_eq!(
+        refused.as_db_error().map(|e| e.code().code()),
+        Some("TD001"),
+        "{refused}"
+    );
+    // The events Region 2 now emits carry its origin and the new epoch, and Region 1 applies
+    // them (replication flows the other way).
+    let stamped: i64 = two
+        .pool
+        .get()
+        .await
+        .expect("db")
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE origin = 'region2' AND write_epoch = 2",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert!(stamped > 0);
+
+    // And back, still under load.
+    let back = switchover(&system, "region1");
+    assert_eq!(back["outcome"], "switched");
+    assert_eq!(back["write_epoch"], 3);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    system.wait_converged(Duration::from_secs(60)).await;
+    assert_acknowledged_everywhere(&system, &load).await;
+    eprintln!(
+        "{} writes acknowledged, {} refusals (503) seen over two switchovers",
+        load.acknowledged.load(Ordering::Relaxed),
+        load.refused.load(Ordering::Relaxed)
+    );
+
+    // Running it again changes nothing.
+    assert_eq!(switchover(&system, "region1")["outcome"], "already");
+    let leader = system
+        .client
+        .get(format!("{}/leader", one.write_url))
+        .send()
+        .await
+        .expect("leader");
+    assert_eq!(leader.status(), 200);
+    assert_eq!(
+        leader.json::<Value>().await.expect("json")["write_epoch"],
+        3
+    );
+}
