@@ -27,13 +27,16 @@ use tandem_tests::process::binary_dir;
 use tandem_tests::{free_port, scratch_dir};
 
 /// Every port up.sh binds, by the variable that overrides it.
-const PORT_VARIABLES: [&str; 12] = [
+const PORT_VARIABLES: [&str; 15] = [
     "EDGE_PORT",
     "WRITE1_PORT",
     "READ1_PORT",
     "READ2_PORT",
     "RELAY_PORT",
     "CONSUMER_PORT",
+    "WRITE2_PORT",
+    "RELAY2_PORT",
+    "CONSUMER1_PORT",
     "PG1_PORT",
     "PG2_PORT",
     "REDIS1_PORT",
@@ -43,8 +46,20 @@ const PORT_VARIABLES: [&str; 12] = [
 ];
 
 /// The processes up.sh supervises (its pid files in `run/`), the consumer aside.
-const OTHERS: [&str; 10] = [
-    "pg1", "pg2", "redis1", "redis2", "kafka", "write1", "read1", "relay1", "read2", "edge",
+const OTHERS: [&str; 13] = [
+    "pg1",
+    "pg2",
+    "redis1",
+    "redis2",
+    "kafka",
+    "write1",
+    "read1",
+    "relay1",
+    "consumer1",
+    "write2",
+    "read2",
+    "relay2",
+    "edge",
 ];
 
 /// The topic up.sh configures.
@@ -587,6 +602,46 @@ async fn make_up_restarts_a_killed_consumer_stops_on_ctrl_c_and_keeps_its_data()
     let (written, applied) = event_ids(&up).await;
     assert_eq!(written.len(), 3);
     assert_eq!(applied, written, "every event applied once");
+
+    // The README's switchover demonstration: Region 2 becomes the write region, a write through
+    // the edge commits there and reaches Region 1's Read API.
+    let switched = std::process::Command::new(tandem_tests::binary("tandem"))
+        .args(["switchover", "--to", "region2", "--json"])
+        .env("TANDEM_STACK_FILE", state.join("stack.json"))
+        .env_remove("TANDEM_REGION1_DATABASE_URL")
+        .env_remove("TANDEM_REGION2_DATABASE_URL")
+        .output()
+        .expect("run tandem switchover");
+    assert!(
+        switched.status.success(),
+        "tandem switchover: {}\n{}",
+        String::from_utf8_lossy(&switched.stderr),
+        up.output()
+    );
+    let report: Value = serde_json::from_slice(&switched.stdout).expect("switchover --json");
+    assert_eq!(report["outcome"], "switched");
+    let response = reqwest::Client::new()
+        .put(format!(
+            "http://127.0.0.1:{}/v1/stack/switched",
+            up.port("EDGE_PORT")
+        ))
+        .bearer_auth(&token)
+        .json(&json!({"n": 4}))
+        .send()
+        .await
+        .expect("PUT through the edge");
+    assert!(response.status().is_success(), "{}", response.status());
+    let url = format!(
+        "http://127.0.0.1:{}/v1/stack/switched",
+        up.port("READ1_PORT")
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) {
+        if Instant::now() > deadline {
+            up.fail("a write committed in Region 2 did not reach Region 1 within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let mut seen = descendants(up.child.id());
     up.interrupt();
