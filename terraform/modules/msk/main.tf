@@ -169,7 +169,7 @@ resource "random_password" "scram" {
 }
 
 resource "aws_secretsmanager_secret" "scram" {
-  # checkov:skip=CKV2_AWS_57:Rotation is not enabled: no rotation function is configured (MSK provides none for SCRAM secrets). The operator must rotate by hand as docs/deploy.md section 15 says: replace random_password.scram for the user, apply, then restart the workload, which reads the secret only when it creates a Kafka client.
+  # checkov:skip=CKV2_AWS_57:Rotation is not enabled: no rotation function is configured (MSK provides none for SCRAM secrets). The operator must rotate by hand as docs/deploy.md section 16 says: replace random_password.scram for the user, apply, then restart the workload, which reads the secret only when it creates a Kafka client.
   for_each = toset(var.scram_users)
 
   name                    = "AmazonMSK_${var.name}_${each.key}"
