@@ -130,7 +130,7 @@ locals {
 
   # The Read API, per region, for while its region is a follower (it decides
   # from its database's role): how long a read waits for a version it was told
-  # about, where it sends reads it cannot serve (the other region's Read API),
+  # about, where it points clients for reads it cannot serve (the other region's Read API),
   # and the lag past which /readyz fails.
   lambda_read_env = {
     region1 = {

@@ -396,7 +396,7 @@ resource "aws_lb_listener_rule" "read" {
 # The other region's NAT gateway addresses (may be empty).
 resource "aws_wafv2_ip_set" "peer_region" {
   name               = "${var.name}-peer-region"
-  description        = "Egress addresses of the other Tandem region (forwarded writes and reads)"
+  description        = "Egress addresses of the other Tandem region (its forwarded writes)"
   scope              = "REGIONAL"
   ip_address_version = "IPV4"
   addresses          = [for ip in var.rate_limit_exempt_ips : "${ip}/32"]
@@ -512,8 +512,8 @@ resource "aws_wafv2_web_acl" "this" {
         aggregate_key_type = "IP"
 
         # Not the other region's egress: its Write API forwards every write of
-        # its clients from a few NAT addresses, and its Read API sends the reads
-        # it cannot serve; those clients were rate-limited where they came in.
+        # its clients from a few NAT addresses; those clients were rate-limited
+        # where they came in.
         scope_down_statement {
           not_statement {
             statement {

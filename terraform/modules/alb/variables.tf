@@ -70,7 +70,7 @@ variable "rate_limit_per_5_minutes" {
 
 variable "rate_limit_exempt_ips" {
   type        = list(string)
-  description = "IPv4 addresses (no prefix) the per-IP rate limit does not count: the other region's NAT gateways, from which its Write API forwards writes and its Read API sends reads to this region."
+  description = "IPv4 addresses (no prefix) the per-IP rate limit does not count: the other region's NAT gateways, from which its Write API forwards writes to this region."
   default     = []
 }
 

@@ -152,7 +152,7 @@ variable "certificate_arn" {
 
 variable "peer_egress_ips" {
   type        = list(string)
-  description = "Public IPv4 addresses of the other region's NAT gateways: its forwarded writes and reads arrive from them, so the WAF rate limit does not count them (its clients are rate-limited where they come in)."
+  description = "Public IPv4 addresses of the other region's NAT gateways: its forwarded writes arrive from them, so the WAF rate limit does not count them (its clients are rate-limited where they come in)."
   default     = []
 }
 
