@@ -19,12 +19,14 @@ so this script checks what can be checked from the source alone, with python-hcl
   the most common `terraform validate` errors, caught without providers;
 * every `moved` block moves from an address the configuration no longer declares to one it does
   (module.a.module.b, module.a.aws_x.y, followed through local module sources), each `from` once;
+  a move between instance keys of one declared resource (aws_x.y to aws_x.y["k"], or one key to
+  another) only needs the resource declared: which keys exist depends on values, not the source;
 * every call of modules/lambda or modules/lambda_kafka (from a deployment, or from a module such
   as modules/region) sets only environment variables its
   binary (Write, Read or Region 2's apply, from var.lambda_zip_paths) reads and every one it
   requires, as derived from the Rust sources by
   env_contract.py (no stale, no missing setting). The environment may be map literals, `local.X`,
-  `var.X` and merge() of them; a `var.X` is followed to what each call of the enclosing module
+  an entry of a map literal `local.X["k"]`, `var.X` and merge() of them; a `var.X` is followed to what each call of the enclosing module
   passes (or the variable's default), so a call inside a module is checked once per chain of
   calls that instantiates it, and one whose keys cannot be followed is a problem, not a pass.
   Each function also sets TANDEM_REGION, uses IAM database
@@ -45,9 +47,11 @@ so this script checks what can be checked from the source alone, with python-hcl
   allow.everyone.if.no.acl.found to false: literally, or through a bootstrap variable whose
   default is false in the module and in every deployment that passes it, and that no committed
   .tfvars turns on;
-* the Kafka topic and consumer group the ACLs name (variables kafka_topic and consumer_group)
-  default to what the Kubernetes manifests set (KAFKA_TOPIC, KAFKA_GROUP_ID in eks/): an ACL for
-  another name would lock the relay or the consumer out;
+* the Kafka topics and consumer groups the ACLs name (variables kafka_topics and consumer_groups,
+  maps keyed by region) default to what each region's overlay (eks/overlays/regionN) sets: its
+  relay's KAFKA_TOPIC is kafka_topics[regionN], its consumer's KAFKA_TOPIC the other region's
+  topic and its KAFKA_GROUP_ID consumer_groups[regionN]; an ACL for another name would lock a
+  relay or a consumer out;
 * the GitHub workflows next to the tree (.github/workflows) that run `terraform plan` never
   upload the binary plan (a saved plan holds every sensitive value it read: database password,
   Redis AUTH token, SCRAM passwords; only `terraform show` text may leave the job), delete it in
@@ -104,6 +108,7 @@ ENV_KEY = re.compile(r"\b([A-Z][A-Z0-9_]*)\s*=(?!=)")
 LOCAL_REF = re.compile(r"\blocal\.([A-Za-z0-9_]+)")
 # Whole expressions: a map the Lambda environment rule follows, or merges.
 LOCAL_ONLY_REF = re.compile(r"local\.([A-Za-z0-9_]+)")
+LOCAL_ENTRY_REF = re.compile(r'local\.([A-Za-z0-9_]+)(?:\["([A-Za-z0-9_-]+)"\]|\.([A-Za-z0-9_]+))')
 VAR_ONLY_REF = re.compile(r"var\.([A-Za-z_][A-Za-z0-9_-]*)")
 MERGE_CALL = re.compile(r"merge\((.*)\)", re.S)
 VAR_REF = re.compile(r"(?<![\w.])var\.([A-Za-z_][A-Za-z0-9_-]*)")
@@ -125,8 +130,16 @@ VAR_ONLY = re.compile(r"^\$\{var\.([A-Za-z_][A-Za-z0-9_-]*)\}$")
 # `${var.X ? "true" : "false"}`: true only while var.X is.
 VAR_SWITCH = re.compile(r'^\$\{var\.([A-Za-z_][A-Za-z0-9_-]*)\s*\?\s*"true"\s*:\s*"false"\s*\}$')
 SAME_SIZE_PROPERTIES = ("message.max.bytes", "replica.fetch.max.bytes")
-# Terraform variable holding a Kafka name -> the manifest variable that must match its default.
-KAFKA_NAME_VARIABLES = {"kafka_topic": "KAFKA_TOPIC", "topic": "KAFKA_TOPIC", "consumer_group": "KAFKA_GROUP_ID"}
+# Terraform variables holding the Kafka names per region (maps keyed region1, region2), and where
+# each region's overlay sets them: (variable, ConfigMap of the overlay, literal, whose key: the
+# overlay's own region or the other one).
+KAFKA_NAME_VARIABLES = (
+    ("kafka_topics", "tandem-outbox-relay-config", "KAFKA_TOPIC", "own"),
+    ("kafka_topics", "tandem-region2-consumer-config", "KAFKA_TOPIC", "other"),
+    ("consumer_groups", "tandem-region2-consumer-config", "KAFKA_GROUP_ID", "own"),
+)
+OVERLAY_REGION = re.compile(r"^region[0-9]+$")
+INSTANCE_KEY = re.compile(r"\[[^\]]*\]")
 # Paths a public listener must never forward (the services' Prometheus endpoint).
 INTERNAL_PATHS = ("/metrics", "/metrics/*")
 LOCAL_ONLY = re.compile(r"^\$\{local\.([A-Za-z0-9_]+)\}$")
@@ -192,20 +205,25 @@ def first_block(body: dict, key: str) -> dict:
 REQUIRED = object()  # a variable without a default
 
 
-def manifest_literals(eks: Path) -> dict[str, list[tuple[str, str]]]:
-    """KEY -> [(file, value)] of every configMapGenerator literal under eks/ (kustomizations)."""
-    found: dict[str, list[tuple[str, str]]] = {}
-    if not eks.is_dir():
+def overlay_literals(eks: Path) -> dict[str, dict[tuple[str, str], str]]:
+    """Region -> {(ConfigMap, KEY): value} of the configMapGenerator literals of each region's own
+    overlay (eks/overlays/regionN/kustomization.yaml)."""
+    found: dict[str, dict[tuple[str, str], str]] = {}
+    overlays = eks / "overlays"
+    if not overlays.is_dir():
         return found
-    for path in sorted(eks.rglob("kustomization.yaml")):
+    for path in sorted(overlays.glob("*/kustomization.yaml")):
+        if not OVERLAY_REGION.match(path.parent.name):
+            continue
         try:
             document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError:
             continue
+        literals = found.setdefault(path.parent.name, {})
         for generator in document.get("configMapGenerator") or []:
             for literal in generator.get("literals") or []:
                 key, _, value = str(literal).partition("=")
-                found.setdefault(key, []).append((str(path.relative_to(eks.parent)), value))
+                literals[(str(generator.get("name")), key)] = value
     return found
 
 
@@ -606,7 +624,8 @@ class Checker:
                 if source in sources:
                     self.problem(where, f"moved twice (also to {sources[source]})")
                 sources[source] = target
-                if self.resolve_address(path.parent, source) is None:
+                rekey = INSTANCE_KEY.sub("", source) == INSTANCE_KEY.sub("", target) and source != target
+                if not rekey and self.resolve_address(path.parent, source) is None:
                     self.problem(where, f"{source} is still declared: nothing moves")
                 why = self.resolve_address(path.parent, target)
                 if why is not None:
@@ -633,7 +652,7 @@ class Checker:
 
     def map_keys(self, directory: Path, value: object, chain: tuple, depth: int = 0) -> tuple[set[str], list[str]]:
         """(keys, problems) of a map expression in `directory`, as instantiated through `chain`:
-        a map literal, `local.X`, `var.X` (followed to what the innermost call of `chain` passes,
+        a map literal, `local.X`, `local.X["k"]` (an entry of a map literal), `var.X` (followed to what the innermost call of `chain` passes,
         or the variable's default) or `merge()` of those; anything else is a problem (the rule
         cannot see its keys)."""
         if depth > 20:
@@ -657,6 +676,17 @@ class Checker:
             return keys, problems
         if text.startswith("{") and text.endswith("}") and split_arguments(text[1:-1]) is not None:
             return set(ENV_KEY.findall(text)), []
+        entry = LOCAL_ENTRY_REF.fullmatch(text)
+        if entry:
+            name, key = entry.group(1), entry.group(2) or entry.group(3)
+            local_values = self.locals_in(directory)
+            outer = local_values.get(name)
+            if not isinstance(outer, dict):
+                return set(), [f"environment uses local.{name}[{key!r}], but local.{name} is no map literal"]
+            entries = {unquote(k): v for k, v in outer.items() if not k.startswith("__")}
+            if key not in entries:
+                return set(), [f"environment uses local.{name}[{key!r}], which local.{name} does not have"]
+            return self.map_keys(directory, entries[key], chain, depth + 1)
         local = LOCAL_ONLY_REF.fullmatch(text)
         if local:
             local_values = self.locals_in(directory)
@@ -842,22 +872,41 @@ class Checker:
                     self.problem(tfvars, f"sets {root_variable} = true: the cluster would let every SCRAM user use what no ACL covers")
 
     def check_kafka_names(self) -> None:
-        manifests = manifest_literals(self.root.parent / "eks")
-        if not manifests:
+        overlays = overlay_literals(self.root.parent / "eks")
+        if not overlays:
             return
         for path, parsed in self.parsed.items():
             for name, body in labelled_blocks(parsed, "variable"):
-                setting = KAFKA_NAME_VARIABLES.get(name)
-                if setting is None or setting not in manifests or "default" not in body:
+                if name not in {variable for variable, *_ in KAFKA_NAME_VARIABLES} or "default" not in body:
                     continue
-                default = unquote(body["default"])
-                for source, value in manifests[setting]:
-                    if value != default:
-                        self.problem(
-                            path,
-                            f'variable "{name}" defaults to {default!r} but {source} sets {setting}={value}: '
-                            "the Kafka ACLs would name another resource than the workloads use",
-                        )
+                default = body["default"]
+                if not isinstance(default, dict):
+                    self.problem(path, f'variable "{name}" must default to a map keyed by region')
+                    continue
+                default = {unquote(k): unquote(v) for k, v in default.items()}
+                if set(default) != set(overlays):
+                    self.problem(
+                        path,
+                        f'variable "{name}" defaults to the regions {sorted(default)} but eks/overlays has {sorted(overlays)}',
+                    )
+                    continue
+                for variable, config_map, setting, whose in KAFKA_NAME_VARIABLES:
+                    if variable != name:
+                        continue
+                    for region, literals in sorted(overlays.items()):
+                        others = sorted(set(overlays) - {region})
+                        key = region if whose == "own" else (others[0] if len(others) == 1 else None)
+                        if key is None:
+                            self.problem(path, f'variable "{name}": "the other region" of {region} is ambiguous')
+                            continue
+                        value = literals.get((config_map, setting))
+                        if value != default[key]:
+                            self.problem(
+                                path,
+                                f'variable "{name}" defaults {key} to {default[key]!r} but eks/overlays/{region} sets '
+                                f"{config_map} {setting}={value}: the Kafka ACLs would name another resource than "
+                                "the workloads use",
+                            )
 
     # -- load balancers ----------------------------------------------------------------------
 

@@ -20,6 +20,8 @@ What counts as a read (string literals only; comments are ignored):
 * the names in a `READ_BY_THE_SDK: &[&str]` table (shared/runtime/src/telemetry.rs): the
   OpenTelemetry SDK reads those itself, where no call of ours can be seen. telemetry.rs must
   keep that table.
+* the names in ANNOUNCED below: a variable a binary is about to read, set by the deployment ahead
+  of the code; load() fails once the sources read it, so the entry cannot outlive its reason.
 
 A binary reads the variables of its own crate's sources plus those of the shared modules whose
 settings its `Settings::from_env` composes (BINARIES below). That mapping is verified against the
@@ -99,6 +101,15 @@ BINARIES = {
 # Read by the code but never set by a deployment.
 EXCLUDED = {
     "AWS_LAMBDA_RUNTIME_API": "set by the Lambda runtime itself (shared/http/src/serve.rs picks the transport from it)",
+}
+
+# Announced: variables a binary is about to read, which a deployment sets ahead of the code
+# (binary -> {variable: why}). Each counts as an optional read of that binary while its sources do
+# not read it; once they do, load() fails loudly, so the entry is removed rather than forgotten.
+ANNOUNCED: dict[str, dict[str, str]] = {
+    "tandem-write": {
+        "TANDEM_WRITE_FORWARD_URL": "issue 13: the other region's Write API, where a follower forwards writes",
+    },
 }
 
 # aws-config (Secrets Manager, RDS IAM tokens) reads these in every binary.
@@ -396,6 +407,13 @@ def load(root: Path = ROOT) -> dict[str, Contract]:
             contract.required |= required
         for name in EXCLUDED:
             contract.reads.pop(name, None)
+        for name, why in ANNOUNCED.get(binary_name, {}).items():
+            if name in contract.reads:
+                raise ContractError(
+                    f"{binary_name} now reads {name} ({contract.reads[name][0]}): remove it from "
+                    "ANNOUNCED in scripts/env_contract.py"
+                )
+            contract.reads[name] = [f"announced ({why})"]
         for name in AWS_SDK_ENV:
             contract.reads.setdefault(name, []).append("aws-config (the AWS SDK's standard variables)")
         contracts[binary_name] = contract
@@ -501,6 +519,9 @@ def print_contracts(contracts: dict[str, Contract]) -> None:
         for name in sorted(contract.reads):
             print(f"    {name:<{width}}  {contract.reads[name][0]}")
         print()
+    for binary, names in ANNOUNCED.items():
+        for name, why in names.items():
+            print(f"announced for {binary}, not read yet: {name} ({why})")
     print("never set by a deployment: " + ", ".join(f"{k} ({v})" for k, v in EXCLUDED.items()))
     print("never set in AWS: " + ", ".join(f"{k} ({v})" for k, v in AWS_FORBIDDEN.items()))
 

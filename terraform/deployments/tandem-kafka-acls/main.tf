@@ -20,8 +20,9 @@ data "terraform_remote_state" "tandem" {
 }
 
 locals {
-  # Cluster, brokers, topic, principals and admin secret, from the main
-  # deployment's outputs: one source for the topic name and the user names.
+  # Cluster, brokers, streams (per direction: topic, relay and consumer
+  # principals, consumer group), principals and admin secret, from the main
+  # deployment's outputs: one source for the topic, group and user names.
   inputs = data.terraform_remote_state.tandem.outputs.kafka_acl_inputs
 
   admin = jsondecode(data.aws_secretsmanager_secret_version.admin.secret_string)
@@ -40,9 +41,6 @@ data "aws_secretsmanager_secret_version" "admin" {
 module "acls" {
   source = "../../modules/msk_acls"
 
-  topic              = local.inputs.topic
-  consumer_group     = var.consumer_group
-  admin_principal    = local.inputs.principals["admin"]
-  relay_principal    = local.inputs.principals["relay"]
-  consumer_principal = local.inputs.principals["consumer"]
+  streams         = local.inputs.streams
+  admin_principal = local.inputs.principals["admin"]
 }

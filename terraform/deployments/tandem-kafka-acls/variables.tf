@@ -13,9 +13,3 @@ variable "state_key" {
   description = "State key of terraform/deployments/tandem (its backend.tf)."
   default     = "tandem/deployments/tandem.tfstate"
 }
-
-variable "consumer_group" {
-  type        = string
-  description = "Consumer group of the Region 2 consumer: KAFKA_GROUP_ID in eks/base/region2-consumer/kustomization.yaml."
-  default     = "tandem-region2"
-}

@@ -32,7 +32,7 @@ eks_admin_principal_arns = ["arn:aws:iam::123456789012:role/platform-admin", "ar
 db_instance_class = "db.m7g.large"
 db_multi_az = {
   region1 = true
-  region2 = false # the replica can be rebuilt from Kafka + a Region 1 snapshot; save the standby
+  region2 = false # a follower can be rebuilt from Kafka + a Region 1 snapshot; set true before a switchover to it
 }
 
 redis_node_type          = "cache.m7g.large"

@@ -1,11 +1,18 @@
 ################################################################################
 # Tandem: two regions on AWS
 #
-# Region 1 (primary): Write API, Read API, outbox relay, PostgreSQL, Redis, MSK.
-# Region 2 (replica): Read API, Kafka consumer, PostgreSQL, Redis; it reads
-# Kafka in Region 1 over an inter-region VPC peering (see modules/msk).
+# Both regions run the same components: Write API, Read API, outbox relay,
+# consumer, PostgreSQL, Redis. One of them is the write region at a time (a
+# role recorded in both databases, Region 1 initially, moved by `tandem
+# switchover`); the other is a follower whose Write API forwards writes to the
+# write region's (through its region host name) and whose consumer applies the
+# write region's stream. Each region's relay publishes its outbox to its own
+# topic (kafka_topics) on MSK in Region 1, which Region 2 reaches over an
+# inter-region VPC peering (see modules/msk).
+#
 # Route 53 sends the global name to Region 1 while its /readyz is healthy and
-# to Region 2 otherwise; the write name always goes to Region 1.
+# to Region 2 otherwise; the write name follows the write region (each
+# region's GET /leader), an optimisation only: either region accepts writes.
 #
 # Each region is one instance of modules/region (key, network, EKS, RDS, Redis,
 # IRSA roles, Lambda functions, ALB); what spans both regions is here: the
@@ -28,6 +35,34 @@ locals {
     region1 = "${var.project}-region1"
     region2 = "${var.project}-region2"
   }
+
+  regions      = ["region1", "region2"]
+  other_region = { region1 = "region2", region2 = "region1" }
+
+  # The SCRAM users (modules/msk) of the workloads that talk to Kafka, by the
+  # region they run in. Region 1's relay and Region 2's consumer keep the names
+  # they had before Region 2 took writes.
+  kafka_users = {
+    region1 = { relay = "relay", consumer = "consumer-region1" }
+    region2 = { relay = "relay-region2", consumer = "consumer" }
+  }
+
+  # Each direction: the topic of a region's outbox, written by that region's
+  # relay and read by the other region's consumer in its group. The Kafka ACLs
+  # (terraform/deployments/tandem-kafka-acls) are made from this.
+  kafka_streams = {
+    for region in local.regions : region => {
+      topic              = var.kafka_topics[region]
+      relay_principal    = module.msk.scram_principals[local.kafka_users[region].relay]
+      consumer_principal = module.msk.scram_principals[local.kafka_users[local.other_region[region]].consumer]
+      consumer_group     = var.consumer_groups[local.other_region[region]]
+    }
+  }
+
+  # Each region's Write and Read APIs reach the other region's through its
+  # region host name: its own load balancer, never the write record (which can
+  # point back at the caller's own region while the write region moves).
+  peer_urls = { for region in local.regions : region => "https://${var.region_hostnames[local.other_region[region]]}" }
 
   account_id = data.aws_caller_identity.current.account_id
 
@@ -79,18 +114,40 @@ locals {
     TANDEM_READ_REQUIRES_AUTH = tostring(var.read_requires_auth)
   }
 
-  # Region 2's Read API in replica mode: how long a read waits for a version
-  # it was told about, where it sends reads it cannot serve, and the lag past
-  # which /readyz fails.
-  lambda_replica_read_env = {
-    TANDEM_CONSISTENCY_WAIT_MS    = "1000"
-    TANDEM_PRIMARY_READ_URL       = "https://${var.region_hostnames["region1"]}"
-    TANDEM_MAX_REPLICATION_LAG_MS = "5000"
+  # The Write API, per region: where a follower forwards writes (the other
+  # region's Write API) and the write region of a deployment whose databases
+  # record none yet.
+  lambda_write_env = {
+    region1 = {
+      TANDEM_WRITE_FORWARD_URL    = local.peer_urls["region1"]
+      TANDEM_INITIAL_WRITE_REGION = var.initial_write_region
+    }
+    region2 = {
+      TANDEM_WRITE_FORWARD_URL    = local.peer_urls["region2"]
+      TANDEM_INITIAL_WRITE_REGION = var.initial_write_region
+    }
+  }
+
+  # The Read API, per region, for while its region is a follower (it decides
+  # from its database's role): how long a read waits for a version it was told
+  # about, where it points clients for reads it cannot serve (the other region's Read API),
+  # and the lag past which /readyz fails.
+  lambda_read_env = {
+    region1 = {
+      TANDEM_CONSISTENCY_WAIT_MS    = "1000"
+      TANDEM_PRIMARY_READ_URL       = local.peer_urls["region1"]
+      TANDEM_MAX_REPLICATION_LAG_MS = "5000"
+    }
+    region2 = {
+      TANDEM_CONSISTENCY_WAIT_MS    = "1000"
+      TANDEM_PRIMARY_READ_URL       = local.peer_urls["region2"]
+      TANDEM_MAX_REPLICATION_LAG_MS = "5000"
+    }
   }
 }
 
 ################################################################################
-# Region 1 (primary)
+# Region 1
 ################################################################################
 
 module "region1" {
@@ -98,7 +155,6 @@ module "region1" {
   providers = { aws = aws.region1, random = random, tls = tls }
 
   key        = "region1"
-  role       = "primary"
   name       = local.names.region1
   aws_region = var.region1
   account_id = local.account_id
@@ -120,24 +176,32 @@ module "region1" {
   deletion_protection      = var.db_deletion_protection
   redis_node_type          = var.redis_node_type
   redis_num_cache_clusters = var.redis_num_cache_clusters
-  kafka_secret_arn         = module.msk.scram_secret_arns["relay"]
   certificate_arn          = module.dns.certificate_arns["region1"]
+  peer_egress_ips          = module.region2.nat_public_ips
 
-  backend              = var.backend["region1"]
-  lambda_zip_paths     = local.lambda_zip_paths
-  function_environment = local.lambda_base_env
-  api_environment      = local.lambda_auth_env
+  # The secrets in Region 1 itself.
+  kafka_secret_arns = {
+    relay    = module.msk.scram_secret_arns[local.kafka_users.region1.relay]
+    consumer = module.msk.scram_secret_arns[local.kafka_users.region1.consumer]
+  }
+
+  backend                    = var.backend["region1"]
+  lambda_zip_paths           = local.lambda_zip_paths
+  function_environment       = local.lambda_base_env
+  api_environment            = local.lambda_auth_env
+  write_function_environment = local.lambda_write_env["region1"]
+  read_function_environment  = local.lambda_read_env["region1"]
 }
 
 ################################################################################
-# Region 2 (replica)
+# Region 2
 ################################################################################
 
 locals {
   # The replica of the consumer's SCRAM secret in Region 2, by exact ARN (an
   # event source mapping takes no ARN pattern): replicas keep the name and the
   # random suffix, only the region differs.
-  consumer_scram_replica_arn = replace(module.msk.scram_secret_arns["consumer"], ":${var.region1}:", ":${var.region2}:")
+  consumer_scram_replica_arn = replace(module.msk.scram_secret_arns[local.kafka_users.region2.consumer], ":${var.region1}:", ":${var.region2}:")
 }
 
 module "region2" {
@@ -145,7 +209,6 @@ module "region2" {
   providers = { aws = aws.region2, random = random, tls = tls }
 
   key        = "region2"
-  role       = "replica"
   name       = local.names.region2
   aws_region = var.region2
   account_id = local.account_id
@@ -167,31 +230,38 @@ module "region2" {
   deletion_protection      = var.db_deletion_protection
   redis_node_type          = var.redis_node_type
   redis_num_cache_clusters = var.redis_num_cache_clusters
-  kafka_secret_arn         = module.msk.replica_secret_arns["consumer"]
   certificate_arn          = module.dns.certificate_arns["region2"]
+  peer_egress_ips          = module.region1.nat_public_ips
 
-  backend                   = var.backend["region2"]
-  lambda_zip_paths          = local.lambda_zip_paths
-  function_environment      = local.lambda_base_env
-  api_environment           = local.lambda_auth_env
-  read_function_environment = local.lambda_replica_read_env
+  # The replicas in Region 2 of the secrets (modules/msk replicated_users).
+  kafka_secret_arns = {
+    relay    = module.msk.replica_secret_arns[local.kafka_users.region2.relay]
+    consumer = module.msk.replica_secret_arns[local.kafka_users.region2.consumer]
+  }
 
-  # Region 2's apply as a Lambda function (region2_apply_mode = "lambda"): a
-  # self-managed Kafka event source mapping in Region 2 reads the MSK topic in
-  # Region 1 across the peering, as the consumer SCRAM user, in the consumer
-  # pod's group.
+  backend                    = var.backend["region2"]
+  lambda_zip_paths           = local.lambda_zip_paths
+  function_environment       = local.lambda_base_env
+  api_environment            = local.lambda_auth_env
+  write_function_environment = local.lambda_write_env["region2"]
+  read_function_environment  = local.lambda_read_env["region2"]
+
+  # Region 2's consumer as a Lambda function (region2_apply_mode = "lambda"): a
+  # self-managed Kafka event source mapping in Region 2 reads Region 1's topic
+  # on MSK in Region 1 across the peering, as Region 2's consumer SCRAM user,
+  # in the consumer pod's group.
   apply_lambda = local.region2_apply_lambda ? {
     bootstrap_servers  = module.msk.bootstrap_brokers_sasl_scram
     broker_cidr_blocks = [var.region1_network.cidr_block]
-    topic              = var.kafka_topic
+    topic              = var.kafka_topics["region1"]
     topic_partitions   = var.kafka_topic_partitions
-    consumer_group     = var.consumer_group
+    consumer_group     = var.consumer_groups["region2"]
     scram_secret_arn   = local.consumer_scram_replica_arn
   } : null
 }
 
 ################################################################################
-# Inter-region VPC peering (Region 2 consumer -> MSK in Region 1)
+# Inter-region VPC peering (Region 2's relay and consumer -> MSK in Region 1)
 ################################################################################
 
 resource "aws_vpc_peering_connection" "regions" {
@@ -254,7 +324,7 @@ resource "aws_route" "region2_to_region1" {
 }
 
 ################################################################################
-# Kafka (Region 1 only)
+# Kafka (in Region 1, both directions' topics)
 ################################################################################
 
 module "msk" {
@@ -268,11 +338,11 @@ module "msk" {
   kafka_version          = var.kafka_version
   broker_instance_type   = var.msk_broker_instance_type
   broker_volume_size_gib = var.msk_broker_volume_size_gib
-  scram_users            = ["relay", "consumer", "admin"]
+  scram_users            = concat(flatten([for users in values(local.kafka_users) : values(users)]), ["admin"])
   acl_bootstrap          = var.kafka_acl_bootstrap
   replica_region         = var.region2
   replica_kms_key_arn    = module.region2.kms_key_arn
-  replicated_users       = ["consumer"]
+  replicated_users       = values(local.kafka_users.region2)
   kms_key_arn            = module.region1.kms_key_arn
   tags                   = local.tags
 }

@@ -8,7 +8,7 @@ output "global_endpoint" {
 }
 
 output "write_endpoint" {
-  description = "HTTPS endpoint that always reaches Region 1 (writes)."
+  description = "HTTPS endpoint of writes: the write region while its GET /leader answers 200 (either region accepts writes; a follower forwards them)."
   value       = module.dns.write_endpoint
 }
 
@@ -18,8 +18,13 @@ output "region_endpoints" {
 }
 
 output "health_check_ids" {
-  description = "Route 53 health check ID per region (failover drill, HealthCheckStatus alarms)."
+  description = "Route 53 health check ID per region of /readyz (failover drill, HealthCheckStatus alarms)."
   value       = module.dns.health_check_ids
+}
+
+output "leader_health_check_ids" {
+  description = "Route 53 health check ID per region of GET /leader (the write record): healthy in the write region only, so the follower's is unhealthy by design."
+  value       = module.dns.leader_health_check_ids
 }
 
 output "load_balancer_dns_names" {
@@ -72,6 +77,14 @@ output "vpc_ids" {
   }
 }
 
+output "vpc_cidr_blocks" {
+  description = "VPC CIDR per region (to narrow the 10.0.0.0/8 egress of the NetworkPolicies in eks/base)."
+  value = {
+    region1 = var.region1_network.cidr_block
+    region2 = var.region2_network.cidr_block
+  }
+}
+
 output "lb_controller_role_arns" {
   description = "IRSA role ARN of the AWS Load Balancer Controller per region (kube-system/aws-load-balancer-controller)."
   value = {
@@ -109,34 +122,39 @@ output "load_balancer_subnet_cidrs" {
 }
 
 output "overlay_values" {
-  description = "Every environment value the overlays need, per region (ConfigMap literals)."
+  description = "Every environment value the overlays need, per region and ConfigMap (configMapGenerator literals of eks/overlays/regionN)."
   value = {
-    region1 = {
-      AWS_REGION           = var.region1
-      DATABASE_SECRET_ID   = module.region1.database_secret_name
-      REDIS_URL            = module.region1.redis_url
-      REDIS_AUTH_SECRET_ID = module.region1.redis_auth_secret_name
-      KAFKA_BROKERS        = module.msk.bootstrap_brokers_sasl_scram
-      KAFKA_TOPIC          = var.kafka_topic
-      KAFKA_SASL_SECRET_ID = module.msk.scram_secret_names["relay"]
-      TANDEM_JWKS_URL      = local.jwks_url
-      TANDEM_JWT_ISSUER    = var.jwt_issuer
-      TANDEM_JWT_AUDIENCE  = var.jwt_audience
-      VPC_CIDR             = var.region1_network.cidr_block
-    }
-    region2 = {
-      AWS_REGION              = var.region2
-      DATABASE_SECRET_ID      = module.region2.database_secret_name
-      REDIS_URL               = module.region2.redis_url
-      REDIS_AUTH_SECRET_ID    = module.region2.redis_auth_secret_name
-      KAFKA_BROKERS           = module.msk.bootstrap_brokers_sasl_scram
-      KAFKA_TOPIC             = var.kafka_topic
-      KAFKA_SASL_SECRET_ID    = module.msk.scram_secret_names["consumer"]
-      TANDEM_JWKS_URL         = local.jwks_url
-      TANDEM_JWT_ISSUER       = var.jwt_issuer
-      TANDEM_JWT_AUDIENCE     = var.jwt_audience
-      TANDEM_PRIMARY_READ_URL = "https://${var.region_hostnames["region1"]}"
-      VPC_CIDR                = var.region2_network.cidr_block
+    for region in local.regions : region => {
+      tandem-common = {
+        TANDEM_REGION      = region
+        AWS_REGION         = region == "region1" ? var.region1 : var.region2
+        DATABASE_SECRET_ID = region == "region1" ? module.region1.database_secret_name : module.region2.database_secret_name
+      }
+      tandem-cache = {
+        REDIS_URL            = region == "region1" ? module.region1.redis_url : module.region2.redis_url
+        REDIS_AUTH_SECRET_ID = region == "region1" ? module.region1.redis_auth_secret_name : module.region2.redis_auth_secret_name
+      }
+      tandem-auth = {
+        TANDEM_JWKS_URL     = local.jwks_url
+        TANDEM_JWT_ISSUER   = var.jwt_issuer
+        TANDEM_JWT_AUDIENCE = var.jwt_audience
+      }
+      tandem-kafka = {
+        KAFKA_BROKERS = module.msk.bootstrap_brokers_sasl_scram
+      }
+      tandem-write-config = local.lambda_write_env[region]
+      tandem-read-config  = local.lambda_read_env[region]
+      # This region's relay publishes this region's topic...
+      tandem-outbox-relay-config = {
+        KAFKA_TOPIC          = var.kafka_topics[region]
+        KAFKA_SASL_SECRET_ID = module.msk.scram_secret_names[local.kafka_users[region].relay]
+      }
+      # ... and its consumer reads the other region's, in its own group.
+      tandem-region2-consumer-config = {
+        KAFKA_TOPIC          = var.kafka_topics[local.other_region[region]]
+        KAFKA_GROUP_ID       = var.consumer_groups[region]
+        KAFKA_SASL_SECRET_ID = module.msk.scram_secret_names[local.kafka_users[region].consumer]
+      }
     }
   }
 }
@@ -146,13 +164,13 @@ output "overlay_values" {
 ################################################################################
 
 output "kafka_acl_inputs" {
-  description = "What the Kafka ACL deployment (terraform/deployments/tandem-kafka-acls) needs: the MSK cluster, its SASL/SCRAM bootstrap brokers, the topic, the principal per SCRAM user and the admin's secret."
+  description = "What the Kafka ACL deployment (terraform/deployments/tandem-kafka-acls) needs: the MSK cluster, its SASL/SCRAM bootstrap brokers, the streams (per direction: topic, relay and consumer principals, consumer group), the principal per SCRAM user and the admin's secret."
   value = {
     region            = var.region1
     cluster_name      = module.msk.cluster_name
     bootstrap_brokers = module.msk.bootstrap_brokers_sasl_scram
     kafka_version     = var.kafka_version
-    topic             = var.kafka_topic
+    streams           = local.kafka_streams
     principals        = module.msk.scram_principals
     admin_secret_arn  = module.msk.scram_secret_arns["admin"]
   }
@@ -187,6 +205,7 @@ output "lambda_function_names" {
   value = {
     region1_write = module.region1.write_function_name
     region1_read  = module.region1.read_function_name
+    region2_write = module.region2.write_function_name
     region2_read  = module.region2.read_function_name
   }
 }
@@ -196,7 +215,7 @@ output "lambda_function_names" {
 ################################################################################
 
 output "region2_apply" {
-  description = "What applies Kafka's events to Region 2 (region2_apply_mode) and, in lambda mode, its function, event source mapping and the queue of batches the event source gave up on (alarm when it is not empty)."
+  description = "What applies Region 1's events to Region 2 (region2_apply_mode) and, in lambda mode, its function, event source mapping and the queue of batches the event source gave up on (alarm when it is not empty)."
   value = {
     mode                      = var.region2_apply_mode
     function_name             = module.region2.apply_function_name

@@ -10,12 +10,12 @@ variable "project" {
 
 variable "region1" {
   type        = string
-  description = "AWS region of Region 1 (primary: writes, reads, outbox relay, MSK)."
+  description = "AWS region of Region 1 (the initial write region; hosts MSK)."
 }
 
 variable "region2" {
   type        = string
-  description = "AWS region of Region 2 (read replica: Read API and the Kafka consumer)."
+  description = "AWS region of Region 2 (a follower until a switchover makes it the write region)."
 }
 
 variable "tags" {
@@ -167,22 +167,49 @@ variable "msk_broker_volume_size_gib" {
   default     = 100
 }
 
-variable "kafka_topic" {
-  type        = string
-  description = "Kafka topic of the document events (KAFKA_TOPIC)."
-  default     = "tandem.documents"
+variable "kafka_topics" {
+  type        = map(string)
+  description = "Kafka topic of the document events per direction, keyed by the region whose outbox it carries: that region's relay publishes it and the other region's consumer reads it (KAFKA_TOPIC in eks/overlays). region1's keeps the name it had before Region 2 took writes."
+  default = {
+    region1 = "tandem.documents"
+    region2 = "tandem.documents.region2"
+  }
+
+  validation {
+    condition     = length(setsubtract(["region1", "region2"], keys(var.kafka_topics))) == 0 && length(distinct(values(var.kafka_topics))) == length(var.kafka_topics)
+    error_message = "kafka_topics needs the keys region1 and region2, with different topics."
+  }
 }
 
 variable "kafka_topic_partitions" {
   type        = number
-  description = "Partition count of the topic: what the relay creates it with (KAFKA_TOPIC_PARTITIONS, default 6). Region 2's apply function counts each in the replication lag."
+  description = "Partition count of each topic: what the relays create them with (KAFKA_TOPIC_PARTITIONS, default 6). An apply function counts each in the replication lag."
   default     = 6
 }
 
-variable "consumer_group" {
+variable "consumer_groups" {
+  type        = map(string)
+  description = "Kafka consumer group of each region's consumer, keyed by the region it applies to: the consumer pod's KAFKA_GROUP_ID (eks/overlays), which a Lambda event source mapping joins too."
+  default = {
+    region1 = "tandem-region1"
+    region2 = "tandem-region2"
+  }
+
+  validation {
+    condition     = length(setsubtract(["region1", "region2"], keys(var.consumer_groups))) == 0 && length(distinct(values(var.consumer_groups))) == length(var.consumer_groups)
+    error_message = "consumer_groups needs the keys region1 and region2, with different groups."
+  }
+}
+
+variable "initial_write_region" {
   type        = string
-  description = "Kafka consumer group of Region 2's apply: the consumer pod's KAFKA_GROUP_ID (eks/base), which the Lambda event source mapping joins too."
-  default     = "tandem-region2"
+  description = "Write region of a deployment whose databases record none yet (TANDEM_INITIAL_WRITE_REGION of both Write APIs). Only the first start reads it: afterwards the write region recorded in the databases, moved by `tandem switchover`, decides; changing this later moves nothing."
+  default     = "region1"
+
+  validation {
+    condition     = contains(["region1", "region2"], var.initial_write_region)
+    error_message = "initial_write_region must be region1 or region2."
+  }
 }
 
 variable "kafka_acl_bootstrap" {
@@ -197,7 +224,7 @@ variable "kafka_acl_bootstrap" {
 
 variable "backend" {
   type        = map(string)
-  description = "Where the Write/Read APIs run per region (keys region1, region2): eks (pods behind TargetGroupBinding) or lambda (functions behind the same ALB). The relay always runs on EKS; Region 2's apply follows region2_apply_mode."
+  description = "Where the Write/Read APIs run per region (keys region1, region2): eks (pods behind TargetGroupBinding) or lambda (functions behind the same ALB). The relays always run on EKS; Region 2's consumer follows region2_apply_mode."
   default = {
     region1 = "eks"
     region2 = "eks"
@@ -211,7 +238,7 @@ variable "backend" {
 
 variable "region2_apply_mode" {
   type        = string
-  description = "What applies Kafka's change events to Region 2: eks (the tandem-region2-consumer pod, one elected replica) or lambda (tandem-region2-apply-lambda behind a Kafka event source mapping, modules/lambda_kafka). In lambda mode, render the Region 2 overlay with eks/components/region2-apply-lambda so the pod does not run (docs/deploy.md)."
+  description = "What applies Region 1's change events to Region 2: eks (the tandem-region2-consumer pod, one elected replica) or lambda (tandem-region2-apply-lambda behind a Kafka event source mapping, modules/lambda_kafka). In lambda mode, render the Region 2 overlay with eks/components/region2-apply-lambda so the pod does not run (docs/deploy.md). Region 1's consumer always runs as a pod."
   default     = "eks"
 
   validation {
@@ -246,12 +273,12 @@ variable "global_hostname" {
 
 variable "write_hostname" {
   type        = string
-  description = "Host name that always reaches Region 1, e.g. write.tandem.example.com."
+  description = "Write host name, e.g. write.tandem.example.com: a failover record that follows the write region (each region's GET /leader), an optimisation only, since either region's Write API accepts writes."
 }
 
 variable "region_hostnames" {
   type        = map(string)
-  description = "Per-region host names keyed region1 and region2."
+  description = "Per-region host names keyed region1 and region2. Each region's Write and Read APIs reach the other's through its name (TANDEM_WRITE_FORWARD_URL, TANDEM_PRIMARY_READ_URL)."
 }
 
 ################################################################################

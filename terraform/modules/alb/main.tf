@@ -15,8 +15,12 @@ locals {
   # case-sensitive, like the services' routes.
   internal_paths = ["/metrics", "/metrics/*"]
 
-  # try(): the write target group does not exist in a read-only region.
-  write_target_group_arn = var.backend == "eks" ? try(aws_lb_target_group.pods["write"].arn, null) : lookup(var.lambda_target_group_arns, "write", null)
+  # Operator paths of the Write API that are reads (GET) but must reach it.
+  write_paths = ["/leader"]
+
+  # Every region serves writes: the write region applies them, a follower
+  # forwards them to the write region's Write API.
+  write_target_group_arn = var.backend == "eks" ? aws_lb_target_group.pods["write"].arn : lookup(var.lambda_target_group_arns, "write", null)
   read_target_group_arn  = var.backend == "eks" ? aws_lb_target_group.pods["read"].arn : lookup(var.lambda_target_group_arns, "read", null)
 }
 
@@ -227,7 +231,7 @@ resource "aws_lb" "this" {
 
 resource "aws_lb_target_group" "pods" {
   # checkov:skip=CKV_AWS_378:TLS terminates at the ALB; traffic from the ALB to the pods is plain, unencrypted HTTP inside the VPC (the pods serve no TLS), limited to the service port by the ALB and pod security groups and by the pods' NetworkPolicy.
-  for_each = toset(var.serve_writes ? ["write", "read"] : ["read"])
+  for_each = toset(["write", "read"])
 
   name                 = "${var.name}-${each.key}"
   target_type          = "ip"
@@ -280,9 +284,8 @@ resource "aws_lb_listener" "https" {
   ssl_policy        = "ELBSecurityPolicy-TLS13-1-2-2021-06"
   certificate_arn   = var.certificate_arn
 
-  # Every other method (and, in a read-only region, the write methods too) goes to
-  # the Read API, which answers with the contract's 405 /problems/method-not-allowed
-  # and an Allow header.
+  # Every other method goes to the Read API, which answers with the contract's
+  # 405 /problems/method-not-allowed and an Allow header.
   default_action {
     type             = "forward"
     target_group_arn = local.read_target_group_arn
@@ -326,11 +329,31 @@ resource "aws_lb_listener_rule" "internal_paths" {
   tags = var.tags
 }
 
-# Only in the region that serves writes; elsewhere writes fall through to the
-# default action (the Read API answers 405).
-resource "aws_lb_listener_rule" "write" {
-  count = var.serve_writes ? 1 : 0
+# GET /leader is the Write API's answer to "is this region the write region
+# right now" (200 if so and not fenced, 503 otherwise): the Route 53 health
+# checks of the write record probe it through this load balancer, so it must
+# reach the Write API, not the Read API the method rule below would pick.
+resource "aws_lb_listener_rule" "leader" {
+  listener_arn = aws_lb_listener.https.arn
+  priority     = 5
 
+  condition {
+    path_pattern {
+      values = local.write_paths
+    }
+  }
+
+  action {
+    type             = "forward"
+    target_group_arn = local.write_target_group_arn
+  }
+
+  tags = var.tags
+}
+
+# Both regions: the write region applies writes, a follower's Write API
+# forwards them to it.
+resource "aws_lb_listener_rule" "write" {
   listener_arn = aws_lb_listener.https.arn
   priority     = 10
 
@@ -369,6 +392,16 @@ resource "aws_lb_listener_rule" "read" {
 ################################################################################
 # WAF
 ################################################################################
+
+# The other region's NAT gateway addresses (may be empty).
+resource "aws_wafv2_ip_set" "peer_region" {
+  name               = "${var.name}-peer-region"
+  description        = "Egress addresses of the other Tandem region (its forwarded writes)"
+  scope              = "REGIONAL"
+  ip_address_version = "IPV4"
+  addresses          = [for ip in var.rate_limit_exempt_ips : "${ip}/32"]
+  tags               = var.tags
+}
 
 resource "aws_wafv2_web_acl" "this" {
   name        = var.name
@@ -477,6 +510,19 @@ resource "aws_wafv2_web_acl" "this" {
       rate_based_statement {
         limit              = var.rate_limit_per_5_minutes
         aggregate_key_type = "IP"
+
+        # Not the other region's egress: its Write API forwards every write of
+        # its clients from a few NAT addresses; those clients were rate-limited
+        # where they came in.
+        scope_down_statement {
+          not_statement {
+            statement {
+              ip_set_reference_statement {
+                arn = aws_wafv2_ip_set.peer_region.arn
+              }
+            }
+          }
+        }
       }
     }
 

@@ -39,15 +39,9 @@ variable "backend" {
   }
 }
 
-variable "serve_writes" {
-  type        = bool
-  description = "Forward POST/PUT/PATCH/DELETE to the Write target. false (Region 2, read-only): they reach the Read API, which answers 405 /problems/method-not-allowed as the API contract specifies."
-  default     = true
-}
-
 variable "lambda_target_group_arns" {
   type        = map(string)
-  description = "Lambda target group ARNs keyed write and read; required when backend is lambda (write only when serve_writes)."
+  description = "Lambda target group ARNs keyed write and read; required when backend is lambda."
   default     = {}
 }
 
@@ -72,6 +66,12 @@ variable "rate_limit_per_5_minutes" {
   type        = number
   description = "Requests per client IP per five minutes before WAF blocks it."
   default     = 3000
+}
+
+variable "rate_limit_exempt_ips" {
+  type        = list(string)
+  description = "IPv4 addresses (no prefix) the per-IP rate limit does not count: the other region's NAT gateways, from which its Write API forwards writes to this region."
+  default     = []
 }
 
 variable "kms_key_arn" {

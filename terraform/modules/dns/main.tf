@@ -151,27 +151,76 @@ resource "aws_route53_record" "global" {
 }
 
 ################################################################################
-# Write record: primary only
+# Leader health checks
 #
-# There is no secondary: Region 2 cannot accept writes. With only a primary,
-# Route 53 keeps answering with Region 1 even while it is unhealthy, so clients
-# get Region 1's own error rather than NXDOMAIN.
+# Each region's GET /leader, over HTTPS on its own host name: the ALB routes
+# that path to the Write API (modules/alb), which answers 200 only while its
+# region is the write region and not fenced, 503 otherwise. So at most one is
+# healthy; the follower's is unhealthy by design (alarm on "neither healthy",
+# not on either one).
+################################################################################
+
+resource "aws_route53_health_check" "leader" {
+  for_each = local.regions
+
+  type              = "HTTPS"
+  fqdn              = var.region_hostnames[each.key]
+  port              = 443
+  resource_path     = var.leader_health_check_path
+  enable_sni        = true
+  failure_threshold = var.leader_health_check_failure_threshold
+  request_interval  = var.leader_health_check_interval_seconds
+
+  tags = merge(var.tags, { Name = "tandem-${each.key}-leader" })
+}
+
+################################################################################
+# Write record: failover that follows the write region
+#
+# PRIMARY Region 1, SECONDARY Region 2, each with its region's leader health
+# check: Route 53 answers with Region 1 while it is the write region, with
+# Region 2 while Region 1 is not and Region 2 is, and with Region 1 when
+# neither is (mid-switchover, or both fenced).
+#
+# Routing here is an optimisation, not correctness: either region's Write API
+# accepts every write (a follower forwards it to the write region's), so a
+# stale answer (DNS caches, the TTL, the health checks' own delay) costs one
+# inter-region round trip, never a wrong or lost write. And the health checks
+# only steer traffic; nothing here promotes a region: the write region moves
+# only when an operator runs `tandem switchover` (docs/deploy.md).
+#
+# evaluate_target_health is off: /leader goes through the same ALB to the same
+# Write API targets, so the health check already says what the target health
+# would, and the record should follow the write region, nothing else.
 ################################################################################
 
 resource "aws_route53_record" "write" {
+  for_each = local.regions
+
   zone_id         = data.aws_route53_zone.this.zone_id
   name            = var.write_hostname
   type            = "A"
-  set_identifier  = "region1"
-  health_check_id = aws_route53_health_check.region["region1"].id
+  set_identifier  = each.key
+  health_check_id = aws_route53_health_check.leader[each.key].id
 
   failover_routing_policy {
-    type = "PRIMARY"
+    type = each.key == "region1" ? "PRIMARY" : "SECONDARY"
   }
 
   alias {
-    name                   = var.load_balancers["region1"].dns_name
-    zone_id                = var.load_balancers["region1"].zone_id
-    evaluate_target_health = true
+    name                   = var.load_balancers[each.key].dns_name
+    zone_id                = var.load_balancers[each.key].zone_id
+    evaluate_target_health = false
   }
+}
+
+################################################################################
+# Addresses before the failover write record
+################################################################################
+
+# The single primary-only record was Region 1's; the same record (name, set
+# identifier) is now the PRIMARY of the pair.
+moved {
+  from = aws_route53_record.write
+  to   = aws_route53_record.write["region1"]
 }

@@ -11,13 +11,18 @@ output "health_check_ids" {
   value       = { for region, check in aws_route53_health_check.region : region => check.id }
 }
 
+output "leader_health_check_ids" {
+  description = "Route 53 health check ID per region of GET /leader (the write record's); only the write region's is healthy."
+  value       = { for region, check in aws_route53_health_check.leader : region => check.id }
+}
+
 output "global_endpoint" {
   description = "Global HTTPS endpoint (failover between the regions)."
   value       = "https://${var.global_hostname}"
 }
 
 output "write_endpoint" {
-  description = "HTTPS endpoint that always reaches Region 1."
+  description = "HTTPS endpoint of writes (follows the write region; either region accepts writes)."
   value       = "https://${var.write_hostname}"
 }
 

@@ -5,12 +5,12 @@ variable "zone_name" {
 
 variable "global_hostname" {
   type        = string
-  description = "Global API host name (reads and writes; fails over to Region 2, where writes answer 503), e.g. api.tandem.example.com."
+  description = "Global API host name (reads and writes; fails over from Region 1 to Region 2 on Region 1's /readyz), e.g. api.tandem.example.com."
 }
 
 variable "write_hostname" {
   type        = string
-  description = "Write host name, always answered by Region 1 (primary-only record), e.g. write.tandem.example.com."
+  description = "Write host name, a failover record on the regions' GET /leader: Region 1 while it is the write region, Region 2 while it is, e.g. write.tandem.example.com."
 }
 
 variable "region_hostnames" {
@@ -50,6 +50,29 @@ variable "health_check_interval_seconds" {
 
   validation {
     condition     = contains([10, 30], var.health_check_interval_seconds)
+    error_message = "Route 53 supports 10 or 30 seconds."
+  }
+}
+
+variable "leader_health_check_path" {
+  type        = string
+  description = "Path probed by the write record's health checks: the Write API's GET /leader (200 only in the write region)."
+  default     = "/leader"
+}
+
+variable "leader_health_check_failure_threshold" {
+  type        = number
+  description = "Consecutive probes that must agree before a region's leader check changes state (both ways)."
+  default     = 2
+}
+
+variable "leader_health_check_interval_seconds" {
+  type        = number
+  description = "Seconds between the leader probes from each checker: 10 (the default, billed extra) moves the write record about 20 s after a switchover, 30 about a minute."
+  default     = 10
+
+  validation {
+    condition     = contains([10, 30], var.leader_health_check_interval_seconds)
     error_message = "Route 53 supports 10 or 30 seconds."
   }
 }

@@ -47,7 +47,7 @@ resource "random_password" "auth" {
 }
 
 resource "aws_secretsmanager_secret" "auth" {
-  # checkov:skip=CKV2_AWS_57:Rotation is not enabled: no rotation function is configured (Secrets Manager has none for ElastiCache AUTH tokens). The operator must rotate by hand as docs/deploy.md section 15 says: replace random_password.auth and apply, restart the workloads, then modify the replication group with the SET strategy, until which the old token stays valid.
+  # checkov:skip=CKV2_AWS_57:Rotation is not enabled: no rotation function is configured (Secrets Manager has none for ElastiCache AUTH tokens). The operator must rotate by hand as docs/deploy.md section 16 says: replace random_password.auth and apply, restart the workloads, then modify the replication group with the SET strategy, until which the old token stays valid.
   name                    = "${var.name}/redis/auth-token"
   description             = "AUTH token of the ElastiCache replication group ${var.name}"
   kms_key_id              = var.kms_key_arn

@@ -1,15 +1,20 @@
 ################################################################################
 # Amazon MSK in Region 1, reached from Region 2 over VPC peering
 #
-# Why one cluster and peering rather than MSK Replicator: Region 2 only runs a
-# consumer of one topic, and every event is produced in Region 1. Replicator
-# would need a second three-broker cluster in Region 2 plus the replicator's
-# hourly and per-GB charges, requires IAM access control on both clusters
-# (the services use SASL/SCRAM), and renames or re-offsets topics, so the
-# consumer's offsets would not carry over anyway. If Region 1 is down nothing
-# is being written, so a Region 2 copy of the log would not keep Region 2
-# fresher. The cost of the choice: the consumer's traffic crosses regions
-# (inter-region transfer), and it depends on the peering connection.
+# Both directions use this one cluster: each region's relay publishes its
+# outbox to its own topic (tandem.documents for Region 1, tandem.documents.region2
+# for Region 2) and the other region's consumer reads it. Region 2's relay and
+# consumer reach the brokers across the peering.
+#
+# Why one cluster and peering rather than MSK Replicator: Replicator would need
+# a second three-broker cluster in Region 2 plus the replicator's hourly and
+# per-GB charges, requires IAM access control on both clusters (the services
+# use SASL/SCRAM), and renames or re-offsets topics, so the consumers' offsets
+# would not carry over anyway. The cost of the choice: Region 2's Kafka
+# traffic crosses regions (inter-region transfer), it depends on the peering
+# connection, and while Region 1 is down Region 2's writes wait in its outbox
+# (the transactional outbox keeps them; its relay publishes them once the
+# brokers are back).
 ################################################################################
 
 data "aws_caller_identity" "current" {}
@@ -152,8 +157,8 @@ resource "aws_msk_cluster" "this" {
 #
 # MSK reads SCRAM users only from secrets whose name starts with AmazonMSK_ and
 # that are encrypted with a customer managed key. One user per workload (relay,
-# consumer) and one, admin, that only manages the ACLs (Alter on the cluster);
-# no workload role may read the admin secret.
+# consumer, per direction) and one, admin, that only manages the ACLs (Alter on
+# the cluster); no workload role may read the admin secret.
 ################################################################################
 
 resource "random_password" "scram" {
@@ -164,7 +169,7 @@ resource "random_password" "scram" {
 }
 
 resource "aws_secretsmanager_secret" "scram" {
-  # checkov:skip=CKV2_AWS_57:Rotation is not enabled: no rotation function is configured (MSK provides none for SCRAM secrets). The operator must rotate by hand as docs/deploy.md section 15 says: replace random_password.scram for the user, apply, then restart the workload, which reads the secret only when it creates a Kafka client.
+  # checkov:skip=CKV2_AWS_57:Rotation is not enabled: no rotation function is configured (MSK provides none for SCRAM secrets). The operator must rotate by hand as docs/deploy.md section 16 says: replace random_password.scram for the user, apply, then restart the workload, which reads the secret only when it creates a Kafka client.
   for_each = toset(var.scram_users)
 
   name                    = "AmazonMSK_${var.name}_${each.key}"
@@ -173,8 +178,8 @@ resource "aws_secretsmanager_secret" "scram" {
   recovery_window_in_days = 7
   tags                    = var.tags
 
-  # The Region 2 consumer reads its credentials from a replica in its own
-  # region: no cross-region Secrets Manager call on start-up.
+  # Region 2's consumer and relay read their credentials from a replica in
+  # their own region: no cross-region Secrets Manager call on start-up.
   dynamic "replica" {
     for_each = var.replica_region != null && contains(var.replicated_users, each.key) ? [var.replica_region] : []
 

@@ -44,8 +44,8 @@ variable "broker_volume_size_gib" {
 
 variable "scram_users" {
   type        = list(string)
-  description = "SASL/SCRAM users to create, one per workload that talks to Kafka (relay, consumer) plus admin, the principal that manages the Kafka ACLs. Each gets its own AmazonMSK_ secret and the user name tandem-<user>."
-  default     = ["relay", "consumer", "admin"]
+  description = "SASL/SCRAM users to create, one per workload and region that talks to Kafka (relay and consumer-region1 in Region 1, relay-region2 and consumer in Region 2; the first two names predate the second direction) plus admin, the principal that manages the Kafka ACLs. Each gets its own AmazonMSK_ secret and the user name tandem-<user>."
+  default     = ["relay", "consumer", "relay-region2", "consumer-region1", "admin"]
 
   validation {
     condition     = contains(var.scram_users, "admin")
@@ -74,7 +74,7 @@ variable "max_message_bytes" {
 
 variable "replica_region" {
   type        = string
-  description = "Region that gets read-only replicas of the SCRAM secrets listed in replicated_users (Region 2, where the consumer runs and reads its secret through its own VPC endpoint). null: no replicas."
+  description = "Region that gets read-only replicas of the SCRAM secrets listed in replicated_users (Region 2, where its consumer and relay run and read their secrets through its own VPC endpoint). null: no replicas."
   default     = null
 }
 
@@ -87,7 +87,7 @@ variable "replica_kms_key_arn" {
 variable "replicated_users" {
   type        = list(string)
   description = "SCRAM users whose secret is replicated to replica_region."
-  default     = ["consumer"]
+  default     = ["consumer", "relay-region2"]
 }
 
 variable "kms_key_arn" {

@@ -1,17 +1,26 @@
-variable "topic" {
-  type        = string
-  description = "Topic of the document events (KAFKA_TOPIC of the relay and the consumer), e.g. tandem.documents."
+variable "streams" {
+  type = map(object({
+    topic              = string
+    relay_principal    = string
+    consumer_principal = string
+    consumer_group     = string
+  }))
+  description = "One stream per direction, keyed by the region whose outbox the topic carries (region1, region2): the topic (KAFKA_TOPIC of that region's relay and of the other region's consumer), the principal of the relay that writes it and of the consumer that reads it (User:<SCRAM user name>), and that consumer's group (its KAFKA_GROUP_ID)."
 
   validation {
-    condition     = can(regex("^[A-Za-z0-9._-]{1,249}$", var.topic))
-    error_message = "topic must be a Kafka topic name (letters, digits, '.', '_', '-')."
+    condition     = alltrue([for stream in values(var.streams) : can(regex("^[A-Za-z0-9._-]{1,249}$", stream.topic))])
+    error_message = "every topic must be a Kafka topic name (letters, digits, '.', '_', '-')."
   }
-}
 
-variable "consumer_group" {
-  type        = string
-  description = "Consumer group of the Region 2 consumer (KAFKA_GROUP_ID in eks/base/region2-consumer)."
-  default     = "tandem-region2"
+  validation {
+    condition     = alltrue([for stream in values(var.streams) : startswith(stream.relay_principal, "User:") && startswith(stream.consumer_principal, "User:")])
+    error_message = "relay_principal and consumer_principal must look like User:<name>."
+  }
+
+  validation {
+    condition     = length(distinct([for stream in values(var.streams) : stream.topic])) == length(var.streams)
+    error_message = "each stream needs its own topic."
+  }
 }
 
 variable "admin_principal" {
@@ -21,25 +30,5 @@ variable "admin_principal" {
   validation {
     condition     = startswith(var.admin_principal, "User:")
     error_message = "admin_principal must look like User:<name>."
-  }
-}
-
-variable "relay_principal" {
-  type        = string
-  description = "Principal of the outbox relay, the topic's only producer (User:<SCRAM user name>)."
-
-  validation {
-    condition     = startswith(var.relay_principal, "User:")
-    error_message = "relay_principal must look like User:<name>."
-  }
-}
-
-variable "consumer_principal" {
-  type        = string
-  description = "Principal of the Region 2 consumer, the topic's only reader (User:<SCRAM user name>)."
-
-  validation {
-    condition     = startswith(var.consumer_principal, "User:")
-    error_message = "consumer_principal must look like User:<name>."
   }
 }

@@ -3,20 +3,22 @@
 #
 # Everything a region runs on its own: key, network, EKS cluster, PostgreSQL,
 # Redis, the workloads' IRSA roles, the Lambda functions of Lambda mode and the
-# load balancer. terraform/deployments/tandem instantiates it twice:
+# load balancer. terraform/deployments/tandem instantiates it twice, the same
+# way: both regions run the Write API, the Read API, the outbox relay (which
+# publishes this region's outbox to its own topic) and the consumer (which
+# applies the other region's topic). Which region takes writes is not decided
+# here: it is the write region recorded in both databases, moved by
+# `tandem switchover`; a follower's Write API forwards writes to the other
+# region's (write_function_environment, the EKS overlays).
 #
-# * role "primary" (Region 1): Write and Read APIs, the outbox relay's role;
-#   its ALB serves writes.
-# * role "replica" (Region 2): Read API in replica mode, the consumer's role,
-#   and optionally the apply as a Lambda function fed by Kafka (apply_lambda);
-#   its ALB answers writes with 405.
+# Optionally the consumer runs as a Lambda function fed by Kafka
+# (apply_lambda).
 #
 # What spans both regions stays in the deployment: MSK (Region 1, with secrets
 # replicated to Region 2), ECR replication, the VPC peering and Route 53.
 ################################################################################
 
 locals {
-  primary      = var.role == "primary"
   lambda       = var.backend == "lambda"
   apply_lambda = var.apply_lambda != null
 
@@ -28,7 +30,7 @@ locals {
 
   # The Lambda functions that reach the RDS Proxy and Redis, keyed by role.
   proxy_clients = merge(
-    local.lambda && local.primary ? { write = module.lambda_write[0].security_group_id } : {},
+    local.lambda ? { write = module.lambda_write[0].security_group_id } : {},
     local.lambda ? { read = module.lambda_read[0].security_group_id } : {},
     local.apply_lambda ? { apply = module.lambda_apply[0].security_group_id } : {},
   )
@@ -127,9 +129,10 @@ module "iam" {
   kms_key_arn       = module.kms.key_arn
   tags              = var.tags
 
-  # The APIs, and the workload that talks to Kafka: the relay in the primary,
-  # the consumer in the replica.
-  workloads = local.primary ? {
+  # The same four in every region; the relay and the consumer each read their
+  # own Kafka user's secret (one user per region and direction, so a relay can
+  # write only its own region's topic).
+  workloads = {
     write = {
       service_account = var.service_accounts.write
       secret_arns     = [module.rds.app_secret_arn, module.elasticache.auth_secret_arn]
@@ -140,23 +143,17 @@ module "iam" {
     }
     relay = {
       service_account = var.service_accounts.relay
-      secret_arns     = [module.rds.app_secret_arn, var.kafka_secret_arn]
-    }
-    } : {
-    read = {
-      service_account = var.service_accounts.read
-      secret_arns     = [module.rds.app_secret_arn, module.elasticache.auth_secret_arn]
+      secret_arns     = [module.rds.app_secret_arn, var.kafka_secret_arns.relay]
     }
     consumer = {
       service_account = var.service_accounts.consumer
-      secret_arns     = [module.rds.app_secret_arn, module.elasticache.auth_secret_arn, var.kafka_secret_arn]
+      secret_arns     = [module.rds.app_secret_arn, module.elasticache.auth_secret_arn, var.kafka_secret_arns.consumer]
     }
   }
 }
 
 ################################################################################
-# Lambda mode: Write (primary only) and Read functions behind the ALB, through
-# RDS Proxy
+# Lambda mode: Write and Read functions behind the ALB, through RDS Proxy
 ################################################################################
 
 locals {
@@ -174,12 +171,12 @@ locals {
 
 module "lambda_write" {
   source = "../lambda"
-  count  = local.lambda && local.primary ? 1 : 0
+  count  = local.lambda ? 1 : 0
 
   function_name = "${var.name}-write"
   description   = "Tandem Write API (${local.label})"
   zip_path      = var.lambda_zip_paths["write"]
-  environment = merge(var.function_environment, var.api_environment, local.region_environment, {
+  environment = merge(var.function_environment, var.api_environment, var.write_function_environment, local.region_environment, {
     TANDEM_MIGRATE_ON_START = "true"
   })
   vpc_id                     = module.network.vpc_id
@@ -198,7 +195,7 @@ module "lambda_read" {
   count  = local.lambda ? 1 : 0
 
   function_name = "${var.name}-read"
-  description   = local.primary ? "Tandem Read API (${local.label})" : "Tandem Read API (${local.label} replica)"
+  description   = "Tandem Read API (${local.label})"
   zip_path      = var.lambda_zip_paths["read"]
   environment = merge(var.function_environment, var.api_environment, var.read_function_environment, local.region_environment, {
     TANDEM_MIGRATE_ON_START = "false"
@@ -215,14 +212,14 @@ module "lambda_read" {
 }
 
 ################################################################################
-# The replica's apply as a Lambda function (apply_lambda set)
+# The consumer as a Lambda function (apply_lambda set)
 #
-# A self-managed Kafka event source mapping in this region reads the MSK topic
-# in Region 1 across the peering, as the consumer SCRAM user, in the consumer
-# pod's group; the function applies each batch to this region's PostgreSQL
-# (through the RDS Proxy) and Redis. In this mode the pod must not run: render
-# the Region 2 overlay with eks/components/region2-apply-lambda
-# (docs/deploy.md).
+# A self-managed Kafka event source mapping in this region reads the other
+# region's MSK topic (across the peering from Region 2), as this region's
+# consumer SCRAM user, in the consumer pod's group; the function applies each
+# batch to this region's PostgreSQL (through the RDS Proxy) and Redis. In this
+# mode the pod must not run: render the overlay with
+# eks/components/region2-apply-lambda (docs/deploy.md).
 ################################################################################
 
 module "lambda_apply" {
@@ -230,7 +227,7 @@ module "lambda_apply" {
   count  = local.apply_lambda ? 1 : 0
 
   function_name = "${var.name}-apply"
-  description   = "Tandem ${local.label} apply (Kafka change events to ${local.label}'s PostgreSQL and Redis)"
+  description   = "Tandem ${local.label} apply (the other region's Kafka change events to ${local.label}'s PostgreSQL and Redis)"
   zip_path      = var.lambda_zip_paths["apply"]
   environment = merge(var.function_environment, local.region_environment, {
     KAFKA_TOPIC            = var.apply_lambda.topic
@@ -267,13 +264,13 @@ module "alb" {
   public_subnet_ids     = module.network.public_subnet_ids
   certificate_arn       = var.certificate_arn
   backend               = var.backend
-  serve_writes          = local.primary
   pod_security_group_id = module.eks.cluster_security_group_id
-  lambda_target_group_arns = merge(
-    local.lambda && local.primary ? { write = module.lambda_write[0].target_group_arn } : {},
-    local.lambda ? { read = module.lambda_read[0].target_group_arn } : {},
-  )
-  deletion_protection = var.deletion_protection
-  kms_key_arn         = module.kms.key_arn
-  tags                = var.tags
+  lambda_target_group_arns = local.lambda ? {
+    write = module.lambda_write[0].target_group_arn
+    read  = module.lambda_read[0].target_group_arn
+  } : {}
+  rate_limit_exempt_ips = var.peer_egress_ips
+  deletion_protection   = var.deletion_protection
+  kms_key_arn           = module.kms.key_arn
+  tags                  = var.tags
 }

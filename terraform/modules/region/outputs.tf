@@ -22,6 +22,11 @@ output "private_route_table_ids" {
   value       = module.network.private_route_table_ids
 }
 
+output "nat_public_ips" {
+  description = "Public IPs of the NAT gateways: where this region's calls to the other region's load balancer come from."
+  value       = module.network.nat_public_ips
+}
+
 output "eks_cluster_name" {
   description = "Name of the EKS cluster."
   value       = module.eks.cluster_name
@@ -33,7 +38,7 @@ output "lb_controller_role_arn" {
 }
 
 output "workload_role_arns" {
-  description = "IRSA role ARN per workload (write, read, relay in the primary; read, consumer in the replica)."
+  description = "IRSA role ARN per workload (write, read, relay, consumer)."
   value       = module.iam.role_arns
 }
 
@@ -95,7 +100,7 @@ output "pod_target_group_arns" {
 ################################################################################
 
 output "write_function_name" {
-  description = "Name of the Write function (primary in Lambda mode; null otherwise)."
+  description = "Name of the Write function (Lambda mode; null otherwise)."
   value       = one(module.lambda_write[*].function_name)
 }
 

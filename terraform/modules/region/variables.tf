@@ -12,16 +12,6 @@ variable "key" {
   }
 }
 
-variable "role" {
-  type        = string
-  description = "primary (Region 1: serves writes, runs the Write API and the outbox relay) or replica (Region 2: reads only, runs the consumer or the apply function)."
-
-  validation {
-    condition     = contains(["primary", "replica"], var.role)
-    error_message = "role must be primary or replica."
-  }
-}
-
 variable "name" {
   type        = string
   description = "Prefix of the region's resource names, e.g. tandem-region1 (EKS cluster, database, cache, load balancer, functions)."
@@ -111,7 +101,7 @@ variable "service_accounts" {
     relay    = string
     consumer = string
   })
-  description = "Kubernetes service accounts of the workloads (eks/base), which their IRSA roles trust: write, read and relay in the primary, read and consumer in the replica."
+  description = "Kubernetes service accounts of the workloads (eks/base), which their IRSA roles trust: write, read, relay and consumer, in every region."
 }
 
 ################################################################################
@@ -143,9 +133,12 @@ variable "redis_num_cache_clusters" {
   description = "Redis nodes (2+ enables automatic failover)."
 }
 
-variable "kafka_secret_arn" {
-  type        = string
-  description = "SCRAM secret (in this region) of the workload that talks to Kafka, which its IRSA role may read: the relay's in the primary, the replica of the consumer's in the replica."
+variable "kafka_secret_arns" {
+  type = object({
+    relay    = string
+    consumer = string
+  })
+  description = "SCRAM secrets (in this region; an ARN or an ARN pattern) of this region's relay (publishes this region's topic) and consumer (reads the other region's topic), which their IRSA roles may read."
 }
 
 ################################################################################
@@ -157,13 +150,19 @@ variable "certificate_arn" {
   description = "ACM certificate (in this region) of the HTTPS listener."
 }
 
+variable "peer_egress_ips" {
+  type        = list(string)
+  description = "Public IPv4 addresses of the other region's NAT gateways: its forwarded writes arrive from them, so the WAF rate limit does not count them (its clients are rate-limited where they come in)."
+  default     = []
+}
+
 ################################################################################
 # Lambda mode
 ################################################################################
 
 variable "backend" {
   type        = string
-  description = "Where the Write/Read APIs run: eks (pods behind TargetGroupBinding) or lambda (functions behind the same ALB; the Write function in the primary only)."
+  description = "Where the Write/Read APIs run: eks (pods behind TargetGroupBinding) or lambda (functions behind the same ALB)."
 
   validation {
     condition     = contains(["eks", "lambda"], var.backend)
@@ -186,9 +185,15 @@ variable "api_environment" {
   description = "Environment the Write and Read functions add to function_environment (token validation)."
 }
 
+variable "write_function_environment" {
+  type        = map(string)
+  description = "Environment only the Write function adds (the other region's Write API a follower forwards to, the initial write region)."
+  default     = {}
+}
+
 variable "read_function_environment" {
   type        = map(string)
-  description = "Environment only the Read function adds (the replica's consistency wait, primary read URL and lag threshold)."
+  description = "Environment only the Read function adds (the consistency wait, the other region's Read API and the lag threshold, used while this region is a follower)."
   default     = {}
 }
 
@@ -201,6 +206,6 @@ variable "apply_lambda" {
     consumer_group     = string
     scram_secret_arn   = string
   })
-  description = "Replica only: run the apply as a Lambda function behind a Kafka event source mapping (modules/lambda_kafka) reading these SASL/SCRAM bootstrap brokers (in these CIDRs), topic (with this many partitions) and consumer group, as the SCRAM user of this secret (in this region). null: the consumer pod applies."
+  description = "Run the consumer as a Lambda function behind a Kafka event source mapping (modules/lambda_kafka) reading these SASL/SCRAM bootstrap brokers (in these CIDRs), topic (the other region's, with this many partitions) and consumer group, as the SCRAM user of this secret (in this region). null: the consumer pod applies."
   default     = null
 }
