@@ -106,11 +106,7 @@ EXCLUDED = {
 # Announced: variables a binary is about to read, which a deployment sets ahead of the code
 # (binary -> {variable: why}). Each counts as an optional read of that binary while its sources do
 # not read it; once they do, load() fails loudly, so the entry is removed rather than forgotten.
-ANNOUNCED: dict[str, dict[str, str]] = {
-    "tandem-write": {
-        "TANDEM_WRITE_FORWARD_URL": "issue 13: the other region's Write API, where a follower forwards writes",
-    },
-}
+ANNOUNCED: dict[str, dict[str, str]] = {}
 
 # aws-config (Secrets Manager, RDS IAM tokens) reads these in every binary.
 AWS_SDK_ENV = (
