@@ -529,10 +529,16 @@ impl Relay {
             anyhow::bail!("the topic's partitions are not known yet");
         }
         let time = outbox::heartbeat_time(&self.pool).await?;
+        // The role rides along, so the other region learns of a newer write epoch even when
+        // no write flows (the role is read after the time: it is at least as new).
+        let role = tandem_store::roles::current(&self.pool).await?;
         let region = &self.settings.service.region;
         let mut deliveries = Vec::with_capacity(partitions.len());
         for &partition in partitions {
-            let heartbeat = Heartbeat::new(region, time, partition);
+            let mut heartbeat = Heartbeat::new(region, time, partition);
+            if let Some(role) = &role {
+                heartbeat = heartbeat.with_write_role(&role.write_region, role.write_epoch);
+            }
             let payload = heartbeat.encode();
             let headers = EventHeaders::heartbeat(heartbeat.id).encode();
             let record = FutureRecord::to(&self.settings.kafka.topic)

@@ -360,6 +360,13 @@ pub struct Heartbeat {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeartbeatData {
     pub partition: i32,
+    /// The write region and write epoch the sending region's database records (absent from
+    /// relays before them, and from a database without a role): a region that learns of a
+    /// newer write epoch this way stops taking writes even when no write flows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writeregion: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writeepoch: Option<i64>,
 }
 
 impl Heartbeat {
@@ -372,8 +379,20 @@ impl Heartbeat {
             time,
             subject: format!("heartbeat/{partition}"),
             datacontenttype: "application/json".to_owned(),
-            data: HeartbeatData { partition },
+            data: HeartbeatData {
+                partition,
+                writeregion: None,
+                writeepoch: None,
+            },
         }
+    }
+
+    /// The write region and epoch the sender's database records.
+    #[must_use]
+    pub fn with_write_role(mut self, write_region: &str, write_epoch: i64) -> Self {
+        self.data.writeregion = Some(write_region.to_owned());
+        self.data.writeepoch = Some(write_epoch);
+        self
     }
 
     pub fn encode(&self) -> Vec<u8> {
