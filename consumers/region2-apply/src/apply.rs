@@ -19,7 +19,7 @@ use tandem_store::cache::{Cache, CacheError, Entry};
 use tandem_store::documents::StoreError;
 use tandem_store::leader::Fence;
 use tandem_store::replica::{
-    self, ApplyTx, DeadLetter, EventColumns, Planned, Position, StatesApplied,
+    self, ApplyTx, DeadLetter, EventColumns, Planned, Position, Quarantined, StatesApplied,
 };
 use time::OffsetDateTime;
 
@@ -264,6 +264,9 @@ pub enum Outcome {
     /// schema version newer than this consumer reads (a relay upgraded before its consumers),
     /// or a later message of the same partition. The partition waits for an upgraded consumer.
     HeldBack(u32),
+    /// Not applied: an event of a write epoch older than this region records (the deposed
+    /// write region's lost tail), kept in `quarantined_events`.
+    Quarantined,
 }
 
 impl Outcome {
@@ -276,6 +279,7 @@ impl Outcome {
             Self::DeadLettered(_) => "dead_lettered",
             Self::Heartbeat => "heartbeat",
             Self::HeldBack(_) => "held_back",
+            Self::Quarantined => "quarantined",
         }
     }
 }
@@ -654,10 +658,12 @@ impl Applier {
                     .await?;
             }
         }
+        let superseded = self.write_epochs(&writes, batch, decoded).await?;
         let events: Vec<&ChangeEvent> = decoded
             .iter()
-            .filter_map(|d| match d {
-                Decoded::Change(event) => Some(event.as_ref()),
+            .enumerate()
+            .filter_map(|(i, d)| match d {
+                Decoded::Change(event) if !superseded.contains_key(&i) => Some(event.as_ref()),
                 _ => None,
             })
             .collect();
@@ -665,7 +671,9 @@ impl Applier {
         let mut applied = applied.into_iter();
         let outcomes: Vec<Outcome> = decoded
             .iter()
-            .map(|d| match d {
+            .enumerate()
+            .map(|(i, d)| match d {
+                Decoded::Change(_) if superseded.contains_key(&i) => superseded[&i].clone(),
                 Decoded::Change(_) => applied.next().unwrap_or(Outcome::Duplicate),
                 Decoded::Heartbeat(_) => Outcome::Heartbeat,
                 Decoded::Poison(reason) => Outcome::DeadLettered(reason.clone()),
@@ -726,6 +734,92 @@ impl Applier {
                 self.metrics
                     .observe_lag((now - event.time).as_seconds_f64().max(0.0));
             }
+        }
+        Ok(outcomes)
+    }
+
+    /// Write epochs (`tandem_store::roles`), inside the apply transaction: a write epoch newer
+    /// than this database records, on an event or a heartbeat of the other region, is learned
+    /// (this region stops taking writes, after those in flight); a change event of an older
+    /// write epoch is the deposed write region's lost tail: kept in `quarantined_events` with
+    /// its payload, never applied (or a duplicate, when it was applied before the epoch
+    /// changed). Returns those events' outcomes by batch index. Events without a write epoch
+    /// (schema version 1) and databases without a role are not checked.
+    async fn write_epochs(
+        &self,
+        writes: &ApplyTx<'_, '_>,
+        batch: &[Incoming],
+        decoded: &[Decoded],
+    ) -> Result<HashMap<usize, Outcome>, StoreError> {
+        let Some((_, mut write_region, mut epoch)) = writes.write_role().await? else {
+            return Ok(HashMap::new());
+        };
+        let newest = decoded
+            .iter()
+            .filter_map(|d| match d {
+                Decoded::Change(e) => e.originregion.as_deref().zip(e.writeepoch),
+                Decoded::Heartbeat(h) => h.data.writeregion.as_deref().zip(h.data.writeepoch),
+                _ => None,
+            })
+            .max_by_key(|(_, e)| *e);
+        if let Some((region, newer)) = newest.filter(|(_, e)| *e > epoch) {
+            writes.learn_write_role(region, newer).await?;
+            tracing::warn!(
+                write_region = region,
+                write_epoch = newer,
+                previous_write_region = write_region,
+                previous_write_epoch = epoch,
+                "the other region's stream carries a newer write epoch: recorded; this region's writes now go to the write region"
+            );
+            (write_region, epoch) = (region.to_owned(), newer);
+        }
+        let old: Vec<(usize, &ChangeEvent)> = decoded
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| match d {
+                Decoded::Change(e) if e.writeepoch.is_some_and(|w| w < epoch) => {
+                    Some((i, e.as_ref()))
+                }
+                _ => None,
+            })
+            .collect();
+        if old.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids: Vec<uuid::Uuid> = old.iter().map(|(_, e)| e.id).collect();
+        let seen = writes.applied_before(&ids).await?;
+        let mut outcomes = HashMap::new();
+        let mut kept = Vec::new();
+        for (i, event) in old {
+            if seen.contains(&event.id) {
+                outcomes.insert(i, Outcome::Duplicate);
+                continue;
+            }
+            let incoming = &batch[i];
+            kept.push(Quarantined {
+                event_id: event.id,
+                topic: &incoming.topic,
+                partition: incoming.partition,
+                offset: incoming.offset,
+                origin: event.originregion.as_deref().unwrap_or_default(),
+                write_epoch: event.writeepoch.unwrap_or_default(),
+                superseded_by: epoch,
+                collection: event.data.collection.as_str(),
+                document_id: event.data.id.as_str(),
+                version: event.data.version,
+                event_time: event.time,
+                payload: &incoming.payload,
+            });
+            outcomes.insert(i, Outcome::Quarantined);
+        }
+        if !kept.is_empty() {
+            writes.quarantine(&kept).await?;
+            tracing::warn!(
+                events = kept.len(),
+                write_region,
+                write_epoch = epoch,
+                "events of a superseded write epoch quarantined (the deposed write region's lost tail): see `tandem lost-writes`"
+            );
         }
         Ok(outcomes)
     }

@@ -130,6 +130,79 @@ pub struct DeadLetter<'a> {
     pub reason: &'a str,
 }
 
+/// An event of a superseded write epoch, kept unapplied ([`ApplyTx::quarantine`]).
+pub struct Quarantined<'a> {
+    pub event_id: uuid::Uuid,
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub origin: &'a str,
+    pub write_epoch: i64,
+    pub superseded_by: i64,
+    pub collection: &'a str,
+    pub document_id: &'a str,
+    pub version: i64,
+    pub event_time: OffsetDateTime,
+    pub payload: &'a [u8],
+}
+
+/// A quarantined event, for the operator (`tandem lost-writes`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LostWrite {
+    pub event_id: uuid::Uuid,
+    pub origin: String,
+    pub write_epoch: i64,
+    pub superseded_by: i64,
+    pub collection: String,
+    pub document_id: String,
+    pub version: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub event_time: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub quarantined_at: OffsetDateTime,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// The original event, as the relay published it.
+    pub payload: serde_json::Value,
+}
+
+/// Every quarantined event, oldest write first.
+pub async fn lost_writes(pool: &Pool) -> Result<Vec<LostWrite>, StoreError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT event_id, origin, write_epoch, superseded_by, collection, document_id, version, \
+             event_time, quarantined_at, topic, kafka_partition, kafka_offset, payload \
+             FROM quarantined_events ORDER BY event_time, event_id",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let payload: Vec<u8> = r.get(12);
+            LostWrite {
+                event_id: r.get(0),
+                origin: r.get(1),
+                write_epoch: r.get(2),
+                superseded_by: r.get(3),
+                collection: r.get(4),
+                document_id: r.get(5),
+                version: r.get(6),
+                event_time: r.get(7),
+                quarantined_at: r.get(8),
+                topic: r.get(9),
+                partition: r.get(10),
+                offset: r.get(11),
+                payload: serde_json::from_slice(&payload).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(&payload).into_owned())
+                }),
+            }
+        })
+        .collect())
+}
+
 /// `text` with each NUL written `\0`: PostgreSQL text cannot hold NUL.
 fn without_nul(text: &str) -> Cow<'_, str> {
     if text.contains('\0') {
@@ -201,6 +274,92 @@ pub struct ApplyTx<'a, 'b> {
 impl<'a, 'b> ApplyTx<'a, 'b> {
     pub fn new(tx: &'a Transaction<'b>) -> Self {
         Self { tx }
+    }
+
+    /// This database's region, write region and write epoch, share-locked until the
+    /// transaction ends (a promotion waits for it); `None` without a recorded role.
+    pub async fn write_role(&self) -> Result<Option<(String, String, i64)>, StoreError> {
+        let row = self
+            .tx
+            .query_opt(
+                "SELECT region, write_region, write_epoch FROM region_role FOR SHARE",
+                &[],
+            )
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+    }
+
+    /// Records `write_region` as the write region of the newer `write_epoch` learned from the
+    /// other region's stream: waits for this region's writes in flight, and no later one
+    /// commits here (`tandem_promote_write_region`).
+    pub async fn learn_write_role(
+        &self,
+        write_region: &str,
+        write_epoch: i64,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .query_one(
+                "SELECT 1 FROM tandem_promote_write_region($1, $2)",
+                &[&write_region, &write_epoch],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Which of `ids` were applied before.
+    pub async fn applied_before(
+        &self,
+        ids: &[uuid::Uuid],
+    ) -> Result<HashSet<uuid::Uuid>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let rows = self
+            .tx
+            .query(
+                "SELECT event_id FROM applied_events WHERE event_id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Keeps events of a superseded write epoch (`quarantined_events`); one already kept is
+    /// left as it is. Returns how many were new.
+    pub async fn quarantine(&self, events: &[Quarantined<'_>]) -> Result<u64, StoreError> {
+        let mut inserted = 0;
+        let stmt = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO quarantined_events (event_id, topic, kafka_partition, kafka_offset, \
+                 origin, write_epoch, superseded_by, collection, document_id, version, event_time, \
+                 payload) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                 ON CONFLICT (event_id) DO NOTHING",
+            )
+            .await?;
+        for e in events {
+            inserted += self
+                .tx
+                .execute(
+                    &stmt,
+                    &[
+                        &e.event_id,
+                        &e.topic,
+                        &e.partition,
+                        &e.offset,
+                        &e.origin,
+                        &e.write_epoch,
+                        &e.superseded_by,
+                        &e.collection,
+                        &e.document_id,
+                        &e.version,
+                        &e.event_time,
+                        &e.payload,
+                    ],
+                )
+                .await?;
+        }
+        Ok(inserted)
     }
 
     /// Fails with [`StoreError::Fenced`] unless `fence`'s epoch still leads (`None`: unfenced).
