@@ -137,11 +137,50 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Promote a region while the write region is lost, accepting the loss of what it
+    /// committed and the target never applied (an operator's decision: a health check alone
+    /// never promotes). The old write region is fenced if its database still answers; when it
+    /// returns it learns the new write epoch from the target's stream and becomes a follower,
+    /// and its lost writes are quarantined (`tandem lost-writes`).
+    Failover {
+        /// The region that becomes the write region.
+        #[arg(long, value_parser = ["region1", "region2"], value_name = "region1|region2")]
+        to: String,
+        /// Required: the writes the target never received are lost to it (quarantined).
+        #[arg(long)]
+        allow_data_loss: bool,
+        /// How long to try the old write region's database before going on without it.
+        #[arg(long, default_value_t = 5, value_name = "SECONDS")]
+        reach_timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the quarantined writes: events of a deposed write region that the write region
+    /// never applied (its lost tail after a failover), with their original payloads (`--json`
+    /// exports them whole). Exit 1 when there are any.
+    LostWrites {
+        #[arg(long)]
+        json: bool,
+    },
     /// Apply pending schema migrations to one region's database.
     Migrate {
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2), value_name = "1|2")]
         region: u8,
     },
+}
+
+/// The write region's database and the follower's: Region 1's and Region 2's, unless Region
+/// 2's database records itself as the write region (after a switchover or failover). Verify
+/// and repair compare the follower against the write region and repair it through the write
+/// region's outbox, whichever region that is.
+async fn by_role(
+    connections: &Connections,
+) -> anyhow::Result<(deadpool_postgres::Pool, deadpool_postgres::Pool)> {
+    let (one, two) = (connections.region(1).await?, connections.region(2).await?);
+    let two_writes = tandem_store::roles::current(&two)
+        .await?
+        .is_some_and(|r| r.write_region == r.region);
+    Ok(if two_writes { (two, one) } else { (one, two) })
 }
 
 fn parse_time(value: &str) -> Result<time::OffsetDateTime, String> {
@@ -188,7 +227,7 @@ async fn run(command: Command, connections: Connections) -> anyhow::Result<Outco
             json,
             catch_up_timeout,
         } => {
-            let (one, two) = (connections.region(1).await?, connections.region(2).await?);
+            let (one, two) = by_role(&connections).await?;
             let report = verify::Verifier::new(
                 &one,
                 &two,
@@ -214,7 +253,7 @@ async fn run(command: Command, connections: Connections) -> anyhow::Result<Outco
             json,
             catch_up_timeout,
         } => {
-            let (one, two) = (connections.region(1).await?, connections.region(2).await?);
+            let (one, two) = by_role(&connections).await?;
             let report = repair::run(
                 &one,
                 &two,
@@ -234,6 +273,41 @@ async fn run(command: Command, connections: Connections) -> anyhow::Result<Outco
         Command::Redrive { id, json } => ops::redrive(&connections, id, json).await,
         Command::DeadLetters { json } => ops::dead_letters(&connections, json).await,
         Command::Migrate { region } => ops::migrate(&connections, region).await,
+        Command::Failover {
+            to,
+            allow_data_loss,
+            reach_timeout,
+            json,
+        } => {
+            if !allow_data_loss {
+                anyhow::bail!(
+                    "a failover loses what the write region committed and {to} never applied: pass --allow-data-loss \
+                     to accept that, or use `tandem switchover --to {to}` while the write region is up (no loss)"
+                );
+            }
+            let (to_n, from_n, from) = if to == "region1" {
+                (1, 2, "region2")
+            } else {
+                (2, 1, "region1")
+            };
+            let to_pool = connections.region(to_n).await?;
+            let from_pool = connections.region(from_n).await.ok();
+            let report = switchover::failover(
+                from_pool.as_ref(),
+                &to_pool,
+                from,
+                &to,
+                std::time::Duration::from_secs(reach_timeout),
+            )
+            .await?;
+            if json {
+                output::json(&report)?;
+            } else {
+                switchover::print_failover(&report);
+            }
+            Ok(Outcome::Ok)
+        }
+        Command::LostWrites { json } => ops::lost_writes(&connections, json).await,
         Command::Switchover { to, timeout, json } => {
             let (one, two) = (connections.region(1).await?, connections.region(2).await?);
             let (from_pool, to_pool, from) = if to == "region1" {

@@ -139,3 +139,90 @@ pub async fn migrate(connections: &Connections, region: u8) -> anyhow::Result<Ou
     ));
     Ok(Outcome::Ok)
 }
+
+/// `tandem lost-writes`: the quarantined events of both regions (a region that does not answer
+/// is reported, the other still listed), with the failover's measured RPO per write epoch.
+pub async fn lost_writes(connections: &Connections, json: bool) -> anyhow::Result<Outcome> {
+    let mut all = Vec::new();
+    let mut unreachable = Vec::new();
+    for region in [1u8, 2] {
+        let listed = async {
+            let pool = connections.region(region).await?;
+            anyhow::Ok(replica::lost_writes(&pool).await?)
+        }
+        .await;
+        match listed {
+            Ok(writes) => all.extend(writes.into_iter().map(|w| (format!("region{region}"), w))),
+            Err(e) => unreachable.push((format!("region{region}"), format!("{e:#}"))),
+        }
+    }
+    // Per superseding write epoch: how many writes were lost and over which span.
+    let mut rpo: std::collections::BTreeMap<
+        i64,
+        (usize, time::OffsetDateTime, time::OffsetDateTime),
+    > = std::collections::BTreeMap::new();
+    for (_, w) in &all {
+        let slot = rpo
+            .entry(w.superseded_by)
+            .or_insert((0, w.event_time, w.event_time));
+        slot.0 += 1;
+        slot.1 = slot.1.min(w.event_time);
+        slot.2 = slot.2.max(w.event_time);
+    }
+    if json {
+        output::json(&json!({
+            "lost_writes": all.iter().map(|(region, w)| json!({"quarantined_in": region, "write": w})).collect::<Vec<_>>(),
+            "by_write_epoch": rpo.iter().map(|(epoch, (n, first, last))| json!({
+                "superseded_by": epoch,
+                "writes": n,
+                "first": first.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                "last": last.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            })).collect::<Vec<_>>(),
+            "unreachable": unreachable.iter().map(|(r, e)| json!({"region": r, "error": e})).collect::<Vec<_>>(),
+        }))?;
+    } else {
+        for (region, error) in &unreachable {
+            output::line(&format!("{region}: not reachable ({error})"));
+        }
+        output::line(&format!("{} lost writes quarantined", all.len()));
+        for (epoch, (n, first, last)) in &rpo {
+            output::line(&format!(
+                "  superseded by write epoch {epoch}: {n} writes committed from {first} to {last}"
+            ));
+        }
+        if !all.is_empty() {
+            let rows: Vec<Vec<String>> = all
+                .iter()
+                .map(|(region, w)| {
+                    vec![
+                        w.event_id.to_string(),
+                        format!("{}/{}", w.collection, w.document_id),
+                        w.version.to_string(),
+                        format!("{} @ {}", w.origin, w.write_epoch),
+                        w.event_time.to_string(),
+                        region.clone(),
+                    ]
+                })
+                .collect();
+            output::table(
+                &[
+                    "EVENT",
+                    "DOCUMENT",
+                    "VERSION",
+                    "WRITTEN IN",
+                    "AT",
+                    "KEPT IN",
+                ],
+                &rows,
+            );
+        }
+    }
+    if let Some((region, _)) = unreachable.first() {
+        anyhow::bail!("{region}'s database did not answer: its quarantine is not listed");
+    }
+    Ok(if all.is_empty() {
+        Outcome::Ok
+    } else {
+        Outcome::Findings
+    })
+}

@@ -58,6 +58,8 @@ struct Region1 {
     leader_epochs: Vec<leader::Epoch>,
     relay_backlog: i64,
     relay_dead_letters: usize,
+    /// Lost writes of a deposed write region kept here (`tandem lost-writes`).
+    quarantined: usize,
     /// The last housekeeping pass per target (published outbox rows, idempotency keys).
     last_prune: Vec<LastRun>,
 }
@@ -76,6 +78,8 @@ struct Region2 {
     /// Each partition's applied offset next to the broker's high watermark.
     partitions: Vec<PartitionLag>,
     dead_letters: usize,
+    /// Lost writes of a deposed write region kept here (`tandem lost-writes`).
+    quarantined: usize,
     /// The last housekeeping pass per target (applied event ids).
     last_prune: Vec<LastRun>,
 }
@@ -90,6 +94,7 @@ async fn region1(connections: &Connections) -> anyhow::Result<Region1> {
         leader_epochs: leader::epochs(&pool).await?,
         relay_backlog: outbox::count_unpublished(&pool).await?,
         relay_dead_letters: outbox::relay_dead_letters(&pool).await?.len(),
+        quarantined: replica::lost_writes(&pool).await?.len(),
         last_prune: housekeeping::last_runs(&pool).await?,
     })
 }
@@ -107,6 +112,7 @@ async fn region2(connections: &Connections) -> anyhow::Result<Region2> {
         positions: replica::positions(&pool).await?,
         partitions: Vec::new(),
         dead_letters: replica::list_pending_dead_letters(&pool).await?.len(),
+        quarantined: replica::lost_writes(&pool).await?.len(),
         last_prune: housekeeping::last_runs(&pool).await?,
     })
 }
@@ -193,6 +199,12 @@ pub async fn run(
                     one.relay_dead_letters
                 ));
             }
+            if one.quarantined > 0 {
+                findings.push(format!(
+                    "{} lost writes quarantined in Region 1 (tandem lost-writes)",
+                    one.quarantined
+                ));
+            }
             if one.schema_version != Some(latest) {
                 findings.push(format!(
                     "Region 1's schema is at {:?}, this build's at {latest}",
@@ -221,6 +233,12 @@ pub async fn run(
                 findings.push(format!(
                     "{} dead letters pending in Region 2",
                     two.dead_letters
+                ));
+            }
+            if two.quarantined > 0 {
+                findings.push(format!(
+                    "{} lost writes quarantined in Region 2 (tandem lost-writes)",
+                    two.quarantined
                 ));
             }
             if two.schema_version != Some(latest) {

@@ -14,6 +14,10 @@
 //! time the fence is lifted again and nothing changed. Every step is idempotent, so a switchover
 //! interrupted half-way (the CLI killed) is finished by running it again; until then the old
 //! write region stays fenced, never two writers.
+//!
+//! `tandem failover --to R --allow-data-loss` ([`failover`]) promotes R without the old write
+//! region: what that region committed and R never applied is its lost tail, quarantined by R's
+//! consumer when it arrives (`tandem_region2_apply`).
 
 use std::time::{Duration, Instant};
 
@@ -168,6 +172,130 @@ pub fn print(report: &Report) {
             report.unavailable_ms.unwrap_or(0),
             report.catch_up_ms.unwrap_or(0),
             report.to
+        ))),
+    }
+}
+
+/// What a failover did.
+#[derive(Debug, Serialize)]
+pub struct FailoverReport {
+    pub from: String,
+    pub to: String,
+    pub write_epoch: i64,
+    /// `failed_over` or `already`.
+    pub outcome: &'static str,
+    /// Whether the old write region's database answered (and was fenced and told).
+    pub old_write_region_reached: bool,
+    /// The newest heartbeat `to` had applied from the old write region: every write committed
+    /// there before it is in `to`; writes after it may be lost (they arrive later, and are
+    /// quarantined: `tandem lost-writes`).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub caught_up_to: Option<time::OffsetDateTime>,
+    /// How far `caught_up_to` was behind the promotion, in milliseconds: the window of writes
+    /// that may be lost (the RPO bound known at promotion).
+    pub lag_ms: Option<i64>,
+}
+
+/// Promotes `to_pool`'s region without waiting for the old write region, which may be gone.
+/// When its database answers within `reach`, it is fenced first (no write commits there after)
+/// and told the new write epoch afterwards; otherwise it learns the epoch from `to`'s stream
+/// when it comes back, and everything it wrote that `to` never applied is quarantined there.
+pub async fn failover(
+    from_pool: Option<&Pool>,
+    to_pool: &Pool,
+    from_name: &str,
+    to_name: &str,
+    reach: Duration,
+) -> anyhow::Result<FailoverReport> {
+    let to = role_of(roles::current(to_pool).await?, to_name)?;
+    anyhow::ensure!(
+        to.region == to_name,
+        "the database records region {}, not {to_name}: check the database URL",
+        to.region
+    );
+    // The old write region, if it answers at all (bounded: it may be unreachable).
+    let from = match from_pool {
+        Some(pool) => tokio::time::timeout(reach, async {
+            let role = roles::current(pool).await.ok().flatten()?;
+            let fenced = roles::fence(pool).await.ok()?;
+            Some((role, fenced))
+        })
+        .await
+        .ok()
+        .flatten(),
+        None => None,
+    };
+    let caught_up_to = tandem_store::lag::caught_up_to(to_pool).await?;
+    if to.write_region == to_name && to.writable {
+        if let (Some(pool), Some(_)) = (from_pool, &from) {
+            roles::promote(pool, to_name, to.write_epoch).await?;
+        }
+        return Ok(FailoverReport {
+            from: from_name.to_owned(),
+            to: to_name.to_owned(),
+            write_epoch: to.write_epoch,
+            outcome: "already",
+            old_write_region_reached: from.is_some(),
+            caught_up_to,
+            lag_ms: None,
+        });
+    }
+    let epoch = to
+        .write_epoch
+        .max(from.as_ref().map_or(0, |(role, _)| role.write_epoch))
+        + 1;
+    let promoted = roles::promote(to_pool, to_name, epoch)
+        .await
+        .with_context(|| format!("Failed to make {to_name} the write region"))?;
+    if let (Some(pool), Some(_)) = (from_pool, &from) {
+        // Best effort: it also learns the epoch from the stream.
+        if let Err(e) = roles::promote(pool, to_name, epoch).await {
+            tracing::warn!(error = %e, "could not record the new write epoch in {from_name}'s database");
+        }
+    }
+    Ok(FailoverReport {
+        from: from_name.to_owned(),
+        to: to_name.to_owned(),
+        write_epoch: epoch,
+        outcome: "failed_over",
+        old_write_region_reached: from.is_some(),
+        caught_up_to,
+        lag_ms: caught_up_to.map(|t| (promoted.changed_at - t).whole_milliseconds() as i64),
+    })
+}
+
+pub fn print_failover(report: &FailoverReport) {
+    if report.outcome == "already" {
+        output::line(&warn(&format!(
+            "{} is already the write region (write epoch {}); nothing to do",
+            report.to, report.write_epoch
+        )));
+        return;
+    }
+    output::line(&good(&format!(
+        "{} is the write region of write epoch {}",
+        report.to, report.write_epoch
+    )));
+    let reached = if report.old_write_region_reached {
+        format!(
+            "{}'s database answered: it was fenced and told",
+            report.from
+        )
+    } else {
+        format!(
+            "{}'s database did not answer: it learns the new write epoch from {}'s stream when it returns",
+            report.from, report.to
+        )
+    };
+    output::line(&reached);
+    match (report.caught_up_to, report.lag_ms) {
+        (Some(t), Some(lag)) => output::line(&warn(&format!(
+            "writes {} committed after {t} ({lag} ms before the promotion) may be lost: they are quarantined as they arrive (`tandem lost-writes`)",
+            report.from
+        ))),
+        _ => output::line(&warn(&format!(
+            "{} never applied a heartbeat of {}: what it lost is unknown until its writes arrive (`tandem lost-writes`)",
+            report.to, report.from
         ))),
     }
 }
