@@ -249,6 +249,30 @@ impl Symmetric {
         }
     }
 
+    /// SIGKILLs every service of region `i` (the region is lost; its database stays).
+    pub fn kill_region(&mut self, i: usize) {
+        let region = &mut self.regions[i];
+        for slot in [
+            &mut region.write,
+            &mut region.read,
+            &mut region.relay,
+            &mut region.consumer,
+        ] {
+            if let Some(process) = slot.take() {
+                process.kill_and_wait();
+            }
+        }
+    }
+
+    /// The region's recorded role: (write region, write epoch).
+    pub async fn role(&self, i: usize) -> (String, i64) {
+        let role = tandem_store::roles::current(&self.regions[i].pool)
+            .await
+            .expect("role")
+            .expect("a recorded role");
+        (role.write_region, role.write_epoch)
+    }
+
     /// A write request to `base` (a Write API or the edge), authenticated.
     pub fn write(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
         self.client.request(method, url).bearer_auth(&self.token)
@@ -256,10 +280,18 @@ impl Symmetric {
 
     /// Runs the `tandem` CLI against both databases.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.cli_with(
+            args,
+            [&self.regions[0].database_url, &self.regions[1].database_url],
+        )
+    }
+
+    /// Runs the `tandem` CLI with these database URLs (an unreachable one, say).
+    pub fn cli_with(&self, args: &[&str], urls: [&str; 2]) -> std::process::Output {
         std::process::Command::new(binary("tandem"))
             .args(args)
-            .env("TANDEM_REGION1_DATABASE_URL", &self.regions[0].database_url)
-            .env("TANDEM_REGION2_DATABASE_URL", &self.regions[1].database_url)
+            .env("TANDEM_REGION1_DATABASE_URL", urls[0])
+            .env("TANDEM_REGION2_DATABASE_URL", urls[1])
             .env("TANDEM_STACK_FILE", "none")
             .env_remove("KAFKA_BROKERS")
             .env_remove("KAFKA_TOPIC")

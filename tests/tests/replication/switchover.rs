@@ -443,3 +443,221 @@ async fn switchover_under_load_loses_no_write_and_switches_back() {
         3
     );
 }
+
+/// PUTs `{"n": n}` to `base` (a Write API) and returns the answer's status (0 when there was
+/// none: the service is not listening yet), version and whether it was forwarded.
+async fn put_n(system: &Symmetric, base: &str, doc: &str, n: u64) -> (u16, Option<i64>, bool) {
+    let Ok(answer) = system
+        .write(Method::PUT, &format!("{base}/v1/fo/{doc}"))
+        .json(&json!({ "n": n }))
+        .send()
+        .await
+    else {
+        return (0, None, false);
+    };
+    let version = answer
+        .headers()
+        .get("etag")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim_matches('"').parse().ok());
+    (
+        answer.status().as_u16(),
+        version,
+        answer.headers().contains_key("x-tandem-forwarded-to"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_quarantines_exactly_the_lost_tail_then_fails_back() {
+    let mut system = Symmetric::start().await;
+    let (w1, w2) = (
+        system.regions[0].write_url.clone(),
+        system.regions[1].write_url.clone(),
+    );
+    // Replicated history: documents a0..a4 in both regions.
+    for i in 0..5 {
+        assert_eq!(put_n(&system, &w1, &format!("a{i}"), 1).await.0, 201);
+    }
+    system.wait_converged(Duration::from_secs(60)).await;
+
+    // Region 1's relay stalls (its events stay in its outbox), it keeps acknowledging writes,
+    // then the whole region is lost.
+    system.regions[0]
+        .relay
+        .as_ref()
+        .expect("relay")
+        .signal("STOP");
+    let mut lost = BTreeMap::new();
+    for i in 0..3 {
+        let doc = format!("a{i}");
+        let (status, version, _) = put_n(&system, &w1, &doc, 2).await;
+        assert_eq!(status, 200);
+        lost.insert(doc, version.expect("version"));
+    }
+    for i in 0..2 {
+        let doc = format!("lost{i}");
+        let (status, version, _) = put_n(&system, &w1, &doc, 1).await;
+        assert_eq!(status, 201);
+        lost.insert(doc, version.expect("version"));
+    }
+    system.kill_region(0);
+
+    // Without --allow-data-loss, nothing happens.
+    let refused = system.cli(&["failover", "--to", "region2"]);
+    assert_eq!(refused.status.code(), Some(3));
+    assert_eq!(system.role(1).await, ("region1".to_owned(), 1));
+
+    // Region 1's database is unreachable for the operator too.
+    let unreachable = "postgres://postgres@127.0.0.1:1/gone";
+    let output = system.cli_with(
+        &[
+            "failover",
+            "--to",
+            "region2",
+            "--allow-data-loss",
+            "--reach-timeout",
+            "2",
+            "--json",
+        ],
+        [unreachable, &system.regions[1].database_url],
+    );
+    assert!(
+        output.status.success(),
+        "failover: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).expect("failover --json");
+    assert_eq!(report["outcome"], "failed_over");
+    assert_eq!(report["write_epoch"], 2);
+    assert_eq!(report["old_write_region_reached"], false);
+    assert!(report["lag_ms"].is_i64(), "{report}");
+
+    // Region 2 writes now, directly: a0 again (in conflict with Region 1's lost a0) and a
+    // new document.
+    let (status, a0_version, forwarded) = put_n(&system, &w2, "a0", 3).await;
+    assert_eq!((status, forwarded), (200, false));
+    assert_eq!(
+        a0_version,
+        Some(2),
+        "Region 2 never saw Region 1's second a0"
+    );
+    assert_eq!(put_n(&system, &w2, "new", 1).await.0, 201);
+
+    // Region 1 comes back. Its services start at its stale write epoch: a write it takes before
+    // it learns the new epoch must end up quarantined, never silently applied or dropped.
+    for service in ["write", "read", "relay", "consumer"] {
+        system.start_service(0, service);
+    }
+    let mut deposed = None;
+    for attempt in 0..200 {
+        let (status, version, forwarded) = put_n(&system, &w1, "deposed", attempt).await;
+        match status {
+            // Committed in Region 1 at the old epoch: to be quarantined.
+            200 | 201 if !forwarded => {
+                deposed = Some(version.expect("version"));
+                break;
+            }
+            // Forwarded to Region 2: it learned already.
+            200 | 201 => break,
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    if let Some(version) = deposed {
+        lost.insert("deposed".to_owned(), version);
+    }
+    eprintln!(
+        "a write to the deposed region right after its return was {}",
+        if deposed.is_some() {
+            "taken there (expected in the quarantine)"
+        } else {
+            "forwarded or refused"
+        }
+    );
+    // It learns the new write epoch from Region 2's stream and becomes a follower.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while system.role(0).await != ("region2".to_owned(), 2) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            system.logs("region1 never learned write epoch 2")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _, forwarded) = put_n(&system, &w1, "after", 1).await;
+    assert_eq!(
+        (status, forwarded),
+        (201, true),
+        "the deposed region forwards"
+    );
+
+    // The quarantine holds exactly the writes Region 1 acknowledged that Region 2 never
+    // applied, with their payloads; none of them was applied in Region 2.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let listed = loop {
+        let output = system.cli(&["lost-writes", "--json"]);
+        let listed: Value = serde_json::from_slice(&output.stdout).expect("lost-writes --json");
+        let found: BTreeMap<String, i64> = listed["lost_writes"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|w| {
+                (
+                    w["write"]["document_id"].as_str().expect("id").to_owned(),
+                    w["write"]["version"].as_i64().expect("version"),
+                )
+            })
+            .collect();
+        if found.len() >= lost.len() || std::time::Instant::now() > deadline {
+            assert_eq!(output.status.code(), Some(1), "exit 1: lost writes listed");
+            assert_eq!(found, lost, "{}", system.logs("quarantine"));
+            break listed;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for w in listed["lost_writes"].as_array().expect("array") {
+        assert_eq!(w["quarantined_in"], "region2");
+        assert_eq!(w["write"]["origin"], "region1");
+        assert_eq!(w["write"]["write_epoch"], 1);
+        assert_eq!(w["write"]["superseded_by"], 2);
+        assert!(w["write"]["payload"]["data"]["data"]["n"].is_u64(), "{w}");
+    }
+    let by_epoch = &listed["by_write_epoch"][0];
+    assert_eq!(by_epoch["superseded_by"], 2);
+    assert_eq!(by_epoch["writes"], lost.len());
+    let region2 = tandem_tests::TwoRegions::snapshot(&system.regions[1].pool).await;
+    for doc in lost
+        .keys()
+        .filter(|d| d.starts_with("lost") || *d == "deposed")
+    {
+        assert!(
+            !region2.iter().any(|r| r.0 == "fo" && &r.1 == doc),
+            "{doc} was applied in Region 2"
+        );
+    }
+
+    // Re-sync: repair compares the follower (Region 1) with the write region (Region 2) and
+    // fixes it through Region 2's outbox; Region 2's data does not change.
+    let output = system.cli(&["repair", "--json"]);
+    assert!(
+        output.status.success(),
+        "repair: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&output.stdout)
+    );
+    system.wait_converged(Duration::from_secs(60)).await;
+    assert_eq!(
+        tandem_tests::TwoRegions::snapshot(&system.regions[1].pool).await,
+        region2,
+        "repair never changes the write region"
+    );
+    let output = system.cli(&["verify", "--json"]);
+    assert!(output.status.success(), "verify after the re-sync");
+
+    // Fail back by switchover.
+    let back = switchover(&system, "region1");
+    assert_eq!(back["outcome"], "switched");
+    assert_eq!(back["write_epoch"], 3);
+    let (status, _, forwarded) = put_n(&system, &w2, "back", 1).await;
+    assert_eq!((status, forwarded), (201, true));
+    system.wait_converged(Duration::from_secs(60)).await;
+}
