@@ -64,25 +64,42 @@ fn range_clause<'a>(
     collection: Option<usize>,
     params: &mut Params<'a>,
 ) -> String {
+    let mut push = |value: &'a String| {
+        params.push(value);
+        params.len()
+    };
+    // Under a collection filter every bound is a key of that collection (split points are),
+    // and bounds that share a collection hold the range within it: `collection = $c` with
+    // scalar bounds on `id` then lets btree start at the lower bound and stop at the upper
+    // one. Row comparisons do neither well here (PostgreSQL 15): next to `collection = $c`
+    // the scan starts at the collection's first key, and a scan ends on a row comparison
+    // only once its first column is past the bound, so each range would walk the rest of
+    // its collection.
+    let within = match (collection, &range.after, &range.upto) {
+        (Some(n), _, _) => Some(n),
+        (None, Some((after, _)), Some((upto, _))) if after == upto => Some(push(after)),
+        _ => None,
+    };
     let mut clauses = Vec::new();
-    for (bound, operator) in [(&range.after, ">"), (&range.upto, "<=")] {
-        if let Some((c, i)) = bound {
-            params.push(c);
-            params.push(i);
-            clauses.push(format!(
-                "(collection, id) {operator} (${}::text, ${}::text)",
-                params.len() - 1,
-                params.len()
-            ));
+    if let Some(c) = within {
+        clauses.push(format!("collection = ${c}::text"));
+        if let Some((_, id)) = &range.after {
+            clauses.push(format!("id > ${}::text", push(id)));
         }
-    }
-    if let Some(n) = collection {
-        // Not `collection = $n`: next to the bounds' row comparisons, btree starts the scan at
-        // the equality (the collection's first key) and filters up to the lower bound, so
-        // every range deep in a large collection would walk its index from the start.
-        clauses.push(format!(
-            "collection >= ${n}::text AND collection <= ${n}::text"
-        ));
+        if let Some((_, id)) = &range.upto {
+            clauses.push(format!("id <= ${}::text", push(id)));
+        }
+    } else {
+        // Bounds in different collections (no filter): the scan may run on through the
+        // upper bound's collection, filtering.
+        for (bound, operator) in [(&range.after, ">"), (&range.upto, "<=")] {
+            if let Some((c, i)) = bound {
+                let (c, i) = (push(c), push(i));
+                clauses.push(format!(
+                    "(collection, id) {operator} (${c}::text, ${i}::text)"
+                ));
+            }
+        }
     }
     if clauses.is_empty() {
         "true".to_owned()
@@ -206,6 +223,12 @@ pub async fn split_points(
     let (mut params, c) = collection_param(collection);
     let first = range_clause(range, c, &mut params);
     let next = range_clause(&rest, c, &mut params);
+    // As in `range_clause`: within the filter's collection, a scalar bound on `id`.
+    let after_point = if c.is_some() {
+        "id > points.i"
+    } else {
+        "(collection, id) > (points.c, points.i)"
+    };
     params.push(&step);
     params.push(&limit);
     let (step, limit) = (params.len() - 1, params.len());
@@ -216,7 +239,7 @@ pub async fn split_points(
            UNION ALL \
            SELECT hop.collection, hop.id, points.n + 1 FROM points, LATERAL ( \
              SELECT collection, id FROM documents \
-             WHERE (collection, id) > (points.c, points.i) AND {next} \
+             WHERE {after_point} AND {next} \
              ORDER BY collection, id OFFSET ${step}::bigint - 1 LIMIT 1) hop \
            WHERE points.n < ${limit}::bigint) \
          SELECT c, i FROM points ORDER BY n"
