@@ -116,6 +116,40 @@ fn collection_param(collection: Option<&String>) -> (Params<'_>, Option<usize>) 
     }
 }
 
+/// Runs one of verify's reads in a read-only transaction with the planner settings they need,
+/// in as many round trips as a plain query (two: `BEGIN` travels with the statement's parse,
+/// `COMMIT` with its execution). No JIT: compiling the row hash of 256 parts took PostgreSQL
+/// longer than hashing a million rows (10.8 s of 24.7 s in one process, and again in every
+/// parallel worker); the work is in the hash and TOAST functions, which JIT does not speed
+/// up. No sequential scans: the planner misjudges how many rows a key range holds and chose
+/// a scan of the whole table for a part; every range here is an index range scan.
+async fn read(
+    pool: &Pool,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+    let client = pool.get().await?;
+    let begun = tokio::try_join!(
+        client
+            .batch_execute("BEGIN READ ONLY; SET LOCAL jit = off; SET LOCAL enable_seqscan = off"),
+        client.prepare(sql)
+    );
+    let statement = match begun {
+        Ok((_, statement)) => statement,
+        Err(e) => {
+            // Leave no transaction open on a pooled connection.
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(e.into());
+        }
+    };
+    // A failed statement makes PostgreSQL answer the COMMIT with a rollback.
+    let (rows, _) = tokio::try_join!(
+        client.query(&statement, params),
+        client.batch_execute("COMMIT")
+    )?;
+    Ok(rows)
+}
+
 impl Range {
     /// The consecutive parts `(after, p1], (p1, p2], …, (pn, upto]` of this range; points at or
     /// beyond its end are ignored.
@@ -149,14 +183,16 @@ pub async fn count(
 ) -> Result<i64, StoreError> {
     let (mut params, c) = collection_param(collection);
     let clause = range_clause(range, c, &mut params);
-    let client = pool.get().await?;
-    Ok(client
-        .query_one(
-            &format!("SELECT count(*) FROM documents WHERE {clause}"),
-            &params,
-        )
-        .await?
-        .try_get(0)?)
+    let rows = read(
+        pool,
+        &format!("SELECT count(*) FROM documents WHERE {clause}"),
+        &params,
+    )
+    .await?;
+    match rows.first() {
+        Some(row) => Ok(row.try_get(0)?),
+        None => Ok(0),
+    }
 }
 
 /// The summary (row count and XOR of row hashes, computed in the database) of each of
@@ -183,13 +219,7 @@ pub async fn summarise_each(
          FROM ({}) parts GROUP BY part",
         parts.join(" UNION ALL ")
     );
-    let mut client = pool.get().await?;
-    let tx = client.build_transaction().read_only(true).start().await?;
-    // The planner misjudges the rows of a key range (row comparisons) and may read the whole
-    // table once per part: each part is an index range scan.
-    tx.batch_execute("SET LOCAL enable_seqscan = off").await?;
-    let rows = tx.query(&sql, &params).await?;
-    tx.commit().await?;
+    let rows = read(pool, &sql, &params).await?;
     let mut summaries = vec![Summary::default(); ranges.len()];
     for row in rows {
         let part: i32 = row.try_get(0)?;
@@ -244,8 +274,7 @@ pub async fn split_points(
            WHERE points.n < ${limit}::bigint) \
          SELECT c, i FROM points ORDER BY n"
     );
-    let client = pool.get().await?;
-    let rows = client.query(&sql, &params).await?;
+    let rows = read(pool, &sql, &params).await?;
     rows.iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect()
@@ -263,8 +292,7 @@ pub async fn digests(
         "SELECT collection, id, version, deleted, coalesce(md5(data::text), '') \
          FROM documents WHERE {clause} ORDER BY collection, id"
     );
-    let client = pool.get().await?;
-    let rows = client.query(&sql, &params).await?;
+    let rows = read(pool, &sql, &params).await?;
     rows.iter().map(digest).collect()
 }
 
@@ -272,16 +300,15 @@ pub async fn digests(
 pub async fn digests_of(pool: &Pool, keys: &[Key]) -> Result<Vec<RowDigest>, StoreError> {
     let collections: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
     let ids: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
-    let client = pool.get().await?;
-    let rows = client
-        .query(
-            "SELECT d.collection, d.id, d.version, d.deleted, coalesce(md5(d.data::text), '') \
-             FROM documents d JOIN unnest($1::text[], $2::text[]) AS k (collection, id) \
-               ON d.collection = k.collection COLLATE \"C\" AND d.id = k.id COLLATE \"C\" \
-             ORDER BY d.collection, d.id",
-            &[&collections, &ids],
-        )
-        .await?;
+    let rows = read(
+        pool,
+        "SELECT d.collection, d.id, d.version, d.deleted, coalesce(md5(d.data::text), '') \
+         FROM documents d JOIN unnest($1::text[], $2::text[]) AS k (collection, id) \
+           ON d.collection = k.collection COLLATE \"C\" AND d.id = k.id COLLATE \"C\" \
+         ORDER BY d.collection, d.id",
+        &[&collections, &ids],
+    )
+    .await?;
     rows.iter().map(digest).collect()
 }
 
