@@ -1,6 +1,7 @@
 //! `tandem-bench [--quick] [--out docs/benchmarks.md]`: starts the whole two-region system from
-//! the release (or debug) binaries next to it, measures what issue 5 asks for, each figure next
-//! to a baseline measured in the same run on the same machine, and prints the table.
+//! the release (or debug) binaries next to it, measures what issue 5 (and issue 14, for
+//! `tandem verify`) asks for, each figure next to a baseline measured in the same run on the
+//! same machine, and prints the table.
 //!
 //! `--quick` runs the same code with tiny sizes (the test suite runs it so the benchmark never
 //! rots); its figures are not meant to be read. `--out` writes the Markdown report, replacing
@@ -13,9 +14,11 @@ mod footprint;
 mod lag;
 mod load;
 mod profile;
+mod proxy;
 mod read;
 mod report;
 mod stack;
+mod verify;
 mod write;
 
 use std::path::PathBuf;
@@ -37,6 +40,8 @@ pub struct Sizes {
     pub lag_rate: f64,
     pub lag_duration: Duration,
     pub startup_runs: usize,
+    /// Documents in each region for `tandem verify`.
+    pub verify_docs: u64,
 }
 
 impl Sizes {
@@ -52,6 +57,7 @@ impl Sizes {
             lag_rate: 200.0,
             lag_duration: Duration::from_secs(30),
             startup_runs: 3,
+            verify_docs: 1_000_000,
         }
     }
 
@@ -67,6 +73,7 @@ impl Sizes {
             lag_rate: 100.0,
             lag_duration: Duration::from_secs(2),
             startup_runs: 1,
+            verify_docs: 3_000,
         }
     }
 }
@@ -121,13 +128,16 @@ fn main() {
         }
     }
     let mut sizes = if quick { Sizes::quick() } else { Sizes::full() };
-    // Experiments: another lag rate or duration.
+    // Experiments: another lag rate or duration, another number of documents to verify.
     let number = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<f64>().ok());
     if let Some(rate) = number("TANDEM_BENCH_LAG_RATE").filter(|r| *r > 0.0) {
         sizes.lag_rate = rate;
     }
     if let Some(seconds) = number("TANDEM_BENCH_LAG_SECONDS").filter(|s| *s > 0.0) {
         sizes.lag_duration = Duration::from_secs_f64(seconds);
+    }
+    if let Some(docs) = number("TANDEM_BENCH_VERIFY_DOCS").filter(|d| *d >= 100.0) {
+        sizes.verify_docs = docs as u64;
     }
     let started = Instant::now();
     match runtime.block_on(bench(&sizes)) {
@@ -199,7 +209,7 @@ async fn bench(sizes: &Sizes) -> anyhow::Result<report::Report> {
     let probes = stack.probes();
     report.extra_env = stack::extra_env();
 
-    // TANDEM_BENCH_ONLY=write,read,backlog,lag runs only those measurements (experiments).
+    // TANDEM_BENCH_ONLY=write,read,backlog,lag,verify runs only those measurements (experiments).
     let only = std::env::var("TANDEM_BENCH_ONLY").unwrap_or_default();
     let runs = |phase: &str| only.trim().is_empty() || only.split(',').any(|p| p.trim() == phase);
 
@@ -271,6 +281,15 @@ async fn bench(sizes: &Sizes) -> anyhow::Result<report::Report> {
         let (catch_up, restarted) = backlog::catch_up(&stack, &states, &probes).await?;
         report.catch_up = Some(catch_up);
         consumer = restarted;
+    }
+
+    // Last: verify re-checks its differences through the running relay and consumer.
+    if runs("verify") {
+        say(&format!(
+            "7. verify: tandem verify of {} documents vs dumping and comparing both tables",
+            sizes.verify_docs
+        ));
+        report.verify = Some(verify::run(&stack, sizes.verify_docs, &probes).await?);
     }
 
     for service in [&write_api, &read1, &relay, &consumer, &read2] {

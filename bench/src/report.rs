@@ -11,6 +11,7 @@ use crate::lag::Lag;
 use crate::load::{Amount, quantile_ms};
 use crate::read::{self, ReadFigures};
 use crate::stack::{Kind, Service};
+use crate::verify::VerifyFigures;
 use crate::write::WriteRun;
 
 pub const BEGIN: &str =
@@ -36,6 +37,7 @@ pub struct Report {
     pub drain: Option<Drain>,
     pub catch_up: Option<CatchUp>,
     pub lag: Option<Lag>,
+    pub verify: Option<VerifyFigures>,
     /// (binary, size, Lambda zip size)
     pub binaries: Vec<(&'static str, Option<u64>, Option<u64>)>,
     /// `TANDEM_BENCH_ENV`, when a tuning experiment set it.
@@ -192,6 +194,25 @@ impl Report {
             );
         }
 
+        if let Some(verify) = &self.verify {
+            let ratio = verify.dump.wall.as_secs_f64() / verify.verify.wall.as_secs_f64();
+            let _ = writeln!(
+                w,
+                "| 7 | `tandem verify`, {} documents of {} in each region, {} planted differences | {:.1} s ({:.0} rows hashed/s), {} exchanged ({} of the data) | dump both tables and compare: {:.1} s, {} exchanged ({}) | {} |",
+                verify.documents,
+                bytes_text(verify.document_bytes),
+                verify.planted.len(),
+                verify.verify.wall.as_secs_f64(),
+                verify.verify.rows_per_second(),
+                bytes_text(verify.verify.bytes()),
+                percent(verify.fraction(&verify.verify)),
+                verify.dump.wall.as_secs_f64(),
+                bytes_text(verify.dump.bytes()),
+                percent(verify.fraction(&verify.dump)),
+                flag(ratio, false),
+            );
+        }
+
         let _ = writeln!(w, "\n### 6. Footprint\n");
         let _ = writeln!(
             w,
@@ -258,6 +279,10 @@ impl Report {
              Start-up is the median of {} runs against an already-migrated database.",
             sizes.startup_runs
         );
+
+        if let Some(verify) = &self.verify {
+            verify_section(w, verify);
+        }
 
         let _ = writeln!(w, "\n### Details\n");
         let amount = |a: Amount| match a {
@@ -386,6 +411,20 @@ impl Report {
             );
             lines(w, &catch_up.profile);
         }
+        if let Some(verify) = &self.verify {
+            let _ = writeln!(
+                w,
+                "- **Verify**: CPU per document (of the {} in each region), from the start to the \
+                 end of each pass.",
+                verify.documents
+            );
+            let _ = writeln!(
+                w,
+                "  - `tandem verify`: {}\n  - dump and compare: {}",
+                verify.verify.cpu.per_op(verify.documents),
+                verify.dump.cpu.per_op(verify.documents),
+            );
+        }
         let _ = writeln!(
             w,
             "\nCPU figures come from `/proc` (process and PostgreSQL backend CPU time, 10 ms \
@@ -402,6 +441,99 @@ impl Report {
         let _ = writeln!(w, "\n{END}");
         md
     }
+}
+
+/// Section 7: verify against dumping and comparing, side by side.
+fn verify_section(w: &mut String, verify: &VerifyFigures) {
+    let _ = writeln!(w, "\n### 7. Verify\n");
+    let _ = writeln!(
+        w,
+        "| | wall time | rows/s | bytes exchanged (Region 1 + Region 2) | fraction of the data | differences found |"
+    );
+    let _ = writeln!(w, "|---|---|---|---|---|---|");
+    for (name, pass, rows) in [
+        ("`tandem verify`", &verify.verify, "hashed"),
+        ("dump and compare", &verify.dump, "dumped"),
+    ] {
+        let _ = writeln!(
+            w,
+            "| {name} | {:.1} s | {:.0} rows {rows}/s ({} rows) | {} ({} + {}) | {} | {} of {} |",
+            pass.wall.as_secs_f64(),
+            pass.rows_per_second(),
+            pass.rows,
+            bytes_text(pass.bytes()),
+            bytes_text(pass.traffic[0].total()),
+            bytes_text(pass.traffic[1].total()),
+            percent(verify.fraction(pass)),
+            pass.found.len(),
+            verify.planted.len(),
+        );
+    }
+    let mut kinds: Vec<(&str, usize)> = Vec::new();
+    for (_, kind) in &verify.planted {
+        match kinds.iter_mut().find(|(k, _)| *k == kind.as_str()) {
+            Some((_, n)) => *n += 1,
+            None => kinds.push((kind.as_str(), 1)),
+        }
+    }
+    let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    let cli = &verify.cli;
+    let _ = writeln!(
+        w,
+        "\n{} documents in each region (about {} of JSON each, poorly compressible), written \
+         with SQL straight into both `documents` tables in {:.0} s, not through the outbox \
+         (`VACUUM (ANALYZE)` included); stored size of the rows: {} in Region 1 and {} in \
+         Region 2 (the `documents` tables, TOAST and indexes included: {} and {}). Planted: \
+         {}; both passes found exactly these (the benchmark fails otherwise). Bytes are \
+         counted by a TCP proxy in front of each region's PostgreSQL, both directions, \
+         connection start-up included. `tandem verify --json` (the release binary) ran with \
+         the relay and the consumer up (it re-checks each difference once Region 2 has applied \
+         a later heartbeat); its own report: {} rows hashed in {} ranges ({} rows/s by its own \
+         clock, which starts after its connections are made), {} rows compared, ~{} exchanged \
+         by its estimate, {} in flight, {:.1} s. The baseline streams `COPY \
+         (SELECT collection, id, version, deleted, data … ORDER BY collection, id) TO STDOUT \
+         (FORMAT binary)` from both regions at once and merges the two streams in this \
+         process.",
+        verify.documents,
+        bytes_text(verify.document_bytes),
+        verify.load.as_secs_f64(),
+        bytes_text(verify.data_bytes[0]),
+        bytes_text(verify.data_bytes[1]),
+        bytes_text(verify.table_bytes[0]),
+        bytes_text(verify.table_bytes[1]),
+        kinds.join(", "),
+        cli.rows_hashed,
+        cli.ranges_compared,
+        cli.rows_hashed_per_second,
+        cli.rows_compared,
+        bytes_text(cli.bytes_estimated),
+        cli.in_flight,
+        cli.elapsed_ms as f64 / 1000.0,
+    );
+}
+
+/// Bytes in the unit that reads best.
+fn bytes_text(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.2} GiB", b / 1024.0 / 1024.0 / 1024.0)
+    } else if b >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / 1024.0 / 1024.0)
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// A fraction as a percentage with two significant digits (0.0068 %, 12 %, 105 %).
+fn percent(fraction: f64) -> String {
+    let p = fraction * 100.0;
+    if p <= 0.0 {
+        return "0 %".to_owned();
+    }
+    let decimals = (1.0 - p.log10().floor()).max(0.0) as usize;
+    format!("{p:.decimals$} %")
 }
 
 fn lines(w: &mut String, lines: &[String]) {

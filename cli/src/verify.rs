@@ -1,9 +1,12 @@
 //! `tandem verify`: does Region 2 equal Region 1? Decided without shipping the data: each
 //! database summarises a key range as (row count, XOR of 64-bit row hashes)
-//! ([`tandem_store::verify`]); equal summaries end a range, different ones are split again
-//! (about [`FANOUT`] parts, at keys chosen from the side holding more rows of the range)
-//! until a range holds at most [`LEAF`] rows on either side; only then are both sides' rows
-//! `(id, version, deleted, md5)` fetched and compared.
+//! ([`tandem_store::verify`]). A range is split into about [`FANOUT`] parts ([`FIRST_FANOUT`]
+//! for the whole table) at keys chosen from the side holding more of its rows (a cheap walk
+//! through the primary key's index), and both sides summarise all the parts in one statement
+//! each, so every row is hashed once per level it is looked at, and only in ranges that
+//! differ: equal summaries end a part, different ones are split again until a part holds at
+//! most [`LEAF`] rows on either side; only then are both sides' rows `(id, version, deleted,
+//! md5)` fetched and compared.
 //!
 //! Writes keep flowing meanwhile, so a first difference may be replication in flight. Each
 //! one is re-checked: Region 1's rows are read, then Region 1's clock `t`; verify waits until
@@ -18,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use serde::Serialize;
-use tandem_store::verify::{self, Key, Range, RowDigest};
+use tandem_store::verify::{self, Key, Range, RowDigest, Summary};
 
 use crate::output::{self, Progress, bad, good};
 
@@ -26,6 +29,10 @@ use crate::output::{self, Progress, bad, good};
 pub const LEAF: i64 = 100;
 /// How many parts a differing range is split into.
 pub const FANOUT: i64 = 16;
+/// How many parts the whole table is split into first: the rows of every part holding a
+/// difference are hashed again at the next level, so ten differences in a million rows have
+/// 40,000 rows hashed again instead of 625,000 (with [`FANOUT`]).
+pub const FIRST_FANOUT: i64 = 256;
 /// Rounds of re-checking a document Region 1 keeps changing.
 const RECHECK_ROUNDS: usize = 5;
 
@@ -191,96 +198,114 @@ impl<'a> Verifier<'a> {
     async fn first_pass(&mut self) -> anyhow::Result<Vec<Key>> {
         let collection = self.collection.clone();
         let collection = collection.as_ref();
-        let mut pending = vec![Range::default()];
+        let root = Range::default();
+        let (n1, n2) = tokio::try_join!(
+            verify::count(self.one, &root, collection),
+            verify::count(self.two, &root, collection)
+        )?;
+        self.bytes += 2 * 8;
+        let mut progress = Progress::new("verify: rows", n1.max(n2) as u64);
+        let mut done = 0;
         let mut differing = Vec::new();
-        let mut progress: Option<(Progress, u64)> = None;
-        while let Some(range) = pending.pop() {
-            let (s1, s2) = tokio::join!(
-                verify::summarise(self.one, &range, collection),
-                verify::summarise(self.two, &range, collection)
-            );
-            let (s1, s2) = (s1?, s2?);
-            self.ranges += 1;
-            self.rows_hashed += s1.count + s2.count;
-            // Two (count, xor) answers and the bounds sent with each query.
-            let bound_bytes: u64 = [&range.after, &range.upto]
-                .iter()
-                .filter_map(|b| b.as_ref())
-                .map(|(c, i)| (c.len() + i.len()) as u64)
-                .sum();
-            self.bytes += 2 * (16 + bound_bytes);
-            let progress = progress.get_or_insert_with(|| {
-                (
-                    Progress::new("verify: rows", s1.count.max(s2.count) as u64),
-                    0,
-                )
-            });
-            if s1 == s2 {
-                progress.1 += s1.count as u64;
-                progress.0.update(progress.1);
-                continue;
+        if n1.max(n2) <= LEAF {
+            // Small enough to hash whole: equal sums end the verify without fetching rows.
+            let summaries = self.summarise(std::slice::from_ref(&root)).await?;
+            if summaries[0].0 == summaries[0].1 {
+                progress.finish();
+                return Ok(differing);
             }
-            if s1.count.max(s2.count) <= LEAF {
-                let (r1, r2) = tokio::join!(
-                    verify::digests(self.one, &range, collection),
-                    verify::digests(self.two, &range, collection)
-                );
-                let (r1, r2) = (r1?, r2?);
-                self.rows_compared += (r1.len() + r2.len()) as u64;
-                self.bytes += r1.iter().chain(&r2).map(row_bytes).sum::<u64>();
-                let (m1, m2) = (by_key(&r1), by_key(&r2));
-                let mut keys: Vec<&Key> = m1.keys().chain(m2.keys()).collect();
-                keys.sort();
-                keys.dedup();
-                for key in keys {
-                    let (a, b) = (
-                        m1.get(key).cloned().flatten(),
-                        m2.get(key).cloned().flatten(),
-                    );
-                    if classify(key, &a, &b).is_some() {
-                        differing.push(key.clone());
-                    }
-                }
-                progress.1 += s1.count.max(s2.count) as u64;
-                progress.0.update(progress.1);
+        }
+        // Ranges whose summaries differ (the root: not known yet), with each side's rows.
+        let mut pending = vec![(root, n1, n2)];
+        while let Some((range, c1, c2)) = pending.pop() {
+            if c1.max(c2) <= LEAF {
+                differing.extend(self.compare_rows(&range).await?);
+                done += c1.max(c2) as u64;
+                progress.update(done);
                 continue;
             }
             // Split at keys of the side with more rows here (Region 1's, unless Region 2
-            // holds extra rows in this range: its keys are the ones to separate).
-            let (side, count) = if s1.count >= s2.count {
-                (self.one, s1.count)
+            // holds extra rows in this range: its keys are the ones to separate), then
+            // summarise every part on both sides, one statement each: every row of the range
+            // is hashed once at this level.
+            let (side, count) = if c1 >= c2 {
+                (self.one, c1)
             } else {
-                (self.two, s2.count)
+                (self.two, c2)
             };
-            let step = (count + FANOUT - 1) / FANOUT;
-            let points = verify::split_points(side, &range, collection, step).await?;
+            let fanout = if range == Range::default() {
+                FIRST_FANOUT
+            } else {
+                FANOUT
+            };
+            let step = (count + fanout - 1) / fanout;
+            let points = verify::split_points(side, &range, collection, step, fanout - 1).await?;
             self.bytes += points
                 .iter()
                 .map(|(c, i)| (c.len() + i.len() + 8) as u64)
                 .sum::<u64>();
-            let mut after = range.after.clone();
-            let mut parts = Vec::new();
-            for point in points {
-                if Some(&point) == range.upto.as_ref() {
-                    break;
+            let parts = range.split(points);
+            let summaries = self.summarise(&parts).await?;
+            let mut differ = Vec::new();
+            for (part, (s1, s2)) in parts.into_iter().zip(summaries) {
+                if s1 == s2 {
+                    done += s1.count as u64;
+                } else {
+                    differ.push((part, s1.count, s2.count));
                 }
-                parts.push(Range {
-                    after: after.clone(),
-                    upto: Some(point.clone()),
-                });
-                after = Some(point);
             }
-            parts.push(Range {
-                after,
-                upto: range.upto.clone(),
-            });
+            progress.update(done);
             // Depth first, in key order.
-            pending.extend(parts.into_iter().rev());
+            pending.extend(differ.into_iter().rev());
         }
-        if let Some((mut p, _)) = progress {
-            p.finish();
-        }
+        progress.finish();
         Ok(differing)
+    }
+
+    /// Both regions' summaries of each range.
+    async fn summarise(&mut self, ranges: &[Range]) -> anyhow::Result<Vec<(Summary, Summary)>> {
+        let collection = self.collection.as_ref();
+        let (s1, s2) = tokio::try_join!(
+            verify::summarise_each(self.one, ranges, collection),
+            verify::summarise_each(self.two, ranges, collection)
+        )?;
+        self.ranges += ranges.len() as u64;
+        self.rows_hashed += s1.iter().chain(&s2).map(|s| s.count).sum::<i64>();
+        // Two (count, xor) answers per range and the bounds sent with each query.
+        let bound_bytes: u64 = ranges
+            .iter()
+            .flat_map(|r| [&r.after, &r.upto])
+            .filter_map(|b| b.as_ref())
+            .map(|(c, i)| (c.len() + i.len()) as u64)
+            .sum();
+        self.bytes += 2 * (16 * ranges.len() as u64 + bound_bytes);
+        Ok(s1.into_iter().zip(s2).collect())
+    }
+
+    /// The keys of a small range whose rows differ: both sides' rows, compared here.
+    async fn compare_rows(&mut self, range: &Range) -> anyhow::Result<Vec<Key>> {
+        let collection = self.collection.as_ref();
+        let (r1, r2) = tokio::try_join!(
+            verify::digests(self.one, range, collection),
+            verify::digests(self.two, range, collection)
+        )?;
+        self.rows_compared += (r1.len() + r2.len()) as u64;
+        self.bytes += r1.iter().chain(&r2).map(row_bytes).sum::<u64>();
+        let (m1, m2) = (by_key(&r1), by_key(&r2));
+        let mut keys: Vec<&Key> = m1.keys().chain(m2.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        Ok(keys
+            .into_iter()
+            .filter(|key| {
+                let (a, b) = (
+                    m1.get(*key).cloned().flatten(),
+                    m2.get(*key).cloned().flatten(),
+                );
+                classify(key, &a, &b).is_some()
+            })
+            .cloned()
+            .collect())
     }
 
     /// Keeps the differences that persist once Region 2 caught up (see the module's doc).
