@@ -531,7 +531,13 @@ impl Relay {
         let time = outbox::heartbeat_time(&self.pool).await?;
         // The role rides along, so the other region learns of a newer write epoch even when
         // no write flows (the role is read after the time: it is at least as new).
-        let role = tandem_store::roles::current(&self.pool).await?;
+        // A database not yet migrated to the role (a rolling upgrade) sends heartbeats without.
+        let role = tandem_store::roles::current(&self.pool)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "no region role for the heartbeats");
+                None
+            });
         let region = &self.settings.service.region;
         let mut deliveries = Vec::with_capacity(partitions.len());
         for &partition in partitions {
