@@ -204,6 +204,74 @@ impl Forwarder {
         Ok(response)
     }
 
+    /// Asks the other region's Write API which region writes (`GET /leader`, bounded by
+    /// `timeout`) and, when it names a newer write epoch than this region's database records,
+    /// records it (`tandem_store::roles::promote`, which waits for this region's writes in
+    /// flight): a write region deposed while it was down or cut off stops taking writes as
+    /// soon as it can reach the other region, before its consumer hears the new epoch from the
+    /// stream. Returns whether it learned something. An unreachable peer teaches nothing.
+    pub async fn learn_from_peer(&self, store: &Store, view: &RoleView, timeout: Duration) -> bool {
+        let Ok(Some(own)) = roles::current(store.pool()).await else {
+            return false;
+        };
+        if !own.accepts_writes() {
+            return false;
+        }
+        let answer = async {
+            let answer = self
+                .client
+                .get(format!("{}/leader", self.base))
+                .timeout(timeout)
+                .send()
+                .await?;
+            anyhow::Ok(answer.json::<serde_json::Value>().await?)
+        }
+        .await;
+        let Ok(peer) = answer else {
+            return false;
+        };
+        let (Some(write_region), Some(epoch)) =
+            (peer["write_region"].as_str(), peer["write_epoch"].as_i64())
+        else {
+            return false;
+        };
+        if epoch <= own.write_epoch || write_region == own.region {
+            return false;
+        }
+        match roles::promote(store.pool(), write_region, epoch).await {
+            Ok(_) => {
+                view.invalidate();
+                tracing::warn!(
+                    write_region,
+                    write_epoch = epoch,
+                    previous_write_epoch = own.write_epoch,
+                    "the other region reports a newer write epoch: recorded; this region's writes now go there"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record the other region's newer write epoch");
+                false
+            }
+        }
+    }
+
+    /// Runs [`Self::learn_from_peer`] every second while the process lives (a pod; a Lambda
+    /// function's environment runs it while invoked).
+    pub fn spawn_peer_watch(&self, store: Store, view: RoleView) {
+        let forwarder = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                forwarder
+                    .learn_from_peer(&store, &view, Duration::from_secs(1))
+                    .await;
+            }
+        });
+    }
+
     fn record_forward(&self, outcome: &'static str) {
         self.forwards
             .get_or_create(&ForwardLabels { outcome })

@@ -137,9 +137,19 @@ impl AppState {
             )?),
             None => None,
         };
+        let store =
+            Store::new(pool).with_probe(tandem_store::db::connect_probe(&settings.database).await?);
+        let role = forward::RoleView::default();
+        if let Some(forwarder) = &forwarder {
+            // A write region deposed while this process was down learns it before serving,
+            // when the other region answers (bounded), and keeps asking while it runs.
+            forwarder
+                .learn_from_peer(&store, &role, std::time::Duration::from_secs(2))
+                .await;
+            forwarder.spawn_peer_watch(store.clone(), role.clone());
+        }
         Ok(Self {
-            store: Store::new(pool)
-                .with_probe(tandem_store::db::connect_probe(&settings.database).await?),
+            store,
             cache: {
                 let mut cache = settings.cache.clone();
                 cache.resolve_auth().await?;
@@ -153,7 +163,7 @@ impl AppState {
             metrics,
             region: settings.service.region.clone(),
             request_timeout: settings.service.request_timeout,
-            role: forward::RoleView::default(),
+            role,
             forwarder,
         })
     }
