@@ -236,6 +236,29 @@ async fn writes_to_region2_are_forwarded_with_the_same_contract_as_direct_writes
         assert_eq!(role["write_region"], "region1");
         assert_eq!(role["write_epoch"], 1);
     }
+
+    // A write region learns a newer write epoch from the other region's Write API alone: with
+    // Region 2's relay paused (no heartbeat can teach Region 1's consumer), Region 2's database
+    // is made the write region of epoch 2 by hand, and Region 1's Write API, asking Region 2's
+    // /leader every second, records it and stands down.
+    two.relay.as_ref().expect("relay").signal("STOP");
+    two.pool
+        .get()
+        .await
+        .expect("db")
+        .execute("SELECT tandem_promote_write_region('region2', 2)", &[])
+        .await
+        .expect("promote region2");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while system.role(0).await != ("region2".to_owned(), 2) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            system.logs("Region 1's Write API did not learn from Region 2's /leader")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    two.relay.as_ref().expect("relay").signal("CONT");
 }
 
 /// What the load's writers saw.
@@ -543,49 +566,54 @@ async fn failover_quarantines_exactly_the_lost_tail_then_fails_back() {
     );
     assert_eq!(put_n(&system, &w2, "new", 1).await.0, 201);
 
-    // Region 1 comes back. Its services start at its stale write epoch: a write it takes before
-    // it learns the new epoch must end up quarantined, never silently applied or dropped.
-    for service in ["write", "read", "relay", "consumer"] {
-        system.start_service(0, service);
-    }
+    // Region 1 comes back while Region 2's Write API is unreachable (so Region 1 cannot learn
+    // from it) and before its own consumer runs: its Write API starts at the stale write epoch
+    // and takes a write. That write must end up quarantined, never silently applied or dropped.
+    system.regions[1]
+        .write
+        .take()
+        .expect("region2 write")
+        .kill_and_wait();
+    system.start_service(0, "write");
     let mut deposed = None;
-    for attempt in 0..200 {
-        let (status, version, forwarded) = put_n(&system, &w1, "deposed", attempt).await;
-        match status {
-            // Committed in Region 1 at the old epoch: to be quarantined.
-            200 | 201 if !forwarded => {
-                deposed = Some(version.expect("version"));
+    for attempt in 0..400 {
+        match put_n(&system, &w1, "deposed", attempt).await {
+            (200 | 201, Some(version), false) => {
+                deposed = Some(version);
                 break;
             }
-            // Forwarded to Region 2: it learned already.
-            200 | 201 => break,
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
-    if let Some(version) = deposed {
-        lost.insert("deposed".to_owned(), version);
+    let deposed =
+        deposed.unwrap_or_else(|| panic!("{}", system.logs("the deposed Write API took no write")));
+    lost.insert("deposed".to_owned(), deposed);
+
+    // Its relay and consumer come back: the consumer learns write epoch 2 from Region 2's
+    // stream (Region 2's Write API is still down, so nothing else can teach it).
+    for service in ["relay", "consumer", "read"] {
+        system.start_service(0, service);
     }
-    eprintln!(
-        "a write to the deposed region right after its return was {}",
-        if deposed.is_some() {
-            "taken there (expected in the quarantine)"
-        } else {
-            "forwarded or refused"
-        }
-    );
-    // It learns the new write epoch from Region 2's stream and becomes a follower.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while system.role(0).await != ("region2".to_owned(), 2) {
         assert!(
             std::time::Instant::now() < deadline,
             "{}",
-            system.logs("region1 never learned write epoch 2")
+            system.logs("region1 never learned write epoch 2 from the stream")
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (status, _, forwarded) = put_n(&system, &w1, "after", 1).await;
+    system.start_service(1, "write");
+    let mut answer = (0, None, false);
+    for _ in 0..200 {
+        answer = put_n(&system, &w1, "after", 1).await;
+        if answer.0 == 201 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
-        (status, forwarded),
+        (answer.0, answer.2),
         (201, true),
         "the deposed region forwards"
     );
