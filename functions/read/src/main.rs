@@ -10,8 +10,17 @@ async fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some("migrate") {
         return tandem_store::migrations::run_from_env().await;
     }
-    let settings = Settings::from_env().context("Invalid configuration")?;
-    let state = AppState::build(&settings).await?;
+    // Under Lambda, a start that fails is reported to the Runtime API: the invoker gets the
+    // reason instead of waiting (tandem_runtime::lambda).
+    let started = async {
+        let settings = Settings::from_env().context("Invalid configuration")?;
+        let state = AppState::build(&settings).await?;
+        anyhow::Ok((settings, state))
+    };
+    let (settings, state) = match started.await {
+        Ok(started) => started,
+        Err(e) => return Err(tandem_runtime::lambda::report_init_error(e).await),
+    };
     let served = tandem_http::serve::run(tandem_read::router(state), &settings.service).await;
     tandem_runtime::telemetry::shutdown().await;
     served

@@ -5,6 +5,7 @@ mod cache;
 mod concurrency;
 mod jwks;
 mod lambda;
+mod lambda_runtime;
 mod limits;
 mod ops;
 mod outage;
