@@ -596,8 +596,9 @@ fn forward_section(w: &mut String, sizes: &Sizes, forward: &ForwardFigures) {
          (`TANDEM_REGION=region2`, Region 2's database and Redis, \
          `TANDEM_WRITE_FORWARD_URL` = Region 1's Write API) whose database names Region 1 the \
          write region, so it authenticates and checks each write, then forwards it ({} ok, {} \
-         failed). All {} of its 200 answers carried `x-tandem-forwarded-to: region1` (the \
-         benchmark fails otherwise), and no direct answer did. CPU per write is the whole \
+         failed). All {} of its 200 OK answers (warm-up included) carried \
+         `x-tandem-forwarded-to: region1` (the benchmark fails otherwise), and no direct \
+         answer did. CPU per write is the whole \
          machine's busy time over the run divided by the writes (split by process in the \
          details below).",
         crate::document_json().len(),
