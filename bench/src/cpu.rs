@@ -140,6 +140,12 @@ pub struct CpuSplit {
 }
 
 impl CpuSplit {
+    /// µs of CPU per operation, the whole machine's (or the probes' sum, if larger).
+    pub fn total_us(&self, ops: u64) -> f64 {
+        let known: f64 = self.parts.iter().map(|(_, s)| s).sum();
+        self.machine.max(known) / ops.max(1) as f64 * 1e6
+    }
+
     /// "service 210 + PostgreSQL 180 + … + other 30 = 560 µs/op (machine 1.9 of 2 cores busy)".
     pub fn per_op(&self, ops: u64) -> String {
         if self.wall <= 0.0 || ops == 0 {
@@ -157,7 +163,7 @@ impl CpuSplit {
         format!(
             "{} = {:.0} µs of CPU per operation; machine {:.1} of {cores} cores busy",
             text.join(" + "),
-            us(self.machine.max(known)),
+            self.total_us(ops),
             self.machine / self.wall
         )
     }

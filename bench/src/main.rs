@@ -1,7 +1,7 @@
 //! `tandem-bench [--quick] [--out docs/benchmarks.md]`: starts the whole two-region system from
-//! the release (or debug) binaries next to it, measures what issue 5 (and issue 14, for
-//! `tandem verify`) asks for, each figure next to a baseline measured in the same run on the
-//! same machine, and prints the table.
+//! the release (or debug) binaries next to it, measures what issue 5 (and issue 13, for write
+//! forwarding, and issue 14, for `tandem verify`) asks for, each figure next to a baseline
+//! measured in the same run on the same machine, and prints the table.
 //!
 //! `--quick` runs the same code with tiny sizes (the test suite runs it so the benchmark never
 //! rots); its figures are not meant to be read. `--out` writes the Markdown report, replacing
@@ -11,6 +11,7 @@
 mod backlog;
 mod cpu;
 mod footprint;
+mod forward;
 mod lag;
 mod load;
 mod profile;
@@ -209,12 +210,14 @@ async fn bench(sizes: &Sizes) -> anyhow::Result<report::Report> {
     let probes = stack.probes();
     report.extra_env = stack::extra_env();
 
-    // TANDEM_BENCH_ONLY=write,read,backlog,lag,verify runs only those measurements (experiments).
+    // TANDEM_BENCH_ONLY=write,forward,read,backlog,lag,verify runs only those measurements (experiments).
     let only = std::env::var("TANDEM_BENCH_ONLY").unwrap_or_default();
     let runs = |phase: &str| only.trim().is_empty() || only.split(',').any(|p| p.trim() == phase);
 
     if runs("write") {
         say("1. write throughput: Write API vs pgbench with the same transaction");
+    }
+    if runs("write") || runs("forward") {
         write::prepare(&stack, sizes.write_keys).await?;
     }
     let api_meter = cpu::Meter::default()
@@ -229,6 +232,14 @@ async fn bench(sizes: &Sizes) -> anyhow::Result<report::Report> {
         report
             .writes
             .push(write::run(&stack, sizes, concurrency, &api_meter, &pgbench_meter).await?);
+    }
+
+    // Before the outbox is cleared: the forwarded writes commit in Region 1 like the others.
+    if runs("forward") {
+        say("8. write forwarding: Region 2's Write API forwarding to Region 1's vs Region 1's");
+        let write2 = stack.spawn(Kind::Write2).await?;
+        report.forward = Some(forward::run(&stack, sizes, &write_api, &write2, &probes).await?);
+        report.loaded_memory(&write2);
     }
 
     if runs("read") {

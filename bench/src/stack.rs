@@ -25,12 +25,14 @@ pub enum Kind {
     Relay,
     Consumer,
     Read2,
+    /// Region 2's Write API, which forwards every write to Region 1's (measurement 8).
+    Write2,
 }
 
 impl Kind {
     pub fn binary(self) -> &'static str {
         match self {
-            Self::Write => "tandem-write",
+            Self::Write | Self::Write2 => "tandem-write",
             Self::Read1 | Self::Read2 => "tandem-read",
             Self::Relay => "tandem-outbox-relay",
             Self::Consumer => "tandem-region2-consumer",
@@ -44,6 +46,15 @@ impl Kind {
             Self::Relay => "tandem-outbox-relay",
             Self::Consumer => "tandem-region2-consumer",
             Self::Read2 => "tandem-read (region 2 replica)",
+            Self::Write2 => "tandem-write (region 2, forwarding)",
+        }
+    }
+
+    /// The region whose database the service uses.
+    pub fn region(self) -> u8 {
+        match self {
+            Self::Write | Self::Read1 | Self::Relay => 1,
+            Self::Consumer | Self::Read2 | Self::Write2 => 2,
         }
     }
 
@@ -93,7 +104,7 @@ pub struct Stack {
     pub topic: String,
     pub dir: PathBuf,
     pub http: reqwest::Client,
-    ports: [u16; 5],
+    ports: [u16; 6],
 }
 
 impl Stack {
@@ -204,6 +215,15 @@ impl Stack {
                 ("REDIS_URL", self.redis2.url()),
                 ("TANDEM_JWT_HS256_SECRET", self.secret.clone()),
                 ("TANDEM_PRIMARY_READ_URL", self.url(Kind::Read1)),
+            ]),
+            // Region 2's database records Region 1 as the write region at this first start
+            // (`TANDEM_INITIAL_WRITE_REGION` defaults to region1), so every write is forwarded.
+            Kind::Write2 => env.extend([
+                ("TANDEM_REGION", "region2".to_owned()),
+                ("DATABASE_URL", self.db2.clone()),
+                ("REDIS_URL", self.redis2.url()),
+                ("TANDEM_JWT_HS256_SECRET", self.secret.clone()),
+                ("TANDEM_WRITE_FORWARD_URL", self.url(Kind::Write)),
             ]),
         }
         let mut env: Vec<(String, String)> =

@@ -92,17 +92,52 @@ pub async fn run(
 }
 
 async fn api(stack: &Stack, concurrency: usize, amount: Amount, keys: u64) -> Outcome {
+    puts(
+        stack,
+        &stack.url(Kind::Write),
+        concurrency,
+        amount,
+        keys,
+        |_| true,
+    )
+    .await
+}
+
+/// Closed-loop `PUT`s of the benchmark document to random existing keys of the Write API at
+/// `url`; a 200 whose headers `accept` refuses counts as failed.
+pub async fn puts<A>(
+    stack: &Stack,
+    url: &str,
+    concurrency: usize,
+    amount: Amount,
+    keys: u64,
+    accept: A,
+) -> Outcome
+where
+    A: Fn(&reqwest::header::HeaderMap) -> bool + Send + Sync + 'static,
+{
     let client = crate::stack::http_client(concurrency);
-    let base = format!("{}/v1/{COLLECTION}", stack.url(Kind::Write));
+    let base = format!("{url}/v1/{COLLECTION}");
     let token = format!("Bearer {}", stack.token);
     let body = bytes::Bytes::from(crate::document_json());
+    let accept = std::sync::Arc::new(accept);
     closed_loop(concurrency, amount, move |_| {
         let request = client
             .put(format!("{base}/d{}", 1 + rand::random::<u64>() % keys))
             .header("authorization", &token)
             .header("content-type", "application/json")
             .body(body.clone());
-        crate::stack::send(request, 200)
+        let accept = accept.clone();
+        async move {
+            match request.send().await {
+                Ok(response) => {
+                    let good = response.status() == 200 && accept(response.headers());
+                    // The whole body is read, so the connection is reused.
+                    response.bytes().await.is_ok() && good
+                }
+                Err(_) => false,
+            }
+        }
     })
     .await
 }
