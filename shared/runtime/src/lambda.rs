@@ -7,9 +7,6 @@
 
 use std::time::Duration;
 
-/// The Runtime API's address as Lambda (and `cargo lambda watch`) sets it.
-const RUNTIME_API: &str = "AWS_LAMBDA_RUNTIME_API";
-
 /// How long the report may take: the process is about to exit either way.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -20,7 +17,9 @@ pub const INIT_ERROR_TYPE: &str = "Runtime.InitError";
 /// (`AWS_LAMBDA_RUNTIME_API` set), and hands it back for `main` to return. Outside Lambda it
 /// only hands it back. A report that fails is logged; the error is returned all the same.
 pub async fn report_init_error(error: anyhow::Error) -> anyhow::Error {
-    let Some(api) = std::env::var(RUNTIME_API)
+    // The Runtime API's address as Lambda (and `cargo lambda watch`) sets it; named literally
+    // for scripts/env_contract.py.
+    let Some(api) = std::env::var("AWS_LAMBDA_RUNTIME_API")
         .ok()
         .filter(|api| !api.trim().is_empty())
     else {
