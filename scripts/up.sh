@@ -446,9 +446,11 @@ MSG
 
 # Stay in the foreground until a signal arrives (its trap stops everything). The supervisors
 # never end by themselves; one that does (its process exited as it was being marked up) is
-# reported like a failed start.
+# reported like a failed start. A bounded sleep, not `wait -n`: bash runs a trap only between
+# commands, and a signal that lands just before `wait -n` blocks was seen to leave it waiting
+# (and the stack running) until a supervisor ended; here a trap runs within half a second.
 while :; do
-  wait -n "${SUP[@]}" || true
+  sleep 0.5 || true
   for name in "${!SUP[@]}"; do
     if ! kill -0 "${SUP[$name]}" 2>/dev/null; then
       if [ -e "$RUN/$name.exit" ]; then
