@@ -72,6 +72,10 @@ pub async fn run(
         });
     }
     let failed = documents.iter().filter(|d| d.error.is_some()).count();
+    if !dry_run && !documents.is_empty() {
+        // Wake the relay now rather than at its next poll; a failure only costs that poll.
+        tandem_store::outbox::notify(one).await.ok();
+    }
     let repaired = documents
         .iter()
         .filter(|d| matches!(&d.repair, Some(a) if *a != RepairAction::Nothing))

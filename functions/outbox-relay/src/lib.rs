@@ -4,9 +4,9 @@
 //!
 //! * One active replica: the leader holds a PostgreSQL advisory lock; standbys take over within
 //!   about a second of the leader's session ending.
-//! * Low latency and no stalls: it wakes on `LISTEN tandem_outbox` (a statement trigger on the
-//!   outbox) and also polls every `RELAY_POLL_INTERVAL_MS`, so a lost notification costs one
-//!   interval at most.
+//! * Low latency and no stalls: it wakes on `LISTEN tandem_outbox` (the Write API notifies after
+//!   its commits, never inside them: `tandem_store::outbox::RelayWake`) and also polls every
+//!   `RELAY_POLL_INTERVAL_MS`, so a lost notification costs one interval at most.
 //! * Never skips a late committer: it selects rows with `published_at IS NULL` in `seq` order
 //!   instead of "rows after the last published seq" (see the outbox migration).
 //! * Order per document: events are keyed `collection/id`, so one document's events share a

@@ -137,8 +137,10 @@ impl AppState {
             )?),
             None => None,
         };
-        let store =
-            Store::new(pool).with_probe(tandem_store::db::connect_probe(&settings.database).await?);
+        // Each commit wakes the relay after the fact, never inside the transaction.
+        let store = Store::new(pool)
+            .with_probe(tandem_store::db::connect_probe(&settings.database).await?)
+            .with_relay_wake();
         let role = forward::RoleView::default();
         if let Some(forwarder) = &forwarder {
             // A write region deposed while this process was down learns it before serving,

@@ -6,6 +6,7 @@
 //! rows afterwards (the relay fetching, marking, setting aside, pruning and replaying them)
 //! lives in [`crate::outbox`].
 
+use crate::outbox::RelayWake;
 use deadpool_postgres::{Pool, PoolError, Transaction};
 use serde_json::{Map, Value};
 use tandem_core::document::{Collection, Document, DocumentId, DocumentKey, Stored};
@@ -321,11 +322,30 @@ pub struct Store {
     /// Readiness probes' own connection ([`crate::db::connect_probe`]); the request pool when
     /// none is set.
     probe: Option<Pool>,
+    /// Wakes the relay after each committed write (the Write API's store).
+    wake: Option<RelayWake>,
 }
 
 impl Store {
     pub fn new(pool: Pool) -> Self {
-        Self { pool, probe: None }
+        Self {
+            pool,
+            probe: None,
+            wake: None,
+        }
+    }
+
+    /// Wakes the relay after every committed write ([`RelayWake`], notifications sent over
+    /// this store's pool). Needs a Tokio runtime.
+    pub fn with_relay_wake(mut self) -> Self {
+        self.wake = Some(RelayWake::spawn(self.pool.clone()));
+        self
+    }
+
+    fn committed(&self) {
+        if let Some(wake) = &self.wake {
+            wake.wake();
+        }
     }
 
     /// Probes readiness on `probe` instead of the request pool.
@@ -360,6 +380,7 @@ impl Store {
     pub async fn write(&self, request: WriteRequest) -> Result<WriteResult, WriteError> {
         if request.idempotency.is_none() {
             if let Some(outcome) = self.write_pipelined(&request).await? {
+                self.committed();
                 return Ok(WriteResult::Applied(outcome));
             }
         }
@@ -413,6 +434,7 @@ impl Store {
         }
 
         tx.commit().await?;
+        self.committed();
         Ok(WriteResult::Applied(outcome))
     }
 

@@ -1,4 +1,4 @@
-//! Schema migrations (refinery, SQL files in `shared/migrations/`), run at start-up by the
+//! Schema migrations (refinery, SQL files in `shared/store/migrations/`), run at start-up by the
 //! services that own a database or explicitly with the `migrate` sub-command.
 //!
 //! Several replicas may start at once, so the run holds a PostgreSQL advisory lock: the first

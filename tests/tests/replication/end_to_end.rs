@@ -139,3 +139,59 @@ async fn writes_in_region1_appear_in_region2_with_the_same_versions_data_and_tom
         .get(0);
     assert_eq!(applied, app.count("outbox").await);
 }
+
+/// The relay wakes on the notification the Write API sends after each commit (migration V9
+/// took it out of the write transaction, where it serialised durable commits): with the
+/// relay's poll set to ten minutes, every write still reaches Region 2, each on its own
+/// wake-up; and no trigger on the outbox notifies inside a writing transaction any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_wakes_after_each_commit_without_polling() {
+    let mut regions = TwoRegions::start_without_workers().await;
+    regions.start_consumer();
+    regions.start_relay_with(&[("RELAY_POLL_INTERVAL_MS", "600000")]);
+    let app = &regions.region1;
+    let notifying_triggers: i64 = app
+        .pool
+        .get()
+        .await
+        .expect("connection")
+        .query_one(
+            "SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
+             WHERE t.tgrelid = 'outbox'::regclass AND p.prosrc ILIKE '%notify%'",
+            &[],
+        )
+        .await
+        .expect("triggers")
+        .get(0);
+    assert_eq!(notifying_triggers, 0, "a write transaction notifies");
+
+    let region2 = regions
+        .region2_pool
+        .get()
+        .await
+        .expect("region 2 connection");
+    for n in 1..=5i64 {
+        app.put("wake", "doc", &json!({"n": n})).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let version: Option<i64> = region2
+                .query_opt(
+                    "SELECT version FROM documents WHERE collection = 'wake' AND id = 'doc'",
+                    &[],
+                )
+                .await
+                .expect("region 2 version")
+                .map(|row| row.get(0));
+            if version == Some(n) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "write {n} did not reach Region 2 without a poll (it holds version {version:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The relay is idle again before the next write: that one needs a wake-up of its own.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
