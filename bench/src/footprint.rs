@@ -95,7 +95,7 @@ pub fn machine() -> Vec<String> {
             }
         ),
         format!(
-            "- {} (fsync=off, as the test harness runs it)",
+            "- {} (durable: fsync and synchronous_commit on, as on RDS)",
             first_line(&postgres.display().to_string(), &["--version"])
         ),
         format!("- {}", first_line("redis-server", &["--version"])),

@@ -102,13 +102,14 @@ impl Report {
             let ratio = run.api.per_second() / run.pgbench_tps;
             let _ = writeln!(
                 w,
-                "| 1 | write throughput, concurrency {} | {:.0} writes/s (p50 {:.1} ms, p99 {:.1} ms) | pgbench, same transaction: {:.0} tx/s (mean {:.1} ms) | {} |",
+                "| 1 | write throughput, concurrency {} | {:.0} writes/s (p50 {:.1} ms, p99 {:.1} ms) | pgbench, same transaction: {:.0} tx/s (mean {:.1} ms); with the in-transaction `NOTIFY` writes sent before V9: {:.0} tx/s | {} |",
                 run.concurrency,
                 run.api.per_second(),
                 run.api.ms(0.5),
                 run.api.ms(0.99),
                 run.pgbench_tps,
                 run.pgbench_latency_ms,
+                run.pgbench_notify_tps,
                 flag(ratio, ratio < WRITE_TARGET),
             );
         }
@@ -316,7 +317,10 @@ impl Report {
                  p90 {:.2} / p99 {:.2} / max {:.2} ms. pgbench: `-M prepared -c {} -f` with the \
                  API's statements (`BEGIN`, `SELECT … FOR UPDATE`, the update with its outbox \
                  row in one statement, `COMMIT`) and the same values as parameters, one at a \
-                 time; the API pipelines them in two round trips.",
+                 time; the API pipelines them in two round trips. The same pgbench run with \
+                 `NOTIFY tandem_outbox` added inside the transaction (what V2's outbox trigger \
+                 did to every write until V9): {:.0} tx/s (mean {:.1} ms), {:.2} of the plain \
+                 transaction's rate.",
                 run.concurrency,
                 crate::document_json().len(),
                 sizes.write_keys,
@@ -328,6 +332,9 @@ impl Report {
                 run.api.ms(0.99),
                 run.api.ms(1.0),
                 run.concurrency,
+                run.pgbench_notify_tps,
+                run.pgbench_notify_latency_ms,
+                run.pgbench_notify_tps / run.pgbench_tps,
             );
             let _ = writeln!(
                 w,

@@ -111,8 +111,8 @@ impl Stack {
     pub async fn start() -> anyhow::Result<Self> {
         let (pg1, pg2, redis1, redis2) = tokio::task::spawn_blocking(|| {
             anyhow::Ok((
-                Postgres::start()?,
-                Postgres::start()?,
+                Postgres::start_durable()?,
+                Postgres::start_durable()?,
                 Redis::start()?,
                 Redis::start()?,
             ))

@@ -23,6 +23,10 @@ pub struct WriteRun {
     pub pgbench_tps: f64,
     pub pgbench_latency_ms: f64,
     pub pgbench_transactions: u64,
+    /// pgbench with the same transaction plus `NOTIFY tandem_outbox` inside it: how every
+    /// write committed until migration V9 moved the relay's wake-up after the commit.
+    pub pgbench_notify_tps: f64,
+    pub pgbench_notify_latency_ms: f64,
     pub api_cpu: CpuSplit,
     pub pgbench_cpu: CpuSplit,
     /// `TANDEM_BENCH_PROFILE` statement statistics of both runs.
@@ -74,17 +78,21 @@ pub async fn run(
     crate::profile::reset(&stack.db1).await?;
     let cpu = pgbench_meter.start();
     let (pgbench_tps, pgbench_latency_ms, pgbench_transactions) =
-        pgbench(stack, concurrency, amount, keys)?;
+        pgbench(stack, concurrency, amount, keys, false)?;
     let pgbench_cpu = cpu.stop();
     profile.extend(
         crate::profile::top(&stack.db1, &format!("pgbench, concurrency {concurrency}")).await?,
     );
+    let (pgbench_notify_tps, pgbench_notify_latency_ms, _) =
+        pgbench(stack, concurrency, amount, keys, true)?;
     Ok(WriteRun {
         concurrency,
         api: outcome,
         pgbench_tps,
         pgbench_latency_ms,
         pgbench_transactions,
+        pgbench_notify_tps,
+        pgbench_notify_latency_ms,
         api_cpu,
         pgbench_cpu,
         profile,
@@ -147,7 +155,14 @@ where
 /// row in one statement, `COMMIT`), with the same values sent as parameters (see
 /// [`variables`]); the event id is time-ordered like the API's UUIDv7. pgbench sends them one
 /// at a time (its `\\gset` cannot be pipelined); the API pipelines them in two round trips.
-fn script(keys: u64) -> String {
+/// With `notify`, the transaction also sends `NOTIFY tandem_outbox`, as V2's outbox trigger
+/// made every write do.
+fn script(keys: u64, notify: bool) -> String {
+    let notify = if notify {
+        "NOTIFY tandem_outbox;\n"
+    } else {
+        ""
+    };
     format!(
         "\\set n random(1, {keys})\n\
          BEGIN;\n\
@@ -155,6 +170,7 @@ fn script(keys: u64) -> String {
          WITH updated AS (UPDATE documents SET version = :cur_version::bigint + 1, data = :data::jsonb, deleted = false, updated_at = clock.t, created_at = CASE WHEN false THEN clock.t ELSE created_at END FROM (SELECT clock_timestamp() AS t) clock WHERE collection = '{COLLECTION}' AND id = 'd' || :n::text AND version = :cur_version::bigint RETURNING data, deleted, created_at, updated_at), \
          queued AS (INSERT INTO outbox (event_id, collection, document_id, version, operation, payload, traceparent) SELECT (lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0') || substr(md5(random()::text), 1, 20))::uuid, '{COLLECTION}', 'd' || :n::text, :cur_version::bigint + 1, 'upsert', CASE WHEN u.deleted THEN jsonb_build_object('collection', '{COLLECTION}'::text, 'id', 'd' || :n::text, 'version', :cur_version::bigint + 1, 'deleted', true, 'updated_at', ((to_jsonb(u.updated_at AT TIME ZONE 'UTC') #>> '{{}}') || 'Z')) ELSE jsonb_build_object('collection', '{COLLECTION}'::text, 'id', 'd' || :n::text, 'version', :cur_version::bigint + 1, 'data', u.data, 'created_at', ((to_jsonb(u.created_at AT TIME ZONE 'UTC') #>> '{{}}') || 'Z'), 'updated_at', ((to_jsonb(u.updated_at AT TIME ZONE 'UTC') #>> '{{}}') || 'Z')) END, :traceparent FROM updated u RETURNING 1) \
          SELECT u.created_at, u.updated_at FROM updated u CROSS JOIN queued;\n\
+         {notify}\
          END;\n"
     )
 }
@@ -179,9 +195,10 @@ fn pgbench(
     concurrency: usize,
     amount: Amount,
     keys: u64,
+    notify: bool,
 ) -> anyhow::Result<(f64, f64, u64)> {
-    let path = stack.dir.join(format!("write-{concurrency}.sql"));
-    std::fs::write(&path, script(keys))?;
+    let path = stack.dir.join(format!("write-{concurrency}-{notify}.sql"));
+    std::fs::write(&path, script(keys, notify))?;
     let database = stack
         .db1
         .rsplit('/')

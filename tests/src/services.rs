@@ -64,15 +64,24 @@ pub struct Postgres {
     pub dir: PathBuf,
     process: Option<ManagedProcess>,
     remove_on_drop: bool,
+    /// Commits flushed to disk (`fsync` on, as RDS runs); the tests run with `fsync=off`.
+    durable: bool,
 }
 
 impl Postgres {
-    /// Creates and starts a new cluster (about a second).
+    /// Creates and starts a new cluster (about a second), with `fsync=off`: a killed process
+    /// loses nothing (the page cache survives), only a machine crash would.
     pub fn start() -> anyhow::Result<Self> {
-        Self::start_inner(false)
+        Self::start_inner(false, false)
     }
 
-    fn start_inner(shared: bool) -> anyhow::Result<Self> {
+    /// A cluster that flushes every commit (`fsync` and `synchronous_commit` on, the
+    /// defaults, as on RDS): what the benchmark measures against.
+    pub fn start_durable() -> anyhow::Result<Self> {
+        Self::start_inner(false, true)
+    }
+
+    fn start_inner(shared: bool, durable: bool) -> anyhow::Result<Self> {
         let dir = scratch_dir("pg");
         give_to_postgres_user(&dir);
         let data = dir.join("data");
@@ -97,6 +106,7 @@ impl Postgres {
             dir,
             process: None,
             remove_on_drop: !shared,
+            durable,
         };
         pg.launch(shared)?;
         Ok(pg)
@@ -115,7 +125,9 @@ impl Postgres {
             "-c".into(),
             "listen_addresses=127.0.0.1".into(),
             "-c".into(),
-            "fsync=off".into(),
+            format!("fsync={}", if self.durable { "on" } else { "off" }),
+            "-c".into(),
+            "synchronous_commit=on".into(),
             "-c".into(),
             "max_connections=300".into(),
         ]);
@@ -162,14 +174,14 @@ impl Postgres {
 
     /// A cluster for the whole test process, removed when the process exits.
     pub fn start_shared() -> anyhow::Result<Self> {
-        Self::start_inner(true)
+        Self::start_inner(true, false)
     }
 
     /// The cluster every test of this process shares (each test gets its own database).
     pub fn shared() -> &'static Postgres {
         static SHARED: OnceLock<Postgres> = OnceLock::new();
         SHARED.get_or_init(|| {
-            Postgres::start_inner(true).expect("failed to start the shared PostgreSQL")
+            Postgres::start_inner(true, false).expect("failed to start the shared PostgreSQL")
         })
     }
 
