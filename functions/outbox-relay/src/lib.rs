@@ -45,7 +45,7 @@ pub struct Settings {
     pub service: ServiceSettings,
     pub database: DatabaseSettings,
     pub kafka: KafkaSettings,
-    /// Rows per batch (`RELAY_BATCH_SIZE`, default 500).
+    /// Rows per batch (`RELAY_BATCH_SIZE`, default 2000).
     pub batch_size: i64,
     /// Payload bytes per batch (`RELAY_BATCH_BYTES`, default 16 MiB): a batch stops before the
     /// row that would pass it (one larger row travels alone), so the relay's memory is bounded
@@ -63,7 +63,7 @@ impl Settings {
             service: ServiceSettings::from_env()?,
             database: DatabaseSettings::from_env()?,
             kafka: KafkaSettings::from_env()?,
-            batch_size: config::parsed_or("RELAY_BATCH_SIZE", 500)?,
+            batch_size: config::parsed_or("RELAY_BATCH_SIZE", 2000)?,
             batch_bytes: config::parsed_or("RELAY_BATCH_BYTES", 16 * 1024 * 1024)?,
             poll_interval: config::millis_or("RELAY_POLL_INTERVAL_MS", Duration::from_millis(500))?,
             retention: Duration::from_secs(
