@@ -28,6 +28,7 @@ bench:
 lint:
 	python3 scripts/check-layers.py --self-test
 	python3 scripts/check-layers.py
+	python3 scripts/check-features.py
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 

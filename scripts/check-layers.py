@@ -4,6 +4,7 @@
 Crates may depend only on crates in lower layers (README, "Layout"):
 
     0  tandem-core               the domain, no I/O
+       tandem-workspace-hack     no code: feature pins for the Lambda packages built alone
     1  tandem-runtime            configuration, secrets, telemetry, metrics, shutdown, Kafka client
     2  tandem-store              every SQL statement and Redis script
     3  tandem-http               the HTTP edge, the Lambda-or-HTTP adapter, the workers' shell
@@ -32,7 +33,7 @@ import subprocess
 import sys
 
 LAYERS = [
-    ["tandem-core"],
+    ["tandem-core", "tandem-workspace-hack"],
     ["tandem-runtime"],
     ["tandem-store"],
     ["tandem-http"],

@@ -13,6 +13,8 @@ export TANDEM_PG_BINDIR="$(pg_bindir)"
 say "checking the crates' layering (scripts/check-layers.py: its self-test, then the workspace)"
 python3 scripts/check-layers.py --self-test
 python3 scripts/check-layers.py
+say "checking that each Lambda function's package reuses the workspace build (scripts/check-features.py)"
+python3 scripts/check-features.py
 
 say "building the binaries the tests run (cargo build --workspace --bins)"
 cargo build --workspace --bins --locked
