@@ -1,7 +1,7 @@
 //! The Region 2 consumer (long-running): applies change events from Kafka to Region 2's
 //! PostgreSQL and Redis, effectively once, whatever crashes in between.
 //!
-//! * Events are applied in batches (whatever is already waiting, up to 500 events and
+//! * Events are applied in batches (whatever is already waiting, up to `CONSUMER_BATCH_SIZE` and
 //!   `CONSUMER_BATCH_BYTES`), each batch in one transaction that also records the event ids
 //!   (`applied_events`) and the Kafka positions (`consumer_offsets`). A crash before the commit
 //!   loses nothing (the batch is consumed again); a crash after it double-applies nothing (the
@@ -56,8 +56,10 @@ pub struct Settings {
     /// true position lives in its database.
     pub group_id: String,
     /// `CONSUMER_BATCH_BYTES` (default 16 MiB): a batch stops growing at this many bytes (or
-    /// 500 events), so memory is bounded by bytes, not only by counts.
+    /// at `batch_size` events), so memory is bounded by bytes, not only by counts.
     pub batch_bytes: usize,
+    /// `CONSUMER_BATCH_SIZE` (default 500): the most events applied in one transaction.
+    pub batch_size: usize,
 }
 
 impl Settings {
@@ -71,6 +73,7 @@ impl Settings {
                 .unwrap_or_else(|| format!("tandem-{}", service.region)),
             service,
             batch_bytes: config::parsed_or("CONSUMER_BATCH_BYTES", 16 * 1024 * 1024)?,
+            batch_size: config::parsed_or("CONSUMER_BATCH_SIZE", DEFAULT_BATCH_SIZE)?.get(),
         })
     }
 }
@@ -246,7 +249,7 @@ impl Region2Consumer {
             recreated_tx,
         ));
         let result = async {
-            let mut batch: Vec<Incoming> = Vec::with_capacity(MAX_BATCH);
+            let mut batch: Vec<Incoming> = Vec::with_capacity(self.settings.batch_size);
             // Partitions held back at an event of a newer schema version: this term reads
             // them on but applies nothing more of them; the position stays before the event,
             // where an upgraded consumer resumes.
@@ -317,7 +320,9 @@ impl Region2Consumer {
                             break;
                         }
                     }
-                    if batch.len() < MAX_BATCH && batch_bytes < self.settings.batch_bytes {
+                    if batch.len() < self.settings.batch_size
+                        && batch_bytes < self.settings.batch_bytes
+                    {
                         // A poll that only consumed a client event (an offset commit's
                         // report, say) comes back empty: look twice more before ending.
                         next = (0..3).find_map(|_| consumer.recv().now_or_never());
@@ -362,8 +367,8 @@ enum Admitted {
     Reassigned,
 }
 
-/// The most messages applied in one transaction.
-const MAX_BATCH: usize = 500;
+/// The most messages applied in one transaction, unless `CONSUMER_BATCH_SIZE` says otherwise.
+const DEFAULT_BATCH_SIZE: std::num::NonZeroUsize = std::num::NonZeroUsize::new(500).unwrap();
 
 impl Region2Consumer {
     /// Checks a message against the resume proof of its partition (see [`Self::assignment`]):
