@@ -165,32 +165,12 @@ async fn the_relay_wakes_after_each_commit_without_polling() {
         .get(0);
     assert_eq!(notifying_triggers, 0, "a write transaction notifies");
 
-    let region2 = regions
-        .region2_pool
-        .get()
-        .await
-        .expect("region 2 connection");
     for n in 1..=5i64 {
         app.put("wake", "doc", &json!({"n": n})).await;
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let version: Option<i64> = region2
-                .query_opt(
-                    "SELECT version FROM documents WHERE collection = 'wake' AND id = 'doc'",
-                    &[],
-                )
-                .await
-                .expect("region 2 version")
-                .map(|row| row.get(0));
-            if version == Some(n) {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "write {n} did not reach Region 2 without a poll (it holds version {version:?})"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // Without a wake-up the relay would not look again for ten minutes.
+        regions
+            .wait_region2_version("/v1/wake/doc", n, Duration::from_secs(60))
+            .await;
         // The relay is idle again before the next write: that one needs a wake-up of its own.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
