@@ -293,6 +293,9 @@ pub struct Applier {
     /// The elected leader's epoch, checked by every apply transaction; `None` outside a
     /// leadership term (the `redrive` command).
     fence: Arc<std::sync::Mutex<Option<Fence>>>,
+    /// Set with [`Self::with_deferred_progress`]: the newest event time applied since the last
+    /// [`Self::record_heartbeat`], which records it instead of each apply transaction.
+    deferred_progress: Option<Arc<std::sync::Mutex<Option<OffsetDateTime>>>>,
 }
 
 impl Applier {
@@ -302,7 +305,17 @@ impl Applier {
             cache,
             metrics,
             fence: Arc::default(),
+            deferred_progress: None,
         }
+    }
+
+    /// Leaves `replication_status`'s progress (the newest event time applied, when) to
+    /// [`Self::record_heartbeat`], once a second, instead of every apply transaction. For
+    /// transactions that run side by side (the consumer's lanes): that table is one row, and
+    /// updating it in each would make them wait for each other's commit.
+    pub fn with_deferred_progress(mut self) -> Self {
+        self.deferred_progress = Some(Arc::default());
+        self
     }
 
     /// Fences this term's transactions with its epoch (`None`: unfenced).
@@ -718,11 +731,18 @@ impl Applier {
             )
             .collect();
         let heartbeats: Vec<(i32, OffsetDateTime)> = heartbeats.into_iter().collect();
-        let newest = events.iter().map(|e| e.time).max();
+        let mut newest = events.iter().map(|e| e.time).max();
+        let deferred = self.deferred_progress.as_ref().and(newest.take());
         writes
             .record_progress(topic, &positions, newest, &heartbeats)
             .await?;
         tx.commit().await?;
+        if let (Some(time), Some(slot)) = (deferred, &self.deferred_progress) {
+            let mut slot = slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *slot = Some(slot.map_or(time, |t| t.max(time)));
+        }
         if invalidate {
             self.cache.invalidate_all().await;
         } else {
@@ -1028,7 +1048,23 @@ impl Applier {
     /// Liveness and backlog, for the Read API's lag report.
     pub async fn record_heartbeat(&self, backlog: i64) {
         self.metrics.backlog.set(backlog);
-        let _ = replica::record_heartbeat(&self.pool, backlog).await;
+        let newest = self.deferred_progress.as_ref().and_then(|slot| {
+            slot.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+        });
+        if replica::record_heartbeat(&self.pool, backlog, newest)
+            .await
+            .is_err()
+        {
+            // Recorded with the next heartbeat instead.
+            if let (Some(time), Some(slot)) = (newest, &self.deferred_progress) {
+                let mut slot = slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                *slot = Some(slot.map_or(time, |t| t.max(time)));
+            }
+        }
     }
 
     /// Re-applies dead letters (one, or all not yet redriven): [`replica::redrive`], with

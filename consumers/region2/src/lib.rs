@@ -60,13 +60,31 @@ pub struct Settings {
     pub batch_bytes: usize,
     /// `CONSUMER_BATCH_SIZE` (default 500): the most events applied in one transaction.
     pub batch_size: usize,
+    /// `CONSUMER_LANES` (default 1): how many transactions apply side by side. Partition `p`
+    /// goes to lane `p mod lanes`, so each partition (and so each document) stays in one
+    /// ordered lane; with more than one, a batch gathers up to `batch_size` events per lane.
+    pub lanes: usize,
 }
 
 impl Settings {
     pub fn from_env() -> Result<Self, ConfigError> {
         let service = ServiceSettings::from_env()?;
+        let database = DatabaseSettings::from_env()?;
+        let lanes = config::parsed_or("CONSUMER_LANES", std::num::NonZeroUsize::MIN)?.get();
+        // Each lane holds a connection while it applies; the heartbeat needs one more.
+        if lanes >= database.pool_size {
+            return Err(ConfigError::Invalid {
+                name: "CONSUMER_LANES",
+                value: lanes.to_string(),
+                reason: format!(
+                    "each lane needs a database connection of its own: at most {} with DATABASE_POOL_SIZE={}",
+                    database.pool_size.saturating_sub(1),
+                    database.pool_size
+                ),
+            });
+        }
         Ok(Self {
-            database: DatabaseSettings::from_env()?,
+            database,
             cache: CacheSettings::from_env()?,
             kafka: KafkaSettings::from_env()?,
             group_id: config::optional("KAFKA_GROUP_ID")
@@ -74,6 +92,7 @@ impl Settings {
             service,
             batch_bytes: config::parsed_or("CONSUMER_BATCH_BYTES", 16 * 1024 * 1024)?,
             batch_size: config::parsed_or("CONSUMER_BATCH_SIZE", DEFAULT_BATCH_SIZE)?.get(),
+            lanes,
         })
     }
 }
@@ -112,8 +131,12 @@ impl Region2Consumer {
         let mut cache_settings = settings.cache.clone();
         cache_settings.resolve_auth().await?;
         let cache = Cache::new(cache_settings)?;
+        let mut applier = Applier::new(pool, cache, Arc::new(ConsumerMetrics::new()));
+        if settings.lanes > 1 {
+            applier = applier.with_deferred_progress();
+        }
         Ok(Self {
-            applier: Applier::new(pool, cache, Arc::new(ConsumerMetrics::new())),
+            applier,
             probe: tandem_store::db::connect_probe(&settings.database).await?,
             anchors: Anchors::default(),
             settings,
@@ -249,7 +272,8 @@ impl Region2Consumer {
             recreated_tx,
         ));
         let result = async {
-            let mut batch: Vec<Incoming> = Vec::with_capacity(self.settings.batch_size);
+            let batch_size = self.settings.batch_size * self.settings.lanes;
+            let mut batch: Vec<Incoming> = Vec::with_capacity(batch_size);
             // Partitions held back at an event of a newer schema version: this term reads
             // them on but applies nothing more of them; the position stays before the event,
             // where an upgraded consumer resumes.
@@ -320,7 +344,7 @@ impl Region2Consumer {
                             break;
                         }
                     }
-                    if batch.len() < self.settings.batch_size
+                    if batch.len() < batch_size
                         && batch_bytes < self.settings.batch_bytes
                     {
                         // A poll that only consumed a client event (an offset commit's
@@ -337,12 +361,16 @@ impl Region2Consumer {
                     .largest_batch_bytes
                     .set(metrics.largest_batch_bytes.get().max(bytes));
                 batch_bytes = 0;
-                self.applier.apply_batch_with_retry(&batch, shutdown).await?;
+                let mut applied: HashMap<i32, i64> = HashMap::new();
                 for incoming in &batch {
-                    let next = committed.entry(incoming.partition).or_insert(0);
+                    let next = applied.entry(incoming.partition).or_insert(0);
                     *next = (*next).max(incoming.offset + 1);
                 }
-                batch.clear();
+                self.apply_in_lanes(&mut batch, shutdown).await?;
+                for (partition, next) in applied {
+                    let slot = committed.entry(partition).or_insert(0);
+                    *slot = (*slot).max(next);
+                }
                 if last_commit.elapsed() >= Duration::from_secs(1) {
                     last_commit = std::time::Instant::now();
                     commit_positions(&consumer, &topic, &mut committed);
@@ -355,6 +383,49 @@ impl Region2Consumer {
         // Destroying a client waits for its threads: keep that off the runtime.
         tokio::task::spawn_blocking(move || drop(consumer));
         result
+    }
+}
+
+impl Region2Consumer {
+    /// Applies (and empties) a batch: in one transaction, or split by partition into
+    /// [`Settings::lanes`] ordered lanes whose transactions run side by side. Each lane's
+    /// transaction records its own partitions' positions, so a crash between two lanes'
+    /// commits resumes each partition where its own lane left it. Returns when every lane is
+    /// done: the next batch starts after this one, as with one lane, so everything the
+    /// receive loop decides (held partitions, re-reads) still happens between batches.
+    async fn apply_in_lanes(
+        &self,
+        batch: &mut Vec<Incoming>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let lanes = self.settings.lanes;
+        if lanes <= 1 {
+            let result = self.applier.apply_batch_with_retry(batch, shutdown).await;
+            batch.clear();
+            return result;
+        }
+        let mut split: Vec<Vec<Incoming>> = (0..lanes).map(|_| Vec::new()).collect();
+        for incoming in batch.drain(..) {
+            let lane = usize::try_from(incoming.partition).unwrap_or_default() % lanes;
+            split[lane].push(incoming);
+        }
+        let running: Vec<_> = split
+            .into_iter()
+            .filter(|lane| !lane.is_empty())
+            .map(|lane| {
+                let applier = self.applier.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { applier.apply_batch_with_retry(&lane, &shutdown).await })
+            })
+            .collect();
+        let mut first_error = None;
+        for lane in running {
+            let result = lane.await.map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 }
 

@@ -717,13 +717,23 @@ pub async fn count_partitions_in_lag(
         .await?)
 }
 
-/// The consumer's liveness and backlog, for the Read API's lag report.
-pub async fn record_heartbeat(pool: &Pool, backlog: i64) -> Result<(), StoreError> {
+/// The consumer's liveness and backlog, for the Read API's lag report; with `applied`, also
+/// the progress its apply transactions left to it (the newest event time applied since the
+/// last heartbeat: `last_applied_at` then says when the heartbeat recorded it).
+pub async fn record_heartbeat(
+    pool: &Pool,
+    backlog: i64,
+    applied: Option<OffsetDateTime>,
+) -> Result<(), StoreError> {
     let client = pool.get().await?;
     client
         .execute(
-            "UPDATE replication_status SET heartbeat_at = clock_timestamp(), backlog = $1 WHERE id = 1",
-            &[&backlog],
+            "UPDATE replication_status SET heartbeat_at = clock_timestamp(), backlog = $1, \
+               last_event_time = GREATEST(last_event_time, $2), \
+               last_applied_at = CASE WHEN $2::timestamptz IS NULL THEN last_applied_at \
+                 ELSE clock_timestamp() END \
+             WHERE id = 1",
+            &[&backlog, &applied],
         )
         .await?;
     Ok(())
