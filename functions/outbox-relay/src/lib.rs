@@ -4,6 +4,11 @@
 //!
 //! * One active replica: the leader holds a PostgreSQL advisory lock; standbys take over within
 //!   about a second of the leader's session ending.
+//! * Or, with `RELAY_SHARES` = n > 1, n shares of the outbox (by document key), each published
+//!   by the one relay holding its advisory lock, with an epoch and a fence of its own: the
+//!   relays balance the shares among themselves (each takes at most ⌈n / relays⌉ and hands
+//!   the rest back after its batch in flight), and a share whose relay died is taken over
+//!   within about a second ([`Relay::run`]).
 //! * Low latency and no stalls: it wakes on `LISTEN tandem_outbox` (the Write API notifies after
 //!   its commits, never inside them: `tandem_store::outbox::RelayWake`) and also polls every
 //!   `RELAY_POLL_INTERVAL_MS`, so a lost notification costs one interval at most.
@@ -15,7 +20,9 @@
 
 pub mod metrics;
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -34,7 +41,7 @@ use tandem_runtime::shutdown::CancellationToken;
 use tandem_store::db::DatabaseSettings;
 use tandem_store::documents::StoreError;
 use tandem_store::housekeeping;
-use tandem_store::leader::{Fence, Leadership, RELAY_LOCK};
+use tandem_store::leader::{Fence, Leadership, MAX_SHARES, Membership, RELAY_LOCK, Share};
 use tandem_store::outbox::{self, OutboxRow};
 
 pub use metrics::RelayMetrics;
@@ -55,6 +62,9 @@ pub struct Settings {
     pub poll_interval: Duration,
     /// How long published rows are kept for replay (`RELAY_OUTBOX_RETENTION_HOURS`, default 72).
     pub retention: Duration,
+    /// `RELAY_SHARES` (default 1, at most 64): how many shares the outbox is split into, each
+    /// published by one relay at a time (1: one active relay for the whole outbox).
+    pub shares: u32,
 }
 
 impl Settings {
@@ -69,6 +79,16 @@ impl Settings {
             retention: Duration::from_secs(
                 config::parsed_or::<u64>("RELAY_OUTBOX_RETENTION_HOURS", 72)? * 3600,
             ),
+            shares: match config::parsed_or::<u32>("RELAY_SHARES", 1)? {
+                shares @ 1..=MAX_SHARES => shares,
+                other => {
+                    return Err(ConfigError::Invalid {
+                        name: "RELAY_SHARES",
+                        value: other.to_string(),
+                        reason: format!("between 1 and {MAX_SHARES}"),
+                    });
+                }
+            },
         })
     }
 }
@@ -175,16 +195,176 @@ impl Relay {
                 "could not ensure the topic exists; publishing will retry"
             );
         }
+        if self.settings.shares > 1 {
+            self.run_shares(&shutdown).await;
+            return Ok(());
+        }
         let mut last_prune = Instant::now() - Duration::from_secs(3600);
         tandem_http::worker::run_elected(
             &self.settings.database,
             RELAY_LOCK,
             &self.metrics.role,
             &shutdown,
-            async |leadership, shutdown| self.lead(leadership, shutdown, &mut last_prune).await,
+            async |leadership, shutdown| {
+                self.metrics.shares_held.set(1);
+                let result = self.lead(leadership, shutdown, &mut last_prune, None).await;
+                self.metrics.shares_held.set(0);
+                result
+            },
         )
         .await;
         Ok(())
+    }
+
+    /// The partitioned mode (`RELAY_SHARES` > 1), until shutdown. The process joins the relays
+    /// of the same share count ([`Membership`]), then every second computes its fair part,
+    /// ⌈shares / relays⌉: one task per share tries to take its share while the process holds
+    /// fewer, and the process hands back a share when it holds more (a relay joined). A share
+    /// is handed back after its batch in flight is settled, and taken by the next relay from
+    /// its oldest unpublished row, so one document's events keep their order across the
+    /// handover; when a relay dies instead, its share's lock goes with its session, and the
+    /// next holder's epoch fences off anything the dead one still had in flight.
+    async fn run_shares(&self, shutdown: &CancellationToken) {
+        let count = self.settings.shares;
+        while !shutdown.is_cancelled() {
+            let membership = match Membership::join(&self.settings.database, count).await {
+                Ok(Some(membership)) => membership,
+                Ok(None) => {
+                    // Jittered: two relays of different share counts that joined at the same
+                    // moment and turned each other away must not keep meeting.
+                    let jitter = u64::from(std::process::id() % 700);
+                    self.pause(shutdown, Duration::from_millis(1000 + jitter))
+                        .await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "could not join the relays; retrying"
+                    );
+                    self.pause(shutdown, Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            tracing::info!(shares = count, "joined the partitioned relays");
+            let term = shutdown.child_token();
+            let shares = Arc::new(ShareState {
+                target: std::sync::atomic::AtomicU32::new(0),
+                held: std::sync::Mutex::new(HashMap::new()),
+                taking: tokio::sync::Mutex::new(()),
+            });
+            let tasks: Vec<_> = (0..count)
+                .map(|index| {
+                    let relay = self.clone();
+                    let (term, shares) = (term.clone(), shares.clone());
+                    tokio::spawn(async move {
+                        relay
+                            .publish_share(Share { index, count }, &term, &shares)
+                            .await;
+                    })
+                })
+                .collect();
+            loop {
+                if !membership.is_held().await {
+                    tracing::warn!("the membership session ended; rejoining");
+                    break;
+                }
+                match membership.relays().await {
+                    Ok(relays) => {
+                        let fair = count.div_ceil(relays);
+                        shares.target.store(fair, Ordering::Relaxed);
+                        // One share a second: the relay that joined takes it before the next.
+                        if shares.keeping() > fair as usize {
+                            if let Some(token) = shares.release_highest() {
+                                tracing::info!(relays, fair, "handing back a share");
+                                token.cancel();
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = format!("{e:#}"), "could not count the relays")
+                    }
+                }
+                let held = shares.held().len();
+                self.metrics.shares_held.set(held as i64);
+                self.metrics.role.set_leader(held > 0);
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = shutdown.cancelled() => break,
+                }
+            }
+            term.cancel();
+            for task in tasks {
+                let _ = task.await;
+            }
+            self.metrics.shares_held.set(0);
+            self.metrics.role.set_leader(false);
+            drop(membership);
+        }
+    }
+
+    /// One share's task in the partitioned mode: takes the share while the process holds fewer
+    /// than its fair part, publishes it until handed back (or lost), and tries again.
+    async fn publish_share(&self, share: Share, term: &CancellationToken, shares: &ShareState) {
+        let mut last_prune = Instant::now() - Duration::from_secs(3600);
+        while !term.is_cancelled() {
+            let taken = {
+                let _one_at_a_time = shares.taking.lock().await;
+                if shares.held().len() < shares.target.load(Ordering::Relaxed) as usize {
+                    match Leadership::try_share(&self.settings.database, share).await {
+                        Ok(Some(leadership)) => {
+                            let release = term.child_token();
+                            shares.hold(share.index, release.clone());
+                            Some((leadership, release))
+                        }
+                        Ok(None) => None,
+                        Err(e) => {
+                            tracing::warn!(
+                                error = format!("{e:#}"),
+                                share = share.index,
+                                "could not take a share"
+                            );
+                            None
+                        }
+                    }
+                } else {
+                    None
+                }
+            };
+            if let Some((mut leadership, release)) = taken {
+                tracing::info!(
+                    share = share.index,
+                    shares = share.count,
+                    "publishing a share"
+                );
+                self.metrics.role.set_leader(true);
+                let result = self
+                    .lead(&mut leadership, &release, &mut last_prune, Some(share))
+                    .await;
+                shares.drop_share(share.index);
+                // Closing the session releases the share's lock.
+                drop(leadership);
+                match result {
+                    Ok(()) => tracing::info!(share = share.index, "share handed back"),
+                    Err(e) => tracing::warn!(
+                        error = format!("{e:#}"),
+                        share = share.index,
+                        "stopped publishing a share"
+                    ),
+                }
+            }
+            // Staggered, so that the shares of a relay that died are spread over the others.
+            let wait = Duration::from_millis(1000 + 37 * u64::from(share.index % 16));
+            self.pause(term, wait).await;
+        }
+    }
+
+    /// Sleeps `wait` or until `token` is cancelled.
+    async fn pause(&self, token: &CancellationToken, wait: Duration) {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = token.cancelled() => {}
+        }
     }
 
     /// The leader's loop. `Ok` on shutdown, `Err` when leadership is lost.
@@ -193,6 +373,7 @@ impl Relay {
         leadership: &mut Leadership,
         shutdown: &CancellationToken,
         last_prune: &mut Instant,
+        share: Option<Share>,
     ) -> anyhow::Result<()> {
         outbox::listen(&leadership.session.client).await?;
         let mut backoff = Duration::from_millis(100);
@@ -217,7 +398,9 @@ impl Relay {
                     tracing::warn!(error = format!("{e:#}"), "heartbeat not sent");
                 }
             }
-            if last_prune.elapsed() >= housekeeping::INTERVAL {
+            // Partitioned, the holder of share 0 prunes for all.
+            if last_prune.elapsed() >= housekeeping::INTERVAL && share.is_none_or(|s| s.index == 0)
+            {
                 self.prune().await;
                 *last_prune = Instant::now();
             }
@@ -225,7 +408,7 @@ impl Relay {
                 self.count_backlog().await;
                 last_count = Instant::now();
             }
-            match self.publish_batch(&producer, fence).await {
+            match self.publish_batch(&producer, fence, share).await {
                 Ok(published) if published > 0 => {
                     backoff = Duration::from_millis(100);
                     // Drain queued notifications: the next fetch sees their rows anyway.
@@ -294,21 +477,31 @@ impl Relay {
     /// With a `fence`, the rows are marked published (or set aside) only while this process
     /// is the elected leader: a deposed relay's marks do not commit (its produced events are
     /// duplicates Region 2 recognises by their ids).
+    /// With a `share`, only that share's rows.
     pub async fn publish_batch(
         &self,
         producer: &FutureProducer,
         fence: Option<Fence>,
+        share: Option<Share>,
     ) -> anyhow::Result<usize> {
         let mut client = self
             .pool
             .get()
             .await
             .context("Failed to get a database connection")?;
-        let rows =
-            outbox::fetch_unpublished(&client, self.settings.batch_size, self.settings.batch_bytes)
-                .await?;
+        let rows = outbox::fetch_share(
+            &client,
+            self.settings.batch_size,
+            self.settings.batch_bytes,
+            share,
+        )
+        .await?;
+        // One share empty says nothing of the others' backlog.
+        let whole_outbox = share.is_none();
         if rows.is_empty() {
-            self.metrics.backlog.set(0);
+            if whole_outbox {
+                self.metrics.backlog.set(0);
+            }
             return Ok(0);
         }
         let region = &self.settings.service.region;
@@ -445,7 +638,7 @@ impl Relay {
             .observe(started.elapsed().as_secs_f64());
         // A short batch drained the backlog; while it lasts, the leader loop counts it now and
         // then (counting a large backlog after every batch cost a tenth of the drain).
-        if fetched < self.settings.batch_size as usize && first_error.is_none() {
+        if whole_outbox && fetched < self.settings.batch_size as usize && first_error.is_none() {
             self.metrics.backlog.set(0);
         }
         match first_error {
@@ -589,6 +782,50 @@ impl Relay {
             Ok(pruned) => pruned.log(),
             Err(e) => tracing::warn!(error = format!("{e:#}"), "housekeeping failed"),
         }
+    }
+}
+
+/// The partitioned mode's shares in this process: its fair part, and the shares it holds
+/// with the token that hands each back.
+struct ShareState {
+    target: std::sync::atomic::AtomicU32,
+    held: std::sync::Mutex<HashMap<u32, CancellationToken>>,
+    /// Taken while a share task checks the count and takes its share: never more than the
+    /// fair part at once.
+    taking: tokio::sync::Mutex<()>,
+}
+
+impl ShareState {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u32, CancellationToken>> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn held(&self) -> Vec<u32> {
+        self.map().keys().copied().collect()
+    }
+
+    fn hold(&self, index: u32, release: CancellationToken) {
+        self.map().insert(index, release);
+    }
+
+    fn drop_share(&self, index: u32) {
+        self.map().remove(&index);
+    }
+
+    /// How many shares are held and not being handed back.
+    fn keeping(&self) -> usize {
+        self.map().values().filter(|t| !t.is_cancelled()).count()
+    }
+
+    /// The token of the highest share held that is not being handed back already.
+    fn release_highest(&self) -> Option<CancellationToken> {
+        self.map()
+            .iter()
+            .filter(|(_, token)| !token.is_cancelled())
+            .max_by_key(|(index, _)| **index)
+            .map(|(_, token)| token.clone())
     }
 }
 

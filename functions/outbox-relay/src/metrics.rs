@@ -20,6 +20,8 @@ pub struct RelayMetrics {
     pub batch_size: Histogram,
     pub publish_seconds: Histogram,
     pub backlog: Gauge,
+    /// Shares of the outbox this process publishes (`RELAY_SHARES` > 1; else 1 while leader).
+    pub shares_held: Gauge,
     pub role: Arc<Role>,
 }
 
@@ -34,6 +36,7 @@ impl RelayMetrics {
             batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 8)),
             publish_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             backlog: Gauge::default(),
+            shares_held: Gauge::default(),
             role: Arc::default(),
         }
     }
@@ -79,6 +82,11 @@ impl RelayMetrics {
             "relay_outbox_backlog",
             "Unpublished outbox rows: counted every 5 s while a backlog lasts, 0 once a batch comes back short",
             self.backlog.clone(),
+        );
+        metrics.register(
+            "relay_shares_held",
+            "Shares of the outbox this replica publishes (RELAY_SHARES)",
+            self.shares_held.clone(),
         );
         metrics.register(
             "relay_leader",

@@ -32,6 +32,129 @@ pub fn role_of(lock: i64) -> &'static str {
     }
 }
 
+/// The most shares the outbox can be split into (`RELAY_SHARES`).
+pub const MAX_SHARES: u32 = 64;
+/// The advisory locks of the outbox's shares: share `i` of `n` is `RELAY_SHARE_LOCKS + n * 64 + i`.
+const RELAY_SHARE_LOCKS: i64 = 0x7461_6e64_656d_1000;
+/// The two-key advisory locks (`pg_advisory_lock_shared(int, int)`) of partitioned relays'
+/// membership: every relay process of `RELAY_SHARES=n` holds `(RELAY_MEMBERS, n)` shared.
+const RELAY_MEMBERS: i32 = 0x7461_6e64;
+
+/// One share of the outbox: the documents whose key hashes to `index` modulo `count`
+/// (`crate::outbox::SHARE_OF`). Every event of a document is in the same share, so the one
+/// relay holding a share publishes them in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Share {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Share {
+    fn lock(self) -> i64 {
+        RELAY_SHARE_LOCKS + i64::from(self.count) * i64::from(MAX_SHARES) + i64::from(self.index)
+    }
+
+    /// Its role in `leader_epochs` (and its fence): `relay-share-<index>-of-<count>`.
+    pub fn role(self) -> &'static str {
+        static ROLES: std::sync::Mutex<Vec<((u32, u32), &'static str)>> =
+            std::sync::Mutex::new(Vec::new());
+        let mut roles = ROLES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, role)) = roles.iter().find(|(k, _)| *k == (self.index, self.count)) {
+            return role;
+        }
+        // At most MAX_SHARES² names, each made once.
+        let role: &'static str =
+            Box::leak(format!("relay-share-{}-of-{}", self.index, self.count).into_boxed_str());
+        roles.push(((self.index, self.count), role));
+        role
+    }
+}
+
+/// A relay process's membership among the partitioned relays: a session holding
+/// `(RELAY_MEMBERS, n)` shared (its count is how many relays share the outbox) and
+/// [`RELAY_LOCK`] shared (so a relay running unpartitioned, which holds it exclusively,
+/// cannot run beside them). Dropping it ends the session.
+pub struct Membership {
+    session: SessionConnection,
+    count: u32,
+}
+
+/// How many relay processes of each share count hold a membership in this database.
+const MEMBERS: &str = "SELECT objid::bigint, count(*) FROM pg_locks \
+     WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid::bigint = $1 \
+       AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+     GROUP BY objid";
+
+impl Membership {
+    /// Joins the relays that split the outbox into `count` shares. `None` while a relay runs
+    /// unpartitioned or relays of another share count are members (stop them first: two share
+    /// counts would give one document two relays).
+    pub async fn join(settings: &DatabaseSettings, count: u32) -> anyhow::Result<Option<Self>> {
+        let session = connect_session(settings).await?;
+        let row = session
+            .client
+            .query_one(
+                "SELECT pg_try_advisory_lock_shared($1), pg_try_advisory_lock_shared($2, $3)",
+                &[&RELAY_LOCK, &RELAY_MEMBERS, &(count as i32)],
+            )
+            .await
+            .context("Failed to take the membership locks")?;
+        let (unpartitioned_free, joined): (bool, bool) = (row.get(0), row.get(1));
+        if !unpartitioned_free || !joined {
+            tracing::warn!("a relay runs unpartitioned (RELAY_SHARES=1); waiting for it to stop");
+            return Ok(None);
+        }
+        let membership = Self { session, count };
+        let others: Vec<(i64, i64)> = membership
+            .members()
+            .await?
+            .into_iter()
+            .filter(|(n, _)| *n != i64::from(count))
+            .collect();
+        if !others.is_empty() {
+            tracing::warn!(
+                ?others,
+                shares = count,
+                "relays splitting the outbox into another number of shares are running; waiting for them to stop"
+            );
+            return Ok(None);
+        }
+        Ok(Some(membership))
+    }
+
+    /// `(share count, relay processes)` of every membership in this database.
+    async fn members(&self) -> anyhow::Result<Vec<(i64, i64)>> {
+        let rows = self
+            .session
+            .client
+            .query(MEMBERS, &[&i64::from(RELAY_MEMBERS)])
+            .await
+            .context("Failed to count the relays")?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Whether the session (and so the membership) is still alive.
+    pub async fn is_held(&self) -> bool {
+        !self.session.client.is_closed()
+            && self.session.client.simple_query("SELECT 1").await.is_ok()
+    }
+
+    /// How many relays (this one included) split the outbox into this many shares.
+    pub async fn relays(&self) -> anyhow::Result<u32> {
+        let count = i64::from(self.count);
+        Ok(self
+            .members()
+            .await?
+            .into_iter()
+            .find(|(n, _)| *n == count)
+            .map_or(1, |(_, relays)| {
+                u32::try_from(relays).unwrap_or(u32::MAX).max(1)
+            }))
+    }
+}
+
 /// One role's current leadership term, as `leader_epochs` records it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Epoch {
@@ -144,7 +267,26 @@ impl Leadership {
     }
 }
 
+impl Leadership {
+    /// Takes `share` if no other relay holds it (`None` then): a term of its own, with its own
+    /// epoch and fence.
+    pub async fn try_share(
+        settings: &DatabaseSettings,
+        share: Share,
+    ) -> anyhow::Result<Option<Self>> {
+        try_lock(settings, share.lock(), share.role()).await
+    }
+}
+
 async fn try_acquire(settings: &DatabaseSettings, lock: i64) -> anyhow::Result<Option<Leadership>> {
+    try_lock(settings, lock, role_of(lock)).await
+}
+
+async fn try_lock(
+    settings: &DatabaseSettings,
+    lock: i64,
+    role: &'static str,
+) -> anyhow::Result<Option<Leadership>> {
     let session = connect_session(settings).await?;
     let held: bool = session
         .client
@@ -155,7 +297,6 @@ async fn try_acquire(settings: &DatabaseSettings, lock: i64) -> anyhow::Result<O
     if !held {
         return Ok(None);
     }
-    let role = role_of(lock);
     // Informational (who leads, for operators): the host (the pod's name on EKS) and pid.
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())

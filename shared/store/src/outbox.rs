@@ -19,18 +19,46 @@ use time::OffsetDateTime;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use crate::leader::{Fence, check_fence};
+use crate::leader::{Fence, Share, check_fence};
 
 /// The oldest unpublished rows, at most `$1` of them and no more than `$2` payload bytes (the
 /// first row always comes). The payload comes as the text PostgreSQL renders, passed through
 /// to Kafka unparsed.
-const FETCH_UNPUBLISHED: &str = "WITH head AS ( \
-       SELECT seq, payload_bytes, sum(payload_bytes) OVER (ORDER BY seq) - payload_bytes AS before \
-       FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1) \
-     SELECT o.seq, o.event_id, o.collection, o.document_id, o.operation, o.payload::text, \
-       o.traceparent, o.created_at, head.payload_bytes, o.origin, o.write_epoch \
-     FROM head JOIN outbox o USING (seq) \
-     WHERE head.before = 0 OR head.before + head.payload_bytes <= $2 ORDER BY o.seq";
+macro_rules! fetch_unpublished {
+    ($share:expr) => {
+        concat!(
+            "WITH head AS ( \
+               SELECT seq, payload_bytes, \
+                 sum(payload_bytes) OVER (ORDER BY seq) - payload_bytes AS before \
+               FROM outbox WHERE published_at IS NULL",
+            $share,
+            " ORDER BY seq LIMIT $1) \
+             SELECT o.seq, o.event_id, o.collection, o.document_id, o.operation, \
+               o.payload::text, o.traceparent, o.created_at, head.payload_bytes, o.origin, \
+               o.write_epoch \
+             FROM head JOIN outbox o USING (seq) \
+             WHERE head.before = 0 OR head.before + head.payload_bytes <= $2 ORDER BY o.seq"
+        )
+    };
+}
+const FETCH_UNPUBLISHED: &str = fetch_unpublished!("");
+/// The share of the outbox a row belongs to (`$3` shares; see [`Share`]): the document's key
+/// hashed by PostgreSQL, so every relay computes the same.
+macro_rules! share_of {
+    () => {
+        "mod(hashtext(collection || '/' || document_id)::bigint + 2147483648, $3)"
+    };
+}
+/// A share's oldest unpublished rows (`$3` shares, this one `$4`).
+const FETCH_UNPUBLISHED_SHARE: &str = fetch_unpublished!(concat!(" AND ", share_of!(), " = $4"));
+/// [`SHARE_OF`] as a query: which share of `$3` the document `$1`/`$2` is in.
+const SHARE_OF_DOCUMENT: &str = concat!(
+    "SELECT ",
+    share_of!(),
+    "::bigint FROM (SELECT $1::text AS collection, $2::text AS document_id) d"
+);
+/// The expression that puts a document in its share.
+pub const SHARE_OF: &str = share_of!();
 const MARK_PUBLISHED: &str =
     "UPDATE outbox SET published_at = clock_timestamp() WHERE seq = ANY($1)";
 /// Moves rows that cannot be published aside, with their reasons, in one statement.
@@ -222,16 +250,45 @@ pub async fn fetch_unpublished(
     max_rows: i64,
     max_bytes: i64,
 ) -> anyhow::Result<Unpublished> {
-    let stmt = client.prepare_cached(FETCH_UNPUBLISHED).await?;
-    let rows = client
-        .query(&stmt, &[&max_rows, &max_bytes])
-        .await
-        .context("Failed to read the outbox")?;
+    fetch_share(client, max_rows, max_bytes, None).await
+}
+
+/// [`fetch_unpublished`] of one share of the outbox (`None`: the whole outbox).
+pub async fn fetch_share(
+    client: &Client,
+    max_rows: i64,
+    max_bytes: i64,
+    share: Option<Share>,
+) -> anyhow::Result<Unpublished> {
+    let rows = match share {
+        Some(share) if share.count > 1 => {
+            let stmt = client.prepare_cached(FETCH_UNPUBLISHED_SHARE).await?;
+            let (count, index) = (i64::from(share.count), i64::from(share.index));
+            client
+                .query(&stmt, &[&max_rows, &max_bytes, &count, &index])
+                .await
+        }
+        _ => {
+            let stmt = client.prepare_cached(FETCH_UNPUBLISHED).await?;
+            client.query(&stmt, &[&max_rows, &max_bytes]).await
+        }
+    }
+    .context("Failed to read the outbox")?;
     let heads = rows
         .iter()
         .map(|row| Ok((row.try_get(0)?, row.try_get(8)?)))
         .collect::<Result<_, tokio_postgres::Error>>()?;
     Ok(Unpublished { rows, heads })
+}
+
+/// The share of `count` that the document `collection`/`id` is in, as the relays compute it.
+pub async fn share_of(pool: &Pool, collection: &str, id: &str, count: u32) -> anyhow::Result<u32> {
+    let client = pool.get().await?;
+    let share: i64 = client
+        .query_one(SHARE_OF_DOCUMENT, &[&collection, &id, &i64::from(count)])
+        .await?
+        .try_get(0)?;
+    Ok(u32::try_from(share)?)
 }
 
 /// Records a batch's outcome in one transaction: the `published` rows (the broker acknowledged
@@ -370,7 +427,7 @@ mod tests {
 
     #[test]
     fn the_relay_listens_where_writers_notify() {
-        let channel = LISTEN.strip_prefix("LISTEN ").unwrap();
+        let channel = LISTEN.strip_prefix("LISTEN ").expect("a LISTEN statement");
         assert_eq!(NOTIFY, format!("NOTIFY {channel}"));
         assert!(NOTIFY_UNFLUSHED.contains(&format!("; {NOTIFY};")));
     }

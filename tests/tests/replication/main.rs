@@ -11,6 +11,7 @@ mod hostile;
 mod housekeeping;
 mod lambda;
 mod load;
+mod scale_out;
 mod schema;
 mod switchover;
 mod traces;
