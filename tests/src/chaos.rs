@@ -215,6 +215,9 @@ pub struct ChaosSystem {
     pub read1: Service,
     pub read2: Service,
     pub relay: Service,
+    /// The partitioned mode's second relay ([`ChaosSystem::start_partitioned`]): no fault hits
+    /// it, so it takes over the shares of the one that is killed or frozen.
+    pub relay_b: Option<Service>,
     pub consumer: Service,
     pub database1_url: String,
     pub database2_url: String,
@@ -231,6 +234,17 @@ impl ChaosSystem {
     /// Starts everything and waits until Region 2 reports ready (the consumer is assigned and
     /// heartbeating). About ten seconds.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(false).await
+    }
+
+    /// [`Self::start`] in the partitioned mode: two relays splitting the outbox into three
+    /// shares (`RELAY_SHARES`; the faults hit the first) and a consumer applying with three
+    /// lanes (`CONSUMER_LANES`).
+    pub async fn start_partitioned() -> anyhow::Result<Self> {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(partitioned: bool) -> anyhow::Result<Self> {
         let dir = crate::process::scratch_dir("chaos");
         let (postgres1, postgres2, redis1, redis2) = tokio::task::spawn_blocking(|| {
             anyhow::Ok((
@@ -347,22 +361,39 @@ impl ChaosSystem {
             port,
             &dir,
         );
+        let relay_env = |port: u16| {
+            let mut env = kafka(RELAY_CLIENT_ID);
+            env.extend([
+                ("DATABASE_URL", database1_url.clone()),
+                ("TANDEM_REGION", "region1".to_owned()),
+                ("RELAY_POLL_INTERVAL_MS", "200".to_owned()),
+                ("PORT", port.to_string()),
+            ]);
+            if partitioned {
+                env.push(("RELAY_SHARES", "3".to_owned()));
+            }
+            common(&env)
+        };
         let port = free_port();
-        let mut env = kafka(RELAY_CLIENT_ID);
-        env.extend([
-            ("DATABASE_URL", database1_url.clone()),
-            ("TANDEM_REGION", "region1".to_owned()),
-            ("RELAY_POLL_INTERVAL_MS", "200".to_owned()),
-            ("PORT", port.to_string()),
-        ]);
         let relay = Service::new(
             "relay",
             binary("tandem-outbox-relay"),
             Vec::new(),
-            common(&env),
+            relay_env(port),
             port,
             &dir,
         );
+        let relay_b = partitioned.then(|| {
+            let port = free_port();
+            Service::new(
+                "relay-b",
+                binary("tandem-outbox-relay"),
+                Vec::new(),
+                relay_env(port),
+                port,
+                &dir,
+            )
+        });
         let port = free_port();
         let mut env = kafka(CONSUMER_CLIENT_ID);
         env.extend(region2.iter().cloned());
@@ -370,6 +401,9 @@ impl ChaosSystem {
             ("KAFKA_GROUP_ID", "tandem-chaos".to_owned()),
             ("PORT", port.to_string()),
         ]);
+        if partitioned {
+            env.push(("CONSUMER_LANES", "3".to_owned()));
+        }
         let consumer = Service::new(
             "consumer",
             binary("tandem-region2-consumer"),
@@ -391,6 +425,7 @@ impl ChaosSystem {
             read1,
             read2,
             relay,
+            relay_b,
             consumer,
             database1_url,
             database2_url,
@@ -408,6 +443,9 @@ impl ChaosSystem {
         system.read1.start().await?;
         system.read2.start().await?;
         system.relay.start().await?;
+        if let Some(relay_b) = &mut system.relay_b {
+            relay_b.start().await?;
+        }
         system.consumer.start().await?;
         system.wait_region2_ready(Duration::from_secs(90)).await?;
         Ok(system)
@@ -598,14 +636,16 @@ impl ChaosSystem {
     /// The last lines of every service's log, for failure messages.
     pub fn log_tails(&self) -> String {
         [
-            &self.write,
-            &self.read1,
-            &self.read2,
-            &self.relay,
-            &self.consumer,
-            &self.broker,
+            Some(&self.write),
+            Some(&self.read1),
+            Some(&self.read2),
+            Some(&self.relay),
+            self.relay_b.as_ref(),
+            Some(&self.consumer),
+            Some(&self.broker),
         ]
         .iter()
+        .flatten()
         .map(|s| format!("--- {} ({}):\n{}", s.name, s.log.display(), s.log_tail()))
         .collect::<Vec<_>>()
         .join("\n")

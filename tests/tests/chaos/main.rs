@@ -35,6 +35,9 @@ pub struct Config {
     pub shape: Shape,
     /// The bound on Region 2's convergence after healing.
     pub converge_within: Duration,
+    /// Two relays sharing the outbox and a consumer with lanes
+    /// (`ChaosSystem::start_partitioned`); `TANDEM_CHAOS_PARTITIONED=1` for `make chaos`.
+    pub partitioned: bool,
 }
 
 impl Config {
@@ -53,6 +56,7 @@ impl Config {
                 max_writes_per_writer: 200_000,
             },
             converge_within: Duration::from_secs(120),
+            partitioned: false,
         }
     }
 
@@ -71,7 +75,10 @@ impl Config {
     fn long() -> Self {
         let seed = env_u64("TANDEM_CHAOS_SEED").unwrap_or_else(|| u64::from(rand::random::<u32>()));
         let seconds = env_u64("TANDEM_CHAOS_SECONDS").unwrap_or(300);
-        Self::with(seed, Duration::from_secs(seconds))
+        Self {
+            partitioned: env_u64("TANDEM_CHAOS_PARTITIONED").is_some_and(|p| p != 0),
+            ..Self::with(seed, Duration::from_secs(seconds))
+        }
     }
 }
 
@@ -86,6 +93,19 @@ fn env_u64(name: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn region2_never_lies_through_a_minute_of_faults() {
     run_and_judge(Config::short()).await;
+}
+
+/// The same minute in the partitioned mode: two relays sharing the outbox (the faults hit one;
+/// the other takes its shares) and a consumer applying in three lanes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn region2_never_lies_with_partitioned_relays_and_consumer_lanes() {
+    let config = Config::short();
+    run_and_judge(Config {
+        seed: config.seed + 1,
+        partitioned: true,
+        ..config
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -104,9 +124,12 @@ async fn run_and_judge(config: Config) {
         config.seed
     );
     let starting = Instant::now();
-    let mut system = ChaosSystem::start()
-        .await
-        .expect("the chaos system did not start");
+    let mut system = if config.partitioned {
+        ChaosSystem::start_partitioned().await
+    } else {
+        ChaosSystem::start().await
+    }
+    .expect("the chaos system did not start");
     eprintln!(
         "chaos: system up in {:.1} s (logs in {})",
         starting.elapsed().as_secs_f64(),

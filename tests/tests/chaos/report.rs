@@ -29,7 +29,12 @@ pub fn render(config: &Config, run: &Run) -> String {
     let shape = &config.shape;
     let _ = writeln!(
         out,
-        "\n==== chaos run: seed {}, {} s of faults, {} documents ({} writers), {} Region 2 readers, {} Region 1 reader(s); {:.0} s in all",
+        "\n==== chaos run{}: seed {}, {} s of faults, {} documents ({} writers), {} Region 2 readers, {} Region 1 reader(s); {:.0} s in all",
+        if config.partitioned {
+            " (partitioned: 2 relays × 3 shares, 3 consumer lanes)"
+        } else {
+            ""
+        },
         config.seed,
         config.fault_time.as_secs(),
         shape.writers * shape.documents_per_writer,
