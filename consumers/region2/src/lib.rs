@@ -107,6 +107,11 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("auto.offset.reset", "earliest"),
     // librdkafka pre-fetches up to 64 MiB per client by default; a few batches ahead is enough.
     ("queued.max.messages.kbytes", "16384"),
+    // Once that queue is full, librdkafka waits this long before fetching again (default
+    // 1000 ms). A raw reader of 100k events of 1.4 KiB took 1.07 s with a 16 MiB queue at the
+    // default and 0.10 s at 10 ms (the same as the default 64 MiB queue): the bound on memory
+    // must not cost a consumer that keeps up.
+    ("fetch.queue.backoff.ms", "10"),
     ("enable.partition.eof", "false"),
     // tandem_core::limits::KAFKA_MAX_MESSAGE_BYTES: the largest record a fetch must hold.
     ("fetch.message.max.bytes", "1048576"),
