@@ -57,21 +57,7 @@ pub async fn relay_drain(
         .with("broker", probes.broker);
     let db = pool(&stack.db1, 1).await?;
     let client = db.get().await?;
-    client
-        .execute(
-            "INSERT INTO outbox (event_id, collection, document_id, version, operation, payload) \
-             SELECT (lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0') \
-                     || substr(md5(random()::text || g::text), 1, 20))::uuid, \
-                    $1, 'd' || g, 1, 'upsert', \
-                    jsonb_build_object('collection', $1::text, 'id', 'd' || g, 'version', 1, \
-                      'data', $2::text::jsonb, \
-                      'created_at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
-                      'updated_at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')) \
-             FROM generate_series(1, $3::bigint) g",
-            &[&COLLECTION, &crate::document_json(), &i64::try_from(rows)?],
-        )
-        .await
-        .context("Failed to fill the outbox")?;
+    fill_outbox(&client, COLLECTION, rows).await?;
     let committed: OffsetDateTime = client
         .query_one("SELECT clock_timestamp()", &[])
         .await?
@@ -199,6 +185,30 @@ pub async fn relay_drain(
         },
         states,
     ))
+}
+
+/// Commits `rows` outbox rows of `collection` (documents `d1`…) in one statement.
+pub async fn fill_outbox(
+    client: &tokio_postgres::Client,
+    collection: &str,
+    rows: u64,
+) -> anyhow::Result<()> {
+    client
+        .execute(
+            "INSERT INTO outbox (event_id, collection, document_id, version, operation, payload) \
+             SELECT (lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0') \
+                     || substr(md5(random()::text || g::text), 1, 20))::uuid, \
+                    $1, 'd' || g, 1, 'upsert', \
+                    jsonb_build_object('collection', $1::text, 'id', 'd' || g, 'version', 1, \
+                      'data', $2::text::jsonb, \
+                      'created_at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+                      'updated_at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')) \
+             FROM generate_series(1, $3::bigint) g",
+            &[&collection, &crate::document_json(), &i64::try_from(rows)?],
+        )
+        .await
+        .context("Failed to fill the outbox")?;
+    Ok(())
 }
 
 fn delivered<E>(

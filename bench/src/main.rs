@@ -18,6 +18,7 @@ mod profile;
 mod proxy;
 mod read;
 mod report;
+mod scale;
 mod stack;
 mod verify;
 mod write;
@@ -292,6 +293,10 @@ async fn bench(sizes: &Sizes) -> anyhow::Result<report::Report> {
         let (catch_up, restarted) = backlog::catch_up(&stack, &states, &probes).await?;
         report.catch_up = Some(catch_up);
         consumer = restarted;
+    }
+
+    if runs("scale") {
+        report.scale = scale::run(&stack, sizes.backlog, &probes).await?;
     }
 
     // Last: verify re-checks its differences through the running relay and consumer.

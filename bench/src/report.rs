@@ -40,6 +40,7 @@ pub struct Report {
     pub lag: Option<Lag>,
     pub verify: Option<VerifyFigures>,
     pub forward: Option<ForwardFigures>,
+    pub scale: Vec<crate::scale::ScaleRun>,
     /// (binary, size, Lambda zip size)
     pub binaries: Vec<(&'static str, Option<u64>, Option<u64>)>,
     /// `TANDEM_BENCH_ENV`, when a tuning experiment set it.
@@ -303,6 +304,9 @@ impl Report {
         if let Some(forward) = &self.forward {
             forward_section(w, sizes, forward);
         }
+        if !self.scale.is_empty() {
+            scale_section(w, &self.scale);
+        }
 
         let _ = writeln!(w, "\n### Details\n");
         let amount = |a: Amount| match a {
@@ -550,6 +554,44 @@ fn verify_section(w: &mut String, verify: &VerifyFigures) {
         cli.in_flight,
         cli.elapsed_ms as f64 / 1000.0,
     );
+}
+
+/// Section 9: drain and catch-up with 1, 2 and 4 workers.
+fn scale_section(w: &mut String, runs: &[crate::scale::ScaleRun]) {
+    let _ = writeln!(w, "\n### 9. Scale-out\n");
+    let _ = writeln!(
+        w,
+        "Each row on fresh databases and a fresh topic of {} partitions: `n` relays with \
+         `RELAY_SHARES=n` (one share each; one relay unpartitioned) drain the backlog, then one \
+         consumer with `CONSUMER_LANES=n` applies it.\n",
+        crate::scale::PARTITIONS
+    );
+    let _ = writeln!(
+        w,
+        "| workers | relay drain | ×1 | CPU per event (drain) | catch-up | ×1 | CPU per event (catch-up) |"
+    );
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|");
+    let base = runs.first();
+    for run in runs {
+        let speedup = |time: Duration, base: Option<Duration>| {
+            base.map_or(String::new(), |b| {
+                format!("{:.2}", b.as_secs_f64() / time.as_secs_f64())
+            })
+        };
+        let _ = writeln!(
+            w,
+            "| {} | {:.2} s ({:.0} events/s) | {} | {} | {:.2} s ({:.0} events/s) | {} | {} |",
+            run.workers,
+            run.drain.as_secs_f64(),
+            run.rows as f64 / run.drain.as_secs_f64(),
+            speedup(run.drain, base.map(|b| b.drain)),
+            run.drain_cpu.per_op(run.rows),
+            run.catch_up.as_secs_f64(),
+            run.rows as f64 / run.catch_up.as_secs_f64(),
+            speedup(run.catch_up, base.map(|b| b.catch_up)),
+            run.catch_up_cpu.per_op(run.rows),
+        );
+    }
 }
 
 /// Section 8: the same writes sent directly and through Region 2's forwarding Write API.

@@ -240,19 +240,34 @@ impl Stack {
 
     /// Starts a long-running service under the harness's watchdog and waits for `/healthz`.
     pub async fn spawn(&self, kind: Kind) -> anyhow::Result<Service> {
-        let port = self.ports[kind.index()];
+        self.spawn_on(kind, self.ports[kind.index()], &[]).await
+    }
+
+    /// [`Self::spawn`] on a port of its own, with environment `overrides` (a second instance,
+    /// another database or topic).
+    pub async fn spawn_with(
+        &self,
+        kind: Kind,
+        overrides: &[(&str, String)],
+    ) -> anyhow::Result<Service> {
+        self.spawn_on(kind, free_port(), overrides).await
+    }
+
+    async fn spawn_on(
+        &self,
+        kind: Kind,
+        port: u16,
+        overrides: &[(&str, String)],
+    ) -> anyhow::Result<Service> {
         let log = self.dir.join(format!("{}-{port}.log", kind.binary()));
-        let process = ManagedProcess::start(
-            kind.name(),
-            &binary(kind.binary()),
-            &[],
-            &self.env(kind, port),
-            &log,
-            "",
-        )?;
+        let mut env = self.env(kind, port);
+        env.retain(|(k, _)| !overrides.iter().any(|(o, _)| o == k));
+        env.extend(overrides.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        let process =
+            ManagedProcess::start(kind.name(), &binary(kind.binary()), &[], &env, &log, "")?;
         let service = Service {
             kind,
-            url: self.url(kind),
+            url: format!("http://127.0.0.1:{port}"),
             process,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
