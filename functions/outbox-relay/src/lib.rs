@@ -226,6 +226,16 @@ impl Relay {
     /// next holder's epoch fences off anything the dead one still had in flight.
     async fn run_shares(&self, shutdown: &CancellationToken) {
         let count = self.settings.shares;
+        while let Err(e) = outbox::prepare_shares(&self.settings.database).await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "could not prepare the outbox's shares; retrying"
+            );
+            self.pause(shutdown, Duration::from_secs(1)).await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+        }
         while !shutdown.is_cancelled() {
             let membership = match Membership::join(&self.settings.database, count).await {
                 Ok(Some(membership)) => membership,

@@ -40,9 +40,10 @@ const RELAY_SHARE_LOCKS: i64 = 0x7461_6e64_656d_1000;
 /// membership: every relay process of `RELAY_SHARES=n` holds `(RELAY_MEMBERS, n)` shared.
 const RELAY_MEMBERS: i32 = 0x7461_6e64;
 
-/// One share of the outbox: the documents whose key hashes to `index` modulo `count`
-/// (`crate::outbox::SHARE_OF`). Every event of a document is in the same share, so the one
-/// relay holding a share publishes them in order.
+/// One share of the outbox: the documents whose slot (their key hashed into
+/// [`crate::outbox::SLOTS`], `crate::outbox::SLOT_OF`) is `index` modulo `count`. Every event
+/// of a document is in the same share, so the one relay holding a share publishes them in
+/// order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Share {
     pub index: u32,
@@ -50,6 +51,14 @@ pub struct Share {
 }
 
 impl Share {
+    /// Its slots.
+    pub fn slots(self) -> Vec<i32> {
+        (0..crate::outbox::SLOTS)
+            .filter(|slot| slot % self.count.max(1) == self.index)
+            .map(|slot| slot as i32)
+            .collect()
+    }
+
     fn lock(self) -> i64 {
         RELAY_SHARE_LOCKS + i64::from(self.count) * i64::from(MAX_SHARES) + i64::from(self.index)
     }
