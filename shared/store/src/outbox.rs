@@ -320,6 +320,13 @@ pub async fn prepare_shares(settings: &crate::db::DatabaseSettings) -> anyhow::R
         )
         .await?
         .get(0);
+    let existed: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'outbox_unpublished_slot')",
+            &[],
+        )
+        .await?
+        .get(0);
     if invalid {
         client
             .batch_execute("DROP INDEX CONCURRENTLY IF EXISTS outbox_unpublished_slot")
@@ -330,6 +337,14 @@ pub async fn prepare_shares(settings: &crate::db::DatabaseSettings) -> anyhow::R
         .batch_execute(SLOT_INDEX)
         .await
         .context("Failed to create the index outbox_unpublished_slot")?;
+    if invalid || !existed {
+        // Statistics for the new index's expression, so the planner reads shares through it
+        // before autovacuum gets to the table.
+        client
+            .batch_execute("ANALYZE outbox")
+            .await
+            .context("Failed to analyse the outbox")?;
+    }
     Ok(())
 }
 
