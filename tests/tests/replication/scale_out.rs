@@ -108,17 +108,7 @@ async fn assert_per_document_order(regions: &TwoRegions, expected: usize) -> usi
 }
 
 async fn outbox_rows(regions: &TwoRegions) -> usize {
-    let rows: i64 = regions
-        .region1
-        .pool
-        .get()
-        .await
-        .expect("db")
-        .query_one("SELECT count(*) FROM outbox", &[])
-        .await
-        .expect("count")
-        .get(0);
-    usize::try_from(rows).expect("count")
+    usize::try_from(regions.region1.count("outbox").await).expect("count")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
