@@ -349,7 +349,12 @@ impl Relay {
                 );
                 self.metrics.role.set_leader(true);
                 let result = self
-                    .lead(&mut leadership, &release, &mut last_prune, Some(share))
+                    .lead(
+                        &mut leadership,
+                        &release,
+                        &mut last_prune,
+                        Some((share, shares)),
+                    )
                     .await;
                 shares.drop_share(share.index);
                 // Closing the session releases the share's lock.
@@ -383,8 +388,13 @@ impl Relay {
         leadership: &mut Leadership,
         shutdown: &CancellationToken,
         last_prune: &mut Instant,
-        share: Option<Share>,
+        shares: Option<(Share, &ShareState)>,
     ) -> anyhow::Result<()> {
+        let share = shares.map(|(share, _)| share);
+        // Heartbeats and the backlog count cover the whole outbox: in a process holding
+        // several shares, only the loop of its lowest share sends and counts them.
+        let speaks_for_process =
+            || shares.is_none_or(|(share, state)| state.lowest() == Some(share.index));
         outbox::listen(&leadership.session.client).await?;
         let mut backoff = Duration::from_millis(100);
         let mut producer = self.create_producer().await?;
@@ -397,7 +407,7 @@ impl Relay {
                 producer.flush(Duration::from_secs(10)).ok();
                 return Ok(());
             }
-            if last_beat.elapsed() >= HEARTBEAT_INTERVAL {
+            if last_beat.elapsed() >= HEARTBEAT_INTERVAL && speaks_for_process() {
                 last_beat = Instant::now();
                 if partitions.0.elapsed() >= PARTITIONS_REFRESH || partitions.1.is_empty() {
                     if let Some(found) = self.partitions(&producer) {
@@ -414,7 +424,7 @@ impl Relay {
                 self.prune().await;
                 *last_prune = Instant::now();
             }
-            if last_count.elapsed() >= BACKLOG_COUNT_INTERVAL {
+            if last_count.elapsed() >= BACKLOG_COUNT_INTERVAL && speaks_for_process() {
                 self.count_backlog().await;
                 last_count = Instant::now();
             }
@@ -814,6 +824,11 @@ impl ShareState {
 
     fn held(&self) -> Vec<u32> {
         self.map().keys().copied().collect()
+    }
+
+    /// The lowest share held.
+    fn lowest(&self) -> Option<u32> {
+        self.map().keys().min().copied()
     }
 
     fn hold(&self, index: u32, release: CancellationToken) {
