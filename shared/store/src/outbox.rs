@@ -312,22 +312,16 @@ pub async fn prepare_shares(settings: &crate::db::DatabaseSettings) -> anyhow::R
         .execute("SELECT pg_advisory_lock($1)", &[&SLOT_INDEX_LOCK])
         .await
         .context("Failed to take the slot index's lock")?;
-    let invalid: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
-             WHERE c.relname = 'outbox_unpublished_slot' AND NOT i.indisvalid)",
+    // None: no such index yet; Some(false): left invalid by an interrupted build.
+    let valid: Option<bool> = client
+        .query_opt(
+            "SELECT indisvalid FROM pg_index \
+             WHERE indexrelid = to_regclass('outbox_unpublished_slot')",
             &[],
         )
         .await?
-        .get(0);
-    let existed: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'outbox_unpublished_slot')",
-            &[],
-        )
-        .await?
-        .get(0);
-    if invalid {
+        .map(|row| row.get(0));
+    if valid == Some(false) {
         client
             .batch_execute("DROP INDEX CONCURRENTLY IF EXISTS outbox_unpublished_slot")
             .await
@@ -337,7 +331,7 @@ pub async fn prepare_shares(settings: &crate::db::DatabaseSettings) -> anyhow::R
         .batch_execute(SLOT_INDEX)
         .await
         .context("Failed to create the index outbox_unpublished_slot")?;
-    if invalid || !existed {
+    if valid != Some(true) {
         // Statistics for the new index's expression, so the planner reads shares through it
         // before autovacuum gets to the table.
         client
