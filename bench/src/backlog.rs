@@ -55,7 +55,7 @@ pub async fn relay_drain(
         .with("relay", relay_service.probe())
         .with("PostgreSQL", probes.pg1)
         .with("broker", probes.broker);
-    let db = pool(&stack.db1, 1).await?;
+    let db = pool(&stack.db1, 2).await?;
     let client = db.get().await?;
     fill_outbox(&client, COLLECTION, rows).await?;
     let committed: OffsetDateTime = client
@@ -81,13 +81,7 @@ pub async fn relay_drain(
             .await?
             .get(0);
         if published {
-            let left: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-                    &[],
-                )
-                .await?
-                .get(0);
+            let left: i64 = tandem_store::outbox::count_unpublished(&db).await?;
             if left == 0 {
                 break;
             }

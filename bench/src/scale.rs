@@ -69,7 +69,7 @@ async fn one(stack: &Stack, rows: u64, workers: u32, probes: &Probes) -> anyhow:
         meter = meter.with(&format!("relay {}", i + 1), relay.probe());
     }
 
-    let db = pool(&db1, 1).await?;
+    let db = pool(&db1, 2).await?;
     let client = db.get().await?;
     crate::backlog::fill_outbox(&client, COLLECTION, rows).await?;
     let committed: OffsetDateTime = client
@@ -81,13 +81,7 @@ async fn one(stack: &Stack, rows: u64, workers: u32, probes: &Probes) -> anyhow:
     // Shares publish side by side, not in one `seq` order: done when none is left (the
     // unpublished rows' partial index keeps the count cheap as the backlog shrinks).
     loop {
-        let left: i64 = client
-            .query_one(
-                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-                &[],
-            )
-            .await?
-            .get(0);
+        let left: i64 = tandem_store::outbox::count_unpublished(&db).await?;
         if left == 0 {
             break;
         }
