@@ -78,6 +78,16 @@ const FETCH_UNPUBLISHED_SHARE: &str = fetch_unpublished!(concat!(
 ));
 const MARK_PUBLISHED: &str =
     "UPDATE outbox SET published_at = clock_timestamp() WHERE seq = ANY($1)";
+/// [`MARK_PUBLISHED`] behind the fence ([`crate::leader::FENCE_CHECK`], `$2` role, `$3` epoch)
+/// as one statement, so one round trip: it marks nothing unless the epoch is still current,
+/// and its share lock makes a concurrent election wait for it, as in a transaction. Returns
+/// whether the fence held.
+const MARK_PUBLISHED_FENCED: &str = "WITH fence AS ( \
+       SELECT 1 FROM leader_epochs WHERE role = $2 AND epoch = $3 FOR SHARE), \
+     marked AS ( \
+       UPDATE outbox SET published_at = clock_timestamp() \
+       WHERE seq = ANY($1) AND EXISTS (SELECT 1 FROM fence) RETURNING 1) \
+     SELECT EXISTS (SELECT 1 FROM fence), (SELECT count(*) FROM marked)";
 /// Moves rows that cannot be published aside, with their reasons, in one statement.
 const DEAD_LETTER_ROWS: &str = "WITH moved AS ( \
        DELETE FROM outbox WHERE seq = ANY($1) AND published_at IS NULL RETURNING *) \
@@ -345,8 +355,9 @@ pub async fn prepare_shares(settings: &crate::db::DatabaseSettings) -> anyhow::R
 /// The lock one relay holds while it creates [`SLOT_INDEX`].
 const SLOT_INDEX_LOCK: i64 = 0x7461_6e64_656d_0003;
 
-/// Records a batch's outcome in one transaction: the `published` rows (the broker acknowledged
-/// them) are marked published, and the `refused` ones (`seq`, reason: retrying cannot publish
+/// Records a batch's outcome atomically (one statement when nothing was refused, else one
+/// transaction): the `published` rows (the broker acknowledged them) are marked published, and
+/// the `refused` ones (`seq`, reason: retrying cannot publish
 /// them) are moved to `relay_dead_letters`. With a `fence`, nothing commits unless this
 /// process is still the elected leader ([`crate::documents::StoreError::Fenced`] then).
 /// Returns how many rows were moved aside. Does nothing when both are empty.
@@ -357,6 +368,30 @@ pub async fn settle(
     refused: &[(i64, String)],
 ) -> anyhow::Result<u64> {
     if published.is_empty() && refused.is_empty() {
+        return Ok(0);
+    }
+    // The usual case, all of a batch acknowledged: one statement instead of a transaction's
+    // four round trips, which the relay's next batch would wait for.
+    if refused.is_empty() {
+        match fence {
+            Some(fence) => {
+                let stmt = client.prepare_cached(MARK_PUBLISHED_FENCED).await?;
+                let row = client
+                    .query_one(&stmt, &[&published, &fence.role, &fence.epoch])
+                    .await
+                    .context("Failed to mark rows published")?;
+                if !row.try_get::<_, bool>(0)? {
+                    return Err(crate::documents::StoreError::Fenced { epoch: fence.epoch }.into());
+                }
+            }
+            None => {
+                let stmt = client.prepare_cached(MARK_PUBLISHED).await?;
+                client
+                    .execute(&stmt, &[&published])
+                    .await
+                    .context("Failed to mark rows published")?;
+            }
+        }
         return Ok(0);
     }
     let tx = client.transaction().await?;
