@@ -663,15 +663,21 @@ impl Applier {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let writes = ApplyTx::new(&tx);
-        writes.check_fence(self.fence()).await?;
-        for (incoming, decoded) in batch.iter().zip(decoded) {
-            if let Decoded::Poison(reason) = decoded {
-                writes
-                    .insert_dead_letter(&incoming.dead_letter(reason))
-                    .await?;
+        // The fence travels with the statements after it (pipelined, one round trip fewer):
+        // when it fails, the transaction is dropped and none of them commits. Its error comes
+        // first (a statement after it fails only because the transaction has failed).
+        let (fenced, superseded) = tokio::join!(writes.check_fence(self.fence()), async {
+            for (incoming, decoded) in batch.iter().zip(decoded) {
+                if let Decoded::Poison(reason) = decoded {
+                    writes
+                        .insert_dead_letter(&incoming.dead_letter(reason))
+                        .await?;
+                }
             }
-        }
-        let superseded = self.write_epochs(&writes, batch, decoded).await?;
+            self.write_epochs(&writes, batch, decoded).await
+        });
+        fenced?;
+        let superseded = superseded?;
         let events: Vec<&ChangeEvent> = decoded
             .iter()
             .enumerate()
@@ -680,20 +686,6 @@ impl Applier {
                 _ => None,
             })
             .collect();
-        let (applied, entries, invalidate) = self.apply_events(&writes, &events).await?;
-        let mut applied = applied.into_iter();
-        let outcomes: Vec<Outcome> = decoded
-            .iter()
-            .enumerate()
-            .map(|(i, d)| match d {
-                Decoded::Change(_) if superseded.contains_key(&i) => superseded[&i].clone(),
-                Decoded::Change(_) => applied.next().unwrap_or(Outcome::Duplicate),
-                Decoded::Heartbeat(_) => Outcome::Heartbeat,
-                Decoded::Poison(reason) => Outcome::DeadLettered(reason.clone()),
-                Decoded::Held(version) => Outcome::HeldBack(*version),
-            })
-            .collect();
-
         // The next position per partition: after the batch's last message there.
         let mut positions: BTreeMap<i32, (i64, Option<uuid::Uuid>, Vec<u8>)> = BTreeMap::new();
         let mut heartbeats: BTreeMap<i32, OffsetDateTime> = BTreeMap::new();
@@ -733,9 +725,27 @@ impl Applier {
         let heartbeats: Vec<(i32, OffsetDateTime)> = heartbeats.into_iter().collect();
         let mut newest = events.iter().map(|e| e.time).max();
         let deferred = self.deferred_progress.as_ref().and(newest.take());
-        writes
-            .record_progress(topic, &positions, newest, &heartbeats)
-            .await?;
+        // The positions do not depend on the outcomes: they travel with the apply's statements
+        // (pipelined). The apply's error comes first, as above.
+        let (applied, progress) = tokio::join!(
+            self.apply_events(&writes, &events),
+            writes.record_progress(topic, &positions, newest, &heartbeats),
+        );
+        let (applied, entries, invalidate) = applied?;
+        progress?;
+        let mut applied = applied.into_iter();
+        let outcomes: Vec<Outcome> = decoded
+            .iter()
+            .enumerate()
+            .map(|(i, d)| match d {
+                Decoded::Change(_) if superseded.contains_key(&i) => superseded[&i].clone(),
+                Decoded::Change(_) => applied.next().unwrap_or(Outcome::Duplicate),
+                Decoded::Heartbeat(_) => Outcome::Heartbeat,
+                Decoded::Poison(reason) => Outcome::DeadLettered(reason.clone()),
+                Decoded::Held(version) => Outcome::HeldBack(*version),
+            })
+            .collect();
+
         tx.commit().await?;
         if let (Some(time), Some(slot)) = (deferred, &self.deferred_progress) {
             let mut slot = slot
