@@ -4,6 +4,7 @@
 //! produce → consume round trip on the same broker, at the same rate, with the relay's producer
 //! and the consumer's fetch settings.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -42,6 +43,9 @@ pub struct Lag {
     pub cpu: CpuSplit,
     pub raw_cpu: CpuSplit,
     pub profile: Vec<String>,
+    /// Where the time goes: each stage's histogram (µs) over the measured writes, from the
+    /// databases' clocks, the records' timestamps and the pollers' (one machine, one clock).
+    pub stages: Vec<(&'static str, Histogram<u64>)>,
 }
 
 /// Documents the writes go to, round robin. Each has one poller in Region 2, so looking for the
@@ -149,6 +153,20 @@ pub async fn run(
     crate::profile::reset(&stack.db1).await?;
     crate::profile::reset(&stack.db2).await?;
     let cpu = meter.start();
+    // Instants as wall-clock microseconds, to line them up with the databases' timestamps.
+    let anchor = (Instant::now(), std::time::SystemTime::now());
+    let wall_us = move |at: Instant| -> i64 {
+        let since = anchor
+            .1
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let offset = if at >= anchor.0 {
+            i128::try_from((at - anchor.0).as_micros()).unwrap_or(0)
+        } else {
+            -i128::try_from((anchor.0 - at).as_micros()).unwrap_or(0)
+        };
+        i64::try_from(since.as_micros() as i128 + offset).unwrap_or(0)
+    };
     let results = open_loop(rate, count, |i| {
         let lane = i % LANES;
         let (client, url, token, body) = (
@@ -191,6 +209,7 @@ pub async fn run(
     let after = scrape(&client, &metrics).await;
 
     let (mut ack, mut visible, mut failed) = (histogram(), histogram(), 0);
+    let mut shown: HashMap<(u64, i64), i64> = HashMap::new();
     for (lane, version, sent, acked) in results {
         let first_seen = version.and_then(|v| {
             timelines[lane]
@@ -202,6 +221,9 @@ pub async fn run(
             Some(at) => {
                 record(&mut ack, acked - sent);
                 record(&mut visible, at.saturating_duration_since(acked));
+                if let Some(v) = version {
+                    shown.insert((lane as u64, v), wall_us(at));
+                }
             }
             None => failed += 1,
         }
@@ -210,6 +232,7 @@ pub async fn run(
         (Some(before), Some(after)) => Some(after.minus(&before)),
         _ => None,
     };
+    let stages = stages(stack, &run, &shown).await?;
     let (raw, raw_lost, raw_cpu) = raw_round_trip(stack, rate, count, broker).await?;
     Ok(Lag {
         writes: count,
@@ -223,7 +246,168 @@ pub async fn run(
         cpu,
         raw_cpu,
         profile,
+        stages,
     })
+}
+
+/// Microsecond timestamps of one run's events, by event id: the outbox row's insertion and
+/// its mark (Region 1), its record's timestamp (set by the relay's producer when it sends; the
+/// broker keeps it, in milliseconds) and its insertion in Region 2's `applied_events`
+/// (inside the apply transaction, before its commit).
+#[derive(Default)]
+struct Times {
+    lane: u64,
+    version: i64,
+    written: i64,
+    marked: Option<i64>,
+    produced: Option<i64>,
+    applied: Option<i64>,
+}
+
+/// The stage breakdown of the measured writes (see [`Lag::stages`]). `shown` holds when each
+/// (lane, version) was first read back in Region 2, in wall-clock microseconds.
+async fn stages(
+    stack: &Stack,
+    run: &str,
+    shown: &HashMap<(u64, i64), i64>,
+) -> anyhow::Result<Vec<(&'static str, Histogram<u64>)>> {
+    let like = format!("{run}-%");
+    let micros = "(extract(epoch FROM {}) * 1000000)::int8";
+    let db1 = crate::stack::pool(&stack.db1, 1).await?;
+    let rows = db1
+        .get()
+        .await?
+        .query(
+            &format!(
+                "SELECT event_id::text, document_id, version, {}, {} FROM outbox \
+                 WHERE collection = $1 AND document_id LIKE $2",
+                micros.replace("{}", "created_at"),
+                micros.replace("{}", "published_at")
+            ),
+            &[&COLLECTION, &like],
+        )
+        .await?;
+    let mut times: HashMap<String, Times> = HashMap::new();
+    for row in rows {
+        let document: String = row.try_get(1)?;
+        let Some(lane) = document.rsplit('-').next().and_then(|l| l.parse().ok()) else {
+            continue;
+        };
+        times.insert(
+            row.try_get(0)?,
+            Times {
+                lane,
+                version: row.try_get(2)?,
+                written: row.try_get(3)?,
+                marked: row.try_get(4)?,
+                ..Times::default()
+            },
+        );
+    }
+    let db2 = crate::stack::pool(&stack.db2, 1).await?;
+    for row in db2
+        .get()
+        .await?
+        .query(
+            &format!(
+                "SELECT event_id::text, {} FROM applied_events \
+                 WHERE collection = $1 AND document_id LIKE $2",
+                micros.replace("{}", "applied_at")
+            ),
+            &[&COLLECTION, &like],
+        )
+        .await?
+    {
+        let id: String = row.try_get(0)?;
+        if let Some(t) = times.get_mut(&id) {
+            t.applied = Some(row.try_get(1)?);
+        }
+    }
+    for (id, produced) in record_times(stack, run).await? {
+        if let Some(t) = times.get_mut(&id) {
+            t.produced = Some(produced);
+        }
+    }
+    let mut stages: Vec<(&'static str, Histogram<u64>)> = [
+        "outbox row written → record produced (the relay's wake-up, fetch and send)",
+        "record produced → applied in Region 2 (broker, consumer fetch, apply transaction up to its insert)",
+        "applied → visible in Region 2's Read API (commit, cache update, up to one 2 ms poll)",
+        "record produced → marked published (broker acknowledgement, the relay's mark statement)",
+        "outbox row written → visible in Region 2's Read API",
+    ]
+    .into_iter()
+    .map(|name| (name, histogram()))
+    .collect();
+    let mut put = |stage: usize, from: Option<i64>, to: Option<i64>| {
+        if let (Some(from), Some(to)) = (from, to) {
+            let micros = u64::try_from(to.saturating_sub(from)).unwrap_or(0);
+            stages[stage].1.saturating_record(micros.max(1));
+        }
+    };
+    for t in times.values() {
+        // Only the measured writes (the warm-up's first version has no acknowledgement here).
+        let Some(visible) = shown.get(&(t.lane, t.version)).copied() else {
+            continue;
+        };
+        put(0, Some(t.written), t.produced);
+        put(1, t.produced, t.applied);
+        put(2, t.applied, Some(visible));
+        put(3, t.produced, t.marked);
+        put(4, Some(t.written), Some(visible));
+    }
+    Ok(stages)
+}
+
+/// Each of this run's records' timestamp (µs, millisecond resolution), by event id, read back
+/// from the topic.
+async fn record_times(stack: &Stack, run: &str) -> anyhow::Result<HashMap<String, i64>> {
+    use rdkafka::message::Headers;
+    let settings = stack.kafka_settings(&stack.topic);
+    let mut config = settings.client_config(CONSUMER_SETTINGS).await?;
+    config.set("group.id", format!("stages-{run}"));
+    let consumer: StreamConsumer = config.create()?;
+    let mut assignment = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for partition in 0..PARTITIONS {
+        assignment.add_partition_offset(&stack.topic, partition, Offset::Beginning)?;
+        let (_, high) =
+            consumer.fetch_watermarks(&stack.topic, partition, Duration::from_secs(10))?;
+        ends.insert(partition, high);
+    }
+    consumer.assign(&assignment)?;
+    let prefix = format!("{COLLECTION}/{run}-");
+    let mut found = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ends.values().any(|end| *end > 0) && Instant::now() < deadline {
+        let Ok(Ok(message)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await
+        else {
+            continue;
+        };
+        if let Some(end) = ends.get_mut(&message.partition()) {
+            if message.offset() + 1 >= *end {
+                *end = 0;
+            }
+        }
+        if !message
+            .key()
+            .is_some_and(|k| k.starts_with(prefix.as_bytes()))
+        {
+            continue;
+        }
+        let (Some(at), Some(headers)) = (message.timestamp().to_millis(), message.headers()) else {
+            continue;
+        };
+        if let Some(id) = headers
+            .iter()
+            .find(|h| h.key == "ce_id")
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+        {
+            found.insert(id.to_owned(), at * 1000);
+        }
+    }
+    tokio::task::spawn_blocking(move || drop(consumer)).await?;
+    Ok(found)
 }
 
 /// Produce → consume through the broker alone.

@@ -372,6 +372,17 @@ impl Report {
                 lag.cpu.per_op(lag.writes),
                 lag.raw_cpu.per_op(lag.writes),
             );
+            if lag.stages.iter().any(|(_, h)| !h.is_empty()) {
+                let _ = writeln!(
+                    w,
+                    "  - Where the time goes, per measured write (stages do not add up exactly: \
+                     each has its own quantiles; \"produced\" is the record's timestamp, in whole \
+                     milliseconds):"
+                );
+                for (stage, h) in &lag.stages {
+                    let _ = writeln!(w, "    - {stage}: {} ({} writes)", percentiles(h), h.len());
+                }
+            }
             lines(w, &lag.profile);
         }
         if let Some(read) = &self.read {
