@@ -371,8 +371,8 @@ impl TwoRegions {
         }
     }
 
-    /// A metric's value from a worker's `/metrics` (the first sample whose name and labels
-    /// start with `series`).
+    /// A metric's value from a worker's `/metrics`: the first sample of `series`, a name
+    /// optionally with its labels (`name{label="value"}`), followed by a space or more labels.
     pub async fn metric(&self, port: u16, series: &str) -> Option<f64> {
         let text = self
             .region1
@@ -386,7 +386,12 @@ impl TwoRegions {
             .ok()?;
         text.lines()
             .filter(|line| !line.starts_with('#'))
-            .find(|line| line.starts_with(series))
+            // The series itself, not a longer name it begins (`tandem_relay_shares_held` for
+            // `tandem_relay_shares`).
+            .find(|line| {
+                line.strip_prefix(series)
+                    .is_some_and(|rest| rest.starts_with([' ', '{']))
+            })
             .and_then(|line| line.rsplit(' ').next())
             .and_then(|value| value.parse().ok())
     }
