@@ -195,6 +195,7 @@ impl Relay {
                 "could not ensure the topic exists; publishing will retry"
             );
         }
+        self.metrics.shares.set(i64::from(self.settings.shares));
         if self.settings.shares > 1 {
             self.run_shares(&shutdown).await;
             return Ok(());

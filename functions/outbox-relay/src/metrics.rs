@@ -22,6 +22,8 @@ pub struct RelayMetrics {
     pub backlog: Gauge,
     /// Shares of the outbox this process publishes (`RELAY_SHARES` > 1; else 1 while leader).
     pub shares_held: Gauge,
+    /// `RELAY_SHARES`: how many shares the outbox is split into (1: unpartitioned).
+    pub shares: Gauge,
     pub role: Arc<Role>,
 }
 
@@ -37,6 +39,7 @@ impl RelayMetrics {
             publish_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             backlog: Gauge::default(),
             shares_held: Gauge::default(),
+            shares: Gauge::default(),
             role: Arc::default(),
         }
     }
@@ -87,6 +90,11 @@ impl RelayMetrics {
             "relay_shares_held",
             "Shares of the outbox this replica publishes (RELAY_SHARES)",
             self.shares_held.clone(),
+        );
+        metrics.register(
+            "relay_shares",
+            "How many shares the outbox is split into (RELAY_SHARES; 1 when unpartitioned)",
+            self.shares.clone(),
         );
         metrics.register(
             "relay_leader",

@@ -120,6 +120,13 @@ async fn partitioned_relays_split_the_outbox_hand_shares_over_and_take_a_dead_on
     regions.wait_region2_ready(Duration::from_secs(60)).await;
     // Alone, the first relay publishes every share.
     wait_shares(&regions, &[(0, 4.0)], Duration::from_secs(20)).await;
+    // What the share alerts compare the held shares with (eks/base/observability).
+    assert_eq!(
+        regions
+            .metric(regions.relay_ports[0], "tandem_relay_shares")
+            .await,
+        Some(4.0)
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(&regions.region1, "shares", 40, stop.clone());
