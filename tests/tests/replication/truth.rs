@@ -464,6 +464,129 @@ async fn a_relay_whose_epoch_was_superseded_cannot_settle_its_batch() {
     assert_eq!(waiting, 0);
 }
 
+#[tokio::test]
+async fn a_relays_mark_and_an_election_wait_for_each_other() {
+    // The mark of an acknowledged batch is one statement with the fence inside it: it must
+    // still order itself with an election as the fence's transaction did. An election in
+    // progress (its epoch row locked) makes the mark wait and then mark nothing; a mark in
+    // progress makes the election wait.
+    let app = tandem_tests::spawn_app().await;
+    app.put("markfence", "row", &json!({})).await;
+    let settings = DatabaseSettings::from_url(&app.database_url);
+    let shutdown = CancellationToken::new();
+    let leader = Leadership::acquire(
+        &settings,
+        RELAY_LOCK,
+        Duration::from_millis(100),
+        &shutdown,
+        || {},
+    )
+    .await
+    .expect("a term");
+    let fence = leader.fence;
+    let mut client = app.pool.get().await.expect("db");
+    let batch = outbox::fetch_unpublished(&client, 10, 1 << 20)
+        .await
+        .expect("fetch");
+    let seqs: Vec<i64> = batch.rows().map(|row| row.expect("row").seq).collect();
+    drop(batch);
+    let unpublished = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
+
+    // An election holds the epoch row: the mark waits for it, then finds the new epoch.
+    let election = app.pool.get().await.expect("db");
+    election
+        .batch_execute(&format!(
+            "BEGIN; UPDATE leader_epochs SET epoch = epoch + 1 WHERE role = '{}'",
+            fence.role
+        ))
+        .await
+        .expect("election begins");
+    let mark = {
+        let seqs = seqs.clone();
+        tokio::spawn(async move {
+            let result = outbox::settle(&mut client, Some(fence), &seqs, &[]).await;
+            (result, client)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !mark.is_finished(),
+        "the mark did not wait for the election"
+    );
+    election
+        .batch_execute("COMMIT")
+        .await
+        .expect("election commits");
+    let (result, client) = mark.await.expect("mark");
+    let error = result.expect_err("a mark behind a finished election must not mark");
+    assert!(
+        matches!(error.downcast_ref(), Some(StoreError::Fenced { epoch }) if *epoch == fence.epoch),
+        "{error:#}"
+    );
+    let waiting: i64 = client
+        .query_one(unpublished, &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(waiting, 1, "nothing was marked");
+
+    // A mark in progress makes an election wait. The mark is held up by a lock on its rows,
+    // which it meets after its fence has taken the epoch row's share lock.
+    let current = tandem_store::leader::Fence {
+        epoch: fence.epoch + 1,
+        ..fence
+    };
+    let blocker = app.pool.get().await.expect("db");
+    blocker
+        .batch_execute("BEGIN; SELECT 1 FROM outbox FOR UPDATE")
+        .await
+        .expect("rows locked");
+    let mark = {
+        let seqs = seqs.clone();
+        tokio::spawn(async move {
+            let mut client = client;
+            outbox::settle(&mut client, Some(current), &seqs, &[]).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let next = {
+        let election = app.pool.get().await.expect("db");
+        let role = fence.role;
+        tokio::spawn(async move {
+            election
+                .execute(
+                    "UPDATE leader_epochs SET epoch = epoch + 1 WHERE role = $1",
+                    &[&role],
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!mark.is_finished(), "the mark did not wait for its rows");
+    assert!(
+        !next.is_finished(),
+        "the election did not wait for the mark"
+    );
+    blocker
+        .batch_execute("COMMIT")
+        .await
+        .expect("rows released");
+    mark.await
+        .expect("mark")
+        .expect("the current epoch marks its rows");
+    assert_eq!(next.await.expect("election").expect("elected"), 1);
+    let waiting: i64 = app
+        .pool
+        .get()
+        .await
+        .expect("db")
+        .query_one(unpublished, &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(waiting, 0, "the current epoch's mark committed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_whose_epoch_was_superseded_cannot_mark_rows_published() {
     let regions = TwoRegions::start().await;
