@@ -392,6 +392,29 @@ async fn active_relays(regions: &TwoRegions) -> Vec<usize> {
     active
 }
 
+/// A term of the relay's leadership in `settings`' database (`None` on shutdown).
+async fn relay_term(
+    settings: &DatabaseSettings,
+    shutdown: &CancellationToken,
+) -> Option<Leadership> {
+    Leadership::acquire(
+        settings,
+        RELAY_LOCK,
+        Duration::from_millis(100),
+        shutdown,
+        || {},
+    )
+    .await
+}
+
+/// The outbox rows a relay would publish next.
+async fn unpublished_seqs(client: &deadpool_postgres::Client) -> Vec<i64> {
+    let batch = outbox::fetch_unpublished(client, 10, 1 << 20)
+        .await
+        .expect("fetch");
+    batch.rows().map(|row| row.expect("row").seq).collect()
+}
+
 #[tokio::test]
 async fn a_relay_whose_epoch_was_superseded_cannot_settle_its_batch() {
     // The fence itself, at the store: two terms of the relay in Region 1's database, the first
@@ -400,23 +423,11 @@ async fn a_relay_whose_epoch_was_superseded_cannot_settle_its_batch() {
     app.put("relayfence", "row", &json!({})).await;
     let settings = DatabaseSettings::from_url(&app.database_url);
     let shutdown = CancellationToken::new();
-    let acquire = || {
-        Leadership::acquire(
-            &settings,
-            RELAY_LOCK,
-            Duration::from_millis(100),
-            &shutdown,
-            || {},
-        )
-    };
+    let acquire = || relay_term(&settings, &shutdown);
     let old = acquire().await.expect("first term");
     let mut client = app.pool.get().await.expect("db");
-    let batch = outbox::fetch_unpublished(&client, 10, 1 << 20)
-        .await
-        .expect("fetch");
-    let seqs: Vec<i64> = batch.rows().map(|row| row.expect("row").seq).collect();
+    let seqs = unpublished_seqs(&client).await;
     assert_eq!(seqs.len(), 1);
-    drop(batch);
     assert_eq!(terminate_lock_holder(&app.pool, RELAY_LOCK).await, 1);
     let new = tokio::time::timeout(Duration::from_secs(30), acquire())
         .await
@@ -474,22 +485,10 @@ async fn a_relays_mark_and_an_election_wait_for_each_other() {
     app.put("markfence", "row", &json!({})).await;
     let settings = DatabaseSettings::from_url(&app.database_url);
     let shutdown = CancellationToken::new();
-    let leader = Leadership::acquire(
-        &settings,
-        RELAY_LOCK,
-        Duration::from_millis(100),
-        &shutdown,
-        || {},
-    )
-    .await
-    .expect("a term");
+    let leader = relay_term(&settings, &shutdown).await.expect("a term");
     let fence = leader.fence;
     let mut client = app.pool.get().await.expect("db");
-    let batch = outbox::fetch_unpublished(&client, 10, 1 << 20)
-        .await
-        .expect("fetch");
-    let seqs: Vec<i64> = batch.rows().map(|row| row.expect("row").seq).collect();
-    drop(batch);
+    let seqs = unpublished_seqs(&client).await;
     let unpublished = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
 
     // An election holds the epoch row: the mark waits for it, then finds the new epoch.
