@@ -81,13 +81,13 @@ const MARK_PUBLISHED: &str =
 /// [`MARK_PUBLISHED`] behind the fence ([`crate::leader::FENCE_CHECK`], `$2` role, `$3` epoch)
 /// as one statement, so one round trip: it marks nothing unless the epoch is still current,
 /// and its share lock makes a concurrent election wait for it, as in a transaction. Returns
-/// whether the fence held.
+/// whether the fence held (PostgreSQL runs a data-modifying `WITH` whether or not it is read).
 const MARK_PUBLISHED_FENCED: &str = "WITH fence AS ( \
        SELECT 1 FROM leader_epochs WHERE role = $2 AND epoch = $3 FOR SHARE), \
-     marked AS ( \
+     mark AS ( \
        UPDATE outbox SET published_at = clock_timestamp() \
-       WHERE seq = ANY($1) AND EXISTS (SELECT 1 FROM fence) RETURNING 1) \
-     SELECT EXISTS (SELECT 1 FROM fence), (SELECT count(*) FROM marked)";
+       WHERE seq = ANY($1) AND EXISTS (SELECT 1 FROM fence)) \
+     SELECT EXISTS (SELECT 1 FROM fence)";
 /// Moves rows that cannot be published aside, with their reasons, in one statement.
 const DEAD_LETTER_ROWS: &str = "WITH moved AS ( \
        DELETE FROM outbox WHERE seq = ANY($1) AND published_at IS NULL RETURNING *) \
@@ -357,9 +357,9 @@ const SLOT_INDEX_LOCK: i64 = 0x7461_6e64_656d_0003;
 
 /// Records a batch's outcome atomically (one statement when nothing was refused, else one
 /// transaction): the `published` rows (the broker acknowledged them) are marked published, and
-/// the `refused` ones (`seq`, reason: retrying cannot publish
-/// them) are moved to `relay_dead_letters`. With a `fence`, nothing commits unless this
-/// process is still the elected leader ([`crate::documents::StoreError::Fenced`] then).
+/// the `refused` ones (`seq`, reason: retrying cannot publish them) are moved to
+/// `relay_dead_letters`. With a `fence`, nothing commits unless this process is still the
+/// elected leader ([`crate::documents::StoreError::Fenced`] then).
 /// Returns how many rows were moved aside. Does nothing when both are empty.
 pub async fn settle(
     client: &mut Client,
