@@ -156,16 +156,12 @@ pub async fn run(
     // Instants as wall-clock microseconds, to line them up with the databases' timestamps.
     let anchor = (Instant::now(), std::time::SystemTime::now());
     let wall_us = move |at: Instant| -> i64 {
-        let since = anchor
-            .1
+        // Every instant used is after the anchor (acknowledgements and sightings come later).
+        let wall = anchor.1 + at.saturating_duration_since(anchor.0);
+        let since = wall
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        let offset = if at >= anchor.0 {
-            i128::try_from((at - anchor.0).as_micros()).unwrap_or(0)
-        } else {
-            -i128::try_from((anchor.0 - at).as_micros()).unwrap_or(0)
-        };
-        i64::try_from(since.as_micros() as i128 + offset).unwrap_or(0)
+        i64::try_from(since.as_micros()).unwrap_or(i64::MAX)
     };
     let results = open_loop(rate, count, |i| {
         let lane = i % LANES;
@@ -272,7 +268,7 @@ async fn stages(
     shown: &HashMap<(u64, i64), i64>,
 ) -> anyhow::Result<Vec<(&'static str, Histogram<u64>)>> {
     let like = format!("{run}-%");
-    let micros = "(extract(epoch FROM {}) * 1000000)::int8";
+    let micros = |column: &str| format!("(extract(epoch FROM {column}) * 1000000)::int8");
     let db1 = crate::stack::pool(&stack.db1, 1).await?;
     let rows = db1
         .get()
@@ -281,8 +277,8 @@ async fn stages(
             &format!(
                 "SELECT event_id::text, document_id, version, {}, {} FROM outbox \
                  WHERE collection = $1 AND document_id LIKE $2",
-                micros.replace("{}", "created_at"),
-                micros.replace("{}", "published_at")
+                micros("created_at"),
+                micros("published_at")
             ),
             &[&COLLECTION, &like],
         )
@@ -312,7 +308,7 @@ async fn stages(
             &format!(
                 "SELECT event_id::text, {} FROM applied_events \
                  WHERE collection = $1 AND document_id LIKE $2",
-                micros.replace("{}", "applied_at")
+                micros("applied_at")
             ),
             &[&COLLECTION, &like],
         )
