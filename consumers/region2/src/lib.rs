@@ -246,6 +246,7 @@ impl Region2Consumer {
         consumer
             .assign(&assignment)
             .context("Failed to assign partitions")?;
+        let mut reading = Reading::from(&assignment);
         tracing::info!(
             partitions = partitions.len(),
             resuming = expected.len(),
@@ -293,7 +294,7 @@ impl Region2Consumer {
                     () = shutdown.cancelled() => return Ok(()),
                     _ = grown.changed() => anyhow::bail!("the topic gained partitions; assigning them"),
                     Some(found) = recreated.recv() => {
-                        self.reread_recreated(&consumer, &topic, &partitions, &mut expected, &anchors, found)
+                        self.reread_recreated(&consumer, &topic, &mut reading, &mut expected, &anchors, found)
                             .await?;
                         continue;
                     }
@@ -316,7 +317,8 @@ impl Region2Consumer {
                             break;
                         }
                     };
-                    match self.admit(&consumer, &topic, &partitions, &mut expected, &message)? {
+                    reading.read(message.partition(), message.offset());
+                    match self.admit(&consumer, &topic, &mut reading, &mut expected, &message)? {
                         // Nothing of a held partition is applied after the event held back.
                         Admitted::Apply(incoming) if held.contains(&incoming.partition) => {}
                         Admitted::Apply(incoming) if apply::newer_schema(&incoming).is_some() => {
@@ -454,7 +456,7 @@ impl Region2Consumer {
         &self,
         consumer: &StreamConsumer,
         topic: &str,
-        partitions: &[i32],
+        reading: &mut Reading,
         expected: &mut HashMap<i32, (i64, apply::Proof)>,
         message: &BorrowedMessage<'_>,
     ) -> anyhow::Result<Admitted> {
@@ -482,7 +484,7 @@ impl Region2Consumer {
             "the partition no longer holds the applied events (the topic was recreated); reading it from the beginning"
         );
         self.applier.metrics.partition_rereads.inc();
-        reassign_from_beginning(consumer, topic, partitions, &[message.partition()])?;
+        reassign_from_beginning(consumer, topic, reading, &[message.partition()])?;
         Ok(Admitted::Reassigned)
     }
 
@@ -493,7 +495,7 @@ impl Region2Consumer {
         &self,
         consumer: &StreamConsumer,
         topic: &str,
-        partitions: &[i32],
+        reading: &mut Reading,
         expected: &mut HashMap<i32, (i64, apply::Proof)>,
         anchors: &Anchors,
         found: Vec<(i32, Anchor)>,
@@ -515,7 +517,7 @@ impl Region2Consumer {
             reread.push(partition);
         }
         if !reread.is_empty() {
-            reassign_from_beginning(consumer, topic, partitions, &reread)?;
+            reassign_from_beginning(consumer, topic, reading, &reread)?;
         }
         Ok(())
     }
@@ -621,27 +623,52 @@ async fn high_watermarks(
     .unwrap_or_default()
 }
 
+/// Where this term reads each assigned partition next: the offset it was assigned at, until
+/// a record of it is received, then the offset after that record. Kept by the consumer itself
+/// because a re-assignment must put every other partition back exactly where it was: librdkafka
+/// knows no position for a partition it has not yet returned a record of, and falling back to
+/// the group's committed offset would hand the position to the broker (whose commits are
+/// informational, and whose coordinator may not answer at all right after a broker lost its
+/// data, leaving the partition unread).
+struct Reading {
+    next: Vec<(i32, Offset)>,
+}
+
+impl From<&TopicPartitionList> for Reading {
+    fn from(assignment: &TopicPartitionList) -> Self {
+        Self {
+            next: assignment
+                .elements()
+                .iter()
+                .map(|e| (e.partition(), e.offset()))
+                .collect(),
+        }
+    }
+}
+
+impl Reading {
+    /// A record of `partition` at `offset` was received.
+    fn read(&mut self, partition: i32, offset: i64) {
+        if let Some((_, next)) = self.next.iter_mut().find(|(p, _)| *p == partition) {
+            *next = Offset::Offset(offset + 1);
+        }
+    }
+}
+
 /// Assigns every partition again: `from_beginning` ones at their first offset, the others where
-/// they are (librdkafka discards what it fetched for the old positions).
+/// this term reads them next (librdkafka discards what it fetched for the old positions).
 fn reassign_from_beginning(
     consumer: &StreamConsumer,
     topic: &str,
-    partitions: &[i32],
+    reading: &mut Reading,
     from_beginning: &[i32],
 ) -> anyhow::Result<()> {
-    let positions = consumer.position().ok();
     let mut restart = TopicPartitionList::new();
-    for partition in partitions {
-        let offset = if from_beginning.contains(partition) {
-            Offset::Beginning
-        } else {
-            positions
-                .as_ref()
-                .and_then(|p| p.find_partition(topic, *partition).map(|e| e.offset()))
-                .filter(|o| matches!(o, Offset::Offset(_)))
-                .unwrap_or(Offset::Stored)
-        };
-        restart.add_partition_offset(topic, *partition, offset)?;
+    for (partition, next) in &mut reading.next {
+        if from_beginning.contains(partition) {
+            *next = Offset::Beginning;
+        }
+        restart.add_partition_offset(topic, *partition, *next)?;
     }
     consumer
         .assign(&restart)
