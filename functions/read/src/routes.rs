@@ -126,10 +126,22 @@ async fn lookup(
     key: &DocumentKey,
     min_version: Option<i64>,
 ) -> Result<Option<Entry>, ApiError> {
-    let generation = match app.cache.lookup(key).await {
+    // A replica reads through the near cache (memory kept right by Redis' invalidations);
+    // the write region asks Redis every time, for read-after-write without a token.
+    let replica = app.active_replica().is_some();
+    let found = if replica {
+        app.cache.lookup_replica(key).await
+    } else {
+        app.cache.lookup(key).await
+    };
+    let generation = match found {
         Ok(found) => match found.entry {
             Some(entry) if min_version.is_none_or(|min| entry.version() >= min) => {
-                app.metrics.cache("hit");
+                if found.from_memory {
+                    app.metrics.cache("near_hit");
+                } else {
+                    app.metrics.cache("hit");
+                }
                 return Ok(Some(entry));
             }
             _ => {
@@ -155,6 +167,9 @@ async fn lookup(
         if let Err(e) = app.cache.fill(key, &entry, &generation).await {
             tracing::debug!(error = %e, "cache fill failed");
         }
+    }
+    if replica {
+        app.cache.answered_replica(key, entry.version());
     }
     Ok(Some(entry))
 }

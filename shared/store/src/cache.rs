@@ -37,6 +37,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 
 use tandem_core::document::DocumentKey;
+
+use crate::near::Near;
 use tandem_runtime::config::{self, ConfigError};
 
 /// Cache settings, read from the environment.
@@ -57,7 +59,18 @@ pub struct CacheSettings {
     /// A Secrets Manager secret holding the Redis AUTH token as a plain string
     /// (`REDIS_AUTH_SECRET_ID`); read once at start-up by [`CacheSettings::resolve_auth`].
     pub auth_secret_id: Option<String>,
+    /// The near cache's memory bound in a replica's Read API (`REDIS_NEAR_CACHE_BYTES`,
+    /// default 64 MiB; 0 turns it off). See [`crate::near`].
+    pub near_cache_bytes: usize,
+    /// How far behind Redis the near cache may answer while Redis does not reply
+    /// (`REDIS_NEAR_CACHE_STALENESS_MS`, default 50).
+    pub near_cache_staleness: Duration,
 }
+
+/// The near cache's default memory bound.
+const NEAR_CACHE_BYTES: usize = 64 << 20;
+/// The near cache's default staleness bound.
+const NEAR_CACHE_STALENESS: Duration = Duration::from_millis(50);
 
 impl CacheSettings {
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -68,6 +81,11 @@ impl CacheSettings {
             cooldown: config::millis_or("REDIS_COOLDOWN_MS", Duration::from_millis(100))?,
             key_prefix: config::optional("REDIS_KEY_PREFIX").unwrap_or_else(|| "tandem".to_owned()),
             auth_secret_id: config::optional("REDIS_AUTH_SECRET_ID"),
+            near_cache_bytes: config::parsed_or("REDIS_NEAR_CACHE_BYTES", NEAR_CACHE_BYTES)?,
+            near_cache_staleness: config::millis_or(
+                "REDIS_NEAR_CACHE_STALENESS_MS",
+                NEAR_CACHE_STALENESS,
+            )?,
         })
     }
 
@@ -79,6 +97,8 @@ impl CacheSettings {
             cooldown: Duration::from_millis(100),
             key_prefix: "tandem".to_owned(),
             auth_secret_id: None,
+            near_cache_bytes: NEAR_CACHE_BYTES,
+            near_cache_staleness: NEAR_CACHE_STALENESS,
         }
     }
 
@@ -121,6 +141,8 @@ impl Entry {
 pub struct Lookup {
     pub entry: Option<Entry>,
     pub generation: String,
+    /// Answered from the near cache (a replica's memory), without asking Redis.
+    pub from_memory: bool,
 }
 
 /// Why the cache could not answer.
@@ -199,12 +221,27 @@ struct Inner {
     known_generation: Mutex<Option<String>>,
     /// Wakes the guardian when the cache stops being trusted.
     wake: Arc<tokio::sync::Notify>,
+    /// The near cache ([`Cache::lookup_replica`]), unless turned off.
+    near: Option<Near>,
 }
 
 impl Cache {
     /// Validates the URL; connects lazily, so a Redis that is down at start-up delays nothing.
     pub fn new(settings: CacheSettings) -> anyhow::Result<Self> {
         let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| anyhow::anyhow!("REDIS_URL is invalid: {e}"))?;
+        let near = (settings.near_cache_bytes > 0)
+            .then(|| {
+                Near::new(
+                    &client,
+                    settings.near_cache_bytes,
+                    settings.near_cache_staleness,
+                    settings.timeout,
+                    &settings.key_prefix,
+                    format!("{}:gen", settings.key_prefix),
+                )
+            })
+            .transpose()
             .map_err(|e| anyhow::anyhow!("REDIS_URL is invalid: {e}"))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -221,6 +258,7 @@ impl Cache {
                 bump_attempts: AtomicU64::new(0),
                 known_generation: Mutex::new(None),
                 wake: Arc::new(tokio::sync::Notify::new()),
+                near,
             }),
         })
     }
@@ -261,6 +299,9 @@ impl Cache {
     /// A command could not be confirmed: stop trusting the cache until this process has
     /// bumped the generation.
     fn failed(&self, error: CacheError) -> CacheError {
+        if let Some(near) = &self.inner.near {
+            near.reset();
+        }
         if self.inner.trusted.swap(false, Ordering::AcqRel) {
             tracing::warn!(error = %error, "Redis fault: bypassing the cache until its generation is bumped");
             self.inner.wake.notify_one();
@@ -381,6 +422,19 @@ impl Cache {
         }
     }
 
+    /// A replica answered this version of a document from PostgreSQL: its near cache must
+    /// not answer an older one afterwards ([`crate::near`]).
+    pub fn answered_replica(&self, key: &DocumentKey, version: i64) {
+        if let Some(near) = &self.inner.near {
+            near.answered(&Self::suffix(key), version);
+        }
+    }
+
+    /// The near cache's entries and bytes (`None` when it is off).
+    pub fn near_cache_usage(&self) -> Option<(usize, usize)> {
+        self.inner.near.as_ref().map(Near::usage)
+    }
+
     /// How many times this process bumped the generation (for tests and metrics).
     pub fn generation_bumps(&self) -> u64 {
         self.inner.bumps.load(Ordering::Relaxed)
@@ -418,7 +472,51 @@ impl Cache {
             _ => return Err(CacheError::Malformed),
         };
         self.remember_generation(&generation);
-        Ok(Lookup { entry, generation })
+        Ok(Lookup {
+            entry,
+            generation,
+            from_memory: false,
+        })
+    }
+
+    /// A replica's lookup: as [`Cache::lookup`], through the near cache ([`crate::near`]) when
+    /// it is on. Only for a region that does not take writes (see there why).
+    pub async fn lookup_replica(&self, key: &DocumentKey) -> Result<Lookup, CacheError> {
+        let Some(near) = self.inner.near.as_ref().filter(|n| n.usable()) else {
+            return self.lookup(key).await;
+        };
+        self.guard();
+        if !self.inner.trusted.load(Ordering::Acquire) {
+            near.reset();
+            return Err(CacheError::Distrusted);
+        }
+        let suffix = Self::suffix(key);
+        if let Some((generation, entry)) = near.get(&suffix) {
+            return Ok(Lookup {
+                entry: Some(entry),
+                generation,
+                from_memory: true,
+            });
+        }
+        let (generation, fields) = near
+            .fetch(&suffix, self.known_generation())
+            .await
+            .map_err(|e| self.failed(e.into()))?;
+        let entry = match fields {
+            (None, _, _) => None,
+            (Some(version), Some(state), body) if state == "L" => Some(Entry::Live {
+                version,
+                body: Bytes::from(body.ok_or(CacheError::Malformed)?),
+            }),
+            (Some(version), Some(state), _) if state == "D" => Some(Entry::Deleted { version }),
+            _ => return Err(CacheError::Malformed),
+        };
+        self.remember_generation(&generation);
+        Ok(Lookup {
+            entry,
+            generation,
+            from_memory: false,
+        })
     }
 
     fn remember_generation(&self, generation: &str) {

@@ -22,6 +22,7 @@ pub mod housekeeping;
 pub mod lag;
 pub mod leader;
 pub mod migrations;
+pub mod near;
 pub mod outbox;
 pub mod replica;
 pub mod roles;

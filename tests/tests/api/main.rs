@@ -7,6 +7,7 @@ mod jwks;
 mod lambda;
 mod lambda_runtime;
 mod limits;
+mod near_cache;
 mod ops;
 mod outage;
 mod outbox;

@@ -1,0 +1,200 @@
+//! The near cache of a replica's Read API ([`tandem_store::near`]), against a real Redis: what
+//! memory answers, and when it must stop.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::json;
+use tandem_core::document::{Collection, DocumentId, DocumentKey};
+use tandem_store::cache::{Cache, CacheSettings, Entry, Lookup};
+use tandem_tests::Redis;
+
+const STALENESS: Duration = Duration::from_millis(50);
+
+fn key(id: &str) -> DocumentKey {
+    DocumentKey::new(
+        Collection::parse("near").expect("collection"),
+        DocumentId::parse(id).expect("id"),
+    )
+}
+
+fn live(version: i64) -> Entry {
+    Entry::Live {
+        version,
+        body: Bytes::from(format!("{{\"version\":{version}}}")),
+    }
+}
+
+/// A reader with a near cache and a writer without, sharing one key prefix (returned too).
+fn pair(redis: &Redis, max_bytes: usize) -> (Cache, Cache, String) {
+    let prefix = format!("near-{}", rand::random::<u32>());
+    let settings = |near_cache_bytes| CacheSettings {
+        key_prefix: prefix.clone(),
+        near_cache_bytes,
+        near_cache_staleness: STALENESS,
+        ..CacheSettings::from_url(&redis.url())
+    };
+    let reader = Cache::new(settings(max_bytes)).expect("reader");
+    let writer = Cache::new(settings(0)).expect("writer");
+    (reader, writer, prefix)
+}
+
+async fn lookup(cache: &Cache, id: &str) -> Lookup {
+    cache.lookup_replica(&key(id)).await.expect("lookup")
+}
+
+#[tokio::test]
+async fn memory_answers_until_redis_says_the_entry_changed() {
+    let (reader, writer, _) = pair(Redis::shared(), 1 << 20);
+    writer.put(&key("a"), &live(1)).await.expect("put");
+    let first = lookup(&reader, "a").await;
+    assert_eq!((first.entry, first.from_memory), (Some(live(1)), false));
+    let second = lookup(&reader, "a").await;
+    assert_eq!((second.entry, second.from_memory), (Some(live(1)), true));
+
+    writer.put(&key("a"), &live(2)).await.expect("put");
+    // Any reply read after the change proves its invalidation was applied: a lookup of another
+    // document goes to Redis, and from then on memory no longer holds version 1.
+    assert!(!lookup(&reader, "other").await.from_memory);
+    let after = lookup(&reader, "a").await;
+    assert_eq!((after.entry, after.from_memory), (Some(live(2)), false));
+    assert!(lookup(&reader, "a").await.from_memory);
+
+    // A generation bump (another process's fault, a consumer's new term) empties memory.
+    writer.invalidate_all().await;
+    assert!(!lookup(&reader, "other").await.from_memory);
+    let bumped = lookup(&reader, "a").await;
+    assert_eq!((bumped.entry, bumped.from_memory), (None, false));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_is_never_hidden_longer_than_the_staleness_bound() {
+    let (reader, writer, _) = pair(Redis::shared(), 1 << 20);
+    for version in 1..=20 {
+        writer.put(&key("b"), &live(version)).await.expect("put");
+        let acknowledged = tokio::time::Instant::now();
+        // Memory is read (and kept warm) right up to the bound...
+        while acknowledged.elapsed() < STALENESS {
+            let found = lookup(&reader, "b").await;
+            let seen = found.entry.map(|e| e.version()).unwrap_or_default();
+            assert!(
+                seen >= version - 1,
+                "version {seen} while {version} was written"
+            );
+        }
+        // ...and past it, only the acknowledged version.
+        let found = lookup(&reader, "b").await;
+        assert_eq!(
+            found.entry,
+            Some(live(version)),
+            "{:?} past the bound",
+            found
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stops_answering_when_redis_stops_replying() {
+    let redis = Redis::start().expect("redis");
+    let (reader, writer, _) = pair(&redis, 1 << 20);
+    writer.put(&key("c"), &live(1)).await.expect("put");
+    lookup(&reader, "c").await;
+    assert!(lookup(&reader, "c").await.from_memory);
+
+    redis.pause(true);
+    tokio::time::sleep(STALENESS * 2).await;
+    let during = reader.lookup_replica(&key("c")).await;
+    redis.pause(false);
+    assert!(
+        during.is_err(),
+        "answered while Redis was frozen past the bound: {:?}",
+        during.map(|l| (l.entry, l.from_memory))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_tracking_connection_takes_memory_with_it() {
+    let redis = Redis::start().expect("redis");
+    let (reader, writer, prefix) = pair(&redis, 1 << 20);
+    writer.put(&key("d"), &live(1)).await.expect("put");
+    lookup(&reader, "d").await;
+    assert!(lookup(&reader, "d").await.from_memory);
+
+    // The reader's tracking connection alone is cut off (the rest of the cache keeps working,
+    // so nothing is bumped), then version 2 is written by another connection in the same
+    // generation: the invalidation is lost with the connection.
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut admin = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut admin)
+        .await
+        .expect("list the clients");
+    let tracking: Vec<&str> = clients
+        .lines()
+        .filter(|line| {
+            line.split(' ')
+                .any(|f| f.starts_with("flags=") && f.contains('t'))
+        })
+        .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .collect();
+    assert_eq!(tracking.len(), 1, "one tracking connection: {clients}");
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(tracking[0])
+        .query_async(&mut admin)
+        .await
+        .map(|_: i64| ())
+        .expect("kill the tracking connection");
+    tandem_tests::plant_cache_entry(&redis.url(), &prefix, "near", "d", 2, &json!({})).await;
+
+    // Whatever happens next (a reconnect, lookups of other documents proving the new
+    // connection fresh), version 1 is never answered again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline {
+        let _ = reader.lookup_replica(&key("elsewhere")).await;
+        if let Ok(found) = reader.lookup_replica(&key("d")).await {
+            assert_ne!(
+                found.entry,
+                Some(live(1)),
+                "the version the lost connection hid"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn after_answering_a_newer_version_memory_forgets_the_older_one() {
+    let (reader, writer, _) = pair(Redis::shared(), 1 << 20);
+    writer.put(&key("f"), &live(1)).await.expect("put");
+    lookup(&reader, "f").await;
+    assert!(lookup(&reader, "f").await.from_memory);
+    // The Read API answered version 2 from PostgreSQL (a token read, Redis still at 1, the
+    // fill not landed yet): memory must not answer version 1 after that.
+    reader.answered_replica(&key("f"), 2);
+    let next = lookup(&reader, "f").await;
+    assert!(!next.from_memory, "memory answered {:?}", next.entry);
+    // An answer no newer than memory's changes nothing.
+    assert!(lookup(&reader, "f").await.from_memory);
+    reader.answered_replica(&key("f"), 1);
+    assert!(lookup(&reader, "f").await.from_memory);
+}
+
+#[tokio::test]
+async fn memory_stays_within_its_bound() {
+    let max = 8 * 1024;
+    let (reader, writer, _) = pair(Redis::shared(), max);
+    for n in 0..200 {
+        let id = format!("e{n}");
+        writer.put(&key(&id), &live(n)).await.expect("put");
+        lookup(&reader, &id).await;
+        let (_, bytes) = reader.near_cache_usage().expect("near cache on");
+        assert!(bytes <= max, "{bytes} bytes held, bound {max}");
+    }
+    let (entries, _) = reader.near_cache_usage().expect("near cache on");
+    assert!(entries > 10 && entries < 200, "{entries} entries held");
+}
