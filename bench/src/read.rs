@@ -16,6 +16,9 @@ use crate::stack::{Kind, Probes, Service, Stack, http_client, pool, send};
 pub const CONCURRENCY: usize = 64;
 const HIT: &str = "rbench";
 const MISS: &str = "rmiss";
+/// Region 2's hot documents: a collection name as long as [`HIT`]'s, so the bodies have the
+/// same size.
+const NEAR: &str = "rbnear";
 
 #[derive(Debug)]
 pub struct ReadFigures {
@@ -28,6 +31,8 @@ pub struct ReadFigures {
     pub bare_cpu: CpuSplit,
     pub miss_cpu: CpuSplit,
     pub miss_sql_cpu: CpuSplit,
+    /// Cache hits through Region 2's Read API (a replica: its near cache answers from memory).
+    pub near: Option<(Outcome, CpuSplit)>,
 }
 
 pub async fn run(
@@ -175,7 +180,56 @@ pub async fn run(
         bare_cpu,
         miss_cpu,
         miss_sql_cpu,
+        near: None,
     })
+}
+
+/// Cache hits in Region 2: the same documents and load as Region 1's, through a replica's Read
+/// API, whose near cache answers hot documents from memory. The documents are written in
+/// Region 1 and replicated (the consumer caches each version it applies in Region 2's Redis).
+pub async fn near_hits(
+    stack: &Stack,
+    sizes: &Sizes,
+    read2: &Service,
+    probes: &Probes,
+) -> anyhow::Result<(Outcome, CpuSplit)> {
+    let docs = sizes.read_docs;
+    let client = http_client(16);
+    let base = format!("{}/v1/{NEAR}", stack.url(Kind::Write));
+    let token = format!("Bearer {}", stack.token);
+    closed_loop(16, Amount::Requests(docs), move |i| {
+        let request = client
+            .put(format!("{base}/h{i}"))
+            .header("authorization", &token)
+            .header("content-type", "application/json")
+            .body(crate::document_json());
+        async move { send(request, 201).await }
+    })
+    .await
+    .checked("writing the documents to read in Region 2")?;
+    let read = format!("{}/v1/{NEAR}", stack.url(Kind::Read2));
+    let client = http_client(1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    for i in 0..docs {
+        loop {
+            let found = client.get(format!("{read}/h{i}")).send().await;
+            if found.is_ok_and(|r| r.status() == 200) {
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "document h{i} did not reach Region 2 within 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let meter = Meter::default()
+        .with("Read API 2", read2.probe())
+        .with("PostgreSQL 2", probes.pg2)
+        .with("Redis 2", probes.redis2)
+        .with("load generator", Some(Probe::LoadGenerator));
+    let (near, cpu) = get_random(&read, docs, sizes.read_amount, &meter).await;
+    Ok((near.checked("Region 2 Read API cache hits")?, cpu))
 }
 
 /// `GET base/h<random>` at [`CONCURRENCY`], after a warm-up when timed.

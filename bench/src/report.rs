@@ -157,6 +157,18 @@ impl Report {
                 read.bare.ms(0.99),
                 flag(ratio, ratio < READ_TARGET),
             );
+            if let Some((near, _)) = &read.near {
+                let ratio = near.per_second() / read.bare.per_second();
+                let _ = writeln!(
+                    w,
+                    "| 3 | read, cache hit in Region 2 (a replica: near cache), concurrency {} | {:.0} GET/s (p50 {:.2} ms, p99 {:.2} ms) | (the same bare server) | {} |",
+                    read::CONCURRENCY,
+                    near.per_second(),
+                    near.ms(0.5),
+                    near.ms(0.99),
+                    flag(ratio, ratio < READ_TARGET),
+                );
+            }
             let ratio = read.miss.per_second() / read.miss_sql.per_second();
             let _ = writeln!(
                 w,
@@ -408,6 +420,16 @@ impl Report {
                 read.miss_cpu.per_op(read.miss.ok),
                 read.miss_sql_cpu.per_op(read.miss_sql.ok),
             );
+            if let Some((near, cpu)) = &read.near {
+                let _ = writeln!(
+                    w,
+                    "  - Region 2: the same number of documents written in Region 1 and \
+                     replicated, then read the same way through Region 2's Read API, a replica \
+                     whose near cache answers from memory ({} ok). CPU per near-cache hit: {}",
+                    near.ok,
+                    cpu.per_op(near.ok),
+                );
+            }
         }
         if let Some(drain) = &self.drain {
             let _ = writeln!(
