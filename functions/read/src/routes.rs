@@ -126,14 +126,7 @@ async fn lookup(
     key: &DocumentKey,
     min_version: Option<i64>,
 ) -> Result<Option<Entry>, ApiError> {
-    // A replica reads through the near cache (memory kept right by Redis' invalidations);
-    // the write region asks Redis every time, for read-after-write without a token.
-    let replica = app.active_replica().is_some();
-    let found = if replica {
-        app.cache.lookup_replica(key).await
-    } else {
-        app.cache.lookup(key).await
-    };
+    let found = app.cache.lookup_near(key).await;
     let generation = match found {
         Ok(found) => match found.entry {
             Some(entry) if min_version.is_none_or(|min| entry.version() >= min) => {
@@ -168,9 +161,7 @@ async fn lookup(
             tracing::debug!(error = %e, "cache fill failed");
         }
     }
-    if replica {
-        app.cache.answered_replica(key, entry.version());
-    }
+    app.cache.answered(key, entry.version());
     Ok(Some(entry))
 }
 

@@ -59,18 +59,13 @@ pub struct CacheSettings {
     /// A Secrets Manager secret holding the Redis AUTH token as a plain string
     /// (`REDIS_AUTH_SECRET_ID`); read once at start-up by [`CacheSettings::resolve_auth`].
     pub auth_secret_id: Option<String>,
-    /// The near cache's memory bound in a replica's Read API (`REDIS_NEAR_CACHE_BYTES`,
-    /// default 64 MiB; 0 turns it off). See [`crate::near`].
+    /// The memory bound of the Read API's near cache (`REDIS_NEAR_CACHE_BYTES`, default
+    /// 64 MiB; 0 turns it off). See [`crate::near`].
     pub near_cache_bytes: usize,
-    /// How far behind Redis the near cache may answer while Redis does not reply
-    /// (`REDIS_NEAR_CACHE_STALENESS_MS`, default 50).
-    pub near_cache_staleness: Duration,
 }
 
 /// The near cache's default memory bound.
 const NEAR_CACHE_BYTES: usize = 64 << 20;
-/// The near cache's default staleness bound.
-const NEAR_CACHE_STALENESS: Duration = Duration::from_millis(50);
 
 impl CacheSettings {
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -82,10 +77,6 @@ impl CacheSettings {
             key_prefix: config::optional("REDIS_KEY_PREFIX").unwrap_or_else(|| "tandem".to_owned()),
             auth_secret_id: config::optional("REDIS_AUTH_SECRET_ID"),
             near_cache_bytes: config::parsed_or("REDIS_NEAR_CACHE_BYTES", NEAR_CACHE_BYTES)?,
-            near_cache_staleness: config::millis_or(
-                "REDIS_NEAR_CACHE_STALENESS_MS",
-                NEAR_CACHE_STALENESS,
-            )?,
         })
     }
 
@@ -98,7 +89,6 @@ impl CacheSettings {
             key_prefix: "tandem".to_owned(),
             auth_secret_id: None,
             near_cache_bytes: NEAR_CACHE_BYTES,
-            near_cache_staleness: NEAR_CACHE_STALENESS,
         }
     }
 
@@ -235,7 +225,6 @@ impl Cache {
                 Near::new(
                     &client,
                     settings.near_cache_bytes,
-                    settings.near_cache_staleness,
                     settings.timeout,
                     &settings.key_prefix,
                     format!("{}:gen", settings.key_prefix),
@@ -422,9 +411,9 @@ impl Cache {
         }
     }
 
-    /// A replica answered this version of a document from PostgreSQL: its near cache must
+    /// The Read API answered this version of a document from PostgreSQL: its near cache must
     /// not answer an older one afterwards ([`crate::near`]).
-    pub fn answered_replica(&self, key: &DocumentKey, version: i64) {
+    pub fn answered(&self, key: &DocumentKey, version: i64) {
         if let Some(near) = &self.inner.near {
             near.answered(&Self::suffix(key), version);
         }
@@ -462,15 +451,7 @@ impl Cache {
             .invoke_async(&mut connection)
             .await
             .map_err(|e| self.failed(e.into()))?;
-        let entry = match (version, state.as_deref()) {
-            (None, _) => None,
-            (Some(version), Some("L")) => Some(Entry::Live {
-                version,
-                body: Bytes::from(body.ok_or(CacheError::Malformed)?),
-            }),
-            (Some(version), Some("D")) => Some(Entry::Deleted { version }),
-            _ => return Err(CacheError::Malformed),
-        };
+        let entry = entry_from(version, state.as_deref(), body)?;
         self.remember_generation(&generation);
         Ok(Lookup {
             entry,
@@ -479,9 +460,9 @@ impl Cache {
         })
     }
 
-    /// A replica's lookup: as [`Cache::lookup`], through the near cache ([`crate::near`]) when
-    /// it is on. Only for a region that does not take writes (see there why).
-    pub async fn lookup_replica(&self, key: &DocumentKey) -> Result<Lookup, CacheError> {
+    /// The Read API's lookup: as [`Cache::lookup`], through the near cache ([`crate::near`])
+    /// when it is on. Answers what Redis would have answered when the call began.
+    pub async fn lookup_near(&self, key: &DocumentKey) -> Result<Lookup, CacheError> {
         let Some(near) = self.inner.near.as_ref().filter(|n| n.usable()) else {
             return self.lookup(key).await;
         };
@@ -491,7 +472,9 @@ impl Cache {
             return Err(CacheError::Distrusted);
         }
         let suffix = Self::suffix(key);
-        if let Some((generation, entry)) = near.get(&suffix) {
+        if let Some((generation, entry)) =
+            near.get(&suffix).await.map_err(|e| self.failed(e.into()))?
+        {
             return Ok(Lookup {
                 entry: Some(entry),
                 generation,
@@ -502,15 +485,8 @@ impl Cache {
             .fetch(&suffix, self.known_generation())
             .await
             .map_err(|e| self.failed(e.into()))?;
-        let entry = match fields {
-            (None, _, _) => None,
-            (Some(version), Some(state), body) if state == "L" => Some(Entry::Live {
-                version,
-                body: Bytes::from(body.ok_or(CacheError::Malformed)?),
-            }),
-            (Some(version), Some(state), _) if state == "D" => Some(Entry::Deleted { version }),
-            _ => return Err(CacheError::Malformed),
-        };
+        let (version, state, body) = fields;
+        let entry = entry_from(version, state.as_deref(), body)?;
         self.remember_generation(&generation);
         Ok(Lookup {
             entry,
@@ -672,6 +648,23 @@ impl Cache {
             .map_err(|e| self.failed(e.into()))?;
         Ok(())
     }
+}
+
+/// The entry a cache hash's fields `v`, `s`, `b` describe (`None`: no entry).
+pub(crate) fn entry_from(
+    version: Option<i64>,
+    state: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> Result<Option<Entry>, CacheError> {
+    Ok(match (version, state) {
+        (None, _) => None,
+        (Some(version), Some("L")) => Some(Entry::Live {
+            version,
+            body: Bytes::from(body.ok_or(CacheError::Malformed)?),
+        }),
+        (Some(version), Some("D")) => Some(Entry::Deleted { version }),
+        _ => return Err(CacheError::Malformed),
+    })
 }
 
 /// What an update did: wrote this many entries, or nothing because the generation is not the

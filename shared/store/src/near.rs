@@ -1,38 +1,36 @@
-//! The near cache: a replica's Read API keeps in memory the cache entries it read from Redis,
-//! and forgets each one as soon as Redis says it changed (RESP3 client tracking), so a hot
-//! document is answered without a Redis round trip.
+//! The near cache: the Read API keeps in memory the cache entries it read from Redis, and
+//! forgets each one as soon as Redis says it changed (RESP3 client tracking), so a hot
+//! document is answered without asking Redis for it.
 //!
-//! **It answers only what Redis would have answered a moment ago.** Every lookup and every
-//! `PING` goes over one tracking connection, and Redis sends the invalidation of a key on that
-//! connection before any reply to a command it runs after the change. The invalidations are
-//! applied by the connection's reader itself, before it hands over the replies that follow
-//! them. So a reply to a command sent at `t` proves that every change Redis made before `t` has
-//! been applied here, and memory may answer until `t + staleness` (`REDIS_NEAR_CACHE_STALENESS_MS`,
-//! 50 ms by default); after that, the next lookup asks Redis again. While requests keep coming,
-//! a `PING` every half of that keeps the proof fresh. Redis paused, slow or cut off: no reply, so
-//! memory stops answering within `staleness`, and the lookup fails as any Redis fault does (the
-//! read goes to PostgreSQL and the generation is bumped, as without a near cache).
+//! **It answers exactly what Redis would have answered when the request arrived.** Lookups and
+//! `PING`s share one tracking connection, and Redis queues the invalidation of a changed key on
+//! that connection before the reply to any command it runs after the change. The connection's
+//! reader applies each invalidation before it hands over the replies that follow it. So a
+//! request served from memory first waits for the reply to a `PING` sent after it arrived (a
+//! read barrier): every change Redis made before the request arrived, including the write-through
+//! of a write acknowledged to the client, has then been applied here. One `PING` at a time
+//! serves every request that arrived before it was sent, so under load a hit costs a share of a
+//! `PING` instead of a lookup script each. Redis paused, slow or cut off: the barrier times out
+//! (`REDIS_TIMEOUT_MS`) and the lookup fails as any Redis fault does (the read goes to
+//! PostgreSQL and the generation is bumped), so memory never answers on its own.
 //!
-//! - A reply that raced an invalidation is not kept: each is stored only if no invalidation was
-//!   applied between the command's sending and its reply.
+//! - A reply that raced an invalidation is not kept: an entry is stored only if no
+//!   invalidation was applied between the command's sending and its reply.
 //! - The generation key is read (so tracked) with every lookup: a bump empties memory.
-//! - A lost connection (its invalidations lost with it), `FLUSHALL`, a distrusted cache
-//!   (any fault, a new Redis `run_id`) empty memory too; a new connection starts empty.
+//! - A lost connection (its invalidations lost with it), `FLUSHALL`, a distrusted cache (any
+//!   fault, a new Redis `run_id`) empty memory; a new connection starts empty.
 //! - Consistency tokens are unaffected: an entry older than a token is a miss, wherever it is.
 //!
-//! Only replicas use it: in the write region, a reader's invalidation may still be unread when
-//! a writer's acknowledgement reaches the client, and Region 1 promises read-after-write
-//! without a token. In Region 2, reads are eventually consistent and tokens give
-//! read-your-writes; the near cache adds at most `staleness` behind Redis, and only while Redis
-//! does not answer. Memory is bounded (`REDIS_NEAR_CACHE_BYTES`, 64 MiB by default; 0 turns
-//! it off).
+//! Memory is bounded (`REDIS_NEAR_CACHE_BYTES`, 64 MiB by default; 0 turns it off).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, PushInfo, PushKind, RedisError, Value};
+use tokio::sync::watch;
 
 use crate::cache::Entry;
 
@@ -49,10 +47,16 @@ pub(crate) struct Near {
 
 struct Shared {
     max_bytes: usize,
-    staleness: Duration,
     prefix: String,
     generation_key: String,
     state: Mutex<State>,
+    /// The number of the last barrier `PING` sent.
+    pings_sent: AtomicU64,
+    /// The connection and number of the last barrier `PING` answered.
+    pings_answered: watch::Sender<(u64, u64)>,
+    /// A task sends barrier `PING`s while requests wait for one.
+    pinging: AtomicBool,
+    waiting: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -67,10 +71,6 @@ struct State {
     bytes: usize,
     /// Invalidations (and resets) applied: a reply that raced one is not kept.
     invalidations: u64,
-    /// Until when memory may answer (see the module's documentation).
-    fresh_until: Option<Instant>,
-    /// The last lookup: the pings stop when nobody reads.
-    last_used: Option<Instant>,
     /// Redis refused client tracking: the near cache is off for this process.
     unsupported: bool,
 }
@@ -81,7 +81,6 @@ impl State {
         self.bytes = 0;
         self.generation = None;
         self.invalidations += 1;
-        self.fresh_until = None;
     }
 
     /// Whether connection `id` is the current one.
@@ -103,11 +102,6 @@ impl State {
             self.bytes -= size(key, &entry);
         }
     }
-
-    fn proven(&mut self, sent: Instant, staleness: Duration) {
-        let until = sent + staleness;
-        self.fresh_until = Some(self.fresh_until.map_or(until, |t| t.max(until)));
-    }
 }
 
 fn size(key: &str, entry: &Entry) -> usize {
@@ -115,7 +109,7 @@ fn size(key: &str, entry: &Entry) -> usize {
         Entry::Live { body, .. } => body.len(),
         Entry::Deleted { .. } => 0,
     };
-    // The key twice (the map's and Redis'), the body, and the map's own overhead.
+    // The key, the body, and the map's own overhead.
     key.len() + body + 64
 }
 
@@ -162,11 +156,18 @@ impl Shared {
     }
 }
 
+/// Why memory could not answer: Redis did not answer the read barrier in time.
+pub(crate) fn barrier_timeout() -> RedisError {
+    RedisError::from((
+        redis::ErrorKind::IoError,
+        "Redis did not answer the near cache's read barrier in time",
+    ))
+}
+
 impl Near {
     pub(crate) fn new(
         client: &redis::Client,
         max_bytes: usize,
-        staleness: Duration,
         timeout: Duration,
         prefix: &str,
         generation_key: String,
@@ -176,10 +177,13 @@ impl Near {
         Ok(Self {
             shared: Arc::new(Shared {
                 max_bytes,
-                staleness,
                 prefix: prefix.to_owned(),
                 generation_key,
                 state: Mutex::new(State::default()),
+                pings_sent: AtomicU64::new(0),
+                pings_answered: watch::Sender::new((0, 0)),
+                pinging: AtomicBool::new(false),
+                waiting: AtomicUsize::new(0),
             }),
             client: redis::Client::open(info)?,
             timeout,
@@ -205,8 +209,7 @@ impl Near {
 
     /// The reader answered `version` of `suffix` from elsewhere (PostgreSQL): memory forgets
     /// any older version, and a read still in flight keeps nothing (it may carry the older
-    /// version Redis held before this reader's fill). So this process never answers older
-    /// than it answered, even before the fill's invalidation reaches it.
+    /// version Redis held before this reader's fill).
     pub(crate) fn answered(&self, suffix: &str, version: i64) {
         let mut state = self.shared.state();
         state.invalidations += 1;
@@ -223,19 +226,56 @@ impl Near {
         }
     }
 
-    /// The entry of `suffix` from memory, with its generation, while memory may answer.
-    pub(crate) fn get(&self, suffix: &str) -> Option<(String, Entry)> {
-        let mut state = self.shared.state();
-        let now = Instant::now();
-        state.last_used = Some(now);
-        if state.fresh_until.is_none_or(|until| until <= now) {
-            return None;
+    /// The entry of `suffix` from memory, with its generation, once a read barrier proved
+    /// memory holds what Redis holds now. `Ok(None)`: not in memory (ask Redis).
+    pub(crate) async fn get(&self, suffix: &str) -> Result<Option<(String, Entry)>, RedisError> {
+        let id = {
+            let state = self.shared.state();
+            let (Some((id, _)), Some(generation)) = (&state.connection, &state.generation) else {
+                return Ok(None);
+            };
+            if !state
+                .entries
+                .contains_key(&self.shared.entry_key(generation, suffix))
+            {
+                return Ok(None);
+            }
+            *id
+        };
+        self.barrier(id).await?;
+        let state = self.shared.state();
+        if !state.is_current(id) {
+            return Ok(None);
         }
-        let generation = state.generation.clone()?;
+        let Some(generation) = state.generation.clone() else {
+            return Ok(None);
+        };
         let entry = state
             .entries
-            .get(&self.shared.entry_key(&generation, suffix))?;
-        Some((generation, entry.clone()))
+            .get(&self.shared.entry_key(&generation, suffix))
+            .cloned();
+        Ok(entry.map(|entry| (generation, entry)))
+    }
+
+    /// Waits for the reply to a `PING` sent on connection `id` after this call began.
+    async fn barrier(&self, id: u64) -> Result<(), RedisError> {
+        let shared = &self.shared;
+        shared.waiting.fetch_add(1, Ordering::SeqCst);
+        let target = shared.pings_sent.load(Ordering::SeqCst) + 1;
+        let mut answered = shared.pings_answered.subscribe();
+        if !shared.pinging.swap(true, Ordering::SeqCst) {
+            tokio::spawn(ping_while_waited(shared.clone()));
+        }
+        let waited = tokio::time::timeout(
+            self.timeout,
+            answered.wait_for(|&(on, number)| on == id && number >= target),
+        )
+        .await;
+        shared.waiting.fetch_sub(1, Ordering::SeqCst);
+        match waited {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(barrier_timeout()),
+        }
     }
 
     /// Reads the generation and the entry of `suffix` from Redis on the tracking connection
@@ -252,7 +292,6 @@ impl Near {
             (state.invalidations, state.generation.clone())
         };
         let mut generation = known.or(guess).unwrap_or_else(|| "0".to_owned());
-        let sent = Instant::now();
         let mut answer = None;
         // A generation moved since it was last read: once more in the current one.
         for _ in 0..2 {
@@ -280,16 +319,11 @@ impl Near {
             }
             generation = current;
         }
-        let mut state = self.shared.state();
-        if !state.is_current(id) {
-            // The connection was lost meanwhile: the answer stands, memory keeps nothing.
-            return Ok((generation, answer.unwrap_or((None, None, None))));
-        }
-        state.proven(sent, self.shared.staleness);
         let Some(fields) = answer else {
             return Ok((generation, (None, None, None)));
         };
-        if state.invalidations == seen {
+        let mut state = self.shared.state();
+        if state.is_current(id) && state.invalidations == seen {
             if state.generation.as_deref() != Some(generation.as_str()) {
                 state.entries.clear();
                 state.bytes = 0;
@@ -336,7 +370,7 @@ impl Near {
             state.connections += 1;
             state.connections
         };
-        let weak: Weak<Shared> = Arc::downgrade(&self.shared);
+        let weak = Arc::downgrade(&self.shared);
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(self.timeout)
             .set_response_timeout(self.timeout)
@@ -362,56 +396,39 @@ impl Near {
             }
             return Err(e);
         }
-        {
-            let mut state = self.shared.state();
-            state.reset();
-            state.connection = Some((id, connection.clone()));
-        }
-        tokio::spawn(keep_proving(
-            Arc::downgrade(&self.shared),
-            id,
-            connection.clone(),
-        ));
+        let mut state = self.shared.state();
+        state.reset();
+        state.connection = Some((id, connection.clone()));
         Ok((id, connection))
     }
 }
 
-/// Pings connection `id` every half staleness while it is current and lookups come, so a
-/// busy reader's memory stays provably fresh; a failed ping drops the connection.
-async fn keep_proving(shared: Weak<Shared>, id: u64, mut connection: MultiplexedConnection) {
+/// Sends barrier `PING`s on the current tracking connection, one at a time, while requests
+/// wait for one; a failed one drops the connection (its waiters time out).
+async fn ping_while_waited(shared: Arc<Shared>) {
     loop {
-        let Some(pause) = shared.upgrade().map(|s| s.staleness / 2) else {
+        let Some((id, mut connection)) = shared.state().connection.clone() else {
+            shared.pinging.store(false, Ordering::SeqCst);
             return;
         };
-        tokio::time::sleep(pause).await;
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        {
-            let state = shared.state();
-            if !state.is_current(id) {
-                return;
-            }
-            if state
-                .last_used
-                .is_none_or(|used| used.elapsed() > Duration::from_secs(1))
-            {
-                continue;
-            }
-        }
-        let sent = Instant::now();
+        let number = shared.pings_sent.fetch_add(1, Ordering::SeqCst) + 1;
         let pong: Result<String, RedisError> =
             redis::cmd("PING").query_async(&mut connection).await;
-        let mut state = shared.state();
-        match pong {
-            Ok(_) => {
-                if state.is_current(id) {
-                    state.proven(sent, shared.staleness);
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "near cache ping failed; its memory is dropped");
-                state.drop_connection(id);
+        if let Err(e) = pong {
+            tracing::debug!(error = %e, "near cache barrier failed; its memory is dropped");
+            shared.state().drop_connection(id);
+            shared.pinging.store(false, Ordering::SeqCst);
+            return;
+        }
+        shared
+            .pings_answered
+            .send_modify(|answered| *answered = (id, number));
+        if shared.waiting.load(Ordering::SeqCst) == 0 {
+            shared.pinging.store(false, Ordering::SeqCst);
+            // A request that began waiting meanwhile may have seen the flag still set.
+            if shared.waiting.load(Ordering::SeqCst) == 0
+                || shared.pinging.swap(true, Ordering::SeqCst)
+            {
                 return;
             }
         }
@@ -419,15 +436,9 @@ async fn keep_proving(shared: Weak<Shared>, id: u64, mut connection: Multiplexed
 }
 
 /// The entry the fields describe (`None` when absent or malformed).
-pub(crate) fn decode(fields: &Fields) -> Option<Entry> {
-    match fields {
-        (Some(version), Some(state), Some(body)) if state == "L" => Some(Entry::Live {
-            version: *version,
-            body: bytes::Bytes::from(body.clone()),
-        }),
-        (Some(version), Some(state), _) if state == "D" => {
-            Some(Entry::Deleted { version: *version })
-        }
-        _ => None,
-    }
+fn decode(fields: &Fields) -> Option<Entry> {
+    let (version, state, body) = fields.clone();
+    crate::cache::entry_from(version, state.as_deref(), body)
+        .ok()
+        .flatten()
 }

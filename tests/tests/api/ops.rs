@@ -39,8 +39,13 @@ async fn health_readiness_and_metrics_answer_on_both_services() {
         metrics.contains("tandem_http_request_duration_seconds_bucket"),
         "{metrics}"
     );
+    // The first read finds the write-through's entry in Redis, the second in the near cache.
     assert!(
-        metrics.contains(r#"tandem_cache_requests_total{result="hit"} 2"#),
+        metrics.contains(r#"tandem_cache_requests_total{result="hit"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"tandem_cache_requests_total{result="near_hit"} 1"#),
         "{metrics}"
     );
     assert!(
