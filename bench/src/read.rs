@@ -31,7 +31,7 @@ pub struct ReadFigures {
     pub bare_cpu: CpuSplit,
     pub miss_cpu: CpuSplit,
     pub miss_sql_cpu: CpuSplit,
-    /// Cache hits through Region 2's Read API (a replica: its near cache answers from memory).
+    /// Cache hits through Region 2's Read API (documents the consumer cached).
     pub near: Option<(Outcome, CpuSplit)>,
 }
 
@@ -50,19 +50,7 @@ pub async fn run(
     // Cached documents: written through the Write API, which stores each committed version in
     // Redis before acknowledging.
     let docs = sizes.read_docs;
-    let client = http_client(16);
-    let base = format!("{}/v1/{HIT}", stack.url(Kind::Write));
-    let token = format!("Bearer {}", stack.token);
-    closed_loop(16, Amount::Requests(docs), move |i| {
-        let request = client
-            .put(format!("{base}/h{i}"))
-            .header("authorization", &token)
-            .header("content-type", "application/json")
-            .body(crate::document_json());
-        async move { send(request, 201).await }
-    })
-    .await
-    .checked("writing the documents to read")?;
+    write_documents(stack, HIT, docs).await?;
     let body = reqwest::get(format!("{read}/v1/{HIT}/h0"))
         .await?
         .error_for_status()?
@@ -184,29 +172,17 @@ pub async fn run(
     })
 }
 
-/// Cache hits in Region 2: the same documents and load as Region 1's, through a replica's Read
-/// API, whose near cache answers hot documents from memory. The documents are written in
-/// Region 1 and replicated (the consumer caches each version it applies in Region 2's Redis).
-pub async fn near_hits(
+/// Cache hits in Region 2: the same documents and load as Region 1's, through Region 2's Read
+/// API. The documents are written in Region 1 and replicated (the consumer caches each version
+/// it applies in Region 2's Redis, where the Read API's near cache finds it).
+pub async fn region2_hits(
     stack: &Stack,
     sizes: &Sizes,
     read2: &Service,
     probes: &Probes,
 ) -> anyhow::Result<(Outcome, CpuSplit)> {
     let docs = sizes.read_docs;
-    let client = http_client(16);
-    let base = format!("{}/v1/{NEAR}", stack.url(Kind::Write));
-    let token = format!("Bearer {}", stack.token);
-    closed_loop(16, Amount::Requests(docs), move |i| {
-        let request = client
-            .put(format!("{base}/h{i}"))
-            .header("authorization", &token)
-            .header("content-type", "application/json")
-            .body(crate::document_json());
-        async move { send(request, 201).await }
-    })
-    .await
-    .checked("writing the documents to read in Region 2")?;
+    write_documents(stack, NEAR, docs).await?;
     let read = format!("{}/v1/{NEAR}", stack.url(Kind::Read2));
     let client = http_client(1);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
@@ -230,6 +206,25 @@ pub async fn near_hits(
         .with("load generator", Some(Probe::LoadGenerator));
     let (near, cpu) = get_random(&read, docs, sizes.read_amount, &meter).await;
     Ok((near.checked("Region 2 Read API cache hits")?, cpu))
+}
+
+/// Writes `collection/h0` … `h<docs - 1>` through the Write API, which stores each committed
+/// version in Region 1's Redis before acknowledging.
+async fn write_documents(stack: &Stack, collection: &str, docs: u64) -> anyhow::Result<()> {
+    let client = http_client(16);
+    let base = format!("{}/v1/{collection}", stack.url(Kind::Write));
+    let token = format!("Bearer {}", stack.token);
+    closed_loop(16, Amount::Requests(docs), move |i| {
+        let request = client
+            .put(format!("{base}/h{i}"))
+            .header("authorization", &token)
+            .header("content-type", "application/json")
+            .body(crate::document_json());
+        async move { send(request, 201).await }
+    })
+    .await
+    .checked("writing the documents to read")?;
+    Ok(())
 }
 
 /// `GET base/h<random>` at [`CONCURRENCY`], after a warm-up when timed.
