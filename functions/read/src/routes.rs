@@ -161,7 +161,6 @@ async fn lookup(
             tracing::debug!(error = %e, "cache fill failed");
         }
     }
-    app.cache.answered(key, entry.version());
     Ok(Some(entry))
 }
 

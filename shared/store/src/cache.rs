@@ -411,14 +411,6 @@ impl Cache {
         }
     }
 
-    /// The Read API answered this version of a document from PostgreSQL: its near cache must
-    /// not answer an older one afterwards ([`crate::near`]).
-    pub fn answered(&self, key: &DocumentKey, version: i64) {
-        if let Some(near) = &self.inner.near {
-            near.answered(&Self::suffix(key), version);
-        }
-    }
-
     /// The near cache's entries and bytes (`None` when it is off).
     pub fn near_cache_usage(&self) -> Option<(usize, usize)> {
         self.inner.near.as_ref().map(Near::usage)
@@ -451,7 +443,11 @@ impl Cache {
             .invoke_async(&mut connection)
             .await
             .map_err(|e| self.failed(e.into()))?;
-        let entry = entry_from(version, state.as_deref(), body)?;
+        self.found(generation, entry_from(version, state.as_deref(), body)?)
+    }
+
+    /// What Redis answered: remembered, as a lookup's result.
+    fn found(&self, generation: String, entry: Option<Entry>) -> Result<Lookup, CacheError> {
         self.remember_generation(&generation);
         Ok(Lookup {
             entry,
@@ -481,18 +477,11 @@ impl Cache {
                 from_memory: true,
             });
         }
-        let (generation, fields) = near
+        let (generation, entry) = near
             .fetch(&suffix, self.known_generation())
             .await
             .map_err(|e| self.failed(e.into()))?;
-        let (version, state, body) = fields;
-        let entry = entry_from(version, state.as_deref(), body)?;
-        self.remember_generation(&generation);
-        Ok(Lookup {
-            entry,
-            generation,
-            from_memory: false,
-        })
+        self.found(generation, entry?)
     }
 
     fn remember_generation(&self, generation: &str) {

@@ -32,10 +32,10 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, PushInfo, PushKind, RedisError, Value};
 use tokio::sync::watch;
 
-use crate::cache::Entry;
+use crate::cache::{CacheError, Entry, entry_from};
 
 /// A Redis entry's fields as read: version, state, body.
-pub(crate) type Fields = (Option<i64>, Option<String>, Option<Vec<u8>>);
+type Fields = (Option<i64>, Option<String>, Option<Vec<u8>>);
 
 pub(crate) struct Near {
     shared: Arc<Shared>,
@@ -207,54 +207,32 @@ impl Near {
         !self.shared.state().unsupported
     }
 
-    /// The reader answered `version` of `suffix` from elsewhere (PostgreSQL): memory forgets
-    /// any older version, and a read still in flight keeps nothing (it may carry the older
-    /// version Redis held before this reader's fill).
-    pub(crate) fn answered(&self, suffix: &str, version: i64) {
-        let mut state = self.shared.state();
-        state.invalidations += 1;
-        let Some(generation) = state.generation.clone() else {
-            return;
-        };
-        let key = self.shared.entry_key(&generation, suffix);
-        if state
-            .entries
-            .get(&key)
-            .is_some_and(|e| e.version() < version)
-        {
-            state.remove(&key);
-        }
-    }
-
     /// The entry of `suffix` from memory, with its generation, once a read barrier proved
     /// memory holds what Redis holds now. `Ok(None)`: not in memory (ask Redis).
     pub(crate) async fn get(&self, suffix: &str) -> Result<Option<(String, Entry)>, RedisError> {
-        let id = {
+        let (id, generation, key) = {
             let state = self.shared.state();
             let (Some((id, _)), Some(generation)) = (&state.connection, &state.generation) else {
                 return Ok(None);
             };
-            if !state
-                .entries
-                .contains_key(&self.shared.entry_key(generation, suffix))
-            {
+            let key = self.shared.entry_key(generation, suffix);
+            if !state.entries.contains_key(&key) {
                 return Ok(None);
             }
-            *id
+            (*id, generation.clone(), key)
         };
         self.barrier(id).await?;
+        // Whatever the barrier's invalidations left (a bump empties memory and forgets the
+        // generation, a new connection starts empty).
         let state = self.shared.state();
-        if !state.is_current(id) {
+        if !state.is_current(id) || state.generation.as_ref() != Some(&generation) {
             return Ok(None);
         }
-        let Some(generation) = state.generation.clone() else {
-            return Ok(None);
-        };
-        let entry = state
+        Ok(state
             .entries
-            .get(&self.shared.entry_key(&generation, suffix))
-            .cloned();
-        Ok(entry.map(|entry| (generation, entry)))
+            .get(&key)
+            .cloned()
+            .map(|entry| (generation, entry)))
     }
 
     /// Waits for the reply to a `PING` sent on connection `id` after this call began.
@@ -280,12 +258,13 @@ impl Near {
 
     /// Reads the generation and the entry of `suffix` from Redis on the tracking connection
     /// (`guess` is the generation to look in when memory knows none), keeping the entry unless
-    /// an invalidation raced the read. Returns the generation and the fields read.
+    /// an invalidation raced the read. Returns the generation and the entry (an error when
+    /// Redis holds a malformed one).
     pub(crate) async fn fetch(
         &self,
         suffix: &str,
         guess: Option<String>,
-    ) -> Result<(String, Fields), RedisError> {
+    ) -> Result<(String, Result<Option<Entry>, CacheError>), RedisError> {
         let (id, mut connection) = self.connection().await?;
         let (seen, known) = {
             let state = self.shared.state();
@@ -319,9 +298,10 @@ impl Near {
             }
             generation = current;
         }
-        let Some(fields) = answer else {
-            return Ok((generation, (None, None, None)));
+        let Some((version, state, body)) = answer else {
+            return Ok((generation, Ok(None)));
         };
+        let entry = entry_from(version, state.as_deref(), body);
         let mut state = self.shared.state();
         if state.is_current(id) && state.invalidations == seen {
             if state.generation.as_deref() != Some(generation.as_str()) {
@@ -329,15 +309,15 @@ impl Near {
                 state.bytes = 0;
                 state.generation = Some(generation.clone());
             }
-            if let Some(entry) = decode(&fields) {
+            if let Ok(Some(entry)) = &entry {
                 self.keep(
                     &mut state,
                     self.shared.entry_key(&generation, suffix),
-                    entry,
+                    entry.clone(),
                 );
             }
         }
-        Ok((generation, fields))
+        Ok((generation, entry))
     }
 
     fn keep(&self, state: &mut State, key: String, entry: Entry) {
@@ -433,12 +413,4 @@ async fn ping_while_waited(shared: Arc<Shared>) {
             }
         }
     }
-}
-
-/// The entry the fields describe (`None` when absent or malformed).
-fn decode(fields: &Fields) -> Option<Entry> {
-    let (version, state, body) = fields.clone();
-    crate::cache::entry_from(version, state.as_deref(), body)
-        .ok()
-        .flatten()
 }

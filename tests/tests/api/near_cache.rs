@@ -173,23 +173,6 @@ async fn a_lost_tracking_connection_takes_memory_with_it() {
 }
 
 #[tokio::test]
-async fn after_answering_a_newer_version_memory_forgets_the_older_one() {
-    let (reader, writer, _) = pair(Redis::shared(), 1 << 20);
-    writer.put(&key("f"), &live(1)).await.expect("put");
-    lookup(&reader, "f").await;
-    assert!(lookup(&reader, "f").await.from_memory);
-    // The Read API answered version 2 from PostgreSQL (a token read, Redis still at 1, the
-    // fill not landed yet): memory must not answer version 1 after that.
-    reader.answered(&key("f"), 2);
-    let next = lookup(&reader, "f").await;
-    assert!(!next.from_memory, "memory answered {:?}", next.entry);
-    // An answer no newer than memory's changes nothing.
-    assert!(lookup(&reader, "f").await.from_memory);
-    reader.answered(&key("f"), 1);
-    assert!(lookup(&reader, "f").await.from_memory);
-}
-
-#[tokio::test]
 async fn memory_stays_within_its_bound() {
     let max = 8 * 1024;
     let (reader, writer, _) = pair(Redis::shared(), max);
