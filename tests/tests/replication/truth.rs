@@ -407,6 +407,18 @@ async fn relay_term(
     .await
 }
 
+/// How many outbox rows are not marked published.
+async fn unpublished_count(client: &deadpool_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0)
+}
+
 /// The outbox rows a relay would publish next.
 async fn unpublished_seqs(client: &deadpool_postgres::Client) -> Vec<i64> {
     let batch = outbox::fetch_unpublished(client, 10, 1 << 20)
@@ -436,7 +448,6 @@ async fn a_relay_whose_epoch_was_superseded_cannot_settle_its_batch() {
     assert_eq!(new.fence.epoch, old.fence.epoch + 1);
 
     // The deposed term can neither mark its rows published nor set them aside.
-    let unpublished = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
     for (published, refused) in [
         (seqs.clone(), vec![]),
         (vec![], vec![(seqs[0], "x".into())]),
@@ -451,12 +462,7 @@ async fn a_relay_whose_epoch_was_superseded_cannot_settle_its_batch() {
             ),
             "{error:#}"
         );
-        let waiting: i64 = client
-            .query_one(unpublished, &[])
-            .await
-            .expect("count")
-            .get(0);
-        assert_eq!(waiting, 1, "nothing was marked");
+        assert_eq!(unpublished_count(&client).await, 1, "nothing was marked");
         assert_eq!(
             app.count("relay_dead_letters").await,
             0,
@@ -467,12 +473,7 @@ async fn a_relay_whose_epoch_was_superseded_cannot_settle_its_batch() {
     outbox::settle(&mut client, Some(new.fence), &seqs, &[])
         .await
         .expect("the current epoch settles");
-    let waiting: i64 = client
-        .query_one(unpublished, &[])
-        .await
-        .expect("count")
-        .get(0);
-    assert_eq!(waiting, 0);
+    assert_eq!(unpublished_count(&client).await, 0);
 }
 
 #[tokio::test]
@@ -489,7 +490,6 @@ async fn a_relays_mark_and_an_election_wait_for_each_other() {
     let fence = leader.fence;
     let mut client = app.pool.get().await.expect("db");
     let seqs = unpublished_seqs(&client).await;
-    let unpublished = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
 
     // An election holds the epoch row: the mark waits for it, then finds the new epoch.
     let election = app.pool.get().await.expect("db");
@@ -522,12 +522,7 @@ async fn a_relays_mark_and_an_election_wait_for_each_other() {
         matches!(error.downcast_ref(), Some(StoreError::Fenced { epoch }) if *epoch == fence.epoch),
         "{error:#}"
     );
-    let waiting: i64 = client
-        .query_one(unpublished, &[])
-        .await
-        .expect("count")
-        .get(0);
-    assert_eq!(waiting, 1, "nothing was marked");
+    assert_eq!(unpublished_count(&client).await, 1, "nothing was marked");
 
     // A mark in progress makes an election wait. The mark is held up by a lock on its rows,
     // which it meets after its fence has taken the epoch row's share lock.
@@ -574,16 +569,12 @@ async fn a_relays_mark_and_an_election_wait_for_each_other() {
         .expect("mark")
         .expect("the current epoch marks its rows");
     assert_eq!(next.await.expect("election").expect("elected"), 1);
-    let waiting: i64 = app
-        .pool
-        .get()
-        .await
-        .expect("db")
-        .query_one(unpublished, &[])
-        .await
-        .expect("count")
-        .get(0);
-    assert_eq!(waiting, 0, "the current epoch's mark committed");
+    let client = app.pool.get().await.expect("db");
+    assert_eq!(
+        unpublished_count(&client).await,
+        0,
+        "the current epoch's mark committed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
