@@ -157,7 +157,7 @@ impl Shared {
 }
 
 /// Why memory could not answer: Redis did not answer the read barrier in time.
-pub(crate) fn barrier_timeout() -> RedisError {
+fn barrier_timeout() -> RedisError {
     RedisError::from((
         redis::ErrorKind::IoError,
         "Redis did not answer the near cache's read barrier in time",
@@ -238,7 +238,9 @@ impl Near {
     /// Waits for the reply to a `PING` sent on connection `id` after this call began.
     async fn barrier(&self, id: u64) -> Result<(), RedisError> {
         let shared = &self.shared;
-        shared.waiting.fetch_add(1, Ordering::SeqCst);
+        // Counted while waiting, also when the request is dropped mid-wait (a client gone, a
+        // request timeout): the pinger stops once nobody waits.
+        let _waiting = Waiting::new(&shared.waiting);
         let target = shared.pings_sent.load(Ordering::SeqCst) + 1;
         let mut answered = shared.pings_answered.subscribe();
         if !shared.pinging.swap(true, Ordering::SeqCst) {
@@ -249,7 +251,6 @@ impl Near {
             answered.wait_for(|&(on, number)| on == id && number >= target),
         )
         .await;
-        shared.waiting.fetch_sub(1, Ordering::SeqCst);
         match waited {
             Ok(Ok(_)) => Ok(()),
             _ => Err(barrier_timeout()),
@@ -380,6 +381,22 @@ impl Near {
         state.reset();
         state.connection = Some((id, connection.clone()));
         Ok((id, connection))
+    }
+}
+
+/// One request waiting for a barrier, for as long as it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::SeqCst);
+        Self(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -172,6 +172,47 @@ async fn a_lost_tracking_connection_takes_memory_with_it() {
     }
 }
 
+/// Barrier `PING`s Redis has run.
+async fn pings(redis: &Redis) -> u64 {
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .expect("commandstats");
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_ping:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_dropped_while_waiting_leave_no_pinging_behind() {
+    use futures_util::FutureExt as _;
+    let redis = Redis::start().expect("redis");
+    let (reader, writer, _) = pair(&redis, 1 << 20);
+    writer.put(&key("g"), &live(1)).await.expect("put");
+    lookup(&reader, "g").await;
+    assert!(lookup(&reader, "g").await.from_memory);
+    // Requests given up while they wait for their barrier (a client gone, a timeout).
+    for _ in 0..10 {
+        assert!(reader.lookup_near(&key("g")).now_or_never().is_none());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = pings(&redis).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        pings(&redis).await,
+        before,
+        "the barrier pings went on for requests long gone"
+    );
+}
+
 #[tokio::test]
 async fn memory_stays_within_its_bound() {
     let max = 8 * 1024;
