@@ -60,8 +60,21 @@ pub struct AppState {
     pub lag_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
-impl axum::extract::FromRef<AppState> for Authenticator {
-    fn from_ref(state: &AppState) -> Self {
+/// The routers' state: [`AppState`] behind one reference count, so the clone axum makes for
+/// every extractor and middleware of every request is one atomic increment.
+#[derive(Clone)]
+pub struct RouterState(Arc<AppState>);
+
+impl std::ops::Deref for RouterState {
+    type Target = AppState;
+
+    fn deref(&self) -> &AppState {
+        &self.0
+    }
+}
+
+impl axum::extract::FromRef<RouterState> for Authenticator {
+    fn from_ref(state: &RouterState) -> Self {
         state.auth.clone()
     }
 }

@@ -21,7 +21,7 @@ use tandem_http::http::{
 use tandem_http::problem::ApiError;
 use tandem_store::cache::Entry;
 
-use crate::AppState;
+use crate::{AppState, RouterState};
 use crate::replica::TokenWait;
 
 const DEFAULT_LIMIT: u32 = 100;
@@ -29,6 +29,7 @@ const MAX_LIMIT: u32 = 1000;
 
 /// The complete Read API.
 pub fn router(state: AppState) -> Router {
+    let state = RouterState(Arc::new(state));
     let metrics = state.metrics.clone();
     let region = state.region.clone();
     let timeout = state.request_timeout;
@@ -89,7 +90,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn get_document(
-    State(app): State<AppState>,
+    State(app): State<RouterState>,
     _: Reader,
     DocumentPath(key): DocumentPath,
     headers: HeaderMap,
@@ -165,7 +166,7 @@ async fn lookup(
 }
 
 async fn list_documents(
-    State(app): State<AppState>,
+    State(app): State<RouterState>,
     _: Reader,
     CollectionPath(collection): CollectionPath,
     RawQuery(query): RawQuery,
@@ -315,7 +316,7 @@ async fn honour_consistency_token(
 
 /// Replicas report their replication lag on every API response.
 async fn report_lag(
-    State(app): State<AppState>,
+    State(app): State<RouterState>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {

@@ -23,12 +23,13 @@ use tandem_http::problem::ApiError;
 use tandem_store::cache::{CacheError, Entry};
 use tracing::Instrument;
 
-use crate::AppState;
+use crate::{AppState, RouterState};
 use crate::body::{JSON, MERGE_PATCH_JSON, parse_object, read_limited, require_content_type};
 use crate::forward::Incoming;
 
 /// The complete Write API.
 pub fn router(state: AppState) -> Router {
+    let state = RouterState(Arc::new(state));
     let metrics = state.metrics.clone();
     let region = state.region.clone();
     let timeout = state.request_timeout;
@@ -59,7 +60,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn put_document(
-    State(app): State<AppState>,
+    State(app): State<RouterState>,
     Writer(principal): Writer,
     DocumentPath(key): DocumentPath,
     RequestPreconditions(preconditions): RequestPreconditions,
@@ -88,7 +89,7 @@ async fn put_document(
 }
 
 async fn create_document(
-    State(app): State<AppState>,
+    State(app): State<RouterState>,
     Writer(principal): Writer,
     CollectionPath(collection): CollectionPath,
     Trace(traceparent): Trace,
@@ -116,7 +117,7 @@ async fn create_document(
 }
 
 async fn patch_document(
-    State(app): State<AppState>,
+    State(app): State<RouterState>,
     Writer(principal): Writer,
     DocumentPath(key): DocumentPath,
     RequestPreconditions(preconditions): RequestPreconditions,
@@ -146,7 +147,7 @@ async fn patch_document(
 }
 
 async fn delete_document(
-    State(app): State<AppState>,
+    State(app): State<RouterState>,
     Writer(principal): Writer,
     DocumentPath(key): DocumentPath,
     RequestPreconditions(preconditions): RequestPreconditions,
@@ -207,7 +208,7 @@ async fn execute(
 /// `GET /leader`: 200 while this region is the write region and its writes are not fenced,
 /// 503 otherwise, with the role as the database records it (a Route 53 health check keeps the
 /// write record on the region that answers 200).
-async fn leader(State(app): State<AppState>) -> Response {
+async fn leader(State(app): State<RouterState>) -> Response {
     match tandem_store::roles::current(app.store.pool()).await {
         Ok(Some(role)) => {
             let status = if role.accepts_writes() {

@@ -351,8 +351,8 @@ enum Keys {
 #[derive(Clone)]
 pub struct Authenticator {
     keys: Arc<Keys>,
-    issuer: Option<String>,
-    audience: Option<String>,
+    issuer: Option<Arc<str>>,
+    audience: Option<Arc<str>>,
     pub read_requires_auth: bool,
 }
 
@@ -378,8 +378,8 @@ impl Authenticator {
         };
         Ok(Self {
             keys: Arc::new(keys),
-            issuer: settings.issuer.clone(),
-            audience: settings.audience.clone(),
+            issuer: settings.issuer.as_deref().map(Arc::from),
+            audience: settings.audience.as_deref().map(Arc::from),
             read_requires_auth: settings.read_requires_auth,
         })
     }
@@ -436,7 +436,7 @@ impl Authenticator {
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp"]);
         if let Some(issuer) = &self.issuer {
-            validation.set_issuer(&[issuer]);
+            validation.set_issuer(&[&**issuer]);
         }
         let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
             .map_err(|e| {
@@ -453,8 +453,8 @@ impl Authenticator {
             let in_aud = claims
                 .aud
                 .as_ref()
-                .is_some_and(|a| a.items().iter().any(|x| x == expected));
-            let in_client = claims.client_id.as_deref() == Some(expected.as_str());
+                .is_some_and(|a| a.items().iter().any(|x| **x == **expected));
+            let in_client = claims.client_id.as_deref() == Some(&**expected);
             if !in_aud && !in_client {
                 return Err(AuthError::Invalid("audience mismatch".into()));
             }
