@@ -13,7 +13,6 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | `alloc` | the global allocator of every Tandem binary (mimalloc) |
 //! | [`config`] | reading settings from the environment; `ServiceSettings` |
 //! | [`lambda`] | a Lambda function's start-up error, reported to the Runtime API |
 //! | [`secrets`] | AWS Secrets Manager reads |
@@ -22,7 +21,6 @@
 //! | [`shutdown`] | the shutdown token (`CancellationToken`), cancelled on SIGTERM or Ctrl-C |
 //! | `kafka` | the Kafka client's configuration and topic creation (feature `kafka`) |
 
-mod alloc;
 pub mod config;
 #[cfg(feature = "kafka")]
 pub mod kafka;
