@@ -23,9 +23,9 @@ use tandem_http::problem::ApiError;
 use tandem_store::cache::{CacheError, Entry};
 use tracing::Instrument;
 
-use crate::{AppState, RouterState};
 use crate::body::{JSON, MERGE_PATCH_JSON, parse_object, read_limited, require_content_type};
 use crate::forward::Incoming;
+use crate::{AppState, RouterState};
 
 /// The complete Write API.
 pub fn router(state: AppState) -> Router {
