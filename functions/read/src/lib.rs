@@ -58,6 +58,8 @@ pub struct AppState {
     pub replica: Option<Replica>,
     /// `tandem_replication_lag_milliseconds` (replicas), set on every scrape.
     pub lag_gauge: prometheus_client::metrics::gauge::Gauge,
+    /// `tandem_near_cache_bytes`: what the near cache holds, set on every scrape.
+    pub near_cache_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// The routers' state: [`AppState`] behind one reference count, so the clone axum makes for
@@ -107,6 +109,12 @@ impl AppState {
                 lag_gauge.clone(),
             );
         }
+        let near_cache_gauge = prometheus_client::metrics::gauge::Gauge::default();
+        metrics.register(
+            "near_cache_bytes",
+            "Bytes the near cache holds, as counted against REDIS_NEAR_CACHE_BYTES (0 when off)",
+            near_cache_gauge.clone(),
+        );
         let store =
             Store::new(pool).with_probe(tandem_store::db::connect_probe(&settings.database).await?);
         if let Some(replica) = &replica {
@@ -116,6 +124,7 @@ impl AppState {
         Ok(Self {
             store,
             lag_gauge,
+            near_cache_gauge,
             cache: {
                 let mut cache = settings.cache.clone();
                 cache.resolve_auth().await?;

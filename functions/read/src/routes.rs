@@ -21,8 +21,8 @@ use tandem_http::http::{
 use tandem_http::problem::ApiError;
 use tandem_store::cache::Entry;
 
-use crate::{AppState, RouterState};
 use crate::replica::TokenWait;
+use crate::{AppState, RouterState};
 
 const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
@@ -61,8 +61,12 @@ pub fn router(state: AppState) -> Router {
         let pool_usage = pool_scrape_hook(state.store.pool().clone());
         let replica = state.replica.clone();
         let gauge = state.lag_gauge.clone();
+        let cache = state.cache.clone();
+        let near_gauge = state.near_cache_gauge.clone();
         let hook: tandem_http::http::ScrapeHook = Arc::new(move |metrics| {
             pool_usage(metrics);
+            let (_, bytes) = cache.near_cache_usage().unwrap_or_default();
+            near_gauge.set(i64::try_from(bytes).unwrap_or(i64::MAX));
             if let Some(lag) = replica
                 .as_ref()
                 .filter(|r| r.is_active())

@@ -52,6 +52,17 @@ async fn health_readiness_and_metrics_answer_on_both_services() {
         metrics.contains(r#"tandem_db_pool_connections{state="max"}"#),
         "{metrics}"
     );
+    // The near cache's size, as it stood at the scrape: the one document read.
+    let (entries, bytes) = app
+        .read_state
+        .cache
+        .near_cache_usage()
+        .expect("near cache on");
+    assert_eq!(entries, 1);
+    assert!(
+        metrics.contains(&format!("tandem_near_cache_bytes {bytes}\n")),
+        "{metrics}"
+    );
     let write_metrics = app
         .client
         .get(format!("{}/metrics", app.write_url))
