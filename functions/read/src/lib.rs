@@ -62,22 +62,12 @@ pub struct AppState {
     pub near_cache_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
-/// The routers' state: [`AppState`] behind one reference count, so the clone axum makes for
-/// every extractor and middleware of every request is one atomic increment.
-#[derive(Clone)]
-pub struct RouterState(Arc<AppState>);
+/// The router's state ([`tandem_http::extract::Shared`]).
+pub type RouterState = tandem_http::extract::Shared<AppState>;
 
-impl std::ops::Deref for RouterState {
-    type Target = AppState;
-
-    fn deref(&self) -> &AppState {
-        &self.0
-    }
-}
-
-impl axum::extract::FromRef<RouterState> for Authenticator {
-    fn from_ref(state: &RouterState) -> Self {
-        state.auth.clone()
+impl AsRef<Authenticator> for AppState {
+    fn as_ref(&self) -> &Authenticator {
+        &self.auth
     }
 }
 

@@ -29,7 +29,7 @@ const MAX_LIMIT: u32 = 1000;
 
 /// The complete Read API.
 pub fn router(state: AppState) -> Router {
-    let state = RouterState(Arc::new(state));
+    let state = RouterState::new(state);
     let metrics = state.metrics.clone();
     let region = state.region.clone();
     let timeout = state.request_timeout;

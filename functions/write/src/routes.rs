@@ -29,7 +29,7 @@ use crate::{AppState, RouterState};
 
 /// The complete Write API.
 pub fn router(state: AppState) -> Router {
-    let state = RouterState(Arc::new(state));
+    let state = RouterState::new(state);
     let metrics = state.metrics.clone();
     let region = state.region.clone();
     let timeout = state.request_timeout;
