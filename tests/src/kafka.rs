@@ -52,11 +52,33 @@ pub struct Broker {
 
 impl Broker {
     /// A single node on fresh ports, ready for clients.
+    ///
+    /// A port found free can be taken before the JVM binds it, seconds later (by another
+    /// test's listener, or as the local port of any outgoing connection: both come from the
+    /// same range). A node that exits while starting is therefore started again on fresh ports
+    /// and a fresh directory, three attempts in all; each failure's log goes to stderr.
     pub async fn start() -> anyhow::Result<Self> {
-        let port = free_port();
-        let mut broker = Self::single(port, port);
-        broker.launch().await?;
-        Ok(broker)
+        const ATTEMPTS: u32 = 3;
+        let mut attempt = 1;
+        loop {
+            let port = free_port();
+            let mut broker = Self::single(port, port);
+            match broker.launch().await {
+                Ok(()) => return Ok(broker),
+                Err(e) if attempt < ATTEMPTS && broker.exited() => {
+                    eprintln!("Kafka node exited while starting (attempt {attempt}): {e:#}");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Whether the node's process is gone (or was never started).
+    fn exited(&self) -> bool {
+        self.process
+            .as_ref()
+            .is_none_or(|p| p.program_pid().is_none_or(|pid| !alive(pid)))
     }
 
     /// A single node whose clients are told to connect to `advertised_port` (a proxy in front
@@ -142,10 +164,7 @@ impl Broker {
             if brokers >= expected {
                 return Ok(());
             }
-            let exited = self
-                .process
-                .as_ref()
-                .is_none_or(|p| p.program_pid().is_none_or(|pid| !alive(pid)));
+            let exited = self.exited();
             if exited || Instant::now() > deadline {
                 anyhow::bail!(
                     "Kafka node {} on port {} {} after {:.1} s; its log ({}):\n{}",
