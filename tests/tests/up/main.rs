@@ -138,6 +138,13 @@ impl Up {
 
     /// Waits until up.sh has written `stack.json` (everything is up), and returns it.
     async fn wait_up(&mut self) -> Value {
+        match self.try_wait_up().await {
+            Ok(stack) => stack,
+            Err(why) => self.fail(&why),
+        }
+    }
+
+    async fn try_wait_up(&mut self) -> Result<Value, String> {
         // Generous: on a loaded 2-core machine PostgreSQL's initdb, the broker's JVM and six
         // services take a while; up.sh's own bounds fail it sooner if something is wrong.
         let deadline = Instant::now() + Duration::from_secs(300);
@@ -146,16 +153,28 @@ impl Up {
                 .ok()
                 .and_then(|text| serde_json::from_str(&text).ok())
             {
-                return stack;
+                return Ok(stack);
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                self.fail(&format!("up.sh exited ({status}) before the stack was up"));
+                return Err(format!("up.sh exited ({status}) before the stack was up"));
             }
             if Instant::now() > deadline {
-                self.fail("the stack was not up within 300 s");
+                return Err("the stack was not up within 300 s".to_owned());
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Whether a process of the stack found one of its ports taken (its log says so).
+    fn port_was_taken(&self) -> bool {
+        std::fs::read_dir(self.state.join("logs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|log| {
+                std::fs::read_to_string(log.path())
+                    .is_ok_and(|text| text.contains("Address already in use"))
+            })
     }
 
     /// Waits until the output contains `needle`.
@@ -516,14 +535,33 @@ async fn kill_consumer(up: &Up, expected_delay: u32) {
     wait_healthy(up, "CONSUMER_PORT").await;
 }
 
+/// Starts a stack on ports found free, and again on other ones (three attempts) when one of
+/// them was taken before its process bound it: another test, or any outgoing connection, can
+/// take a port between `free_port` and the bind. Returns the stack, its state and its ports.
+async fn up_on_fresh_ports(run: &str) -> (Up, Value, PathBuf, BTreeMap<&'static str, u16>) {
+    let mut attempt = 1;
+    loop {
+        let state = scratch_dir("up").join("state");
+        let ports = ports();
+        let mut up = Up::start(&state, &ports, run);
+        match up.try_wait_up().await {
+            Ok(stack) => return (up, stack, state, ports),
+            Err(why) if attempt < 3 && up.port_was_taken() => {
+                eprintln!(
+                    "attempt {attempt}: {why}, a port was taken; scripts/up.sh said:\n{}",
+                    up.output()
+                );
+                attempt += 1;
+            }
+            Err(why) => up.fail(&why),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn make_up_restarts_a_killed_consumer_stops_on_ctrl_c_and_keeps_its_data() {
-    let state = scratch_dir("up").join("state");
-    let ports = ports();
-
     // First run: up, a write replicated.
-    let mut up = Up::start(&state, &ports, "first");
-    let stack = up.wait_up().await;
+    let (mut up, stack, state, ports) = up_on_fresh_ports("first").await;
     let token = stack["dev_token"].as_str().expect("dev token").to_owned();
     put(&up, &token, "before", json!({"n": 1})).await;
     wait_replicated(&up, "before", &json!({"n": 1})).await;
