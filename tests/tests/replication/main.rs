@@ -77,7 +77,11 @@ pub mod support {
 
     /// Region 1's outbox rows not yet published.
     pub async fn unpublished(regions: &TwoRegions) -> i64 {
-        let client = regions.region1.pool.get().await.expect("db");
+        unpublished_in(&regions.region1.pool.get().await.expect("db")).await
+    }
+
+    /// The outbox rows not yet published in the database `client` is connected to.
+    pub async fn unpublished_in(client: &deadpool_postgres::Client) -> i64 {
         client
             .query_one(
                 "SELECT count(*) FROM outbox WHERE published_at IS NULL",

@@ -17,7 +17,9 @@ use tandem_store::leader::{Leadership, RELAY_LOCK};
 use tandem_store::outbox;
 use tandem_tests::TwoRegions;
 
-use crate::support::{assert_each_event_applied_once, produce_raw, spawn_writer, wait_published};
+use crate::support::{
+    assert_each_event_applied_once, produce_raw, spawn_writer, unpublished_in, wait_published,
+};
 
 /// Holds `LOCK TABLE <table>` in an open transaction until dropped (rolled back).
 async fn lock_table(url: &str, table: &str) -> tokio_postgres::Client {
@@ -407,18 +409,6 @@ async fn relay_term(
     .await
 }
 
-/// How many outbox rows are not marked published.
-async fn unpublished_count(client: &deadpool_postgres::Client) -> i64 {
-    client
-        .query_one(
-            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-            &[],
-        )
-        .await
-        .expect("count")
-        .get(0)
-}
-
 /// The outbox rows a relay would publish next.
 async fn unpublished_seqs(client: &deadpool_postgres::Client) -> Vec<i64> {
     let batch = outbox::fetch_unpublished(client, 10, 1 << 20)
@@ -462,7 +452,7 @@ async fn a_relay_whose_epoch_was_superseded_cannot_settle_its_batch() {
             ),
             "{error:#}"
         );
-        assert_eq!(unpublished_count(&client).await, 1, "nothing was marked");
+        assert_eq!(unpublished_in(&client).await, 1, "nothing was marked");
         assert_eq!(
             app.count("relay_dead_letters").await,
             0,
@@ -473,7 +463,7 @@ async fn a_relay_whose_epoch_was_superseded_cannot_settle_its_batch() {
     outbox::settle(&mut client, Some(new.fence), &seqs, &[])
         .await
         .expect("the current epoch settles");
-    assert_eq!(unpublished_count(&client).await, 0);
+    assert_eq!(unpublished_in(&client).await, 0);
 }
 
 #[tokio::test]
@@ -522,7 +512,7 @@ async fn a_relays_mark_and_an_election_wait_for_each_other() {
         matches!(error.downcast_ref(), Some(StoreError::Fenced { epoch }) if *epoch == fence.epoch),
         "{error:#}"
     );
-    assert_eq!(unpublished_count(&client).await, 1, "nothing was marked");
+    assert_eq!(unpublished_in(&client).await, 1, "nothing was marked");
 
     // A mark in progress makes an election wait. The mark is held up by a lock on its rows,
     // which it meets after its fence has taken the epoch row's share lock.
@@ -571,7 +561,7 @@ async fn a_relays_mark_and_an_election_wait_for_each_other() {
     assert_eq!(next.await.expect("election").expect("elected"), 1);
     let client = app.pool.get().await.expect("db");
     assert_eq!(
-        unpublished_count(&client).await,
+        unpublished_in(&client).await,
         0,
         "the current epoch's mark committed"
     );
